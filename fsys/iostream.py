@@ -1,0 +1,135 @@
+"""Frame transport over one non-blocking fd pair, for both hubs.
+
+The hubs' hot path is a ping-pong of small frames, and every trio checkpoint costs a
+trip through the run loop (measured here: a trio ping-pong between two processes
+costs 77 µs against 18 µs for blocking sockets). So writes are attempted at once,
+synchronously, and only what the kernel would not take waits for a writer task
+(``serve_writer``) that sleeps in ``wait_writable``; reads try the fd first and
+wait in ``wait_readable`` only when it is empty. Writes keep their order, since
+everything after a stalled write queues behind it.
+
+A closed or broken fd becomes LinkClosed, here and nowhere else.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+
+import trio
+
+from fsys.errors import LinkClosed
+
+RECEIVE_SIZE = 1 << 20
+
+
+class FdTransport:
+    def __init__(self, read_fd: int, write_fd: int) -> None:
+        for fd in {read_fd, write_fd}:
+            os.set_blocking(fd, False)
+        self.read_fd = read_fd
+        self.write_fd = write_fd
+        self._pending = bytearray()
+        self._rbuf = bytearray(RECEIVE_SIZE)
+        self._rview = memoryview(self._rbuf)
+        self._wake = trio.Event()
+        self._broken: str | None = None
+        self._closed = False
+
+    # --- writing --------------------------------------------------------------------
+
+    def write(self, data: bytes | bytearray) -> None:
+        """Queue ``data`` and write as much as the kernel takes now. Never blocks."""
+        if self._broken is not None:
+            raise LinkClosed(self._broken)
+        if self._pending:
+            self._pending += data
+            return
+        try:
+            n = os.write(self.write_fd, data)
+        except BlockingIOError:
+            n = 0
+        except OSError as exc:
+            self._break(f"write failed: {os.strerror(exc.errno or errno.EIO)}")
+            raise LinkClosed(self._broken or "write failed") from exc
+        if n < len(data):
+            self._pending += memoryview(data)[n:]
+            self._wake.set()
+
+    @property
+    def backlog(self) -> int:
+        return len(self._pending)
+
+    async def serve_writer(self) -> None:
+        """Drain what ``write`` could not write at once. Runs for the link's life."""
+        while True:
+            await self._wake.wait()
+            self._wake = trio.Event()
+            while self._pending:
+                await trio.lowlevel.wait_writable(self.write_fd)
+                try:
+                    n = os.write(self.write_fd, self._pending)
+                except BlockingIOError:
+                    continue
+                except OSError as exc:
+                    self._break(f"write failed: {os.strerror(exc.errno or errno.EIO)}")
+                    return
+                del self._pending[:n]
+
+    async def flush(self) -> None:
+        """Wait until everything queued is written (or the link broke)."""
+        while self._pending and self._broken is None:
+            await trio.lowlevel.wait_writable(self.write_fd)
+            try:
+                n = os.write(self.write_fd, self._pending)
+            except BlockingIOError:
+                continue
+            except OSError:
+                self._break("write failed")
+                return
+            del self._pending[:n]
+
+    # --- reading --------------------------------------------------------------------
+
+    async def receive(self) -> memoryview:
+        """The next bytes available, valid until the next call; empty at end of file.
+
+        Reads into one buffer allocated once: a fresh 1 MiB bytes object per read
+        costs ~30 µs here, more than the rest of a round trip's work.
+        """
+        while True:
+            try:
+                n = os.readv(self.read_fd, [self._rbuf])
+                return self._rview[:n]
+            except BlockingIOError:
+                pass
+            except OSError as exc:
+                self._break(f"read failed: {os.strerror(exc.errno or errno.EIO)}")
+                return self._rview[:0]
+            await trio.lowlevel.wait_readable(self.read_fd)
+
+    def receive_nowait(self) -> memoryview | None:
+        """Like ``receive``, but None instead of waiting when nothing is there."""
+        try:
+            n = os.readv(self.read_fd, [self._rbuf])
+        except BlockingIOError:
+            return None
+        except OSError as exc:
+            self._break(f"read failed: {os.strerror(exc.errno or errno.EIO)}")
+            return self._rview[:0]
+        return self._rview[:n]
+
+    # --- closing --------------------------------------------------------------------
+
+    def _break(self, reason: str) -> None:
+        if self._broken is None:
+            self._broken = reason
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._break("closed")
+        for fd in {self.read_fd, self.write_fd}:
+            trio.lowlevel.notify_closing(fd)
+            os.close(fd)

@@ -1,0 +1,200 @@
+"""Linux facts shared by both sides: raw syscalls, constants, and UAPI structures.
+
+The wire carries Linux 64-bit UAPI layouts (struct statx, struct statfs, struct
+flock, linux_dirent64) and asm-generic flag values, so both hubs speak of them in
+one place. The wrappers below reach the calls Python's os module lacks (openat2, statx,
+getdents64...) through libc's syscall() with fixed prototypes, and raise OSError.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import struct
+from collections.abc import Callable
+from typing import Final
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+SYS_GETDENTS64: Final = 217
+SYS_STATX: Final = 332
+SYS_OPENAT2: Final = 437
+SYS_FACCESSAT2: Final = 439
+SYS_RENAMEAT2: Final = 316
+SYS_FSTATFS: Final = 138
+SYS_UTIMENSAT: Final = 280
+SYS_FCHMODAT2: Final = 452
+SYS_FCHOWNAT: Final = 260
+SYS_FALLOCATE: Final = 285
+SYS_SYNCFS: Final = 306
+
+
+def _proto(*argtypes: type) -> Callable[..., int]:
+    """libc's syscall() with fixed argument types: no per-call conversion of each
+    argument (glibc's syscall() is assembly that only moves registers, so a fixed
+    prototype is safe for a variadic function here)."""
+    return ctypes.CFUNCTYPE(ctypes.c_long, ctypes.c_long, *argtypes, use_errno=True)(
+        ("syscall", _libc)
+    )
+
+
+_c_int, _c_long, _c_uint, _c_ulong = ctypes.c_int, ctypes.c_long, ctypes.c_uint, ctypes.c_ulong
+_char_p, _void_p, _size_t = ctypes.c_char_p, ctypes.c_void_p, ctypes.c_size_t
+_openat2 = _proto(_c_int, _char_p, _void_p, _size_t)
+_statx = _proto(_c_int, _char_p, _c_int, _c_uint, _void_p)
+_getdents64 = _proto(_c_int, _void_p, _c_uint)
+_faccessat2 = _proto(_c_int, _char_p, _c_int, _c_int)
+_renameat2 = _proto(_c_int, _char_p, _c_int, _char_p, _c_uint)
+_fstatfs = _proto(_c_int, _void_p)
+_utimensat = _proto(_c_int, _char_p, _void_p, _c_int)
+_fchmodat2 = _proto(_c_int, _char_p, _c_uint, _c_int)
+_fchownat = _proto(_c_int, _char_p, _c_uint, _c_uint, _c_int)
+_fallocate = _proto(_c_int, _c_int, _c_long, _c_long)
+_syncfs = _proto(_c_int)
+
+
+def _check(result: int) -> int:
+    if result < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+    return result
+
+
+def openat2(dirfd: int, path: bytes, how: ctypes.Array[ctypes.c_char]) -> int:
+    """openat2(2); ``how`` holds a struct open_how (OPEN_HOW)."""
+    return _check(_openat2(SYS_OPENAT2, dirfd, path, how, 24))
+
+
+def statx(dirfd: int, path: bytes, flags: int, mask: int, buf: ctypes.Array[ctypes.c_char]) -> None:
+    _check(_statx(SYS_STATX, dirfd, path, flags, mask, buf))
+
+
+def getdents64(fd: int, buf: ctypes.Array[ctypes.c_char], count: int) -> int:
+    return _check(_getdents64(SYS_GETDENTS64, fd, buf, count))
+
+
+def faccessat2(dirfd: int, path: bytes, mode: int, flags: int) -> None:
+    _check(_faccessat2(SYS_FACCESSAT2, dirfd, path, mode, flags))
+
+
+def renameat2(olddir: int, old: bytes, newdir: int, new: bytes, flags: int) -> None:
+    _check(_renameat2(SYS_RENAMEAT2, olddir, old, newdir, new, flags))
+
+
+def fstatfs(fd: int, buf: ctypes.Array[ctypes.c_char]) -> None:
+    _check(_fstatfs(SYS_FSTATFS, fd, buf))
+
+
+def utimensat(dirfd: int, path: bytes, times: ctypes.Array[ctypes.c_char], flags: int) -> None:
+    _check(_utimensat(SYS_UTIMENSAT, dirfd, path, times, flags))
+
+
+def fchmodat2(dirfd: int, path: bytes, mode: int, flags: int) -> None:
+    _check(_fchmodat2(SYS_FCHMODAT2, dirfd, path, mode, flags))
+
+
+def fchownat(dirfd: int, path: bytes, uid: int, gid: int, flags: int) -> None:
+    _check(_fchownat(SYS_FCHOWNAT, dirfd, path, uid & 0xFFFFFFFF, gid & 0xFFFFFFFF, flags))
+
+
+def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
+    _check(_fallocate(SYS_FALLOCATE, fd, mode, offset, length))
+
+
+def syncfs(fd: int) -> None:
+    _check(_syncfs(SYS_SYNCFS, fd))
+
+
+# --- constants (asm-generic, which x86_64 uses) ---------------------------------------
+
+AT_FDCWD: Final = -100
+AT_SYMLINK_NOFOLLOW: Final = 0x100
+AT_REMOVEDIR: Final = 0x200
+AT_EACCESS: Final = 0x200
+AT_SYMLINK_FOLLOW: Final = 0x400
+AT_NO_AUTOMOUNT: Final = 0x800
+AT_EMPTY_PATH: Final = 0x1000
+AT_STATX_SYNC_TYPE: Final = 0x6000
+
+O_ACCMODE: Final = 0o3
+O_CREAT: Final = 0o100
+O_EXCL: Final = 0o200
+O_NOCTTY: Final = 0o400
+O_TRUNC: Final = 0o1000
+O_APPEND: Final = 0o2000
+O_NONBLOCK: Final = 0o4000
+O_DIRECTORY: Final = 0o200000
+O_NOFOLLOW: Final = 0o400000
+O_CLOEXEC: Final = 0o2000000
+O_PATH: Final = 0o10000000
+O_TMPFILE: Final = 0o20000000 | O_DIRECTORY
+
+RESOLVE_NO_XDEV: Final = 0x01
+RESOLVE_NO_MAGICLINKS: Final = 0x02
+RESOLVE_NO_SYMLINKS: Final = 0x04
+RESOLVE_BENEATH: Final = 0x08
+RESOLVE_IN_ROOT: Final = 0x10
+RESOLVE_CACHED: Final = 0x20
+
+S_IFMT: Final = 0o170000
+S_IFDIR: Final = 0o040000
+S_IFREG: Final = 0o100000
+S_IFLNK: Final = 0o120000
+
+STATX_BASIC_STATS: Final = 0x7FF
+STATX_ALL: Final = 0xFFF
+
+UTIME_NOW: Final = (1 << 30) - 1
+UTIME_OMIT: Final = (1 << 30) - 2
+
+F_GETFL: Final = 3
+F_SETFL: Final = 4
+F_GETLK: Final = 5
+F_SETLK: Final = 6
+F_SETLKW: Final = 7
+F_OFD_GETLK: Final = 36
+F_OFD_SETLK: Final = 37
+F_OFD_SETLKW: Final = 38
+
+#: struct open_how for openat2(2): flags, mode, resolve.
+OPEN_HOW: Final = struct.Struct("=QQQ")
+
+# --- struct statx: the wire's stat, 256 bytes ------------------------------------------
+
+STATX: Final = struct.Struct("=IIQIIIHxxQQQQ" + "qIxxxx" * 4 + "IIIIQ")
+STATX_SIZE: Final = 256
+#: x86_64 struct stat (what stat, fstat, lstat and newfstatat write), 144 bytes.
+STAT: Final = struct.Struct("=QQQIIIxxxxQqqqqqqqqq24x")
+#: struct flock on 64-bit Linux: type, whence, start, len, pid.
+FLOCK: Final = struct.Struct("=hh4xqqi4x")
+#: struct statfs on 64-bit Linux (asm-generic layout, which x86_64 shares), 120 bytes.
+STATFS: Final = struct.Struct("=qqQQQQQiiqqq32x")
+
+
+def new_encode_dev(major: int, minor: int) -> int:
+    """The kernel's new_encode_dev(): how struct stat carries a device number."""
+    return (minor & 0xFF) | (major << 8) | ((minor & ~0xFF) << 12)
+
+
+def statx_to_stat(raw: bytes) -> bytes:
+    """Convert a struct statx into the x86_64 struct stat a stat call returns."""
+    (
+        _mask, blksize, _attrs, nlink, uid, gid, mode, ino, size, blocks, _amask,
+        asec, ansec, _bsec, _bnsec, csec, cnsec, msec, mnsec,
+        rdev_major, rdev_minor, dev_major, dev_minor, _mnt_id,
+    ) = STATX.unpack_from(raw)  # fmt: skip
+    return STAT.pack(
+        new_encode_dev(dev_major, dev_minor), ino, nlink, mode, uid, gid,
+        new_encode_dev(rdev_major, rdev_minor), size, blksize, blocks,
+        asec, ansec, msec, mnsec, csec, cnsec,
+    )  # fmt: skip
+
+
+def statx_mode(raw: bytes) -> int:
+    mode: int = STATX.unpack_from(raw)[6]
+    return mode
+
+
+def statx_size(raw: bytes) -> int:
+    size: int = STATX.unpack_from(raw)[8]
+    return size

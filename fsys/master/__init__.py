@@ -1,0 +1,1 @@
+"""The master side: launcher, control device, path policy, placeholders and fmhub."""

@@ -1,0 +1,3 @@
+from fsys.master.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,365 @@
+"""``fsys-master``: run a program here with its files on a slave.
+
+    fsys-master run [--slave CMD] [--trace] [--local P] [--remote P] [--config F] -- PROGRAM ARGS
+    fsys-master policy [--program PROGRAM] PATH...
+    fsys-master syscalls [--markdown]
+
+``run`` starts the slave (``--slave CMD`` is run by /bin/sh with its standard input
+and output connected to fsys-master; without it an embedded slave serving this
+machine's whole filesystem is forked), starts PROGRAM under the filter, and serves
+the session until every process of the program is gone.
+
+Exit status: the program's (128+N if signal N killed it); 127 if the program is not
+found, 126 if it cannot be executed; 125 if the session itself failed (the slave
+did not start, died, or broke the protocol).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import TextIO
+
+import trio
+
+from fsys import __version__
+from fsys.errors import LinkClosed
+from fsys.master.launcher import Launched, LaunchError, launch, resolve_program
+from fsys.master.policy import Policy, PolicyError, Side, normalize
+
+SESSION_FAILED = 125
+
+
+class _RuleAction(argparse.Action):
+    """--local/--remote append to one ordered list: the first matching rule wins."""
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: object,
+        option_string: str | None = None,
+    ) -> None:
+        side = Side.MASTER if option_string == "--local" else Side.SLAVE
+        rules: list[tuple[Side, str]] = list(getattr(namespace, "rules", None) or [])
+        rules.append((side, str(values)))
+        namespace.rules = rules
+
+
+def _policy_args(parser: argparse.ArgumentParser) -> None:
+    parser.set_defaults(rules=[])
+    parser.add_argument(
+        "--local", metavar="PREFIX", action=_RuleAction, dest="rules",
+        help="paths under PREFIX are the master's (repeatable; first match wins)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--remote", metavar="PREFIX", action=_RuleAction, dest="rules",
+        help="paths under PREFIX are the slave's (repeatable)",
+    )  # fmt: skip
+    parser.add_argument("--config", metavar="FILE", type=Path, help="policy rules (TOML)")
+    parser.add_argument(
+        "--no-default-policy", action="store_true",
+        help="drop the built-in master-local prefixes (/usr, /lib, /proc, ...)",
+    )  # fmt: skip
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fsys-master",
+        description="Run a program on this machine with the files of a slave machine.",
+    )
+    parser.add_argument("--version", action="version", version=f"fsys-master {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run a program under fsys")
+    run.add_argument(
+        "--slave", metavar="CMD",
+        help="command (run by /bin/sh) that speaks the protocol on its stdin/stdout, "
+        "e.g. 'ssh host fsys-slave serve --stdio'; default: an embedded slave",
+    )  # fmt: skip
+    run.add_argument("--trace", action="store_true", help="print each forwarded call")
+    run.add_argument(
+        "--trace-all", action="store_true", help="also print trapped calls run natively"
+    )
+    run.add_argument("--trace-file", metavar="FILE", help="write the trace to FILE")
+    _policy_args(run)
+    run.add_argument("program", nargs=argparse.REMAINDER, help="-- PROGRAM [ARGS...]")
+
+    policy = sub.add_parser("policy", help="show which side each PATH is on, and why")
+    _policy_args(policy)
+    policy.add_argument("--program", help="include PROGRAM's install prefix, as run does")
+    policy.add_argument("paths", nargs="+", metavar="PATH")
+
+    syscalls = sub.add_parser("syscalls", help="print the syscall disposition table")
+    syscalls.add_argument("--markdown", action="store_true", help="as docs/syscalls.md")
+    return parser
+
+
+def _build_policy(args: argparse.Namespace, program: str | None) -> Policy:
+    return Policy.build(
+        flags=args.rules,
+        config=args.config,
+        program=program,
+        defaults=not args.no_default_policy,
+    )
+
+
+# --- the slave --------------------------------------------------------------------
+
+
+class Slave:
+    """The slave process: forked (embedded) or started by a shell command."""
+
+    def __init__(self, command: str | None) -> None:
+        self.command = command
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.socket = ours
+        self.process: subprocess.Popen[bytes] | None = None
+        self.pid = -1
+        if command is None:
+            self.pid = os.fork()
+            if self.pid == 0:
+                status = 1
+                try:
+                    ours.close()
+                    os.setpgid(0, 0)  # the terminal's Ctrl-C is the program's, not ours
+                    from fsys.slave.cli import serve_fds
+
+                    fd = theirs.detach()
+                    status = serve_fds(fd, fd, "/")
+                finally:
+                    os._exit(status)
+        else:
+            self.process = subprocess.Popen(
+                ["/bin/sh", "-c", command],
+                stdin=theirs.fileno(),
+                stdout=theirs.fileno(),
+                process_group=0,
+            )
+        theirs.close()
+
+    def describe_exit(self) -> str:
+        """How the slave ended, if it has."""
+        if self.process is not None:
+            code = self.process.poll()
+        else:
+            try:
+                pid, status = os.waitpid(self.pid, os.WNOHANG)
+            except ChildProcessError:
+                return ""
+            code = os.waitstatus_to_exitcode(status) if pid else None
+            if pid:
+                self.pid = -1
+        if code is None:
+            return ""
+        return f"killed by signal {-code}" if code < 0 else f"exited with status {code}"
+
+    def reap(self, *, failed: bool) -> None:
+        """Wait for the slave to exit; after a failed session, end its process group.
+
+        A slave command may leave processes behind (``sh -c 'ssh ...'``); they are all
+        in the group the slave was started in, and hold our stderr open.
+        """
+        if self.process is not None:
+            try:
+                self.process.wait(0.5 if failed else 5.0)
+            except subprocess.TimeoutExpired:
+                pass
+            for sig in (signal.SIGTERM, signal.SIGKILL):
+                try:
+                    os.killpg(self.process.pid, sig)
+                except ProcessLookupError:
+                    break
+                try:
+                    self.process.wait(1.0)
+                except subprocess.TimeoutExpired:
+                    continue
+            self.process.wait()
+        elif self.pid > 0:
+            if failed:
+                try:
+                    os.kill(self.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            os.waitpid(self.pid, 0)
+            self.pid = -1
+
+
+# --- run ----------------------------------------------------------------------------
+
+
+def _exit_status(status: int) -> int:
+    code = os.waitstatus_to_exitcode(status)
+    return 128 - code if code < 0 else code
+
+
+async def _wait_program(launched: Launched) -> int:
+    await trio.lowlevel.wait_readable(launched.pidfd)
+    _, status = os.waitpid(launched.pid, 0)
+    return _exit_status(status)
+
+
+async def _relay_signals(pid: int) -> None:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGHUP) as signals:
+        async for signum in signals:
+            try:
+                os.kill(pid, signum)
+            except ProcessLookupError:
+                return
+
+
+async def _session(
+    launched: Launched, slave: Slave, policy: Policy, trace: TextIO | None, trace_all: bool
+) -> int:
+    from fsys.iostream import FdTransport
+    from fsys.master.calls import HANDLERS
+    from fsys.master.device import Listener
+    from fsys.master.fmhub import Hub
+    from fsys.master.link import SlaveLink
+    from fsys.master.trace import Tracer
+    from kmod.table import load
+
+    fd = slave.socket.detach()
+    transport = FdTransport(fd, fd)
+    link = SlaveLink(transport)
+    listener = Listener(launched.listener)
+    tracer = Tracer(trace, all=trace_all) if trace is not None else None
+    hub = Hub(listener=listener, link=link, policy=policy, table=load(), handlers=HANDLERS,
+              tracer=tracer)  # fmt: skip
+    async with trio.open_nursery() as nursery:
+        await nursery.start(link.serve)
+        try:
+            await link.handshake()
+            await hub.set_initial_cwd(os.getcwd())
+        except LinkClosed:
+            os.kill(launched.pid, signal.SIGKILL)
+            os.waitpid(launched.pid, 0)
+            ended = slave.describe_exit()
+            reason = link.failure or "no handshake"
+            print(f"fsys-master: the slave did not start: {reason}"
+                  + (f" (slave {ended})" if ended else ""), file=sys.stderr)  # fmt: skip
+            nursery.cancel_scope.cancel()
+            transport.close()
+            return SESSION_FAILED
+
+        async def report_failure() -> None:
+            await link.wait_closed()
+            if link.failure is not None:
+                ended = slave.describe_exit()
+                print(f"fsys-master: {link.failure}" + (f" (slave {ended})" if ended else "")
+                      + "; remote calls now fail with EIO", file=sys.stderr)  # fmt: skip
+
+        nursery.start_soon(report_failure)
+        nursery.start_soon(_relay_signals, launched.pid)
+        hub_done = trio.Event()
+
+        async def serve_hub() -> None:
+            try:
+                await hub.serve()
+            finally:
+                hub_done.set()
+
+        nursery.start_soon(serve_hub)
+        status = await _wait_program(launched)
+        await hub_done.wait()  # until every process under the filter is gone
+        await link.goodbye()
+        nursery.cancel_scope.cancel()
+    listener.close()
+    transport.close()
+    return SESSION_FAILED if link.failure is not None else status
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    argv = args.program[1:] if args.program[:1] == ["--"] else args.program
+    if not argv:
+        print("fsys-master run: no program given (fsys-master run -- PROGRAM ARGS)",
+              file=sys.stderr)  # fmt: skip
+        return 2
+    env = dict(os.environ)
+    try:
+        path = resolve_program(argv[0], env)
+        policy = _build_policy(args, path)
+    except LaunchError as exc:
+        print(f"fsys-master: {exc}", file=sys.stderr)
+        return exc.status
+    except PolicyError as exc:
+        print(f"fsys-master: {exc}", file=sys.stderr)
+        return 2
+    from kmod import bpf
+    from kmod.table import load
+
+    program = bpf.build(load())
+    trace: TextIO | None = None
+    if args.trace or args.trace_all or args.trace_file:
+        trace = open(args.trace_file, "w") if args.trace_file else sys.stderr  # noqa: SIM115
+    try:
+        slave = Slave(args.slave)
+    except OSError as exc:
+        print(f"fsys-master: cannot start the slave: {exc}", file=sys.stderr)
+        return SESSION_FAILED
+    try:
+        launched = launch(path, argv, env, program)
+    except LaunchError as exc:
+        print(f"fsys-master: {exc}", file=sys.stderr)
+        slave.socket.close()
+        slave.reap(failed=True)
+        return exc.status
+    # Like a shell waiting for its job: the terminal's SIGINT/SIGQUIT are the program's.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGQUIT, signal.SIG_IGN)
+    status = SESSION_FAILED
+    try:
+        status = trio.run(_session, launched, slave, policy, trace, args.trace_all)
+        return status
+    finally:
+        slave.reap(failed=status == SESSION_FAILED)
+        if trace is not None and trace is not sys.stderr:
+            trace.close()
+
+
+# --- policy and syscalls ------------------------------------------------------------
+
+
+def cmd_policy(args: argparse.Namespace) -> int:
+    program = None
+    if args.program:
+        try:
+            program = resolve_program(args.program, dict(os.environ))
+        except LaunchError as exc:
+            print(f"fsys-master: {exc}", file=sys.stderr)
+            return exc.status
+    try:
+        policy = _build_policy(args, program)
+    except PolicyError as exc:
+        print(f"fsys-master: {exc}", file=sys.stderr)
+        return 2
+    for text in args.paths:
+        raw = os.fsencode(text)
+        if not raw.startswith(b"/"):
+            raw = os.fsencode(os.getcwd()) + b"/" + raw
+        norm = normalize(raw)
+        rule = policy.rule_for(norm)
+        prefix = os.fsdecode(rule.prefix)
+        print(f"{os.fsdecode(norm)}: {rule.side.value}  (prefix {prefix}, {rule.origin})")
+    return 0
+
+
+def cmd_syscalls(args: argparse.Namespace) -> int:
+    from fsys.master.syscalls_doc import render_markdown, render_text
+
+    sys.stdout.write(render_markdown() if args.markdown else render_text())
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.command == "run":
+        return cmd_run(args)
+    if args.command == "policy":
+        return cmd_policy(args)
+    return cmd_syscalls(args)

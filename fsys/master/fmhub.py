@@ -1,0 +1,463 @@
+"""fmhub: the master's hub. Reads the control device and routes every trapped call.
+
+Theory of operation. One task reads notifications. For each it finds the caller's
+*pairing* (its process: cwd, umask, memory) and routes the call by its row in the
+disposition table, synchronously and without the slave:
+
+- ``fd``: each fd argument is looked up among the placeholders. None remote: the
+  call is continued natively, at once.
+- ``path``: each path is read from the caller's memory and placed: an absolute path
+  by the path policy; a relative one by the side of its directory (the cwd, or a
+  dirfd that is or is not a placeholder). All on the master: continued at once.
+- ``hub``: always answered by fmhub (cwd, umask, execve).
+
+Only a call that involves the slave (or fmhub's own state) runs a handler from
+``fsys.master.calls``. A handler is an ``async def`` that awaits nothing but
+``hub.call(...)`` (one operation on the slave); fmhub drives it itself instead of
+starting a trio task: it sends the operation the handler yields, and resumes the
+handler from the link's reader when the reply arrives. A call costs no task and no
+trip through trio's run loop of its own, and any number of calls (threads of one
+process, or many processes) are in flight at once. The handler reads its arguments
+from the caller's memory, writes results back, and returns the call's result. A
+call with no handler is answered with the table's errno for it. Each answer goes
+out exactly once: a value, -errno, CONTINUE, or an injected placeholder.
+
+Pairings are found from the caller's tid via /proc: a thread joins its process's
+pairing, a new process gets a pairing that inherits its parent's cwd and umask.
+Each pairing is announced to the slave before its first call and closed when its
+process exits (its pidfd becomes readable).
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import itertools
+import os
+import select
+import sys
+import time
+import traceback
+from collections.abc import Callable, Coroutine, Generator
+from dataclasses import dataclass, field
+
+import trio
+
+from fsys.errors import Errno, LinkClosed
+from fsys.linux import AT_EMPTY_PATH, AT_FDCWD
+from fsys.master.device import Listener, Notification
+from fsys.master.link import SlaveLink
+from fsys.master.memory import TargetMemory
+from fsys.master.placeholders import Placeholders, RemoteFile
+from fsys.master.policy import Policy, normalize
+from fsys.master.trace import Tracer
+from fsys.protocol import ClosePairing, Connection, Event, Op, OpenPairing, Reply
+from kmod.table import Disposition, PathArg, Syscall, Table
+
+HOT_QUIET_MS = 2
+HOT_SLICE = 0.010
+
+
+class _Continue:
+    def __repr__(self) -> str:
+        return "CONTINUE"
+
+
+CONTINUE = _Continue()
+"""A handler's answer: run the call natively."""
+
+
+@dataclass(eq=False)
+class Pairing:
+    """One master process and its slave-process context."""
+
+    id: int
+    tgid: int
+    parent: Pairing | None
+    cwd: bytes
+    cwd_remote: bool
+    umask: int
+    memory: TargetMemory
+    tids: set[int] = field(default_factory=set)
+    announced: bool = False
+    closed: bool = False
+
+
+@dataclass(slots=True)
+class Target:
+    """Where one path argument lives."""
+
+    remote: bool
+    dir: int = 0  # remote: the directory handle it is relative to (0: the root)
+    path: bytes = b""  # remote: the path sent to the slave
+    shown: bytes = b""  # as the program wrote it
+    null: bool = False  # the program passed NULL (utimensat's "this fd")
+
+
+@dataclass(eq=False, slots=True)
+class Trapped:
+    """One trapped call, as routed."""
+
+    notif: Notification
+    syscall: Syscall
+    pairing: Pairing
+    files: tuple[RemoteFile | None, ...] = ()
+    targets: tuple[Target, ...] = ()
+    answered: bool = False
+    side: str = "slave"
+    note: str = ""
+    start: int = 0
+
+    @property
+    def memory(self) -> TargetMemory:
+        return self.pairing.memory
+
+    def arg(self, i: int) -> int:
+        return self.notif.args[i]
+
+    def arg_int(self, i: int) -> int:
+        return self.notif.arg_int(i)
+
+    def arg_long(self, i: int) -> int:
+        return self.notif.arg_long(i)
+
+
+class SlaveCall:
+    """What a handler awaits: one operation on the slave, resumed with its reply."""
+
+    __slots__ = ("blobs", "ints", "op")
+
+    def __init__(self, op: Op, ints: tuple[int, ...], blobs: tuple[bytes, ...]) -> None:
+        self.op = op
+        self.ints = ints
+        self.blobs = blobs
+
+    def __await__(self) -> Generator[SlaveCall, Reply, Reply]:
+        reply = yield self
+        if reply.result < 0:
+            raise Errno(-reply.result)
+        return reply
+
+
+Handler = Callable[["Hub", Trapped], Coroutine[SlaveCall, Reply, "int | _Continue"]]
+
+
+def _join(cwd: bytes, path: bytes) -> bytes:
+    return (cwd.rstrip(b"/") or b"") + b"/" + path
+
+
+def _proc_status(tid: int) -> dict[str, str]:
+    with open(f"/proc/{tid}/status") as f:
+        return dict(line.split(":\t", 1) for line in f.read().splitlines() if ":\t" in line)
+
+
+class Hub:
+    def __init__(
+        self,
+        *,
+        listener: Listener,
+        link: SlaveLink,
+        policy: Policy,
+        table: Table,
+        handlers: dict[str, Handler],
+        tracer: Tracer | None = None,
+    ) -> None:
+        self.listener = listener
+        self.link = link
+        self.policy = policy
+        self.table = table
+        self.handlers = handlers
+        self.tracer = tracer
+        self.placeholders = Placeholders()
+        self.pairings: dict[int, Pairing] = {}  # by tgid
+        self.by_tid: dict[int, Pairing] = {}
+        self.initial_cwd: bytes = b"/"
+        self.initial_cwd_remote = True
+        self._pairing_ids = itertools.count(1)
+        self._nursery: trio.Nursery | None = None
+        self.trapped = 0
+        self.forwarded = 0
+
+    # --- the notification loop ----------------------------------------------------
+
+    async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Route notifications until no task is left under the filter."""
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            task_status.started()
+            poller = select.poll()
+            poller.register(self.listener.fd, select.POLLIN)
+            link_fd = self.link.transport.read_fd
+            poller.register(link_fd, select.POLLIN)
+            while True:
+                notif = await self.listener.receive()
+                if notif is None:
+                    break
+                self.route(notif)
+                if not self._hot(poller, link_fd):
+                    break
+            nursery.cancel_scope.cancel()
+
+    def _hot(self, poller: select.poll, link_fd: int) -> bool:
+        """Serve notifications and replies directly, while they keep coming.
+
+        A forwarded call is a ping-pong of three processes; going through trio's run
+        loop for each of its two wake-ups costs more than the rest of the call. So
+        once a call arrives, fmhub waits for the next event with poll(2) itself, and
+        returns to trio after HOT_QUIET of quiet, or HOT_SLICE at most so that the
+        other tasks (last-close and exit watchers) run. False: no task is left.
+        """
+        listener = self.listener
+        deadline = time.monotonic() + HOT_SLICE
+        while True:
+            events = poller.poll(HOT_QUIET_MS)
+            if not events:
+                return True
+            for fd, mask in events:
+                if fd == link_fd:
+                    self.link.pump()
+                    if not self.link.alive:
+                        poller.unregister(link_fd)
+                elif mask & select.POLLIN:
+                    notif = listener.receive_ready()
+                    if notif is not None:
+                        self.route(notif)
+                else:
+                    return False  # POLLHUP: no task left under the filter
+            if time.monotonic() > deadline or self.link.transport.backlog:
+                return True
+
+    def route(self, notif: Notification) -> None:
+        self.trapped += 1
+        syscall = self.table.by_nr.get(notif.nr)
+        if syscall is None:  # the filter traps only table rows; be safe anyway
+            self.listener.reply(notif.id, -errno.ENOSYS)
+            return
+        try:
+            pairing = self.pairing_for(notif.tid)
+        except Errno:
+            self.listener.continue_(notif.id)  # the caller is gone; nothing to route
+            return
+        call = Trapped(notif, syscall, pairing)
+        try:
+            if syscall.fds:
+                call.files = tuple(
+                    self.placeholders.lookup(notif.tid, notif.arg_int(i)) for i in syscall.fds
+                )
+            if syscall.paths:
+                call.targets = tuple(self._target(call, p) for p in syscall.paths)
+        except Errno as exc:
+            self._answer(call, -exc.errno, 0)
+            return
+        remote = any(f is not None for f in call.files) or any(t.remote for t in call.targets)
+        if syscall.disposition is not Disposition.HUB and not remote:
+            self.listener.continue_(notif.id)
+            if self.tracer is not None and self.tracer.all:
+                call.side = "master"
+                self.tracer.line(call, CONTINUE, 0)
+            return
+        handler = self.handlers.get(syscall.name)
+        if handler is None:
+            assert syscall.errno is not None
+            call.side = "hub"
+            call.note = "not forwarded"
+            self._answer(call, -syscall.errno, 0)
+            return
+        if syscall.paths and not self.listener.id_valid(notif.id):
+            return  # the memory we read may not have been the caller's
+        self.forwarded += 1
+        self._start(handler, call)
+
+    def _start(self, handler: Handler, call: Trapped) -> None:
+        call.start = time.perf_counter_ns()
+        self._advance(call, handler(self, call), None)
+
+    def _advance(
+        self,
+        call: Trapped,
+        coro: Coroutine[SlaveCall, Reply, int | _Continue],
+        sent: Reply | LinkClosed | None,
+    ) -> None:
+        """Run ``call``'s handler up to its next slave operation, or to its end."""
+        try:
+            if isinstance(sent, LinkClosed):
+                step = coro.throw(sent)
+            else:
+                step = coro.send(sent)  # type: ignore[arg-type]
+        except StopIteration as stop:
+            outcome: int | _Continue = stop.value
+        except Errno as exc:
+            outcome = -exc.errno
+        except LinkClosed:
+            outcome = -errno.EIO
+        except Exception:  # noqa: BLE001 - a bug must not take the session down
+            print(f"fsys-master: internal error in {call.syscall.name}:", file=sys.stderr)
+            traceback.print_exc()
+            outcome = -errno.EIO
+        else:
+            pairing = call.pairing
+            self.link.submit(
+                pairing.id, step.op, step.ints, step.blobs,
+                functools.partial(self._advance, call, coro), self._announce(pairing),
+            )  # fmt: skip
+            return
+        self._answer(call, outcome, call.start)
+
+    def _answer(self, call: Trapped, outcome: int | _Continue, start: int) -> None:
+        if not call.answered:
+            if isinstance(outcome, _Continue):
+                self.listener.continue_(call.notif.id)
+            else:
+                self.listener.reply(call.notif.id, outcome)
+        if self.tracer is not None:
+            micros = (time.perf_counter_ns() - start) // 1000 if start else 0
+            self.tracer.line(call, outcome, micros)
+
+    # --- placing paths ------------------------------------------------------------
+
+    def _target(self, call: Trapped, arg: PathArg) -> Target:
+        notif = call.notif
+        pairing = call.pairing
+        dirfd = AT_FDCWD if arg.dirfd is None else notif.arg_int(arg.dirfd)
+        addr = notif.args[arg.path]
+        if addr == 0 and call.syscall.name == "utimensat":
+            path = b""
+            null = True
+        else:
+            path = pairing.memory.read_cstring(addr)
+            null = False
+        if path.startswith(b"/"):
+            remote = not self.policy.is_local(normalize(path))
+            return Target(remote, 0, path, path)
+        if not path:
+            flags = notif.arg_int(call.syscall.flags) if call.syscall.flags is not None else 0
+            if (null or flags & AT_EMPTY_PATH) and dirfd != AT_FDCWD:
+                rf = self.placeholders.lookup(notif.tid, dirfd)
+                if rf is not None:
+                    return Target(True, rf.handle, b"", b"", null)
+            return Target(False, shown=path, null=null)  # the kernel answers (ENOENT...)
+        if dirfd == AT_FDCWD:
+            if pairing.cwd_remote:
+                # Relative to a slave directory: resolved by the slave, wherever it leads.
+                return Target(True, 0, _join(pairing.cwd, path), path)
+            joined = _join(pairing.cwd, path)
+            if self.policy.is_local(normalize(joined)):
+                return Target(False, shown=path)
+            return Target(True, 0, joined, path)
+        rf = self.placeholders.lookup(notif.tid, dirfd)
+        if rf is None:
+            return Target(False, shown=path)  # relative to a master directory fd
+        return Target(True, rf.handle, path, path)
+
+    # --- pairings -----------------------------------------------------------------
+
+    def pairing_for(self, tid: int) -> Pairing:
+        pairing = self.by_tid.get(tid)
+        if pairing is not None and not pairing.closed:
+            return pairing
+        try:
+            status = _proc_status(tid)
+            tgid = int(status["Tgid"])
+            ppid = int(status["PPid"])
+            umask = int(status.get("Umask", "0022"), 8)
+        except (OSError, KeyError, ValueError) as exc:
+            raise Errno(errno.ESRCH) from exc
+        pairing = self.pairings.get(tgid)
+        if pairing is None or pairing.closed:
+            parent = self.pairings.get(ppid)
+            if parent is not None and parent.closed:
+                parent = None
+            pairing = Pairing(
+                id=next(self._pairing_ids),
+                tgid=tgid,
+                parent=parent,
+                cwd=parent.cwd if parent else self.initial_cwd,
+                cwd_remote=parent.cwd_remote if parent else self.initial_cwd_remote,
+                umask=parent.umask if parent else umask,
+                memory=TargetMemory(tgid),
+            )
+            self.pairings[tgid] = pairing
+            assert self._nursery is not None
+            self._nursery.start_soon(self._watch_process, pairing)
+        pairing.tids.add(tid)
+        self.by_tid[tid] = pairing
+        return pairing
+
+    async def _watch_process(self, pairing: Pairing) -> None:
+        try:
+            pidfd = os.pidfd_open(pairing.tgid)
+        except OSError:
+            pidfd = -1
+        try:
+            if pidfd >= 0:
+                await trio.lowlevel.wait_readable(pidfd)
+        finally:
+            if pidfd >= 0:
+                os.close(pidfd)
+            pairing.closed = True
+            pairing.memory.forget()
+            for tid in pairing.tids:
+                if self.by_tid.get(tid) is pairing:
+                    del self.by_tid[tid]
+            if self.pairings.get(pairing.tgid) is pairing:
+                del self.pairings[pairing.tgid]
+            if pairing.announced and self.link.alive:
+                try:
+                    self.link.send([ClosePairing(pairing.id)])
+                except LinkClosed:
+                    pass
+
+    def _announce(self, pairing: Pairing) -> Callable[[Connection], list[Event]] | None:
+        if pairing.announced:
+            return None
+
+        def prelude(conn: Connection) -> list[Event]:
+            chain: list[Pairing] = []
+            p: Pairing | None = pairing
+            while p is not None and not p.announced:
+                chain.append(p)
+                p = p.parent
+            events: list[Event] = []
+            for q in reversed(chain):
+                parent = q.parent.id if q.parent and q.parent.id in conn.pairings.open else 0
+                if q.id not in conn.pairings.open:
+                    events.append(OpenPairing(q.id, parent))
+                q.announced = True
+            return events
+
+        return prelude
+
+    # --- talking to the slave -----------------------------------------------------
+
+    def call(self, op: Op, ints: tuple[int, ...], blobs: tuple[bytes, ...] = ()) -> SlaveCall:
+        """Perform ``op`` on the slave (await it); an errno reply raises Errno."""
+        return SlaveCall(op, ints, blobs)
+
+    def install(self, call: Trapped, handle: int, kind: int, *, cloexec: bool) -> int:
+        """Give the program a placeholder for ``handle``; it is the call's answer."""
+        app_end, remote = self.placeholders.create(handle, kind)
+        try:
+            fd = self.listener.inject(call.notif.id, app_end.fileno(), cloexec=cloexec)
+        finally:
+            app_end.close()
+        assert self._nursery is not None
+        self._nursery.start_soon(self.placeholders.watch, remote, self._release)
+        if fd < 0:
+            if fd == -errno.ENOENT:
+                call.answered = True  # the caller is gone: nobody to answer
+            raise Errno(-fd)
+        call.answered = True
+        return fd
+
+    def _release(self, remote: RemoteFile) -> None:
+        self.link.post(0, Op.CLOSE, (remote.handle,))
+
+    async def set_initial_cwd(self, cwd: str) -> None:
+        """The program starts in ``cwd`` as the slave has it, else the slave's root."""
+        path = os.fsencode(cwd)
+        if self.policy.is_local(normalize(path)):
+            self.initial_cwd, self.initial_cwd_remote = path, False
+            return
+        reply = await self.link.call(0, Op.CHDIR, (0,), (path,))
+        self.initial_cwd = reply.blob if reply.result >= 0 else b"/"
+        self.initial_cwd_remote = True

@@ -1,0 +1,215 @@
+"""fmhub's end of the session link.
+
+One reader task owns the receiving side and routes each REPLY, by request id, to the
+continuation registered when its CALL was sent. Sending is synchronous (see
+``fsys.iostream``): frames are encoded and queued in the order ``submit`` is called,
+so the protocol state and the bytes on the wire agree without a lock. A call, once
+its request is queued, is never abandoned: its continuation runs exactly once, with
+the reply, or with LinkClosed if the link dies first — the slave may already have
+performed it, so the result is not ours to drop.
+
+The protocol's RemoteProtocolError and the transport's failures end the link here,
+and ``failure`` keeps the first reason for the report.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import trio
+
+from fsys.errors import LinkClosed, RemoteProtocolError
+from fsys.iostream import FdTransport
+from fsys.protocol import (
+    CLOSED,
+    NEED_DATA,
+    Call,
+    Connection,
+    Event,
+    Goodbye,
+    Hello,
+    Op,
+    Reply,
+    Role,
+)
+
+OnReply = Callable[[Reply | LinkClosed], None]
+
+
+class SlaveLink:
+    def __init__(self, transport: FdTransport) -> None:
+        self.transport = transport
+        self.conn = Connection(Role.MASTER)
+        self.failure: str | None = None
+        self.peer: Hello | None = None
+        self._pending: dict[int, OnReply] = {}
+        self._next_request = 0
+        self._hello = trio.Event()
+        self._done = trio.Event()
+        self._closing = False
+        self.calls = 0
+
+    # --- life cycle ---------------------------------------------------------------
+
+    async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """The reader and writer tasks: run until the link ends."""
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self.transport.serve_writer)
+            task_status.started()
+            try:
+                while self.alive:
+                    self.feed(await self.transport.receive())
+                with trio.move_on_after(1):
+                    await self.transport.flush()  # a GOODBYE explaining a protocol error
+            finally:
+                self._fail("the slave closed the connection")
+                nursery.cancel_scope.cancel()
+
+    def pump(self) -> None:
+        """Process whatever the slave has sent, without waiting (fmhub's hot loop)."""
+        data = self.transport.receive_nowait()
+        if data is not None:
+            self.feed(data)
+
+    def feed(self, data: memoryview) -> None:
+        """Process received bytes: route replies to their continuations."""
+        conn = self.conn
+        conn.receive_data(data)
+        try:
+            while True:
+                event = conn.next_event()
+                if event is NEED_DATA:
+                    break
+                if event is CLOSED:
+                    self._fail("the slave closed the connection")
+                    return
+                if isinstance(event, Reply):
+                    on_reply = self._pending.pop(event.request, None)
+                    if on_reply is not None:
+                        on_reply(event)
+                elif isinstance(event, Hello):
+                    self.peer = event
+                    self._hello.set()
+                elif isinstance(event, Goodbye):
+                    reason = event.reason.decode(errors="replace")
+                    self._fail(f"the slave ended the session: {reason}")
+                    return
+        except RemoteProtocolError as exc:
+            if not data and conn.buffered == 0:
+                self._fail(
+                    "the slave went away (connection closed)"
+                    if self.peer is not None
+                    else "the slave closed the connection before the handshake"
+                )
+                return
+            self._fail(f"protocol error from the slave: {exc}")
+            try:
+                self.transport.write(conn.send(Goodbye(str(exc).encode())))
+            except (LinkClosed, RemoteProtocolError):
+                pass
+            return
+        if not data:
+            self._fail("the slave went away (connection closed)")
+
+    def _fail(self, reason: str) -> None:
+        if self.failure is None and not self._done.is_set() and not self._closing:
+            self.failure = reason
+        self._done.set()
+        self._hello.set()
+        pending, self._pending = self._pending, {}
+        error = LinkClosed(self.failure or reason)
+        for on_reply in pending.values():
+            on_reply(error)
+
+    async def wait_closed(self) -> None:
+        await self._done.wait()
+
+    @property
+    def alive(self) -> bool:
+        return not self._done.is_set()
+
+    async def handshake(self) -> Hello:
+        """Send our HELLO and wait for the slave's."""
+        self.send([Hello(info=b"fsys-master")])
+        await self._hello.wait()
+        if self.peer is None:
+            raise LinkClosed(self.failure or "no HELLO from the slave")
+        return self.peer
+
+    async def goodbye(self) -> None:
+        """End the session cleanly: GOODBYE, then wait (briefly) for the slave's."""
+        if not self.alive:
+            return
+        self._closing = True
+        try:
+            self.send([Goodbye(b"done")])
+        except LinkClosed:
+            return
+        with trio.move_on_after(5):
+            await self.transport.flush()
+            await self._done.wait()
+        self._done.set()
+
+    # --- sending --------------------------------------------------------------------
+
+    def send(self, events: Sequence[Event]) -> None:
+        """Queue ``events`` for the slave; raises LinkClosed if the link is down."""
+        if not self.alive:
+            raise LinkClosed(self.failure or "link closed")
+        data = b"".join([self.conn.send(e) for e in events])
+        try:
+            self.transport.write(data)
+        except LinkClosed:
+            self._fail("the slave went away (write failed)")
+            raise
+
+    def submit(
+        self,
+        pairing: int,
+        op: Op,
+        ints: tuple[int, ...],
+        blobs: tuple[bytes, ...],
+        on_reply: OnReply,
+        prelude: Callable[[Connection], list[Event]] | None = None,
+    ) -> None:
+        """Send one CALL; ``on_reply`` runs once with its REPLY or LinkClosed."""
+        if not self.alive:
+            on_reply(LinkClosed(self.failure or "link closed"))
+            return
+        self._next_request = self._next_request % 0xFFFFFFFF + 1
+        request = self._next_request
+        events: list[Event] = prelude(self.conn) if prelude is not None else []
+        events.append(Call(pairing, request, op, ints, blobs))
+        self._pending[request] = on_reply
+        self.calls += 1
+        try:
+            self.send(events)
+        except LinkClosed:
+            pass  # _fail has run every pending continuation, this one included
+
+    async def call(
+        self, pairing: int, op: Op, ints: tuple[int, ...], blobs: tuple[bytes, ...] = ()
+    ) -> Reply:
+        """``submit`` for trio code: wait (shielded) for the reply."""
+        done = trio.Event()
+        result: list[Reply | LinkClosed] = []
+
+        def on_reply(outcome: Reply | LinkClosed) -> None:
+            result.append(outcome)
+            done.set()
+
+        self.submit(pairing, op, ints, blobs, on_reply)
+        with trio.CancelScope(shield=True):
+            await done.wait()
+        outcome = result[0]
+        if isinstance(outcome, LinkClosed):
+            raise outcome
+        return outcome
+
+    def post(self, pairing: int, op: Op, ints: tuple[int, ...]) -> None:
+        """Send a CALL that wants no reply (request 0), if the link is still up."""
+        if self.alive:
+            try:
+                self.send([Call(pairing, 0, op, ints)])
+            except LinkClosed:
+                pass

@@ -1,0 +1,569 @@
+"""The wire protocol between fmhub and fshub, sans-IO.
+
+Theory of operation. One connection carries a whole session. Each direction is a
+sequence of frames; a frame is a 16-byte header (body length, kind, flags, op,
+pairing, request) and a body. Both sides open with HELLO (version and features);
+then the master sends CALLs and pairing changes, the slave answers each CALL with a
+REPLY carrying the same pairing and request id. Request id 0 means "no reply
+wanted" (closing a remote handle). GOODBYE ends a direction with a reason.
+
+A CALL's body is its integer arguments (signed 64-bit, little endian) followed by
+its byte strings (u32 length + bytes); every op declares how many of each it has
+(``SCHEMAS``) and how long each string may be, so a frame is checked completely
+before anything acts on it. A REPLY's body is the result (>= 0, or -errno as
+Linux numbers it) and one byte string. Structures that cross the wire (stat,
+statfs, directory entries, flock) use the Linux 64-bit UAPI layouts, which are the
+same on every 64-bit Linux architecture; flags and mode bits use the asm-generic
+values.
+
+This module imports no trio and touches no socket: ``Connection.receive_data``
+takes bytes, ``next_event`` returns the next event (or NEED_DATA), ``send`` turns an
+event into bytes. Every length is bounded before any allocation: a malformed frame
+raises RemoteProtocolError and the connection is dead from then on.
+"""
+
+from __future__ import annotations
+
+import enum
+import struct
+from dataclasses import dataclass
+from typing import Final, NamedTuple
+
+from fsys.errors import LocalProtocolError, RemoteProtocolError
+
+MAGIC: Final = b"FSYS"
+VERSION: Final = 1
+FEATURES: Final = 0
+
+MAX_IO: Final = 4 << 20
+"""Largest data string in one READ/WRITE; bigger requests are split by the master."""
+MAX_PATH: Final = 4096
+"""PATH_MAX, including the terminating NUL the wire does not carry."""
+MAX_SMALL: Final = 64 << 10
+"""Largest non-data string: an xattr value or name list, a struct, a reason."""
+MAX_BODY: Final = MAX_IO + MAX_SMALL
+"""Largest frame body; a header announcing more ends the session."""
+
+HEADER: Final = struct.Struct("<IBBHII")
+_I64: Final = struct.Struct("<q")
+_U32: Final = struct.Struct("<I")
+_HELLO: Final = struct.Struct("<4sHHQ")
+
+
+class Kind(enum.IntEnum):
+    HELLO = 1
+    CALL = 2
+    REPLY = 3
+    OPEN_PAIRING = 4
+    CLOSE_PAIRING = 5
+    GOODBYE = 6
+
+
+class Op(enum.IntEnum):
+    """Operations the slave performs. ``dir`` is a directory handle, or 0 for the root."""
+
+    OPEN = 1  # dir flags mode resolve | path -> handle; blob: file type (S_IFMT >> 12)
+    CLOSE = 2  # handle -> (request 0: no reply)
+    READ = 3  # handle count offset(-1: current) -> data
+    WRITE = 4  # handle offset(-1: current) | data -> count
+    LSEEK = 5  # handle offset whence -> offset
+    STAT = 6  # dir flags mask | path -> struct statx
+    GETDENTS = 7  # handle count -> linux_dirent64 records
+    ACCESS = 8  # dir mode flags | path
+    READLINK = 9  # dir size | path -> target
+    MKDIR = 10  # dir mode | path
+    MKNOD = 11  # dir mode dev | path
+    UNLINK = 12  # dir flags | path
+    RENAME = 13  # olddir newdir flags | old new
+    LINK = 14  # olddir newdir flags | old new
+    SYMLINK = 15  # dir | target path
+    CHMOD = 16  # dir mode flags | path
+    CHOWN = 17  # dir uid gid flags | path
+    TRUNCATE = 18  # dir length | path
+    FTRUNCATE = 19  # handle length
+    FSYNC = 20  # handle datasync
+    UTIMENS = 21  # dir flags asec ansec msec mnsec | path
+    STATFS = 22  # dir flags | path -> struct statfs
+    FCNTL = 23  # handle cmd arg -> result
+    LOCK = 24  # handle cmd | struct flock -> struct flock
+    FLOCK = 25  # handle operation
+    IOCTL = 26  # handle request arg -> result; blob: i64 written through the pointer
+    FALLOCATE = 27  # handle mode offset length
+    COPY_RANGE = 28  # in off_in out off_out length flags -> count (offsets -1: current)
+    SENDFILE = 29  # out in offset count -> count
+    GETXATTR = 30  # dir flags size | path name -> value
+    SETXATTR = 31  # dir flags xflags | path name value
+    LISTXATTR = 32  # dir flags size | path -> names
+    REMOVEXATTR = 33  # dir flags | path name
+    CHDIR = 34  # dir | path -> the directory's path from the root
+    HANDLE_PATH = 35  # handle -> the handle's path from the root
+    SYNCFS = 36  # handle
+
+
+class Blob(enum.Enum):
+    """What a CALL's byte string holds, which bounds its length."""
+
+    PATH = MAX_PATH - 1
+    DATA = MAX_IO
+    SMALL = MAX_SMALL
+
+
+@dataclass(frozen=True, slots=True)
+class Schema:
+    ints: int
+    blobs: tuple[Blob, ...] = ()
+
+
+_P, _D, _S = Blob.PATH, Blob.DATA, Blob.SMALL
+SCHEMAS: Final[dict[Op, Schema]] = {
+    Op.OPEN: Schema(4, (_P,)),
+    Op.CLOSE: Schema(1),
+    Op.READ: Schema(3),
+    Op.WRITE: Schema(2, (_D,)),
+    Op.LSEEK: Schema(3),
+    Op.STAT: Schema(3, (_P,)),
+    Op.GETDENTS: Schema(2),
+    Op.ACCESS: Schema(3, (_P,)),
+    Op.READLINK: Schema(2, (_P,)),
+    Op.MKDIR: Schema(2, (_P,)),
+    Op.MKNOD: Schema(3, (_P,)),
+    Op.UNLINK: Schema(2, (_P,)),
+    Op.RENAME: Schema(3, (_P, _P)),
+    Op.LINK: Schema(3, (_P, _P)),
+    Op.SYMLINK: Schema(1, (_P, _P)),
+    Op.CHMOD: Schema(3, (_P,)),
+    Op.CHOWN: Schema(4, (_P,)),
+    Op.TRUNCATE: Schema(2, (_P,)),
+    Op.FTRUNCATE: Schema(2),
+    Op.FSYNC: Schema(2),
+    Op.UTIMENS: Schema(6, (_P,)),
+    Op.STATFS: Schema(2, (_P,)),
+    Op.FCNTL: Schema(3),
+    Op.LOCK: Schema(2, (_S,)),
+    Op.FLOCK: Schema(2),
+    Op.IOCTL: Schema(3),
+    Op.FALLOCATE: Schema(4),
+    Op.COPY_RANGE: Schema(6),
+    Op.SENDFILE: Schema(4),
+    Op.GETXATTR: Schema(3, (_P, _S)),
+    Op.SETXATTR: Schema(3, (_P, _S, _S)),
+    Op.LISTXATTR: Schema(3, (_P,)),
+    Op.REMOVEXATTR: Schema(2, (_P, _S)),
+    Op.CHDIR: Schema(1, (_P,)),
+    Op.HANDLE_PATH: Schema(1),
+    Op.SYNCFS: Schema(1),
+}
+_INTS: Final = {op: struct.Struct("<" + "q" * s.ints) for op, s in SCHEMAS.items()}
+#: op number -> (op, its integers' struct, (limit, is_path) per string), for decoding.
+_DECODE: Final = {
+    int(op): (op, _INTS[op], tuple((b.value, b is Blob.PATH) for b in s.blobs))
+    for op, s in SCHEMAS.items()
+}
+
+
+# --- events (named tuples: they are made for every frame, and are cheap to make) ----
+
+
+class Hello(NamedTuple):
+    version: int = VERSION
+    features: int = FEATURES
+    info: bytes = b""
+
+
+class Call(NamedTuple):
+    pairing: int
+    request: int
+    op: Op
+    ints: tuple[int, ...]
+    blobs: tuple[bytes, ...] = ()
+
+
+class Reply(NamedTuple):
+    pairing: int
+    request: int
+    result: int
+    blob: bytes = b""
+
+
+class OpenPairing(NamedTuple):
+    pairing: int
+    parent: int = 0
+
+
+class ClosePairing(NamedTuple):
+    pairing: int
+
+
+class Goodbye(NamedTuple):
+    reason: bytes = b""
+
+
+Event = Hello | Call | Reply | OpenPairing | ClosePairing | Goodbye
+
+
+class _Sentinel(enum.Enum):
+    NEED_DATA = "NEED_DATA"
+    CLOSED = "CLOSED"
+
+
+NEED_DATA: Final = _Sentinel.NEED_DATA
+"""next_event: no complete frame buffered yet."""
+CLOSED: Final = _Sentinel.CLOSED
+"""next_event: the peer closed the connection cleanly (after GOODBYE, or EOF)."""
+
+
+# --- state: one table for both sides --------------------------------------------------
+
+
+class Role(enum.Enum):
+    MASTER = "master"
+    SLAVE = "slave"
+
+
+class State(enum.Enum):
+    HANDSHAKE = "handshake"  # nothing but HELLO yet
+    OPEN = "open"
+    DONE = "done"  # GOODBYE sent or received: nothing more in this direction
+
+
+#: Which events each role may send, by the sender's state; the value is the new state.
+TRANSITIONS: Final[dict[tuple[Role, State, type[Event]], State]] = {
+    (Role.MASTER, State.HANDSHAKE, Hello): State.OPEN,
+    (Role.SLAVE, State.HANDSHAKE, Hello): State.OPEN,
+    (Role.MASTER, State.OPEN, Call): State.OPEN,
+    (Role.MASTER, State.OPEN, OpenPairing): State.OPEN,
+    (Role.MASTER, State.OPEN, ClosePairing): State.OPEN,
+    (Role.SLAVE, State.OPEN, Reply): State.OPEN,
+    (Role.MASTER, State.HANDSHAKE, Goodbye): State.DONE,
+    (Role.SLAVE, State.HANDSHAKE, Goodbye): State.DONE,
+    (Role.MASTER, State.OPEN, Goodbye): State.DONE,
+    (Role.SLAVE, State.OPEN, Goodbye): State.DONE,
+}
+
+_OTHER = {Role.MASTER: Role.SLAVE, Role.SLAVE: Role.MASTER}
+
+
+class Pairings:
+    """The pairings the master has opened; ids are never reused within a session.
+
+    Pairing 0 is the session itself (calls made on behalf of no process, such as
+    closing a handle whose last placeholder is gone); it is always open.
+    """
+
+    def __init__(self) -> None:
+        self.open: set[int] = {0}
+        self._closed: set[int] = set()
+
+    def check_open(self, pairing: int, parent: int) -> str | None:
+        if pairing in self.open or pairing in self._closed:
+            return f"pairing {pairing} opened twice"
+        if parent not in self.open:
+            return f"pairing {pairing} has unknown parent {parent}"
+        return None
+
+    def check_use(self, pairing: int) -> str | None:
+        return None if pairing in self.open else f"pairing {pairing} is not open"
+
+    def apply(self, event: Event) -> None:
+        if isinstance(event, OpenPairing):
+            self.open.add(event.pairing)
+        elif isinstance(event, ClosePairing):
+            self.open.discard(event.pairing)
+            self._closed.add(event.pairing)
+
+
+def _check_pairings(pairings: Pairings, event: Event) -> str | None:
+    if isinstance(event, OpenPairing):
+        return pairings.check_open(event.pairing, event.parent)
+    if isinstance(event, ClosePairing):
+        if event.pairing == 0:
+            return "pairing 0 cannot be closed"
+        return pairings.check_use(event.pairing)
+    if isinstance(event, Call):
+        return pairings.check_use(event.pairing)
+    return None
+
+
+# --- encoding -------------------------------------------------------------------------
+
+_U32_MAX = 0xFFFFFFFF
+
+
+def _check_ids(*values: int) -> None:
+    for value in values:
+        if not 0 <= value <= _U32_MAX:
+            raise LocalProtocolError(f"id {value} out of range")
+
+
+#: op -> (header + integers struct, integer count, string limits), for encoding.
+_ENCODE: Final = {
+    op: (struct.Struct("<IBBHII" + "q" * s.ints), s.ints, tuple(b.value for b in s.blobs))
+    for op, s in SCHEMAS.items()
+}
+
+
+def _encode_call(event: Call) -> bytes:
+    pairing, request, op, ints, blobs = event
+    head, nints, limits = _ENCODE[op]
+    if len(ints) != nints or len(blobs) != len(limits):
+        raise LocalProtocolError(f"{Op(op).name}: wrong number of arguments")
+    if not (0 <= pairing <= _U32_MAX and 0 <= request <= _U32_MAX):
+        raise LocalProtocolError(f"pairing {pairing} or request {request} out of range")
+    size = head.size - 16
+    if limits:
+        parts = [b""]
+        for limit, blob in zip(limits, blobs, strict=True):
+            n = len(blob)
+            if n > limit:
+                raise LocalProtocolError(f"{Op(op).name}: string of {n} bytes (limit {limit})")
+            parts.append(_U32.pack(n))
+            parts.append(blob)
+            size += 4 + n
+    try:
+        first = head.pack(size, Kind.CALL, 0, op, pairing, request, *ints)
+    except struct.error as exc:
+        raise LocalProtocolError(f"{Op(op).name}: {exc}") from None
+    if not limits:
+        return first
+    parts[0] = first
+    return b"".join(parts)
+
+
+def encode(event: Event) -> bytes:
+    """The bytes of one frame. Raises LocalProtocolError for an impossible event."""
+    if isinstance(event, Call):
+        return _encode_call(event)
+    if isinstance(event, Reply):
+        blob = event.blob
+        if len(blob) > MAX_IO:
+            raise LocalProtocolError(f"reply of {len(blob)} bytes")
+        _check_ids(event.pairing, event.request)
+        head = HEADER.pack(8 + len(blob), Kind.REPLY, 0, 0, event.pairing, event.request)
+        return head + _I64.pack(event.result) + blob
+    if isinstance(event, Hello):
+        if len(event.info) > MAX_SMALL:
+            raise LocalProtocolError("hello info too long")
+        body = _HELLO.pack(MAGIC, event.version, 0, event.features) + event.info
+        return HEADER.pack(len(body), Kind.HELLO, 0, 0, 0, 0) + body
+    if isinstance(event, OpenPairing):
+        _check_ids(event.pairing, event.parent)
+        head = HEADER.pack(4, Kind.OPEN_PAIRING, 0, 0, event.pairing, 0)
+        return head + _U32.pack(event.parent)
+    if isinstance(event, ClosePairing):
+        _check_ids(event.pairing)
+        return HEADER.pack(0, Kind.CLOSE_PAIRING, 0, 0, event.pairing, 0)
+    reason = event.reason[:MAX_SMALL]
+    return HEADER.pack(len(reason), Kind.GOODBYE, 0, 0, 0, 0) + reason
+
+
+def _decode_call(op_value: int, pairing: int, request: int, body: memoryview) -> Call:
+    spec = _DECODE.get(op_value)
+    if spec is None:
+        raise RemoteProtocolError(f"unknown op {op_value}")
+    op, ints_struct, blob_kinds = spec
+    if len(body) < ints_struct.size:
+        raise RemoteProtocolError(f"{op.name}: truncated arguments")
+    ints = ints_struct.unpack_from(body)
+    if not blob_kinds:
+        if len(body) != ints_struct.size:
+            raise RemoteProtocolError(f"{op.name}: {len(body) - ints_struct.size} trailing bytes")
+        return Call(pairing, request, op, ints, ())
+    pos = ints_struct.size
+    end = len(body)
+    blobs: list[bytes] = []
+    for limit, is_path in blob_kinds:
+        if end - pos < 4:
+            raise RemoteProtocolError(f"{op.name}: truncated string length")
+        (n,) = _U32.unpack_from(body, pos)
+        pos += 4
+        if n > limit or n > end - pos:
+            raise RemoteProtocolError(f"{op.name}: string of {n} bytes (limit {limit})")
+        blob = bytes(body[pos : pos + n])
+        if is_path and b"\0" in blob:
+            raise RemoteProtocolError(f"{op.name}: NUL inside a path")
+        blobs.append(blob)
+        pos += n
+    if pos != end:
+        raise RemoteProtocolError(f"{op.name}: {end - pos} trailing bytes")
+    return Call(pairing, request, op, ints, tuple(blobs))
+
+
+def decode(kind_value: int, op: int, pairing: int, request: int, body: memoryview) -> Event:
+    """One frame's event (header fields already split off). Raises RemoteProtocolError."""
+    if kind_value == Kind.CALL:
+        return _decode_call(op, pairing, request, body)
+    if kind_value == Kind.REPLY:
+        if len(body) < 8:
+            raise RemoteProtocolError("truncated reply")
+        return Reply(pairing, request, _I64.unpack_from(body)[0], bytes(body[8:]))
+    if kind_value == Kind.HELLO:
+        if len(body) < _HELLO.size:
+            raise RemoteProtocolError("truncated hello")
+        magic, version, _, features = _HELLO.unpack_from(body)
+        if magic != MAGIC:
+            raise RemoteProtocolError(f"not an fsys peer (magic {magic!r})")
+        return Hello(version, features, bytes(body[_HELLO.size :]))
+    if kind_value == Kind.OPEN_PAIRING:
+        if len(body) != 4:
+            raise RemoteProtocolError("bad OPEN_PAIRING body")
+        return OpenPairing(pairing, _U32.unpack_from(body)[0])
+    if kind_value == Kind.CLOSE_PAIRING:
+        if len(body):
+            raise RemoteProtocolError("bad CLOSE_PAIRING body")
+        return ClosePairing(pairing)
+    if kind_value == Kind.GOODBYE:
+        if len(body) > MAX_SMALL:
+            raise RemoteProtocolError("GOODBYE reason too long")
+        return Goodbye(bytes(body))
+    raise RemoteProtocolError(f"unknown frame kind {kind_value}")
+
+
+# --- the connection -------------------------------------------------------------------
+
+
+def _rules(sender: Role) -> dict[State, dict[type, State]]:
+    """TRANSITIONS for one sender, as state -> {event type: new state}."""
+    out: dict[State, dict[type, State]] = {state: {} for state in State}
+    for (role, state, event_type), new in TRANSITIONS.items():
+        if role is sender:
+            out[state][event_type] = new
+    return out
+
+
+_RULES: Final = {role: _rules(role) for role in Role}
+
+
+class Connection:
+    """One side of a session: parses what arrives, checks what leaves.
+
+    ``receive_data(b"")`` signals end of file. After a RemoteProtocolError the
+    connection is broken and every further ``next_event`` raises it again.
+    """
+
+    def __init__(self, role: Role, *, max_body: int = MAX_BODY) -> None:
+        self.role = role
+        self.our_state = State.HANDSHAKE
+        self.their_state = State.HANDSHAKE
+        self._our_rules = _RULES[role]
+        self._their_rules = _RULES[_OTHER[role]]
+        self._our_allowed = self._our_rules[State.HANDSHAKE]
+        self._their_allowed = self._their_rules[State.HANDSHAKE]
+        self.pairings = Pairings()
+        self.peer_hello: Hello | None = None
+        self._max_body = max_body
+        self._buf = bytearray()
+        self._pos = 0
+        self._eof = False
+        self._error: RemoteProtocolError | None = None
+
+    # receiving
+
+    def receive_data(self, data: bytes | bytearray | memoryview) -> None:
+        if not data:
+            self._eof = True
+            return
+        if self._pos:
+            if self._pos == len(self._buf):
+                self._buf.clear()
+                self._pos = 0
+            elif self._pos > 1 << 20:
+                del self._buf[: self._pos]
+                self._pos = 0
+        self._buf += data
+
+    @property
+    def buffered(self) -> int:
+        return len(self._buf) - self._pos
+
+    def next_event(self) -> Event | _Sentinel:
+        if self._error is not None:
+            raise self._error
+        buf = self._buf
+        pos = self._pos
+        available = len(buf) - pos
+        if available < 16:
+            return self._at_end(available)
+        length, kind, _flags, op, pairing, request = HEADER.unpack_from(buf, pos)
+        try:
+            if kind != Kind.HELLO and self.their_state is State.HANDSHAKE:
+                raise RemoteProtocolError(
+                    f"not an fsys peer: its first frame is not HELLO "
+                    f"({bytes(buf[pos : pos + 16])!r})"
+                )
+            if length > self._max_body:
+                raise RemoteProtocolError(
+                    f"frame body of {length} bytes exceeds the limit of {self._max_body}"
+                )
+            if available < 16 + length:
+                return self._at_end(available)
+            start = pos + 16
+            with memoryview(buf) as view:
+                event = decode(kind, op, pairing, request, view[start : start + length])
+            self._pos = start + length
+            self._receive_transition(event)
+        except RemoteProtocolError as exc:
+            self._error = exc
+            raise
+        return event
+
+    def _at_end(self, available: int) -> _Sentinel:
+        if not self._eof:
+            return NEED_DATA
+        exc: RemoteProtocolError
+        if available:
+            exc = RemoteProtocolError(f"connection closed inside a frame ({available} bytes)")
+        elif self.their_state is not State.DONE:
+            exc = RemoteProtocolError("connection closed without GOODBYE")
+        else:
+            return CLOSED
+        self._error = exc
+        raise exc
+
+    def _receive_transition(self, event: Event) -> None:
+        event_type = type(event)
+        new = self._their_allowed.get(event_type)
+        if new is None:
+            sender = _OTHER[self.role]
+            raise RemoteProtocolError(
+                f"{event_type.__name__} from the {sender.value} in state {self.their_state.value}"
+            )
+        if isinstance(event, Call):
+            if event.pairing not in self.pairings.open:
+                raise RemoteProtocolError(f"pairing {event.pairing} is not open")
+        elif not isinstance(event, Reply):
+            if isinstance(event, Hello):
+                if event.version != VERSION:
+                    raise RemoteProtocolError(
+                        f"peer speaks protocol version {event.version}, we speak {VERSION}"
+                    )
+                self.peer_hello = event
+            problem = _check_pairings(self.pairings, event)
+            if problem is not None:
+                raise RemoteProtocolError(problem)
+            self.pairings.apply(event)
+        if new is not self.their_state:
+            self.their_state = new
+            self._their_allowed = self._their_rules[new]
+
+    # sending
+
+    def send(self, event: Event) -> bytes:
+        event_type = type(event)
+        new = self._our_allowed.get(event_type)
+        if new is None:
+            raise LocalProtocolError(
+                f"the {self.role.value} cannot send {event_type.__name__} "
+                f"in state {self.our_state.value}"
+            )
+        master = self.role is Role.MASTER
+        if master and event_type is not Hello and event_type is not Goodbye:
+            problem = _check_pairings(self.pairings, event)
+            if problem is not None:
+                raise LocalProtocolError(problem)
+        data = encode(event)
+        if master and (event_type is OpenPairing or event_type is ClosePairing):
+            self.pairings.apply(event)
+        if new is not self.our_state:
+            self.our_state = new
+            self._our_allowed = self._our_rules[new]
+        return data

@@ -1,0 +1,1 @@
+"""The slave side: fshub and the executor of real system calls."""

@@ -1,0 +1,3 @@
+from fsys.slave.cli import main
+
+raise SystemExit(main())

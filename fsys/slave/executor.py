@@ -1,0 +1,644 @@
+"""The executor: performs the master's operations as real system calls on the slave.
+
+Theory of operation. The executor owns a *handle table*: one real fd per remote open
+file description, named by a handle id the master keeps. Operations are plain
+synchronous methods that return ``(result, blob)`` or raise OSError; fshub turns the
+OSError into its errno for the wire, and decides whether an operation runs inline
+or in a worker thread (``may_block``).
+
+Confinement. With ``--root DIR`` every path the master sends is resolved inside DIR
+with openat2(2) RESOLVE_IN_ROOT: ``..``, absolute symlinks and magic links cannot
+leave it, exactly as if DIR were the root. Calls that act on the final component
+without following it (mkdir, unlink, rename, symlink, readlink...) first resolve the
+parent directory that way and then act on one plain name, which cannot escape.
+Calls whose *at variant cannot take an O_PATH descriptor (chmod, xattrs...) reach
+the resolved object through ``/proc/self/fd/N``, which names that object and nothing
+else. Without ``--root`` the same code runs with a root of ``/``.
+
+Paths from a directory handle are first tried with RESOLVE_BENEATH (the common case
+needs no lookup of the handle's own path); a path that climbs above the handle is
+retried from the root with the handle's current path in front.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import fcntl
+import itertools
+import os
+import stat
+import struct
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from fsys import linux
+from fsys.linux import (
+    AT_EACCESS,
+    AT_EMPTY_PATH,
+    AT_REMOVEDIR,
+    AT_SYMLINK_FOLLOW,
+    AT_SYMLINK_NOFOLLOW,
+    O_CLOEXEC,
+    O_DIRECTORY,
+    O_NOCTTY,
+    O_NOFOLLOW,
+    O_NONBLOCK,
+    O_PATH,
+    RESOLVE_BENEATH,
+    RESOLVE_IN_ROOT,
+)
+from fsys.protocol import MAX_IO, Call, Op
+
+Result = tuple[int, bytes]
+
+_I64 = struct.Struct("<q")
+_TIMESPECS = struct.Struct("=qqqq")
+
+FIONREAD = 0x541B
+FIONBIO = 0x5421
+FIOQSIZE = 0x5460
+FIGETBSZ = 2
+FS_IOC_GETFLAGS = 0x80086601
+FICLONE = 0x40049409
+_INT_OUT_IOCTLS = {FIONREAD, FIGETBSZ, FS_IOC_GETFLAGS}
+
+LOCK_NB = 4
+
+
+class MustBlock(Exception):
+    """Raised by an inline attempt that would block; fshub reruns it in a thread."""
+
+
+@dataclass(eq=False)
+class Handle:
+    fd: int
+    kind: int  # S_IFMT bits of the open file
+    busy: int = 0
+    closing: bool = False
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @property
+    def streamlike(self) -> bool:
+        """True for pipes, sockets, terminals: reads and writes may block."""
+        return self.kind not in (stat.S_IFREG, stat.S_IFDIR, stat.S_IFLNK, stat.S_IFBLK)
+
+
+_HOWS: dict[tuple[int, int, int], ctypes.Array[ctypes.c_char]] = {}
+
+
+def _openat2(dirfd: int, path: bytes, flags: int, mode: int = 0, resolve: int = 0) -> int:
+    key = (flags, mode, resolve)
+    how = _HOWS.get(key)
+    if how is None:  # a few combinations recur: keep their struct open_how
+        if len(_HOWS) > 256:
+            _HOWS.clear()
+        how = _HOWS[key] = ctypes.create_string_buffer(linux.OPEN_HOW.pack(*key))
+    return linux.openat2(dirfd, path, how)
+
+
+def _proc_fd(fd: int) -> bytes:
+    return b"/proc/self/fd/%d" % fd
+
+
+class Executor:
+    """Runs operations for one session, confined to ``root``."""
+
+    def __init__(self, root: str = "/") -> None:
+        self.root = os.path.realpath(root)
+        if not os.path.isdir(self.root):
+            raise NotADirectoryError(errno.ENOTDIR, "root is not a directory", root)
+        self.root_fd = os.open(self.root, O_PATH | O_DIRECTORY | O_CLOEXEC)
+        self.confined = self.root != "/"
+        self.handles: dict[int, Handle] = {}
+        self._ids = itertools.count(1)
+        self._dispatch: dict[Op, Callable[[tuple[int, ...], tuple[bytes, ...]], Result]] = {
+            op: getattr(self, "op_" + op.name.lower()) for op in Op if op is not Op.CLOSE
+        }
+
+    def close(self) -> None:
+        for handle_id in list(self.handles):
+            self.op_close_handle(handle_id)
+        if self.root_fd >= 0:
+            os.close(self.root_fd)
+            self.root_fd = -1
+
+    # --- dispatch -------------------------------------------------------------------
+
+    def execute(self, call: Call) -> Result:
+        """Perform ``call``; raise OSError for an errno, MustBlock to be rerun in a thread."""
+        if call.op is Op.CLOSE:
+            self.op_close_handle(call.ints[0])
+            return 0, b""
+        return self._dispatch[call.op](call.ints, call.blobs)
+
+    def may_block(self, call: Call) -> bool:
+        """True if ``call`` may wait for something else (a peer, a lock, the disk)."""
+        op = call.op
+        if op in (Op.READ, Op.WRITE, Op.GETDENTS, Op.IOCTL, Op.FCNTL):
+            handle = self.handles.get(call.ints[0])
+            return handle is not None and handle.streamlike
+        if op is Op.LOCK:
+            return call.ints[1] == linux.F_SETLKW
+        if op is Op.FLOCK:
+            return not call.ints[1] & LOCK_NB
+        return op in (Op.FSYNC, Op.SYNCFS, Op.COPY_RANGE, Op.SENDFILE, Op.FALLOCATE)
+
+    def execute_blocking(self, call: Call) -> Result:
+        """Perform ``call`` in a worker thread: an open may wait for a FIFO's peer."""
+        if call.op is Op.OPEN:
+            return self.op_open(call.ints, call.blobs, blocking=True)
+        handle = self.handles.get(call.ints[0]) if call.op is not Op.COPY_RANGE else None
+        if handle is None:
+            return self.execute(call)
+        with handle.lock:
+            if handle.closing:
+                raise OSError(errno.EBADF, "closed")
+            handle.busy += 1
+        try:
+            return self.execute(call)
+        finally:
+            with handle.lock:
+                handle.busy -= 1
+                release = handle.closing and not handle.busy
+            if release:
+                os.close(handle.fd)
+
+    # --- handles and resolution -------------------------------------------------------
+
+    def fd(self, handle_id: int) -> int:
+        handle = self.handles.get(handle_id)
+        if handle is None:
+            raise OSError(errno.EBADF, "no such handle")
+        return handle.fd
+
+    def _dir_fd(self, dir_id: int) -> int:
+        return self.root_fd if dir_id == 0 else self.fd(dir_id)
+
+    def _new_handle(self, fd: int) -> int:
+        kind = stat.S_IFMT(os.fstat(fd).st_mode)
+        handle_id = next(self._ids)
+        self.handles[handle_id] = Handle(fd, kind)
+        return handle_id
+
+    def op_close_handle(self, handle_id: int) -> None:
+        handle = self.handles.pop(handle_id, None)
+        if handle is None:
+            return
+        with handle.lock:
+            handle.closing = True
+            release = not handle.busy
+        if release:
+            os.close(handle.fd)
+
+    def root_relative(self, real: bytes) -> bytes:
+        """The slave path ``real`` as the master sees it (from the root)."""
+        root = os.fsencode(self.root)
+        if not self.confined:
+            return real
+        if real == root:
+            return b"/"
+        if real.startswith(root + b"/"):
+            return real[len(root) :]
+        raise OSError(errno.ENOENT, "outside the root")
+
+    def _fd_path(self, fd: int) -> bytes:
+        real = os.readlink(_proc_fd(fd))
+        if real.endswith(b" (deleted)"):
+            raise OSError(errno.ENOENT, "deleted")
+        return self.root_relative(real)
+
+    def open_at(self, dir_id: int, path: bytes, flags: int, mode: int = 0, resolve: int = 0) -> int:
+        """openat2 from ``dir_id`` (0: the root) with the session's confinement."""
+        base = self._dir_fd(dir_id)
+        flags |= O_CLOEXEC
+        if not self.confined:
+            return _openat2(base, path, flags, mode, resolve)
+        if dir_id == 0 or path.startswith(b"/"):
+            return _openat2(self.root_fd, path, flags, mode, resolve | RESOLVE_IN_ROOT)
+        if resolve & (RESOLVE_BENEATH | RESOLVE_IN_ROOT):
+            return _openat2(base, path, flags, mode, resolve)  # stricter than our root
+        try:
+            return _openat2(base, path, flags, mode, resolve | RESOLVE_BENEATH)
+        except OSError as exc:
+            if exc.errno != errno.EXDEV:
+                raise
+        full = self._fd_path(base) + b"/" + path
+        return _openat2(self.root_fd, full, flags, mode, resolve | RESOLVE_IN_ROOT)
+
+    def _object(self, dir_id: int, path: bytes, flags: int) -> tuple[int, bool]:
+        """An fd for the object ``path`` names (O_PATH), and whether to close it.
+
+        ``flags`` are AT_* flags: AT_EMPTY_PATH with an empty path names the directory
+        handle itself; AT_SYMLINK_NOFOLLOW names a final symlink itself.
+        """
+        if not path:
+            if flags & AT_EMPTY_PATH:
+                return self._dir_fd(dir_id), False
+            raise OSError(errno.ENOENT, "empty path")
+        oflags = O_PATH | (O_NOFOLLOW if flags & AT_SYMLINK_NOFOLLOW else 0)
+        if path.endswith(b"/"):
+            oflags = O_PATH | O_DIRECTORY  # a trailing slash follows and wants a directory
+        return self.open_at(dir_id, path, oflags), True
+
+    def _parent(self, dir_id: int, path: bytes) -> tuple[int, bytes]:
+        """(fd of the parent directory, last component) for calls on a name itself."""
+        if not path:
+            raise OSError(errno.ENOENT, "empty path")
+        stripped = path.rstrip(b"/")
+        if not stripped:  # "/" or "///": the root itself
+            return self.open_at(dir_id, b"/", O_PATH | O_DIRECTORY), b"."
+        head, _, name = stripped.rpartition(b"/")
+        if name in (b".", b".."):
+            return self.open_at(dir_id, stripped, O_PATH | O_DIRECTORY), b"."
+        if not _:
+            head = b"."
+        elif not head:
+            head = b"/"
+        return self.open_at(dir_id, head, O_PATH | O_DIRECTORY), name
+
+    # --- operations -----------------------------------------------------------------
+
+    def op_open(self, ints: tuple[int, ...], blobs: tuple[bytes, ...], *,
+                blocking: bool = False) -> Result:  # fmt: skip
+        dir_id, flags, mode, resolve = ints
+        (path,) = blobs
+        flags = (flags & ~O_CLOEXEC) | O_NOCTTY
+        if blocking or flags & (O_PATH | O_NONBLOCK):
+            fd = self.open_at(dir_id, path, flags, mode, resolve)
+        else:
+            # Open without blocking first: a FIFO or device must wait in a thread, and
+            # is reopened there; a regular file or directory is kept.
+            try:
+                fd = self.open_at(dir_id, path, flags | O_NONBLOCK, mode, resolve)
+            except OSError as exc:
+                if exc.errno in (errno.ENXIO, errno.EAGAIN):
+                    raise MustBlock from exc
+                raise
+            kind = stat.S_IFMT(os.fstat(fd).st_mode)
+            if kind not in (stat.S_IFREG, stat.S_IFDIR):
+                os.close(fd)
+                raise MustBlock
+            fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~O_NONBLOCK)
+        try:
+            handle_id = self._new_handle(fd)
+        except BaseException:
+            os.close(fd)
+            raise
+        return handle_id, bytes([self.handles[handle_id].kind >> 12])
+
+    def op_read(self, ints: tuple[int, ...], blobs: tuple[bytes, ...]) -> Result:
+        handle_id, count, offset = ints
+        fd = self.fd(handle_id)
+        count = max(0, min(count, MAX_IO))
+        data = os.read(fd, count) if offset < 0 else os.pread(fd, count, offset)
+        return len(data), data
+
+    def op_write(self, ints: tuple[int, ...], blobs: tuple[bytes, ...]) -> Result:
+        handle_id, offset = ints
+        fd = self.fd(handle_id)
+        n = os.write(fd, blobs[0]) if offset < 0 else os.pwrite(fd, blobs[0], offset)
+        return n, b""
+
+    def op_lseek(self, ints: tuple[int, ...], blobs: tuple[bytes, ...]) -> Result:
+        handle_id, offset, whence = ints
+        return os.lseek(self.fd(handle_id), offset, whence), b""
+
+    def op_stat(self, ints: tuple[int, ...], blobs: tuple[bytes, ...]) -> Result:
+        dir_id, flags, mask = ints
+        path = blobs[0]
+        buf = ctypes.create_string_buffer(linux.STATX_SIZE)
+        if not self.confined and path:  # one statx(2), the common case
+            base = self.root_fd if dir_id == 0 else self.fd(dir_id)
+            linux.statx(base, path, flags, mask, buf)
+            return 0, buf.raw
+        fd, owned = self._object(dir_id, path, flags)
+        try:
+            linux.statx(fd, b"", AT_EMPTY_PATH | (flags & linux.AT_STATX_SYNC_TYPE), mask, buf)
+            return 0, buf.raw
+        finally:
+            if owned:
+                os.close(fd)
+
+    def op_getdents(self, ints: tuple[int, ...], blobs: tuple[bytes, ...]) -> Result:
+        handle_id, count = ints
+        count = max(0, min(count, MAX_IO))
+        buf = ctypes.create_string_buffer(count)
+        n = linux.getdents64(self.fd(handle_id), buf, count)
+        return n, buf.raw[:n]
+
+    def op_access(self, ints: tuple[int, ...], blobs: tuple[bytes, ...]) -> Result:
+        dir_id, mode, flags = ints
+        fd, owned = self._object(dir_id, blobs[0], flags)
+        try:
+            linux.faccessat2(fd, b"", mode, AT_EMPTY_PATH | (flags & AT_EACCESS))
+            return 0, b""
+        finally:
+            if owned:
+                os.close(fd)
+
+    def op_readlink(self, ints: tuple[int, ...], blobs: tuple[bytes, ...]) -> Result:
+        dir_id, size = ints
+        path = blobs[0]
+        if not path:
+            raise OSError(errno.ENOENT, "empty path")
+        parent, name = self._parent(dir_id, path)
+        try:
+            if path.endswith(b"/"):
+                raise OSError(errno.EINVAL, "not a symlink")
+            target = os.readlink(name, dir_fd=parent)
+        finally:
+            os.close(parent)
+        target = target[: max(size, 0)]
+        return len(target), target
+
+    def _at_name(self, dir_id: int, path: bytes, act: Callable[[int, bytes], None]) -> Result:
+        parent, name = self._parent(dir_id, path)
+        try:
+            act(parent, name)
+        finally:
+            os.close(parent)
+        return 0, b""
+
+    def op_mkdir(self, ints: tuple[int, ...], blobs: tuple[bytes, ...]) -> Result:
+        dir_id, mode = ints
+        return self._at_name(dir_id, blobs[0], lambda d, n: os.mkdir(n, mode, dir_fd=d))
+
+    def op_mknod(self, ints: tuple[int, ...], blobs: tuple[bytes, ...]) -> Result:
+        dir_id, mode, dev = ints
+        return self._at_name(dir_id, blobs[0], lambda d, n: os.mknod(n, mode, dev, dir_fd=d))
+
+    def op_unlink(self, ints: tuple[int, ...], blobs: tuple[bytes, ...]) -> Result:
+        dir_id, flags = ints
+        if flags & AT_REMOVEDIR:
+            return self._at_name(dir_id, blobs[0], lambda d, n: os.rmdir(n, dir_fd=d))
+        if blobs[0].endswith(b"/"):
+            fd, _ = self._object(dir_id, blobs[0], 0)  # ENOENT, or a directory: EISDIR
+            os.close(fd)
+            raise OSError(errno.EISDIR, "is a directory")
+        return self._at_name(dir_id, blobs[0], lambda d, n: os.unlink(n, dir_fd=d))
+
+    def op_rename(self, ints: tuple[int, ...], blobs: tuple[bytes, ...]) -> Result:
+        olddir, newdir, flags = ints
+        old_parent, old_name = self._parent(olddir, blobs[0])
+        try:
+            new_parent, new_name = self._parent(newdir, blobs[1])
+            try:
+                linux.renameat2(old_parent, old_name, new_parent, new_name, flags)
+            finally:
+                os.close(new_parent)
+        finally:
+            os.close(old_parent)
+        return 0, b""
+
+    def op_link(self, ints: tuple[int, ...], blobs: tuple[bytes, ...]) -> Result:
+        olddir, newdir, flags = ints
+        follow = bool(flags & AT_SYMLINK_FOLLOW)
+        source, owned = self._object(
+            olddir, blobs[0], (flags & AT_EMPTY_PATH) | (0 if follow else AT_SYMLINK_NOFOLLOW)
+        )
+        try:
+            new_parent, new_name = self._parent(newdir, blobs[1])
+            try:
+                # linkat(2) of /proc/self/fd/N with AT_SYMLINK_FOLLOW links the object
+                # N names (even a symlink opened with O_NOFOLLOW) and needs no privilege.
+                os.link(_proc_fd(source), new_name, dst_dir_fd=new_parent, follow_symlinks=True)
+            finally:
+                os.close(new_parent)
+        finally:
+            if owned:
+                os.close(source)
+        return 0, b""
+
+    def op_symlink(self, ints: tuple[int, ...], blobs: tuple[bytes, ...]) -> Result:
+        target, path = blobs
+        return self._at_name(ints[0], path, lambda d, n: os.symlink(target, n, dir_fd=d))
+
+    def op_chmod(self, ints: tuple[int, ...], blobs: tuple[bytes, ...]) -> Result:
+        dir_id, mode, flags = ints
+        if flags & AT_SYMLINK_NOFOLLOW and blobs[0]:
+
+            def chmod_name(d: int, n: bytes) -> None:
+                linux.fchmodat2(d, n, mode, AT_SYMLINK_NOFOLLOW)
+
+            return self._at_name(dir_id, blobs[0], chmod_name)
+        fd, owned = self._object(dir_id, blobs[0], flags)
+        try:
+            os.chmod(_proc_fd(fd), mode)
+        finally:
+            if owned:
+                os.close(fd)
+        return 0, b""
+
+    def op_chown(self, ints: tuple[int, ...], blobs: tuple[bytes, ...]) -> Result:
+        dir_id, uid, gid, flags = ints
+        fd, owned = self._object(dir_id, blobs[0], flags)
+        try:
+            linux.fchownat(fd, b"", uid, gid, AT_EMPTY_PATH)
+        finally:
+            if owned:
+                os.close(fd)
+        return 0, b""
+
+    def op_truncate(self, ints: tuple[int, ...], blobs: tuple[bytes, ...]) -> Result:
+        dir_id, length = ints
+        fd = self.open_at(dir_id, blobs[0], os.O_WRONLY | O_NONBLOCK)
+        try:
+            os.ftruncate(fd, length)
+        finally:
+            os.close(fd)
+        return 0, b""
+
+    def op_ftruncate(self, ints: tuple[int, ...], blobs: tuple[bytes, ...]) -> Result:
+        os.ftruncate(self.fd(ints[0]), ints[1])
+        return 0, b""
+
+    def op_fsync(self, ints: tuple[int, ...], blobs: tuple[bytes, ...]) -> Result:
+        fd = self.fd(ints[0])
+        if ints[1]:
+            os.fdatasync(fd)
+        else:
+            os.fsync(fd)
+        return 0, b""
+
+    def op_utimens(self, ints: tuple[int, ...], blobs: tuple[bytes, ...]) -> Result:
+        dir_id, flags, *times = ints
+        spec = ctypes.create_string_buffer(_TIMESPECS.pack(*times))
+        path = blobs[0]
+        if flags & AT_SYMLINK_NOFOLLOW and path:
+
+            def touch_name(d: int, n: bytes) -> None:
+                linux.utimensat(d, n, spec, AT_SYMLINK_NOFOLLOW)
+
+            return self._at_name(dir_id, path, touch_name)
+        fd, owned = self._object(dir_id, path, flags)
+        try:
+            linux.utimensat(linux.AT_FDCWD, _proc_fd(fd), spec, 0)
+        finally:
+            if owned:
+                os.close(fd)
+        return 0, b""
+
+    def op_statfs(self, ints: tuple[int, ...], blobs: tuple[bytes, ...]) -> Result:
+        dir_id, flags = ints
+        fd, owned = self._object(dir_id, blobs[0], flags)
+        try:
+            buf = ctypes.create_string_buffer(linux.STATFS.size)
+            linux.fstatfs(fd, buf)
+            return 0, buf.raw
+        finally:
+            if owned:
+                os.close(fd)
+
+    def op_fcntl(self, ints: tuple[int, ...], blobs: tuple[bytes, ...]) -> Result:
+        handle_id, cmd, arg = ints
+        fd = self.fd(handle_id)
+        if cmd == linux.F_GETFL:
+            return fcntl.fcntl(fd, cmd), b""
+        if cmd == linux.F_SETFL:
+            return fcntl.fcntl(fd, cmd, arg & 0xFFFFFFFF), b""
+        raise OSError(errno.EINVAL, "fcntl command not forwarded")
+
+    def op_lock(self, ints: tuple[int, ...], blobs: tuple[bytes, ...]) -> Result:
+        # Record locks become open-file-description locks: every master process is
+        # served by this one slave process, so per-process POSIX locks would never
+        # conflict between them; a description is what each of them opened.
+        handle_id, cmd = ints
+        ofd = {linux.F_GETLK: linux.F_OFD_GETLK, linux.F_SETLK: linux.F_OFD_SETLK,
+               linux.F_SETLKW: linux.F_OFD_SETLKW}.get(cmd, cmd)  # fmt: skip
+        if ofd not in (linux.F_OFD_GETLK, linux.F_OFD_SETLK, linux.F_OFD_SETLKW):
+            raise OSError(errno.EINVAL, "not a lock command")
+        ltype, whence, start, length, _pid = linux.FLOCK.unpack(blobs[0])
+        arg = linux.FLOCK.pack(ltype, whence, start, length, 0)
+        out = fcntl.fcntl(self.fd(handle_id), ofd, arg)
+        return 0, bytes(out)
+
+    def op_flock(self, ints: tuple[int, ...], blobs: tuple[bytes, ...]) -> Result:
+        fcntl.flock(self.fd(ints[0]), ints[1])
+        return 0, b""
+
+    def op_ioctl(self, ints: tuple[int, ...], blobs: tuple[bytes, ...]) -> Result:
+        handle_id, request, arg = ints
+        fd = self.fd(handle_id)
+        if request in _INT_OUT_IOCTLS:
+            buf = bytearray(8)
+            fcntl.ioctl(fd, request, buf, True)
+            value = int.from_bytes(buf[:4], "little", signed=True)
+            return 0, _I64.pack(value)
+        if request == FIOQSIZE:
+            buf = bytearray(8)
+            fcntl.ioctl(fd, request, buf, True)
+            return 0, bytes(buf)
+        if request == FIONBIO:
+            flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+            fcntl.fcntl(fd, fcntl.F_SETFL, flags | O_NONBLOCK if arg else flags & ~O_NONBLOCK)
+            return 0, b""
+        if request == FICLONE:
+            return fcntl.ioctl(fd, request, self.fd(arg)), b""
+        raise OSError(errno.ENOTTY, "ioctl not forwarded")
+
+    def op_fallocate(self, ints: tuple[int, ...], blobs: tuple[bytes, ...]) -> Result:
+        handle_id, mode, offset, length = ints
+        linux.fallocate(self.fd(handle_id), mode, offset, length)
+        return 0, b""
+
+    def op_copy_range(self, ints: tuple[int, ...], blobs: tuple[bytes, ...]) -> Result:
+        src, off_in, dst, off_out, length, flags = ints
+        if flags:
+            raise OSError(errno.EINVAL, "copy_file_range flags must be 0")
+        n = os.copy_file_range(
+            self.fd(src), self.fd(dst), min(length, MAX_IO),
+            None if off_in < 0 else off_in, None if off_out < 0 else off_out,
+        )  # fmt: skip
+        return n, b""
+
+    def op_sendfile(self, ints: tuple[int, ...], blobs: tuple[bytes, ...]) -> Result:
+        out, src, offset, count = ints
+        n = os.sendfile(self.fd(out), self.fd(src), None if offset < 0 else offset, count)
+        return n, b""
+
+    def _xattr_target(self, dir_id: int, path: bytes, flags: int) -> tuple[int | bytes, bool, int]:
+        """What os.*xattr acts on, whether to follow it, and an fd to close (-1: none).
+
+        The os functions have no *at form: a followed path is reached as the resolved
+        object's /proc/self/fd/N (followed: the magic link names exactly that object);
+        a non-followed one as /proc/self/fd/PARENT/NAME (the name itself, not followed).
+        """
+        if not path and flags & AT_EMPTY_PATH:
+            return self.fd(dir_id), True, -1
+        if flags & AT_SYMLINK_NOFOLLOW:
+            parent, name = self._parent(dir_id, path)
+            return _proc_fd(parent) + b"/" + name, False, parent
+        fd, owned = self._object(dir_id, path, flags)
+        return _proc_fd(fd), True, fd if owned else -1
+
+    def op_getxattr(self, ints: tuple[int, ...], blobs: tuple[bytes, ...]) -> Result:
+        dir_id, flags, size = ints
+        target, follow, close = self._xattr_target(dir_id, blobs[0], flags)
+        try:
+            value = os.getxattr(target, blobs[1], follow_symlinks=follow)
+        finally:
+            if close >= 0:
+                os.close(close)
+        if size == 0:
+            return len(value), b""
+        if len(value) > size:
+            raise OSError(errno.ERANGE, "buffer too small")
+        return len(value), value
+
+    def op_setxattr(self, ints: tuple[int, ...], blobs: tuple[bytes, ...]) -> Result:
+        dir_id, flags, xflags = ints
+        target, follow, close = self._xattr_target(dir_id, blobs[0], flags)
+        try:
+            os.setxattr(target, blobs[1], blobs[2], xflags, follow_symlinks=follow)
+        finally:
+            if close >= 0:
+                os.close(close)
+        return 0, b""
+
+    def op_listxattr(self, ints: tuple[int, ...], blobs: tuple[bytes, ...]) -> Result:
+        dir_id, flags, size = ints
+        target, follow, close = self._xattr_target(dir_id, blobs[0], flags)
+        try:
+            names = os.listxattr(target, follow_symlinks=follow)
+        finally:
+            if close >= 0:
+                os.close(close)
+        data = b"".join(os.fsencode(n) + b"\0" for n in names)
+        if size == 0:
+            return len(data), b""
+        if len(data) > size:
+            raise OSError(errno.ERANGE, "buffer too small")
+        return len(data), data
+
+    def op_removexattr(self, ints: tuple[int, ...], blobs: tuple[bytes, ...]) -> Result:
+        dir_id, flags = ints
+        target, follow, close = self._xattr_target(dir_id, blobs[0], flags)
+        try:
+            os.removexattr(target, blobs[1], follow_symlinks=follow)
+        finally:
+            if close >= 0:
+                os.close(close)
+        return 0, b""
+
+    def op_chdir(self, ints: tuple[int, ...], blobs: tuple[bytes, ...]) -> Result:
+        (dir_id,) = ints
+        fd, owned = self._object(dir_id, blobs[0] or b"", AT_EMPTY_PATH if not blobs[0] else 0)
+        try:
+            if not stat.S_ISDIR(os.fstat(fd).st_mode):
+                raise OSError(errno.ENOTDIR, "not a directory")
+            linux.faccessat2(fd, b"", os.X_OK, AT_EMPTY_PATH | AT_EACCESS)
+            path = self._fd_path(fd)
+        finally:
+            if owned:
+                os.close(fd)
+        return len(path), path
+
+    def op_handle_path(self, ints: tuple[int, ...], blobs: tuple[bytes, ...]) -> Result:
+        path = self._fd_path(self.fd(ints[0]))
+        return len(path), path
+
+    def op_syncfs(self, ints: tuple[int, ...], blobs: tuple[bytes, ...]) -> Result:
+        linux.syncfs(self.fd(ints[0]))
+        return 0, b""

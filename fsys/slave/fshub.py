@@ -1,0 +1,185 @@
+"""fshub: the slave's end of a session.
+
+Theory of operation. One reader task owns the connection: it parses frames, keeps
+one context per pairing (a master process), and performs each CALL. Calls that
+cannot block (on regular files and directories, metadata) run inline, and all the
+replies to one read are written together, synchronously (``fsys.iostream``), so the
+common round trip never passes through trio's run loop. Calls that may wait (a
+FIFO's open, a read from a pipe or terminal, a lock, fsync) run in worker threads,
+so one process blocked on the slave never stalls the others; their replies are
+written from the trio thread when they finish. The session ends on GOODBYE, on the
+master's EOF (its death), or on a protocol violation, which is reported in a
+GOODBYE and on stderr; the executor then closes every handle the session opened.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import os
+import select
+import sys
+import time
+from dataclasses import dataclass, field
+
+import trio
+
+from fsys.errors import LinkClosed, RemoteProtocolError
+from fsys.iostream import FdTransport
+from fsys.protocol import (
+    CLOSED,
+    NEED_DATA,
+    Call,
+    ClosePairing,
+    Connection,
+    Goodbye,
+    Hello,
+    OpenPairing,
+    Reply,
+    Role,
+)
+from fsys.slave.executor import Executor, MustBlock
+
+MAX_THREADS = 64
+HOT_QUIET_MS = 2
+HOT_SLICE = 0.010
+
+
+@dataclass
+class PairingContext:
+    """The slave side of one master process."""
+
+    pairing: int
+    parent: int
+    in_flight: set[int] = field(default_factory=set)
+
+
+def perform(executor: Executor, call: Call, *, blocking: bool = False) -> Reply:
+    """Run ``call`` and turn its outcome, result or errno, into a Reply."""
+    try:
+        if blocking:
+            result, blob = executor.execute_blocking(call)
+        else:
+            result, blob = executor.execute(call)
+    except OSError as exc:
+        return Reply(call.pairing, call.request, -(exc.errno or errno.EIO))
+    return Reply(call.pairing, call.request, result, blob)
+
+
+class SlaveSession:
+    def __init__(self, transport: FdTransport, executor: Executor) -> None:
+        self.transport = transport
+        self.executor = executor
+        self.conn = Connection(Role.SLAVE)
+        self.pairings: dict[int, PairingContext] = {0: PairingContext(0, 0)}
+        self._limiter = trio.CapacityLimiter(MAX_THREADS)
+        self._threads = 0
+
+    async def _threaded(self, call: Call) -> None:
+        context = self.pairings.get(call.pairing)
+        if context is not None:
+            context.in_flight.add(call.request)
+        self._threads += 1
+        try:
+            reply = await trio.to_thread.run_sync(
+                functools.partial(perform, self.executor, call, blocking=True),
+                limiter=self._limiter,
+            )
+        finally:
+            self._threads -= 1
+            if context is not None:
+                context.in_flight.discard(call.request)
+        if call.request:
+            self.transport.write(self.conn.send(reply))
+
+    async def serve(self) -> None:
+        """Serve until the master says goodbye or goes away."""
+        info = f"fsys-slave pid={os.getpid()} root={self.executor.root}".encode()
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self.transport.serve_writer)
+                self.transport.write(self.conn.send(Hello(info=info)))
+                await self._read_loop(nursery)
+                with trio.move_on_after(5):
+                    await self.transport.flush()
+                nursery.cancel_scope.cancel()
+        except RemoteProtocolError as exc:
+            print(f"fsys-slave: protocol error from the master: {exc}", file=sys.stderr)
+            try:
+                self.transport.write(self.conn.send(Goodbye(f"protocol error: {exc}".encode())))
+                with trio.move_on_after(1):
+                    await self.transport.flush()
+            except (LinkClosed, RemoteProtocolError):
+                pass
+            raise
+        finally:
+            self.executor.close()
+
+    async def _read_loop(self, nursery: trio.Nursery) -> None:
+        poller = select.poll()
+        poller.register(self.transport.read_fd, select.POLLIN)
+        while True:
+            data = await self.transport.receive()
+            if not self._feed(data, nursery):
+                return
+            # Hot loop: wait for the next request with poll(2) directly while requests
+            # keep coming (see fmhub._hot for why), back to trio after a quiet spell,
+            # or at once when a worker thread or a stalled write needs trio.
+            deadline = time.monotonic() + HOT_SLICE
+            while not self._threads and not self.transport.backlog and poller.poll(HOT_QUIET_MS):
+                more = self.transport.receive_nowait()
+                if more is not None and not self._feed(more, nursery):
+                    return
+                if time.monotonic() > deadline:
+                    break
+
+    def _feed(self, data: memoryview, nursery: trio.Nursery) -> bool:
+        """Perform what ``data`` completes; False when the session is over."""
+        conn = self.conn
+        executor = self.executor
+        conn.receive_data(data)
+        out = bytearray()
+        while True:
+            try:
+                event = conn.next_event()
+            except RemoteProtocolError:
+                if not data and conn.buffered == 0:
+                    return False  # the master died: end quietly, releasing everything
+                raise
+            if event is NEED_DATA:
+                break
+            if event is CLOSED:
+                return False
+            if isinstance(event, Call):
+                if executor.may_block(event):
+                    nursery.start_soon(self._threaded, event)
+                    continue
+                try:
+                    reply = perform(executor, event)
+                except MustBlock:
+                    nursery.start_soon(self._threaded, event)
+                    continue
+                if event.request:
+                    out += conn.send(reply)
+            elif isinstance(event, OpenPairing):
+                self.pairings[event.pairing] = PairingContext(event.pairing, event.parent)
+            elif isinstance(event, ClosePairing):
+                self.pairings.pop(event.pairing, None)
+            elif isinstance(event, Goodbye):
+                out += conn.send(Goodbye(b"bye"))
+                self.transport.write(out)
+                return False
+        if out:
+            self.transport.write(out)
+        return bool(data)
+
+
+async def serve_transport(transport: FdTransport, root: str = "/") -> None:
+    executor = Executor(root)
+    session = SlaveSession(transport, executor)
+    try:
+        await session.serve()
+    except LinkClosed:
+        pass
+    finally:
+        transport.close()

@@ -1,0 +1,112 @@
+"""Shared fixtures: run real programs under a real master and slave.
+
+Every end-to-end test runs the slave confined to a fresh directory (``--root``) and
+runs fsys-master from another fresh directory, so a call performed on the wrong
+side shows: the file appears in the master's tree, or is missing from the box.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import subprocess
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import trio
+
+PYTHON = sys.executable
+DEADLINE = 60.0
+
+
+@dataclass
+class Result:
+    status: int
+    stdout: bytes
+    stderr: bytes
+
+    @property
+    def out(self) -> str:
+        return self.stdout.decode()
+
+    @property
+    def err(self) -> str:
+        return self.stderr.decode()
+
+
+def slave_command(root: Path, *, prefix: Sequence[str] = ()) -> str:
+    args = [*prefix, PYTHON, "-m", "fsys.slave", "serve", "--stdio", "--root", str(root)]
+    return shlex.join(args)
+
+
+async def run_master(
+    args: Sequence[str],
+    *,
+    cwd: Path,
+    stdin: bytes = b"",
+    deadline: float = DEADLINE,
+    env: dict[str, str] | None = None,
+) -> Result:
+    """Run ``fsys-master ARGS`` to completion, within ``deadline`` seconds."""
+    with trio.fail_after(deadline):
+        proc = await trio.run_process(
+            [PYTHON, "-m", "fsys.master", *args],
+            stdin=stdin,
+            capture_stdout=True,
+            capture_stderr=True,
+            check=False,
+            cwd=cwd,
+            env=env,
+        )
+    return Result(proc.returncode, proc.stdout, proc.stderr)
+
+
+@dataclass
+class Session:
+    """A slave root (the box) and a master working directory, both fresh."""
+
+    box: Path
+    master_dir: Path
+
+    @property
+    def slave(self) -> str:
+        return slave_command(self.box)
+
+    async def run(self, *program: str, stdin: bytes = b"", extra: Sequence[str] = ()) -> Result:
+        return await run_master(
+            ["run", "--slave", self.slave, *extra, "--", *program],
+            cwd=self.master_dir,
+            stdin=stdin,
+        )
+
+    async def sh(self, script: str, stdin: bytes = b"") -> Result:
+        return await self.run("/bin/sh", "-c", script, stdin=stdin)
+
+    def master_untouched(self) -> None:
+        """The master's working directory is still empty."""
+        assert list(self.master_dir.iterdir()) == []
+
+
+@pytest.fixture
+def session(tmp_path: Path) -> Session:
+    box = tmp_path / "box"
+    master_dir = tmp_path / "master"
+    box.mkdir()
+    master_dir.mkdir()
+    return Session(box, master_dir)
+
+
+@pytest.fixture(scope="session")
+def static_binary(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A statically linked C program (no loader, no libc.so) built with gcc."""
+    source = Path(__file__).with_name("static_prog.c")
+    out = tmp_path_factory.mktemp("static") / "static_prog"
+    subprocess.run(["gcc", "-O1", "-static", "-o", str(out), str(source)], check=True)
+    return out
+
+
+def slave_fd_count(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))

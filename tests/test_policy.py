@@ -1,0 +1,92 @@
+"""The path policy: ordered prefix rules, config file, and the policy command."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from fsys.master.policy import Policy, PolicyError, Side, normalize, program_prefixes
+from tests.conftest import run_master
+
+
+def side(policy: Policy, path: str) -> str:
+    return policy.rule_for(normalize(path.encode())).side.value
+
+
+def test_defaults_keep_system_files_on_the_master() -> None:
+    policy = Policy.build()
+    for path in ("/usr/lib/libc.so.6", "/lib64/ld-linux-x86-64.so.2", "/etc/ld.so.cache",
+                 "/proc/self/maps", "/dev/null", "/sys/kernel", "/bin/sh"):  # fmt: skip
+        assert side(policy, path) == "master", path
+    for path in ("/", "/etc/hostname", "/home/u/x", "/tmp/f", "/usrx", "/etc/ld.so.cachex"):
+        assert side(policy, path) == "slave", path
+
+
+def test_first_matching_rule_wins_and_components_match_whole() -> None:
+    policy = Policy.build(flags=[(Side.SLAVE, "/usr/local/src"), (Side.MASTER, "/opt/tools")])
+    assert side(policy, "/usr/local/src/x.c") == "slave"
+    assert side(policy, "/usr/local/bin/x") == "master"
+    assert side(policy, "/opt/tools/bin/t") == "master"
+    assert side(policy, "/opt/toolsx") == "slave"
+    assert side(policy, "/usr/../opt/tools") == "master"  # lexical normalisation
+
+
+def test_no_defaults() -> None:
+    assert side(Policy.build(defaults=False), "/usr/bin/cat") == "slave"
+
+
+def test_program_prefix() -> None:
+    assert program_prefixes("/opt/app/bin/tool") == ["/opt/app"]
+    assert program_prefixes("/srv/tool") == ["/srv/tool"]  # not all of /srv
+    assert "/usr" not in program_prefixes("/usr/bin/cat")
+    policy = Policy.build(program="/opt/app/bin/tool")
+    assert side(policy, "/opt/app/lib/libx.so") == "master"
+
+
+def test_config_file(tmp_path: Path) -> None:
+    config = tmp_path / "policy.toml"
+    config.write_text(
+        '[policy]\ndefaults = false\n[[policy.rule]]\nprefix = "/data/cache"\nside = "master"\n'
+    )
+    policy = Policy.build(config=config)
+    assert side(policy, "/data/cache/a") == "master"
+    assert side(policy, "/usr/bin") == "slave"
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("[policy]\nbogus = 1\n", "unknown key"),
+        ('[[policy.rule]]\nprefix = "rel"\nside = "master"\n', "not an absolute path"),
+        ('[[policy.rule]]\nprefix = "/x"\nside = "left"\n', "side must be"),
+        ("[policy\n", "policy.toml"),
+    ],
+)
+def test_bad_config(tmp_path: Path, text: str, message: str) -> None:
+    config = tmp_path / "policy.toml"
+    config.write_text(text)
+    with pytest.raises(PolicyError, match=message):
+        Policy.build(config=config)
+
+
+def test_cache_gives_the_same_answers() -> None:
+    policy = Policy.build()
+    for _ in range(2):
+        assert policy.is_local(b"/usr/bin/ls")
+        assert not policy.is_local(b"/home")
+
+
+async def test_policy_command(tmp_path: Path) -> None:
+    result = await run_master(
+        ["policy", "--remote", "/usr/src", "/usr/src/linux", "/usr/bin/ls", "/etc/hostname"],
+        cwd=tmp_path,
+    )
+    assert result.status == 0
+    assert result.out.splitlines() == [
+        "/usr/src/linux: slave  (prefix /usr/src, flag --remote /usr/src)",
+        "/usr/bin/ls: master  (prefix /usr, default)",
+        "/etc/hostname: slave  (prefix /, default: everything else is the slave's)",
+    ]
+    bad = await run_master(["policy", "--local", "relative", "/x"], cwd=tmp_path)
+    assert bad.status == 2 and "not an absolute path" in bad.err

@@ -1,0 +1,269 @@
+"""The wire protocol: synchronous, byte-exact, no I/O."""
+
+from __future__ import annotations
+
+import struct
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from fsys.errors import LocalProtocolError, RemoteProtocolError
+from fsys.protocol import (
+    CLOSED,
+    HEADER,
+    MAX_BODY,
+    MAX_IO,
+    MAX_PATH,
+    NEED_DATA,
+    SCHEMAS,
+    Blob,
+    Call,
+    ClosePairing,
+    Connection,
+    Event,
+    Goodbye,
+    Hello,
+    Op,
+    OpenPairing,
+    Reply,
+    Role,
+    encode,
+)
+
+
+def opened(role: Role) -> Connection:
+    """A connection past the handshake."""
+    conn = Connection(role)
+    conn.send(Hello())
+    conn.receive_data(encode(Hello()))
+    assert conn.next_event() == Hello()
+    return conn
+
+
+def one_event(conn: Connection, data: bytes) -> Event:
+    conn.receive_data(data)
+    event = conn.next_event()
+    assert conn.next_event() is NEED_DATA
+    assert isinstance(event, Hello | Call | Reply | OpenPairing | ClosePairing | Goodbye)
+    return event
+
+
+def test_call_bytes_are_exact() -> None:
+    data = encode(Call(3, 7, Op.STAT, (0, 0x100, 0x7FF), (b"/a/b",)))
+    body = struct.pack("<qqq", 0, 0x100, 0x7FF) + struct.pack("<I", 4) + b"/a/b"
+    assert data == HEADER.pack(len(body), 2, 0, Op.STAT, 3, 7) + body
+    assert data[:16].hex() == "20000000020006000300000007000000"
+
+
+def test_reply_bytes_are_exact() -> None:
+    data = encode(Reply(1, 9, -2, b""))
+    assert data == HEADER.pack(8, 3, 0, 0, 1, 9) + struct.pack("<q", -2)
+
+
+def test_hello_bytes_are_exact() -> None:
+    data = encode(Hello(1, 0, b"hi"))
+    assert data == HEADER.pack(18, 1, 0, 0, 0, 0) + b"FSYS" + struct.pack("<HHQ", 1, 0, 0) + b"hi"
+
+
+def _ints(n: int) -> st.SearchStrategy[tuple[int, ...]]:
+    return st.tuples(*[st.integers(-(2**63), 2**63 - 1)] * n)
+
+
+def _blob(kind: Blob) -> st.SearchStrategy[bytes]:
+    if kind is Blob.PATH:
+        return st.binary(max_size=300).map(lambda b: b.replace(b"\0", b"x"))
+    return st.binary(max_size=300)
+
+
+@st.composite
+def calls(draw: st.DrawFn) -> Call:
+    op = draw(st.sampled_from(list(Op)))
+    schema = SCHEMAS[op]
+    ints = draw(_ints(schema.ints))
+    blobs = tuple(draw(_blob(kind)) for kind in schema.blobs)
+    return Call(draw(st.sampled_from([0, 1])), draw(st.integers(0, 2**32 - 1)), op, ints, blobs)
+
+
+@given(calls())
+def test_every_call_round_trips(call: Call) -> None:
+    master, slave = opened(Role.MASTER), opened(Role.SLAVE)
+    master.send(OpenPairing(1))
+    slave.receive_data(encode(OpenPairing(1)))
+    assert slave.next_event() == OpenPairing(1, 0)
+    data = master.send(call)
+    assert one_event(slave, data) == call
+
+
+@given(
+    st.integers(0, 2**32 - 1),
+    st.integers(0, 2**32 - 1),
+    st.integers(-(2**63), 2**63 - 1),
+    st.binary(max_size=1000),
+)
+def test_every_reply_round_trips(pairing: int, request: int, result: int, blob: bytes) -> None:
+    reply = Reply(pairing, request, result, blob)
+    slave, master = opened(Role.SLAVE), opened(Role.MASTER)
+    assert one_event(master, slave.send(reply)) == reply
+
+
+@pytest.mark.parametrize(
+    "event", [Hello(1, 5, b"x"), OpenPairing(4, 0), ClosePairing(4), Goodbye(b"why")]
+)
+def test_other_messages_round_trip(event: Event) -> None:
+    master = Connection(Role.MASTER)
+    slave = Connection(Role.SLAVE)
+    if not isinstance(event, Hello):
+        master = opened(Role.MASTER)
+        slave = opened(Role.SLAVE)
+    if isinstance(event, ClosePairing):
+        slave.receive_data(master.send(OpenPairing(4)))
+        slave.next_event()
+    assert one_event(slave, master.send(event)) == event
+
+
+@given(st.binary(min_size=1, max_size=200), st.integers(1, 50))
+def test_split_anywhere(tail: bytes, cut: int) -> None:
+    data = encode(Reply(0, 1, 5, tail))
+    master = opened(Role.MASTER)
+    master.receive_data(data[:cut])
+    if cut < len(data):
+        assert master.next_event() is NEED_DATA
+        master.receive_data(data[cut:])
+    assert master.next_event() == Reply(0, 1, 5, tail)
+
+
+def test_large_read_reply_fits_the_limit() -> None:
+    reply = Reply(0, 1, MAX_IO, b"x" * MAX_IO)
+    assert one_event(opened(Role.MASTER), opened(Role.SLAVE).send(reply)) == reply
+
+
+def test_oversized_header_is_rejected_before_the_body_arrives() -> None:
+    master = opened(Role.MASTER)
+    master.receive_data(HEADER.pack(MAX_BODY + 1, 3, 0, 0, 0, 1))
+    with pytest.raises(RemoteProtocolError, match="exceeds the limit"):
+        master.next_event()
+    with pytest.raises(RemoteProtocolError):  # the connection stays broken
+        master.next_event()
+
+
+def test_path_limits_and_nul_are_enforced() -> None:
+    slave = opened(Role.SLAVE)
+    body = struct.pack("<qqq", 0, 0, 0) + struct.pack("<I", MAX_PATH) + b"a" * MAX_PATH
+    slave.receive_data(HEADER.pack(len(body), 2, 0, Op.STAT, 0, 1) + body)
+    with pytest.raises(RemoteProtocolError, match="limit"):
+        slave.next_event()
+    slave = opened(Role.SLAVE)
+    body = struct.pack("<qqq", 0, 0, 0) + struct.pack("<I", 3) + b"a\0b"
+    slave.receive_data(HEADER.pack(len(body), 2, 0, Op.STAT, 0, 1) + body)
+    with pytest.raises(RemoteProtocolError, match="NUL"):
+        slave.next_event()
+
+
+def test_sending_too_long_a_path_is_local_misuse() -> None:
+    master = opened(Role.MASTER)
+    with pytest.raises(LocalProtocolError):
+        master.send(Call(0, 1, Op.STAT, (0, 0, 0), (b"a" * MAX_PATH,)))
+    with pytest.raises(LocalProtocolError):
+        master.send(Call(0, 1, Op.STAT, (0, 0), (b"a",)))
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        (HEADER.pack(0, 3, 0, 0, 0, 1), "truncated reply"),
+        (HEADER.pack(0, 99, 0, 0, 0, 0), "unknown frame kind 99"),
+        (HEADER.pack(1, 4, 0, 0, 5, 0) + b"x", "bad OPEN_PAIRING"),
+    ],
+)
+def test_malformed_frames(data: bytes, message: str) -> None:
+    master = opened(Role.MASTER)
+    master.receive_data(data)
+    with pytest.raises(RemoteProtocolError, match=message):
+        master.next_event()
+
+
+def test_unknown_op_and_trailing_bytes() -> None:
+    slave = opened(Role.SLAVE)
+    slave.receive_data(HEADER.pack(0, 2, 0, 999, 0, 1))
+    with pytest.raises(RemoteProtocolError, match="unknown op 999"):
+        slave.next_event()
+    slave = opened(Role.SLAVE)
+    body = struct.pack("<q", 1) + b"zz"
+    slave.receive_data(HEADER.pack(len(body), 2, 0, Op.CLOSE, 0, 0) + body)
+    with pytest.raises(RemoteProtocolError, match="trailing"):
+        slave.next_event()
+
+
+@given(st.binary(max_size=400))
+def test_garbage_never_crashes_or_hangs(garbage: bytes) -> None:
+    slave = opened(Role.SLAVE)
+    slave.receive_data(garbage)
+    slave.receive_data(b"")
+    try:
+        for _ in range(len(garbage) + 2):
+            if slave.next_event() in (NEED_DATA, CLOSED):
+                break
+    except RemoteProtocolError:
+        pass
+
+
+def test_the_first_frame_must_be_hello() -> None:
+    slave = Connection(Role.SLAVE)
+    slave.receive_data(encode(Call(0, 1, Op.CLOSE, (1,))))
+    with pytest.raises(RemoteProtocolError, match="not an fsys peer"):
+        slave.next_event()
+
+
+def test_version_mismatch() -> None:
+    slave = Connection(Role.SLAVE)
+    slave.receive_data(encode(Hello(version=99)))
+    with pytest.raises(RemoteProtocolError, match="version 99"):
+        slave.next_event()
+
+
+def test_state_rules() -> None:
+    slave = opened(Role.SLAVE)
+    with pytest.raises(LocalProtocolError):
+        slave.send(Call(0, 1, Op.CLOSE, (1,)))  # a slave never calls
+    master = opened(Role.MASTER)
+    master.receive_data(encode(Call(0, 1, Op.CLOSE, (1,))))
+    with pytest.raises(RemoteProtocolError, match="Call from the slave"):
+        master.next_event()
+    master = opened(Role.MASTER)
+    master.send(Goodbye())
+    with pytest.raises(LocalProtocolError, match="state done"):
+        master.send(Call(0, 1, Op.CLOSE, (1,)))
+
+
+def test_pairings_must_be_opened_and_never_reused() -> None:
+    slave = opened(Role.SLAVE)
+    slave.receive_data(encode(Call(5, 1, Op.CLOSE, (1,))))
+    with pytest.raises(RemoteProtocolError, match="pairing 5 is not open"):
+        slave.next_event()
+    master = opened(Role.MASTER)
+    master.send(OpenPairing(5))
+    master.send(ClosePairing(5))
+    with pytest.raises(LocalProtocolError, match="opened twice"):
+        master.send(OpenPairing(5))
+    with pytest.raises(LocalProtocolError, match="unknown parent"):
+        master.send(OpenPairing(6, parent=7))
+    with pytest.raises(LocalProtocolError, match="cannot be closed"):
+        master.send(ClosePairing(0))
+
+
+def test_end_of_file() -> None:
+    master = opened(Role.MASTER)
+    master.receive_data(b"")
+    with pytest.raises(RemoteProtocolError, match="without GOODBYE"):
+        master.next_event()
+    master = opened(Role.MASTER)
+    master.receive_data(encode(Goodbye(b"bye")))
+    assert master.next_event() == Goodbye(b"bye")
+    master.receive_data(b"")
+    assert master.next_event() is CLOSED
+    master = opened(Role.MASTER)
+    master.receive_data(encode(Reply(0, 1, 0))[:10])
+    master.receive_data(b"")
+    with pytest.raises(RemoteProtocolError, match="inside a frame"):
+        master.next_event()
