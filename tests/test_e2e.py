@@ -403,3 +403,37 @@ async def test_garbage_after_handshake_ends_session(session: Session) -> None:
     assert result.status == 125
     assert "protocol error from the slave: unknown frame kind 99" in result.err
     assert "Traceback" not in result.err
+
+
+async def test_exit_status_and_death_by_signal(session: Session) -> None:
+    assert (await session.sh("exit 7")).status == 7
+    assert (await session.sh("kill -TERM $$")).status == 128 + 15
+
+
+async def test_a_process_blocked_on_the_slave_does_not_stall_the_others(
+    session: Session,
+) -> None:
+    # The child blocks opening a slave FIFO until the parent, still served, opens it
+    # for writing: a hub that waited for the blocked open would deadlock here.
+    script = textwrap.dedent(
+        """
+        import os
+        os.mkfifo("/fifo")
+        pid = os.fork()
+        if pid == 0:
+            fd = os.open("/fifo", os.O_RDONLY)
+            print("child read", os.read(fd, 100).decode(), flush=True)
+            os._exit(0)
+        for i in range(20):
+            with open(f"/file{i}", "w") as f:
+                f.write("x")
+        fd = os.open("/fifo", os.O_WRONLY)
+        os.write(fd, b"through the fifo")
+        os.close(fd)
+        os.waitpid(pid, 0)
+        print("parent wrote", len(os.listdir("/")))
+        """
+    )
+    result = await session.run(SYSTEM_PYTHON, "-c", script)
+    assert result.status == 0, result.err
+    assert result.out == "child read through the fifo\nparent wrote 21\n"

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 import trio
 
-from fsys.errors import LinkClosed, RemoteProtocolError
+from fsys.errors import LinkClosed, LocalProtocolError, RemoteProtocolError
 from fsys.iostream import FdTransport
 from fsys.protocol import (
     CLOSED,
@@ -74,6 +74,7 @@ class SlaveSession:
         self.pairings: dict[int, PairingContext] = {0: PairingContext(0, 0)}
         self._limiter = trio.CapacityLimiter(MAX_THREADS)
         self._threads = 0
+        self.error: RemoteProtocolError | None = None
 
     async def _threaded(self, call: Call) -> None:
         context = self.pairings.get(call.pairing)
@@ -90,10 +91,13 @@ class SlaveSession:
             if context is not None:
                 context.in_flight.discard(call.request)
         if call.request:
-            self.transport.write(self.conn.send(reply))
+            try:
+                self.transport.write(self.conn.send(reply))
+            except LinkClosed:
+                pass  # the master is gone: the read loop ends the session
 
     async def serve(self) -> None:
-        """Serve until the master says goodbye or goes away."""
+        """Serve until the master says goodbye, goes away, or breaks the protocol."""
         info = f"fsys-slave pid={os.getpid()} root={self.executor.root}".encode()
         try:
             async with trio.open_nursery() as nursery:
@@ -103,19 +107,27 @@ class SlaveSession:
                 with trio.move_on_after(5):
                     await self.transport.flush()
                 nursery.cancel_scope.cancel()
-        except RemoteProtocolError as exc:
-            print(f"fsys-slave: protocol error from the master: {exc}", file=sys.stderr)
-            try:
-                self.transport.write(self.conn.send(Goodbye(f"protocol error: {exc}".encode())))
-                with trio.move_on_after(1):
-                    await self.transport.flush()
-            except (LinkClosed, RemoteProtocolError):
-                pass
-            raise
         finally:
             self.executor.close()
+        if self.error is not None:
+            raise self.error
+
+    def _protocol_error(self, exc: RemoteProtocolError) -> None:
+        """Explain the violation in a GOODBYE and on stderr; the session ends."""
+        self.error = exc
+        print(f"fsys-slave: protocol error from the master: {exc}", file=sys.stderr)
+        try:
+            self.transport.write(self.conn.send(Goodbye(f"protocol error: {exc}".encode())))
+        except (LinkClosed, LocalProtocolError):
+            pass
 
     async def _read_loop(self, nursery: trio.Nursery) -> None:
+        try:
+            await self._serve_requests(nursery)
+        except LinkClosed:
+            pass  # the master went away while we answered: end, releasing everything
+
+    async def _serve_requests(self, nursery: trio.Nursery) -> None:
         poller = select.poll()
         poller.register(self.transport.read_fd, select.POLLIN)
         while True:
@@ -142,10 +154,10 @@ class SlaveSession:
         while True:
             try:
                 event = conn.next_event()
-            except RemoteProtocolError:
-                if not data and conn.buffered == 0:
-                    return False  # the master died: end quietly, releasing everything
-                raise
+            except RemoteProtocolError as exc:
+                if data or conn.buffered:
+                    self._protocol_error(exc)
+                return False  # (or the master died: end quietly, releasing everything)
             if event is NEED_DATA:
                 break
             if event is CLOSED:

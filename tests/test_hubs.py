@@ -1,0 +1,131 @@
+"""The two hubs talking over a socketpair, in one process: the link, fshub, executor."""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+import trio
+
+from fsys.errors import LinkClosed, RemoteProtocolError
+from fsys.iostream import FdTransport
+from fsys.master.link import SlaveLink
+from fsys.protocol import HEADER, Hello, Op, Reply, encode
+from fsys.slave.fshub import serve_transport
+
+
+@pytest.fixture
+async def link(tmp_path: Path) -> AsyncIterator[SlaveLink]:
+    ours, theirs = socket.socketpair()
+    async with trio.open_nursery() as nursery:
+        fd = theirs.detach()
+        nursery.start_soon(serve_transport, FdTransport(fd, fd), str(tmp_path))
+        mine = ours.detach()
+        transport = FdTransport(mine, mine)
+        slave_link = SlaveLink(transport)
+        await nursery.start(slave_link.serve)
+        with trio.fail_after(10):
+            await slave_link.handshake()
+        yield slave_link
+        with trio.fail_after(10):
+            await slave_link.goodbye()
+        nursery.cancel_scope.cancel()
+    transport.close()
+
+
+async def test_handshake_and_a_call(link: SlaveLink, tmp_path: Path) -> None:
+    assert link.peer is not None and b"fsys-slave" in link.peer.info
+    (tmp_path / "f").write_text("x")
+    reply = await link.call(0, Op.STAT, (0, 0, 0x7FF), (b"/f",))
+    assert reply.result == 0 and len(reply.blob) == 256
+
+
+async def test_many_calls_in_flight_are_each_answered(link: SlaveLink, tmp_path: Path) -> None:
+    for i in range(50):
+        (tmp_path / str(i)).write_text("y" * i)
+    results: dict[int, Reply | LinkClosed] = {}
+    done = trio.Event()
+
+    def on_reply(i: int) -> object:
+        def record(outcome: Reply | LinkClosed) -> None:
+            results[i] = outcome
+            if len(results) == 50:
+                done.set()
+
+        return record
+
+    for i in range(50):
+        link.submit(0, Op.ACCESS, (0, 0, 0), (f"/{i}".encode(),), on_reply(i))  # type: ignore[arg-type]
+    with trio.fail_after(10):
+        await done.wait()
+    assert all(isinstance(r, Reply) and r.result == 0 for r in results.values())
+
+
+async def test_a_blocking_open_does_not_stall_other_calls(link: SlaveLink, tmp_path: Path) -> None:
+    os.mkfifo(tmp_path / "fifo")
+    (tmp_path / "plain").write_text("p")
+    fifo_reply: list[Reply] = []
+    async with trio.open_nursery() as nursery:
+
+        async def open_fifo() -> None:
+            fifo_reply.append(await link.call(0, Op.OPEN, (0, os.O_RDONLY, 0, 0), (b"/fifo",)))
+
+        nursery.start_soon(open_fifo)
+        await trio.sleep(0.1)
+        with trio.fail_after(5):  # the FIFO's open waits for a writer in a thread
+            for _ in range(20):
+                reply = await link.call(0, Op.STAT, (0, 0, 0x7FF), (b"/plain",))
+                assert reply.result == 0
+        assert fifo_reply == []
+        writer = await trio.to_thread.run_sync(os.open, tmp_path / "fifo", os.O_WRONLY)
+        os.close(writer)
+    assert fifo_reply[0].result > 0
+
+
+async def test_slave_death_fails_every_pending_call(tmp_path: Path) -> None:
+    ours, theirs = socket.socketpair()
+    mine = ours.detach()
+    transport = FdTransport(mine, mine)
+    link = SlaveLink(transport)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(link.serve)
+        theirs.sendall(encode(Hello()))  # a slave that says hello, then dies
+        with trio.fail_after(5):
+            await link.handshake()
+        outcome: list[object] = []
+        link.submit(0, Op.STAT, (0, 0, 0), (b"/x",), outcome.append)
+        theirs.close()  # the slave dies with a call in flight
+        with trio.fail_after(5):
+            await link.wait_closed()
+        assert isinstance(outcome[0], LinkClosed)
+        assert link.failure is not None and "went away" in link.failure
+        with pytest.raises(LinkClosed):
+            await link.call(0, Op.STAT, (0, 0, 0), (b"/x",))
+        nursery.cancel_scope.cancel()
+    transport.close()
+
+
+async def test_slave_says_goodbye_to_a_malformed_master(tmp_path: Path) -> None:
+    ours, theirs = socket.socketpair()
+    async with trio.open_nursery() as nursery:
+        fd = theirs.detach()
+
+        async def serve() -> None:
+            with pytest.raises(RemoteProtocolError, match="not an fsys peer"):
+                await serve_transport(FdTransport(fd, fd), str(tmp_path))
+
+        nursery.start_soon(serve)
+        ours.sendall(HEADER.pack(0, 2, 0, 1, 0, 1))  # a CALL before any HELLO
+        data = b""
+        with trio.fail_after(5):
+            while b"not an fsys peer" not in data:
+                await trio.lowlevel.wait_readable(ours)
+                chunk = ours.recv(4096)
+                if not chunk:
+                    break
+                data += chunk
+        assert b"not an fsys peer" in data  # explained in its GOODBYE
+    ours.close()
