@@ -22,7 +22,6 @@ import errno as errno_mod
 import functools
 import re
 from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
 
 from kmod import abi
@@ -196,8 +195,7 @@ def parse(text: str, source: str = "syscalls.tsv") -> Table:
 @functools.cache
 def load() -> Table:
     """The table shipped with fsys."""
-    text = resources.files("kmod").joinpath("syscalls.tsv").read_text(encoding="utf-8")
-    return parse(text)
+    return parse(Path(__file__).with_name("syscalls.tsv").read_text(encoding="utf-8"))
 
 
 HEADER = Path("/usr/include/x86_64-linux-gnu/asm/unistd_64.h")

@@ -55,6 +55,7 @@ from fsys.protocol import ClosePairing, Connection, Event, Op, OpenPairing, Repl
 from kmod.table import Disposition, PathArg, Syscall, Table
 
 HOT_QUIET_MS = 2
+SPIN = float(os.environ.get("FSYS_SPIN_US", "300")) / 1e6
 HOT_SLICE = 0.010
 
 
@@ -177,6 +178,7 @@ class Hub:
         self._nursery: trio.Nursery | None = None
         self.trapped = 0
         self.forwarded = 0
+        self._gap = 0.0  # recent time between events in the hot loop (moving average)
 
     # --- the notification loop ----------------------------------------------------
 
@@ -210,7 +212,19 @@ class Hub:
         listener = self.listener
         deadline = time.monotonic() + HOT_SLICE
         while True:
-            events = poller.poll(HOT_QUIET_MS)
+            events = poller.poll(0)
+            if not events:
+                # Spin briefly when events have been coming fast: on these machines a
+                # sleeping hub wakes slowly and cold. The measured gap decides.
+                start = time.monotonic()
+                if self._gap < SPIN:
+                    spin_until = start + SPIN
+                    while not events and time.monotonic() < spin_until:
+                        events = poller.poll(0)
+                if not events:
+                    events = poller.poll(HOT_QUIET_MS)
+                gap = time.monotonic() - start
+                self._gap = (self._gap * 3 + min(gap, 1.0)) / 4
             if not events:
                 return True
             for fd, mask in events:
@@ -239,6 +253,7 @@ class Hub:
             self.listener.continue_(notif.id)  # the caller is gone; nothing to route
             return
         call = Trapped(notif, syscall, pairing)
+        bound = pairing.memory.bound
         try:
             if syscall.fds:
                 call.files = tuple(
@@ -263,8 +278,11 @@ class Hub:
             call.note = "not forwarded"
             self._answer(call, -syscall.errno, 0)
             return
-        if syscall.paths and not self.listener.id_valid(notif.id):
-            return  # the memory we read may not have been the caller's
+        if syscall.paths and not bound and not self.listener.id_valid(notif.id):
+            # The memory descriptor was opened for this call: if the caller died and its
+            # pid was reused in between, we read another process. (A descriptor opened
+            # earlier is bound to the caller's address space and cannot be fooled.)
+            return
         self.forwarded += 1
         self._start(handler, call)
 

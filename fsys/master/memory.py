@@ -53,6 +53,12 @@ class TargetMemory:
         self._local = _IoVec()
         self._remote = _IoVec()
 
+    @property
+    def bound(self) -> bool:
+        """True once the memory descriptor is open: it then stays bound to the address
+        space it was opened on, whatever later happens to the pid."""
+        return self._fd >= 0
+
     def _mem(self) -> int:
         if self._fd < 0:
             try:
