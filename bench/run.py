@@ -6,7 +6,10 @@
           against running /bin/true directly;
 - stat:   microseconds per stat(2) from a C loop, on a slave file, against native;
 - read:   MB/s of `cat` reading a 1 GiB file of the slave (from the page cache),
-          against native `cat`.
+          against native `cat`;
+- fork:   1,000 fork+exec of /bin/true by one shell inside one session, against
+          the same shell run natively;
+- make:   `make -j2` of a small C project stored on the slave, against native.
 
 The slave is embedded (this machine's filesystem) for start and read, and both
 embedded and rooted (`--root`) for stat. Medians of several runs; the machine is
@@ -96,6 +99,60 @@ def bench_read(python: str, work: Path, size_mib: int, runs: int) -> dict[str, f
     }
 
 
+def bench_fork(python: str, count: int, runs: int) -> dict[str, float]:
+    loop = f"i=0; while [ $i -lt {count} ]; do /bin/true; i=$((i+1)); done"
+    native = median([timed(["/bin/sh", "-c", loop]) for _ in range(runs)])
+    under = median([timed(fsys(python, "/bin/sh", "-c", loop)) for _ in range(runs)])
+    start = median([timed(fsys(python, "/bin/true")) for _ in range(runs)])
+    return {"native_s": native, "fsys_s": under, "fsys_without_start_s": under - start}
+
+
+MAKEFILE = """\
+OBJS = $(patsubst src/%.c,build/%.o,$(wildcard src/*.c))
+build/app: $(OBJS)
+\t$(CC) -o $@ $(OBJS)
+build/%.o: src/%.c
+\t@mkdir -p build
+\t$(CC) -O1 -c -o $@ $<
+"""
+
+
+def c_project(root: Path, files: int) -> Path:
+    proj = root / "proj"
+    (proj / "src").mkdir(parents=True)
+    (root / "tmp").mkdir(exist_ok=True)
+    calls = []
+    for i in range(files):
+        (proj / "src" / f"f{i}.c").write_text(f"int f{i}(int x) {{ return x * {i} + 1; }}\n")
+        calls.append(f"f{i}(1)")
+    protos = "".join(f"int f{i}(int);\n" for i in range(files))
+    (proj / "src" / "main.c").write_text(
+        f'#include <stdio.h>\n{protos}int main(void) {{ printf("%d\\n", {" + ".join(calls)}); }}\n'
+    )
+    (proj / "Makefile").write_text(MAKEFILE)
+    return proj
+
+
+def bench_make(python: str, work: Path, runs: int) -> dict[str, float]:
+    box = work / "makebox"
+    proj = c_project(box, 12)
+    slave = shlex.join([python, "-m", "fsys.slave", "serve", "--stdio", "--root", str(box)])
+
+    def build(cmd: list[str]) -> float:
+        shutil.rmtree(proj / "build", ignore_errors=True)
+        return timed(cmd)
+
+    native = median([build(["make", "-s", "-C", str(proj), "-j2"]) for _ in range(runs)])
+    under = median(
+        [build(fsys(python, "make", "-s", "-C", "/proj", "-j2", slave=slave)) for _ in range(runs)]
+    )
+    return {"native_s": native, "fsys_s": under}
+
+
+def row(name: str, native: str, under: str, note: str) -> None:
+    print(f"{name:18s} native {native:>12s}   fsys {under:>12s}" + (f"   ({note})" if note else ""))
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer and smaller runs")
@@ -115,18 +172,26 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="fsys-bench-") as tmp:
         work = Path(tmp)
         start = bench_start(python, runs * 2)
-        print(f"start /bin/true   native {start['native_s'] * 1e3:8.1f} ms   "
-              f"fsys {start['fsys_s'] * 1e3:8.1f} ms   "
-              f"(+{(start['fsys_s'] - start['native_s']) * 1e3:.0f} ms)")  # fmt: skip
+        start_ms = start["fsys_s"] * 1e3
+        row("start /bin/true", f"{start['native_s'] * 1e3:.1f} ms", f"{start_ms:.0f} ms", "")
         stat = bench_stat(python, work, 5000 if args.quick else 20000, runs)
-        print(f"stat              native {stat['native_us']:8.2f} us   "
-              f"fsys {stat['fsys_us']:8.1f} us   rooted {stat['fsys_rooted_us']:8.1f} us   "
-              f"(x{stat['fsys_us'] / stat['native_us']:.0f})")  # fmt: skip
+        rooted = f"rooted slave {stat['fsys_rooted_us']:.1f} us"
+        row("stat (C loop)", f"{stat['native_us']:.2f} us", f"{stat['fsys_us']:.1f} us", rooted)
         read = bench_read(python, work, 256 if args.quick else 1024, runs)
-        print(f"read (cat)        native {read['native_MBps']:8.0f} MB/s "
-              f"fsys {read['fsys_MBps']:8.0f} MB/s "
-              f"({read['fsys_MBps_without_start']:.0f} MB/s without session start; "
-              f"x{read['native_MBps'] / read['fsys_MBps']:.1f} slower)")  # fmt: skip
+        steady = f"{read['fsys_MBps_without_start']:.0f} MB/s without session start"
+        row(
+            "read (cat)", f"{read['native_MBps']:.0f} MB/s", f"{read['fsys_MBps']:.0f} MB/s", steady
+        )
+        count = 300 if args.quick else 1000
+        fork = bench_fork(python, count, runs)
+        ratio = fork["fsys_without_start_s"] / fork["native_s"]
+        row(f"fork+exec x{count}", f"{fork['native_s']:.2f} s", f"{fork['fsys_s']:.2f} s",
+            f"x{ratio:.1f} without session start")  # fmt: skip
+        make = bench_make(python, work, runs)
+        whole = make["fsys_s"] / make["native_s"]
+        steady_ratio = (make["fsys_s"] - start["fsys_s"]) / make["native_s"]
+        row("make -j2", f"{make['native_s']:.2f} s", f"{make['fsys_s']:.2f} s",
+            f"x{whole:.1f}; x{steady_ratio:.1f} without session start")  # fmt: skip
     return 0
 
 

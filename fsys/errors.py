@@ -10,6 +10,10 @@ Broken/ClosedResourceError to LinkClosed in exactly one place.
 
 from __future__ import annotations
 
+#: fsys-master's exit status when the session itself failed (the slave did not start,
+#: died, or broke the protocol), as opposed to the program's own status.
+SESSION_FAILED = 125
+
 
 class FsysError(Exception):
     """Root of fsys's own errors."""

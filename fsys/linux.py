@@ -195,6 +195,12 @@ def statx_mode(raw: bytes) -> int:
     return mode
 
 
+def statx_identity(raw: bytes) -> tuple[int, ...]:
+    """(dev major, dev minor, inode, size, mtime s, mtime ns): the file, as it is now."""
+    f = STATX.unpack_from(raw)
+    return (f[21], f[22], f[7], f[8], f[17], f[18])
+
+
 def statx_size(raw: bytes) -> int:
     size: int = STATX.unpack_from(raw)[8]
     return size

@@ -216,7 +216,7 @@ async def test_errno_pass_through(session: Session) -> None:
     expected = {name: name for name in got if name.startswith("E")}
     expected["rmdir-empty"] = "ok"
     # exec of a slave-only file: the kernel's answer for a non-executable is EACCES;
-    # fsys checks it on the slave before refusing to run a slave-only file.
+    # fsys checks it on the slave before it stages a copy to run.
     assert got == expected
 
 

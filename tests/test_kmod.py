@@ -47,13 +47,6 @@ def test_filter_action_matches_the_table(syscall: object) -> None:
 
 
 def test_conditional_traps() -> None:
-    mmap = TABLE["mmap"].nr
-    map_anonymous, map_private = 0x20, 0x02
-    anonymous = (0, 4096, 3, map_private | map_anonymous, 0xFFFFFFFF, 0)
-    assert bpf.evaluate(PROGRAM, mmap, anonymous) == abi.SECCOMP_RET_ALLOW
-    assert bpf.evaluate(PROGRAM, mmap, (0, 4096, 1, map_private, 3, 0)) == (
-        abi.SECCOMP_RET_USER_NOTIF
-    )
     fcntl = TABLE["fcntl"].nr
     for cmd in (0, 1, 2, 1030):  # F_DUPFD, F_GETFD, F_SETFD, F_DUPFD_CLOEXEC
         assert bpf.evaluate(PROGRAM, fcntl, (3, cmd, 0, 0, 0, 0)) == abi.SECCOMP_RET_ALLOW

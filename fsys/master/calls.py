@@ -34,6 +34,7 @@ from fsys.linux import (
     UTIME_NOW,
     UTIME_OMIT,
 )
+from fsys.master import staging
 from fsys.master.fmhub import CONTINUE, Handler, Hub, Target, Trapped, _Continue
 from fsys.master.placeholders import RemoteFile
 from fsys.master.policy import normalize
@@ -664,6 +665,7 @@ async def sys_chdir(hub: Hub, call: Trapped) -> int | _Continue:
     pairing = call.pairing
     if target.remote:
         reply = await hub.call(Op.CHDIR, (target.dir,), (target.path,))
+        hub.seal(pairing)  # children forked until now keep the old directory
         pairing.cwd, pairing.cwd_remote = reply.blob, True
         call.side = "slave"
         return 0
@@ -675,7 +677,8 @@ async def sys_chdir(hub: Hub, call: Trapped) -> int | _Continue:
         raise Errno(exc.errno or errno.ENOENT) from None
     if not stat.S_ISDIR(st.st_mode):
         raise Errno(errno.ENOTDIR)
-    pairing.cwd, pairing.cwd_remote = absolute, False
+    hub.seal(pairing)
+    pairing.cwd, pairing.cwd_remote, pairing.staged_cwd = absolute, False, False
     call.side = "master"
     return CONTINUE
 
@@ -688,6 +691,7 @@ async def sys_fchdir(hub: Hub, call: Trapped) -> int | _Continue:
         if not rf.is_dir:
             raise Errno(errno.ENOTDIR)
         reply = await hub.call(Op.HANDLE_PATH, (rf.handle,))
+        hub.seal(pairing)
         pairing.cwd, pairing.cwd_remote = reply.blob, True
         return 0
     call.side = "master"
@@ -696,7 +700,8 @@ async def sys_fchdir(hub: Hub, call: Trapped) -> int | _Continue:
     except OSError:
         return CONTINUE  # the kernel answers EBADF
     if os.path.isdir(path):
-        pairing.cwd, pairing.cwd_remote = os.fsencode(path), False
+        hub.seal(pairing)
+        pairing.cwd, pairing.cwd_remote, pairing.staged_cwd = os.fsencode(path), False, False
     return CONTINUE
 
 
@@ -721,20 +726,72 @@ async def sys_umask(hub: Hub, call: Trapped) -> int | _Continue:
     return CONTINUE
 
 
+@handles("exit_group")
+async def sys_exit(hub: Hub, call: Trapped) -> _Continue:
+    call.side = "master"
+    hub.seal(call.pairing)  # its orphans will not find it any more
+    return CONTINUE
+
+
 @handles("execve", "execveat")
 async def sys_execve(hub: Hub, call: Trapped) -> int | _Continue:
     target = call.targets[0]
+    call.pairing.staged_names = frozenset()
     if not target.remote:
         call.side = "master"
         call.pairing.memory.forget()  # a new address space after a successful exec
         return CONTINUE
     # A file that lives only on the slave: answer what the kernel would for a file
-    # that does not exist or cannot be executed; one that could be executed cannot
-    # run here yet (it would have to be staged on the master).
+    # that does not exist or cannot be executed; otherwise stage it (staging.py).
     flags = call.arg_int(4) & AT_EMPTY_PATH if call.syscall.name == "execveat" else 0
     reply = await hub.call(Op.STAT, (target.dir, flags, STATX_BASIC_STATS), (target.path,))
-    if not stat.S_ISREG(linux.statx_mode(reply.blob)):
+    raw = reply.blob
+    if not stat.S_ISREG(linux.statx_mode(raw)):
         raise Errno(errno.EACCES)
     await hub.call(Op.ACCESS, (target.dir, os.X_OK, flags | linux.AT_EACCESS), (target.path,))
-    call.note = "slave-only executable"
-    raise Errno(errno.ENOEXEC)
+    name = target.shown
+    if hub.stage is None or not name or not call.pairing.staged_cwd:
+        call.note = "slave-only executable: not staged (the process left the slave's tree)"
+        raise Errno(errno.ENOEXEC)
+    if call.syscall.name == "execveat" and call.arg_int(0) != linux.AT_FDCWD:
+        call.note = "slave-only executable: execveat from a directory fd is not staged"
+        raise Errno(errno.ENOEXEC)
+    absolute = name.startswith(b"/")
+    kernel_name = b"." + name[1:] if absolute else name
+    try:
+        staged = hub.stage.place(kernel_name)
+    except Errno:
+        call.note = "slave-only executable: its name climbs out of the stage"
+        raise
+    identity = linux.statx_identity(raw)
+    if not hub.stage.current(staged, identity):
+        content = await _read_whole(hub, target)
+        script = staging.shebang(content) if absolute else None
+        if script is not None:
+            content = staging.wrapper(script[0], script[1], name)
+        hub.stage.write(staged, content, linux.statx_mode(raw), identity)
+    if absolute and hub.stage.is_wrapper(staged):
+        # The wrapper's /bin/sh opens it by the rewritten name: from the stage.
+        call.pairing.staged_names = frozenset({kernel_name})
+    if absolute:
+        call.memory.rewrite_byte(call.arg(0 if call.syscall.name == "execve" else 1), b".")
+    call.pairing.memory.forget()
+    call.side = "master"
+    call.note = f"staged as {os.fsdecode(staged)}"
+    return CONTINUE
+
+
+async def _read_whole(hub: Hub, target: Target) -> bytes:
+    """The content of a slave file, read with a handle of our own."""
+    reply = await hub.call(Op.OPEN, (target.dir, os.O_RDONLY, 0, 0), (target.path,))
+    handle = reply.result
+    chunks: list[bytes] = []
+    try:
+        while True:
+            data = (await hub.call(Op.READ, (handle, MAX_IO, -1))).blob
+            if not data:
+                break
+            chunks.append(data)
+    finally:
+        hub.link.post(0, Op.CLOSE, (handle,))
+    return b"".join(chunks)

@@ -25,14 +25,11 @@ import sys
 from pathlib import Path
 from typing import TextIO
 
-import trio
-
 from fsys import __version__
-from fsys.errors import LinkClosed
-from fsys.master.launcher import Launched, LaunchError, launch, resolve_program
+from fsys.errors import SESSION_FAILED
+from fsys.master.launcher import LaunchError, launch, resolve_program
 from fsys.master.policy import Policy, PolicyError, Side, normalize
-
-SESSION_FAILED = 125
+from fsys.master.staging import Stage
 
 
 class _RuleAction(argparse.Action):
@@ -128,7 +125,7 @@ class Slave:
                 try:
                     ours.close()
                     os.setpgid(0, 0)  # the terminal's Ctrl-C is the program's, not ours
-                    from fsys.slave.cli import serve_fds
+                    from fsys.slave.cli import serve_fds  # loaded by fsys.master.session
 
                     fd = theirs.detach()
                     status = serve_fds(fd, fd, "/")
@@ -193,87 +190,6 @@ class Slave:
 # --- run ----------------------------------------------------------------------------
 
 
-def _exit_status(status: int) -> int:
-    code = os.waitstatus_to_exitcode(status)
-    return 128 - code if code < 0 else code
-
-
-async def _wait_program(launched: Launched) -> int:
-    await trio.lowlevel.wait_readable(launched.pidfd)
-    _, status = os.waitpid(launched.pid, 0)
-    return _exit_status(status)
-
-
-async def _relay_signals(pid: int) -> None:
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGHUP) as signals:
-        async for signum in signals:
-            try:
-                os.kill(pid, signum)
-            except ProcessLookupError:
-                return
-
-
-async def _session(
-    launched: Launched, slave: Slave, policy: Policy, trace: TextIO | None, trace_all: bool
-) -> int:
-    from fsys.iostream import FdTransport
-    from fsys.master.calls import HANDLERS
-    from fsys.master.device import Listener
-    from fsys.master.fmhub import Hub
-    from fsys.master.link import SlaveLink
-    from fsys.master.trace import Tracer
-    from kmod.table import load
-
-    fd = slave.socket.detach()
-    transport = FdTransport(fd, fd)
-    link = SlaveLink(transport)
-    listener = Listener(launched.listener)
-    tracer = Tracer(trace, all=trace_all) if trace is not None else None
-    hub = Hub(listener=listener, link=link, policy=policy, table=load(), handlers=HANDLERS,
-              tracer=tracer)  # fmt: skip
-    async with trio.open_nursery() as nursery:
-        await nursery.start(link.serve)
-        try:
-            await link.handshake()
-            await hub.set_initial_cwd(os.getcwd())
-        except LinkClosed:
-            os.kill(launched.pid, signal.SIGKILL)
-            os.waitpid(launched.pid, 0)
-            ended = slave.describe_exit()
-            reason = link.failure or "no handshake"
-            print(f"fsys-master: the slave did not start: {reason}"
-                  + (f" (slave {ended})" if ended else ""), file=sys.stderr)  # fmt: skip
-            nursery.cancel_scope.cancel()
-            transport.close()
-            return SESSION_FAILED
-
-        async def report_failure() -> None:
-            await link.wait_closed()
-            if link.failure is not None:
-                ended = slave.describe_exit()
-                print(f"fsys-master: {link.failure}" + (f" (slave {ended})" if ended else "")
-                      + "; remote calls now fail with EIO", file=sys.stderr)  # fmt: skip
-
-        nursery.start_soon(report_failure)
-        nursery.start_soon(_relay_signals, launched.pid)
-        hub_done = trio.Event()
-
-        async def serve_hub() -> None:
-            try:
-                await hub.serve()
-            finally:
-                hub_done.set()
-
-        nursery.start_soon(serve_hub)
-        status = await _wait_program(launched)
-        await hub_done.wait()  # until every process under the filter is gone
-        await link.goodbye()
-        nursery.cancel_scope.cancel()
-    listener.close()
-    transport.close()
-    return SESSION_FAILED if link.failure is not None else status
-
-
 def cmd_run(args: argparse.Namespace) -> int:
     argv = args.program[1:] if args.program[:1] == ["--"] else args.program
     if not argv:
@@ -290,6 +206,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     except PolicyError as exc:
         print(f"fsys-master: {exc}", file=sys.stderr)
         return 2
+    try:
+        # A slave command starts first: it boots (imports trio...) while we do.
+        slave = Slave(args.slave) if args.slave is not None else None
+    except OSError as exc:
+        print(f"fsys-master: cannot start the slave: {exc}", file=sys.stderr)
+        return SESSION_FAILED
+    from fsys.master import session
     from kmod import bpf
     from kmod.table import load
 
@@ -297,27 +220,35 @@ def cmd_run(args: argparse.Namespace) -> int:
     trace: TextIO | None = None
     if args.trace or args.trace_all or args.trace_file:
         trace = open(args.trace_file, "w") if args.trace_file else sys.stderr  # noqa: SIM115
+    if slave is None:
+        try:
+            slave = Slave(None)  # embedded: forked now that its code is loaded
+        except OSError as exc:
+            print(f"fsys-master: cannot start the slave: {exc}", file=sys.stderr)
+            return SESSION_FAILED
+    stage = Stage()
+    # Started in a slave directory: its kernel working directory is the stage (for
+    # running slave-only files, see staging.py).
+    staged = not policy.is_local(normalize(os.fsencode(os.getcwd())))
     try:
-        slave = Slave(args.slave)
-    except OSError as exc:
-        print(f"fsys-master: cannot start the slave: {exc}", file=sys.stderr)
-        return SESSION_FAILED
-    try:
-        launched = launch(path, argv, env, program)
+        launched = launch(path, argv, env, program, cwd=stage.cwd if staged else None)
     except LaunchError as exc:
         print(f"fsys-master: {exc}", file=sys.stderr)
         slave.socket.close()
         slave.reap(failed=True)
+        stage.close()
         return exc.status
     # Like a shell waiting for its job: the terminal's SIGINT/SIGQUIT are the program's.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGQUIT, signal.SIG_IGN)
     status = SESSION_FAILED
     try:
-        status = trio.run(_session, launched, slave, policy, trace, args.trace_all)
+        plan = session.Plan(launched, slave, policy, trace, args.trace_all, stage, staged)
+        status = session.run(plan)
         return status
     finally:
         slave.reap(failed=status == SESSION_FAILED)
+        stage.close()
         if trace is not None and trace is not sys.stderr:
             trace.close()
 

@@ -23,7 +23,13 @@ call with no handler is answered with the table's errno for it. Each answer goes
 out exactly once: a value, -errno, CONTINUE, or an injected placeholder.
 
 Pairings are found from the caller's tid via /proc: a thread joins its process's
-pairing, a new process gets a pairing that inherits its parent's cwd and umask.
+pairing; a new process gets a pairing that inherits its parent's working directory
+*as of the fork*. A process's inheritable state changes only through calls fmhub
+traps (chdir, fchdir), so before applying such a change, and when a process calls
+exit, fmhub *seals* its children: every child that exists then is recorded with
+the state it was forked with. A child first seen later was forked after the last
+change, and inherits the parent's current state; an orphan whose parent exited
+finds its record. Fork itself is not trapped: it costs nothing.
 Each pairing is announced to the slave before its first call and closed when its
 process exits (its pidfd becomes readable).
 """
@@ -50,6 +56,7 @@ from fsys.master.link import SlaveLink
 from fsys.master.memory import TargetMemory
 from fsys.master.placeholders import Placeholders, RemoteFile
 from fsys.master.policy import Policy, normalize
+from fsys.master.staging import Stage
 from fsys.master.trace import Tracer
 from fsys.protocol import ClosePairing, Connection, Event, Op, OpenPairing, Reply
 from kmod.table import Disposition, PathArg, Syscall, Table
@@ -79,9 +86,23 @@ class Pairing:
     cwd_remote: bool
     umask: int
     memory: TargetMemory
+    staged_cwd: bool = False  # the process's kernel cwd is the stage directory
+    staged_names: frozenset[bytes] = frozenset()  # names of its staged wrapper (staging.py)
     tids: set[int] = field(default_factory=set)
     announced: bool = False
     closed: bool = False
+
+    def inheritable(self) -> Inherited:
+        return Inherited(self.cwd, self.cwd_remote, self.staged_cwd)
+
+
+@dataclass(frozen=True, slots=True)
+class Inherited:
+    """What a child process takes from its parent at fork (fmhub's part of it)."""
+
+    cwd: bytes
+    cwd_remote: bool
+    staged_cwd: bool
 
 
 @dataclass(slots=True)
@@ -162,8 +183,10 @@ class Hub:
         table: Table,
         handlers: dict[str, Handler],
         tracer: Tracer | None = None,
+        stage: Stage | None = None,
     ) -> None:
         self.listener = listener
+        self.stage = stage
         self.link = link
         self.policy = policy
         self.table = table
@@ -172,13 +195,12 @@ class Hub:
         self.placeholders = Placeholders()
         self.pairings: dict[int, Pairing] = {}  # by tgid
         self.by_tid: dict[int, Pairing] = {}
-        self.initial_cwd: bytes = b"/"
-        self.initial_cwd_remote = True
+        self.initial = Inherited(b"/", True, False)
+        self.births: dict[int, Inherited] = {}  # child tgid -> state at its fork
         self._pairing_ids = itertools.count(1)
         self._nursery: trio.Nursery | None = None
         self.trapped = 0
         self.forwarded = 0
-        self._gap = 0.0  # recent time between events in the hot loop (moving average)
 
     # --- the notification loop ----------------------------------------------------
 
@@ -214,19 +236,15 @@ class Hub:
         while True:
             events = poller.poll(0)
             if not events:
-                # Spin briefly when events have been coming fast: on these machines a
-                # sleeping hub wakes slowly and cold. The measured gap decides.
-                start = time.monotonic()
-                if self._gap < SPIN:
-                    spin_until = start + SPIN
+                # While a call waits for the slave, its caller is blocked: spin briefly
+                # for the reply rather than sleep (on these machines a sleeping hub
+                # wakes late and cold). Never while the program may need the CPU.
+                if self.link.waiting and SPIN:
+                    spin_until = time.monotonic() + SPIN
                     while not events and time.monotonic() < spin_until:
                         events = poller.poll(0)
                 if not events:
                     events = poller.poll(HOT_QUIET_MS)
-                gap = time.monotonic() - start
-                self._gap = (self._gap * 3 + min(gap, 1.0)) / 4
-            if not events:
-                return True
             for fd, mask in events:
                 if fd == link_fd:
                     self.link.pump()
@@ -356,6 +374,8 @@ class Hub:
             return Target(False, shown=path, null=null)  # the kernel answers (ENOENT...)
         if dirfd == AT_FDCWD:
             if pairing.cwd_remote:
+                if path in pairing.staged_names:
+                    return Target(False, shown=path)  # an interpreter reading its wrapper
                 # Relative to a slave directory: resolved by the slave, wherever it leads.
                 return Target(True, 0, _join(pairing.cwd, path), path)
             joined = _join(pairing.cwd, path)
@@ -385,14 +405,18 @@ class Hub:
             parent = self.pairings.get(ppid)
             if parent is not None and parent.closed:
                 parent = None
+            state = self.births.pop(tgid, None)
+            if state is None:
+                state = parent.inheritable() if parent is not None else self.initial
             pairing = Pairing(
                 id=next(self._pairing_ids),
                 tgid=tgid,
                 parent=parent,
-                cwd=parent.cwd if parent else self.initial_cwd,
-                cwd_remote=parent.cwd_remote if parent else self.initial_cwd_remote,
-                umask=parent.umask if parent else umask,
+                cwd=state.cwd,
+                cwd_remote=state.cwd_remote,
+                umask=umask,
                 memory=TargetMemory(tgid),
+                staged_cwd=state.staged_cwd,
             )
             self.pairings[tgid] = pairing
             assert self._nursery is not None
@@ -400,6 +424,30 @@ class Hub:
         pairing.tids.add(tid)
         self.by_tid[tid] = pairing
         return pairing
+
+    def seal(self, pairing: Pairing) -> None:
+        """Record, for each child of ``pairing`` not yet seen, the state it inherits.
+
+        Called before the parent's state changes and when it exits: a child that
+        exists now was forked before, with the current state.
+        """
+        state = pairing.inheritable()
+        task_dir = f"/proc/{pairing.tgid}/task"
+        try:
+            tasks = os.listdir(task_dir)
+        except OSError:
+            return
+        for task in tasks:
+            try:
+                with open(f"{task_dir}/{task}/children") as f:
+                    children = f.read().split()
+            except OSError:
+                continue
+            for child in map(int, children):
+                if child not in self.pairings and child not in self.births:
+                    self.births[child] = state
+        if len(self.births) > 4096:  # children that died before their first call
+            self.births = {c: s for c, s in self.births.items() if os.path.exists(f"/proc/{c}")}
 
     async def _watch_process(self, pairing: Pairing) -> None:
         try:
@@ -470,12 +518,14 @@ class Hub:
     def _release(self, remote: RemoteFile) -> None:
         self.link.post(0, Op.CLOSE, (remote.handle,))
 
-    async def set_initial_cwd(self, cwd: str) -> None:
-        """The program starts in ``cwd`` as the slave has it, else the slave's root."""
+    async def set_initial_cwd(self, cwd: str, *, staged: bool) -> None:
+        """The program starts in ``cwd`` as the slave has it, else the slave's root.
+
+        ``staged``: the launcher started it in the stage directory (see staging.py).
+        """
         path = os.fsencode(cwd)
         if self.policy.is_local(normalize(path)):
-            self.initial_cwd, self.initial_cwd_remote = path, False
+            self.initial = Inherited(path, False, False)
             return
         reply = await self.link.call(0, Op.CHDIR, (0,), (path,))
-        self.initial_cwd = reply.blob if reply.result >= 0 else b"/"
-        self.initial_cwd_remote = True
+        self.initial = Inherited(reply.blob if reply.result >= 0 else b"/", True, staged)

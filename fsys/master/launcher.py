@@ -64,10 +64,17 @@ class _SockFprog(ctypes.Structure):
 
 
 def _child(
-    path: str, argv: list[str], env: dict[str, str], fprog: _SockFprog, write_fd: int
+    path: str,
+    argv: list[str],
+    env: dict[str, str],
+    fprog: _SockFprog,
+    write_fd: int,
+    cwd: bytes | None,
 ) -> None:
     """Runs in the forked child; never returns."""
     try:
+        if cwd is not None:
+            os.chdir(cwd)
         # Python ignores these; a program expects the defaults (as subprocess restores).
         for sig in (signal.SIGPIPE, signal.SIGXFSZ):
             signal.signal(sig, signal.SIG_DFL)
@@ -99,15 +106,20 @@ def _child(
         os._exit(127)
 
 
-def launch(path: str, argv: list[str], env: dict[str, str], program: bytes) -> Launched:
-    """Fork ``path`` under the filter ``program``; return it waiting in its execve."""
+def launch(
+    path: str, argv: list[str], env: dict[str, str], program: bytes, cwd: bytes | None = None
+) -> Launched:
+    """Fork ``path`` under the filter ``program``; return it waiting in its execve.
+
+    ``cwd``: the kernel working directory to start it in (the stage directory).
+    """
     filt = ctypes.create_string_buffer(program, len(program))
     fprog = _SockFprog(len(program) // abi.BPF_INSN.size, ctypes.addressof(filt))
     read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
     pid = os.fork()
     if pid == 0:
         os.close(read_fd)
-        _child(path, argv, env, fprog, write_fd)
+        _child(path, argv, env, fprog, write_fd, cwd)
     os.close(write_fd)
     try:
         message = b""

@@ -121,6 +121,11 @@ class SlaveLink:
         for on_reply in pending.values():
             on_reply(error)
 
+    @property
+    def waiting(self) -> bool:
+        """Some call awaits its reply."""
+        return bool(self._pending)
+
     async def wait_closed(self) -> None:
         await self._done.wait()
 

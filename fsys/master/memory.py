@@ -134,5 +134,27 @@ class TargetMemory:
         if written != size:
             raise Errno(errno.EFAULT)
 
+    def rewrite_byte(self, addr: int, value: bytes) -> None:
+        """Change one byte of the program's memory, even in a read-only mapping.
+
+        Used only on the name passed to an execve that is about to replace the
+        address space (staging.py); a private read-only page is copied on write, as
+        a debugger's write would be.
+        """
+        try:
+            self.write(addr, value)
+            return
+        except Errno:
+            pass
+        try:
+            fd = os.open(f"/proc/{self.pid}/mem", os.O_WRONLY | os.O_CLOEXEC)
+            try:
+                if os.pwrite(fd, value, addr) != len(value):
+                    raise Errno(errno.EFAULT)
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            raise Errno(errno.EFAULT) from exc
+
     def write_struct(self, addr: int, fmt: struct.Struct, *values: int) -> None:
         self.write(addr, fmt.pack(*values))

@@ -1,0 +1,121 @@
+"""The session: the hubs and the program's life, on trio (``fsys-master run``).
+
+Separate from the CLI so that ``fsys-master`` can start a slave command before it
+loads trio: the two start-ups then overlap.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, TextIO
+
+import trio
+
+import fsys.slave.cli  # noqa: F401 - loaded before the embedded slave is forked
+from fsys.errors import SESSION_FAILED, LinkClosed
+from fsys.iostream import FdTransport
+from fsys.master.calls import HANDLERS
+from fsys.master.device import Listener
+from fsys.master.fmhub import Hub
+from fsys.master.launcher import Launched
+from fsys.master.link import SlaveLink
+from fsys.master.policy import Policy
+from fsys.master.staging import Stage
+from fsys.master.trace import Tracer
+from kmod.table import load
+
+if TYPE_CHECKING:
+    from fsys.master.cli import Slave
+
+
+def _exit_status(status: int) -> int:
+    code = os.waitstatus_to_exitcode(status)
+    return 128 - code if code < 0 else code
+
+
+async def _wait_program(launched: Launched) -> int:
+    await trio.lowlevel.wait_readable(launched.pidfd)
+    _, status = os.waitpid(launched.pid, 0)
+    return _exit_status(status)
+
+
+async def _relay_signals(pid: int) -> None:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGHUP) as signals:
+        async for signum in signals:
+            try:
+                os.kill(pid, signum)
+            except ProcessLookupError:
+                return
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Everything ``fsys-master run`` prepared before the session starts."""
+
+    launched: Launched  # the program, waiting in its first execve
+    slave: Slave
+    policy: Policy
+    trace: TextIO | None
+    trace_all: bool
+    stage: Stage
+    staged: bool  # the program starts in the stage directory (staging.py)
+
+
+async def _session(plan: Plan) -> int:
+    launched, slave = plan.launched, plan.slave
+    fd = slave.socket.detach()
+    transport = FdTransport(fd, fd)
+    link = SlaveLink(transport)
+    listener = Listener(launched.listener)
+    tracer = Tracer(plan.trace, all=plan.trace_all) if plan.trace is not None else None
+    hub = Hub(listener=listener, link=link, policy=plan.policy, table=load(),
+              handlers=HANDLERS, tracer=tracer, stage=plan.stage)  # fmt: skip
+    async with trio.open_nursery() as nursery:
+        await nursery.start(link.serve)
+        try:
+            await link.handshake()
+            await hub.set_initial_cwd(os.getcwd(), staged=plan.staged)
+        except LinkClosed:
+            os.kill(launched.pid, signal.SIGKILL)
+            os.waitpid(launched.pid, 0)
+            ended = slave.describe_exit()
+            reason = link.failure or "no handshake"
+            print(f"fsys-master: the slave did not start: {reason}"
+                  + (f" (slave {ended})" if ended else ""), file=sys.stderr)  # fmt: skip
+            nursery.cancel_scope.cancel()
+            transport.close()
+            return SESSION_FAILED
+
+        async def report_failure() -> None:
+            await link.wait_closed()
+            if link.failure is not None:
+                ended = slave.describe_exit()
+                print(f"fsys-master: {link.failure}" + (f" (slave {ended})" if ended else "")
+                      + "; remote calls now fail with EIO", file=sys.stderr)  # fmt: skip
+
+        nursery.start_soon(report_failure)
+        nursery.start_soon(_relay_signals, launched.pid)
+        hub_done = trio.Event()
+
+        async def serve_hub() -> None:
+            try:
+                await hub.serve()
+            finally:
+                hub_done.set()
+
+        nursery.start_soon(serve_hub)
+        status = await _wait_program(launched)
+        await hub_done.wait()  # until every process under the filter is gone
+        await link.goodbye()
+        nursery.cancel_scope.cancel()
+    listener.close()
+    transport.close()
+    return SESSION_FAILED if link.failure is not None else status
+
+
+def run(plan: Plan) -> int:
+    """Serve the session to its end; the program's exit status, or SESSION_FAILED."""
+    return trio.run(_session, plan)
