@@ -33,6 +33,7 @@ class FdTransport:
         self._rbuf = bytearray(RECEIVE_SIZE)
         self._rview = memoryview(self._rbuf)
         self._wake = trio.Event()
+        self._drained = trio.Event()
         self._broken: str | None = None
         self._closed = False
 
@@ -61,33 +62,32 @@ class FdTransport:
         return len(self._pending)
 
     async def serve_writer(self) -> None:
-        """Drain what ``write`` could not write at once. Runs for the link's life."""
-        while True:
-            await self._wake.wait()
-            self._wake = trio.Event()
-            while self._pending:
-                await trio.lowlevel.wait_writable(self.write_fd)
-                try:
-                    n = os.write(self.write_fd, self._pending)
-                except BlockingIOError:
-                    continue
-                except OSError as exc:
-                    self._break(f"write failed: {os.strerror(exc.errno or errno.EIO)}")
-                    return
-                del self._pending[:n]
+        """Drain what ``write`` could not write at once. Runs for the link's life;
+        the only task that waits for the fd to become writable."""
+        try:
+            while True:
+                await self._wake.wait()
+                self._wake = trio.Event()
+                while self._pending:
+                    await trio.lowlevel.wait_writable(self.write_fd)
+                    try:
+                        n = os.write(self.write_fd, self._pending)
+                    except BlockingIOError:
+                        continue
+                    except OSError as exc:
+                        self._break(f"write failed: {os.strerror(exc.errno or errno.EIO)}")
+                        return
+                    del self._pending[:n]
+                self._drained.set()
+        finally:
+            self._drained.set()
 
     async def flush(self) -> None:
         """Wait until everything queued is written (or the link broke)."""
         while self._pending and self._broken is None:
-            await trio.lowlevel.wait_writable(self.write_fd)
-            try:
-                n = os.write(self.write_fd, self._pending)
-            except BlockingIOError:
-                continue
-            except OSError:
-                self._break("write failed")
-                return
-            del self._pending[:n]
+            self._drained = trio.Event()
+            self._wake.set()
+            await self._drained.wait()
 
     # --- reading --------------------------------------------------------------------
 

@@ -53,6 +53,20 @@ _fallocate = _proto(_c_int, _c_int, _c_long, _c_long)
 _syncfs = _proto(_c_int)
 
 
+def raise_fd_limit() -> None:
+    """Raise the soft limit on open files to the hard limit.
+
+    Each remote file costs a hub one descriptor (the slave's real fd; the master's
+    placeholder peer), so a hub needs as many as the program may open. Programs
+    started from a hub get the original soft limit back (see the launcher).
+    """
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
 def _check(result: int) -> int:
     if result < 0:
         err = ctypes.get_errno()

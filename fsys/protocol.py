@@ -64,8 +64,8 @@ class Op(enum.IntEnum):
 
     OPEN = 1  # dir flags mode resolve | path -> handle; blob: file type (S_IFMT >> 12)
     CLOSE = 2  # handle -> (request 0: no reply)
-    READ = 3  # handle count offset(-1: current) -> data
-    WRITE = 4  # handle offset(-1: current) | data -> count
+    READ = 3  # handle count offset(-1: current) rwf -> data
+    WRITE = 4  # handle offset(-1: current) rwf | data -> count
     LSEEK = 5  # handle offset whence -> offset
     STAT = 6  # dir flags mask | path -> struct statx
     GETDENTS = 7  # handle count -> linux_dirent64 records
@@ -118,8 +118,8 @@ _P, _D, _S = Blob.PATH, Blob.DATA, Blob.SMALL
 SCHEMAS: Final[dict[Op, Schema]] = {
     Op.OPEN: Schema(4, (_P,)),
     Op.CLOSE: Schema(1),
-    Op.READ: Schema(3),
-    Op.WRITE: Schema(2, (_D,)),
+    Op.READ: Schema(4),
+    Op.WRITE: Schema(3, (_D,)),
     Op.LSEEK: Schema(3),
     Op.STAT: Schema(3, (_P,)),
     Op.GETDENTS: Schema(2),
@@ -300,6 +300,22 @@ _ENCODE: Final = {
     op: (struct.Struct("<IBBHII" + "q" * s.ints), s.ints, tuple(b.value for b in s.blobs))
     for op, s in SCHEMAS.items()
 }
+
+
+_I64_MIN, _I64_MAX = -(1 << 63), (1 << 63) - 1
+
+
+def check_call(op: Op, ints: tuple[int, ...], blobs: tuple[bytes, ...]) -> None:
+    """Raise LocalProtocolError unless a CALL with these arguments can be encoded."""
+    _, nints, limits = _ENCODE[op]
+    if len(ints) != nints or len(blobs) != len(limits):
+        raise LocalProtocolError(f"{op.name}: wrong number of arguments")
+    for value in ints:
+        if not _I64_MIN <= value <= _I64_MAX:
+            raise LocalProtocolError(f"{op.name}: integer {value} out of range")
+    for limit, blob in zip(limits, blobs, strict=True):
+        if len(blob) > limit:
+            raise LocalProtocolError(f"{op.name}: string of {len(blob)} bytes (limit {limit})")
 
 
 def _encode_call(event: Call) -> bytes:

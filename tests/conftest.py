@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import shlex
+import signal
 import subprocess
 import sys
 from collections.abc import Sequence
@@ -50,7 +51,18 @@ async def run_master(
     deadline: float = DEADLINE,
     env: dict[str, str] | None = None,
 ) -> Result:
-    """Run ``fsys-master ARGS`` to completion, within ``deadline`` seconds."""
+    """Run ``fsys-master ARGS`` to completion, within ``deadline`` seconds.
+
+    fsys-master and its program run in a session of their own, so that at the
+    deadline every process is killed, and none keeps the output pipes open.
+    """
+
+    async def kill_all(proc: trio.Process) -> None:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
     with trio.fail_after(deadline):
         proc = await trio.run_process(
             [PYTHON, "-m", "fsys.master", *args],
@@ -60,6 +72,8 @@ async def run_master(
             check=False,
             cwd=cwd,
             env=env,
+            start_new_session=True,
+            deliver_cancel=kill_all,
         )
     return Result(proc.returncode, proc.stdout, proc.stderr)
 

@@ -321,7 +321,19 @@ async def test_rename_across_sides_is_exdev(session: Session) -> None:
 async def test_program_not_found(session: Session) -> None:
     result = await session.run("no-such-program-fsys")
     assert result.status == 127
-    assert "no-such-program-fsys: command not found" in result.err
+    assert "no-such-program-fsys: not found" in result.err
+    result = await session.run("/no/such/program")
+    assert result.status == 127
+    assert "/no/such/program: not found" in result.err
+
+
+async def test_program_that_only_the_slave_has(session: Session) -> None:
+    (session.box / "tools").mkdir()
+    tool = session.box / "tools" / "tool"
+    tool.write_text('#!/bin/sh\necho "slave tool $0 $*"\n')
+    tool.chmod(0o755)
+    result = await session.run("/tools/tool", "a")
+    assert (result.status, result.out) == (0, "slave tool /tools/tool a\n"), result.err
 
 
 async def test_slave_that_fails_to_start(session: Session) -> None:

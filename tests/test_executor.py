@@ -64,7 +64,7 @@ def test_dotdot_from_a_directory_handle_stays_inside(ex: Executor, box: Path) ->
     handle = open_(ex, b"/dir", os.O_RDONLY | os.O_DIRECTORY)
     assert handle > 0
     fd = open_(ex, b"../dir/file", d=handle)
-    assert run(ex, Op.READ, (fd, 100, -1)) == (6, b"inside")
+    assert run(ex, Op.READ, (fd, 100, -1, 0)) == (6, b"inside")
     assert open_(ex, b"../../../etc/hostname", d=handle) == -errno.ENOENT
 
 
@@ -79,8 +79,8 @@ def test_calls_on_names_do_not_follow_escaping_symlinks(ex: Executor, box: Path)
 
 def test_create_write_read_stat(ex: Executor, box: Path) -> None:
     fd = open_(ex, b"/new", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
-    assert run(ex, Op.WRITE, (fd, -1), b"hello") == (5, b"")
-    assert run(ex, Op.WRITE, (fd, 10), b"!") == (1, b"")
+    assert run(ex, Op.WRITE, (fd, -1, 0), b"hello") == (5, b"")
+    assert run(ex, Op.WRITE, (fd, 10, 0), b"!") == (1, b"")
     run(ex, Op.CLOSE, (fd,))
     assert (box / "new").read_bytes() == b"hello\0\0\0\0\0!"
     assert stat.S_IMODE((box / "new").stat().st_mode) == 0o640
@@ -133,8 +133,8 @@ def test_chdir_and_handle_path_are_root_relative(ex: Executor) -> None:
 def test_closed_and_unknown_handles(ex: Executor) -> None:
     fd = open_(ex, b"/dir/file")
     run(ex, Op.CLOSE, (fd,))
-    assert run(ex, Op.READ, (fd, 10, -1))[0] == -errno.EBADF
-    assert run(ex, Op.READ, (12345, 10, -1))[0] == -errno.EBADF
+    assert run(ex, Op.READ, (fd, 10, -1, 0))[0] == -errno.EBADF
+    assert run(ex, Op.READ, (12345, 10, -1, 0))[0] == -errno.EBADF
 
 
 def test_locks_become_description_locks(ex: Executor) -> None:
@@ -163,7 +163,7 @@ def test_unconfined_executor_sees_the_whole_filesystem() -> None:
     ex = Executor("/")
     try:
         fd = open_(ex, b"/etc/hostname")
-        assert run(ex, Op.READ, (fd, 100, -1))[1] == Path("/etc/hostname").read_bytes()
+        assert run(ex, Op.READ, (fd, 100, -1, 0))[1] == Path("/etc/hostname").read_bytes()
     finally:
         ex.close()
 

@@ -303,3 +303,29 @@ async def test_five_hundred_short_processes_leak_nothing_on_the_slave(
     )
     result = await session.run(SYSTEM_PYTHON, "-c", script, str(session.box))
     assert (result.status, result.out) == (0, "0\n"), result.err
+
+
+async def test_close_on_exec_releases_the_remote_file(session: Session) -> None:
+    (session.box / "f").write_text("x")
+    after_exec = FIND_SLAVE + textwrap.dedent(
+        """
+        deadline = time.monotonic() + 5
+        while len(os.listdir(f"/proc/{find_slave()}/fd")) != int(sys.argv[2]):
+            if time.monotonic() > deadline:
+                print("still open")
+                sys.exit(1)
+            time.sleep(0.02)
+        print("released")
+        """
+    )
+    before_exec = FIND_SLAVE + textwrap.dedent(
+        f"""
+        baseline = len(os.listdir(f"/proc/{{find_slave()}}/fd"))
+        kept = os.open("/f", os.O_RDONLY | os.O_CLOEXEC)
+        assert len(os.listdir(f"/proc/{{find_slave()}}/fd")) == baseline + 1
+        os.execv({SYSTEM_PYTHON!r}, ["python3", "-c", {after_exec!r}, sys.argv[1],
+                 str(baseline)])
+        """
+    )
+    result = await session.run(SYSTEM_PYTHON, "-c", before_exec, str(session.box))
+    assert (result.status, result.out) == (0, "released\n"), result.err

@@ -35,10 +35,10 @@ from fsys.linux import (
     UTIME_OMIT,
 )
 from fsys.master import staging
-from fsys.master.fmhub import CONTINUE, Handler, Hub, Target, Trapped, _Continue
+from fsys.master.fmhub import CONTINUE, Handler, Hub, Pairing, Target, Trapped, _Continue
 from fsys.master.placeholders import RemoteFile
 from fsys.master.policy import normalize
-from fsys.protocol import MAX_IO, Op
+from fsys.protocol import MAX_IO, Op, Reply
 
 HANDLERS: dict[str, Handler] = {}
 
@@ -114,8 +114,21 @@ def _pieces(iovs: list[tuple[int, int]], start: int, size: int) -> list[tuple[in
     return spans
 
 
+def _blob(reply: Reply, limit: int, *, exact: bool = False) -> bytes:
+    """The reply's string, checked: a slave must not make us overrun a buffer."""
+    blob = reply.blob
+    if len(blob) > limit or (exact and len(blob) != limit):
+        raise Errno(errno.EIO)
+    return blob
+
+
 async def _read_into(
-    hub: Hub, call: Trapped, rf: RemoteFile, iovs: list[tuple[int, int]], offset: int | None
+    hub: Hub,
+    call: Trapped,
+    rf: RemoteFile,
+    iovs: list[tuple[int, int]],
+    offset: int | None,
+    rwf: int = 0,
 ) -> int:
     total = min(sum(length for _, length in iovs), MAX_RW_COUNT)
     done = 0
@@ -123,10 +136,14 @@ async def _read_into(
         want = min(total - done, MAX_IO)
         pos = -1 if offset is None else offset + done
         try:
-            data = (await hub.call(Op.READ, (rf.handle, want, pos))).blob
-            view = memoryview(data)
-            for addr, at, length in _pieces(iovs, done, len(data)):
-                call.memory.write(addr, view[at : at + length])
+            data = _blob(await hub.call(Op.READ, (rf.handle, want, pos, rwf)), want)
+            pieces = _pieces(iovs, done, len(data))
+            if len(pieces) == 1:  # one buffer: hand the reply's bytes over as they are
+                call.memory.write(pieces[0][0], data)
+            else:
+                view = memoryview(data)
+                for addr, at, length in pieces:
+                    call.memory.write(addr, view[at : at + length])
         except Errno:
             if done:
                 return done
@@ -137,7 +154,12 @@ async def _read_into(
 
 
 async def _write_from(
-    hub: Hub, call: Trapped, rf: RemoteFile, iovs: list[tuple[int, int]], offset: int | None
+    hub: Hub,
+    call: Trapped,
+    rf: RemoteFile,
+    iovs: list[tuple[int, int]],
+    offset: int | None,
+    rwf: int = 0,
 ) -> int:
     total = min(sum(length for _, length in iovs), MAX_RW_COUNT)
     done = 0
@@ -146,7 +168,8 @@ async def _write_from(
         pos = -1 if offset is None else offset + done
         try:
             chunk = b"".join(call.memory.read(a, n) for a, _, n in _pieces(iovs, done, size))
-            written = (await hub.call(Op.WRITE, (rf.handle, pos), (chunk,))).result
+            reply = await hub.call(Op.WRITE, (rf.handle, pos, rwf), (chunk,))
+            written = min(reply.result, size)
         except Errno:
             if done:
                 return done
@@ -160,6 +183,12 @@ def _offset(value: int) -> int:
     if value < 0:
         raise Errno(errno.EINVAL)
     return value
+
+
+def _v2_offset(call: Trapped) -> int | None:
+    """preadv2/pwritev2: offset -1 means the file position."""
+    offset = call.arg_long(3)
+    return None if offset == -1 else _offset(offset)
 
 
 @handles("read")
@@ -179,13 +208,17 @@ async def sys_readv(hub: Hub, call: Trapped) -> int:
     return await _read_into(hub, call, _file(call), iovs, None)
 
 
-@handles("preadv", "preadv2")
+@handles("preadv")
 async def sys_preadv(hub: Hub, call: Trapped) -> int:
     iovs = _iovecs(call, call.arg(1), call.arg_int(2))
-    offset = call.arg_long(3)
-    if call.syscall.name == "preadv2" and offset == -1:
-        return await _read_into(hub, call, _file(call), iovs, None)
-    return await _read_into(hub, call, _file(call), iovs, _offset(offset))
+    return await _read_into(hub, call, _file(call), iovs, _offset(call.arg_long(3)))
+
+
+@handles("preadv2")
+async def sys_preadv2(hub: Hub, call: Trapped) -> int:
+    iovs = _iovecs(call, call.arg(1), call.arg_int(2))
+    rwf = call.arg_int(5) & 0xFFFFFFFF
+    return await _read_into(hub, call, _file(call), iovs, _v2_offset(call), rwf)
 
 
 @handles("write")
@@ -205,13 +238,17 @@ async def sys_writev(hub: Hub, call: Trapped) -> int:
     return await _write_from(hub, call, _file(call), iovs, None)
 
 
-@handles("pwritev", "pwritev2")
+@handles("pwritev")
 async def sys_pwritev(hub: Hub, call: Trapped) -> int:
     iovs = _iovecs(call, call.arg(1), call.arg_int(2))
-    offset = call.arg_long(3)
-    if call.syscall.name == "pwritev2" and offset == -1:
-        return await _write_from(hub, call, _file(call), iovs, None)
-    return await _write_from(hub, call, _file(call), iovs, _offset(offset))
+    return await _write_from(hub, call, _file(call), iovs, _offset(call.arg_long(3)))
+
+
+@handles("pwritev2")
+async def sys_pwritev2(hub: Hub, call: Trapped) -> int:
+    iovs = _iovecs(call, call.arg(1), call.arg_int(2))
+    rwf = call.arg_int(5) & 0xFFFFFFFF
+    return await _write_from(hub, call, _file(call), iovs, _v2_offset(call), rwf)
 
 
 @handles("lseek")
@@ -221,6 +258,21 @@ async def sys_lseek(hub: Hub, call: Trapped) -> int:
 
 
 # --- open -------------------------------------------------------------------------
+
+
+#: The flags open(2) and openat(2) act on; the kernel ignores any other bit (openat2,
+#: which the slave uses, would refuse them, and a mode without O_CREAT).
+VALID_OPEN_FLAGS = 0o37777777  # O_ACCMODE .. __O_TMPFILE, as the kernel's
+O_PATH_FLAGS = linux.O_PATH | linux.O_DIRECTORY | linux.O_NOFOLLOW | O_CLOEXEC
+
+
+def _legacy_open(flags: int, mode: int) -> tuple[int, int]:
+    """open/openat/creat arguments as openat2 takes them."""
+    flags &= VALID_OPEN_FLAGS
+    if flags & linux.O_PATH:
+        flags &= O_PATH_FLAGS
+    creates = flags & O_CREAT or flags & O_TMPFILE == O_TMPFILE
+    return flags, (mode & 0o7777 if creates else 0)
 
 
 async def _open(hub: Hub, call: Trapped, flags: int, mode: int, resolve: int = 0) -> int:
@@ -234,17 +286,17 @@ async def _open(hub: Hub, call: Trapped, flags: int, mode: int, resolve: int = 0
 
 @handles("open")
 async def sys_open(hub: Hub, call: Trapped) -> int:
-    return await _open(hub, call, call.arg_int(1), call.arg_int(2))
+    return await _open(hub, call, *_legacy_open(call.arg(1), call.arg(2)))
 
 
 @handles("creat")
 async def sys_creat(hub: Hub, call: Trapped) -> int:
-    return await _open(hub, call, O_CREAT | os.O_WRONLY | os.O_TRUNC, call.arg_int(1))
+    return await _open(hub, call, *_legacy_open(O_CREAT | os.O_WRONLY | os.O_TRUNC, call.arg(1)))
 
 
 @handles("openat")
 async def sys_openat(hub: Hub, call: Trapped) -> int:
-    return await _open(hub, call, call.arg_int(2), call.arg_int(3))
+    return await _open(hub, call, *_legacy_open(call.arg(2), call.arg(3)))
 
 
 @handles("openat2")
@@ -267,7 +319,7 @@ async def sys_openat2(hub: Hub, call: Trapped) -> int:
 async def _statx(hub: Hub, call: Trapped, target: Target, flags: int, mask: int) -> bytes:
     flags &= AT_SYMLINK_NOFOLLOW | AT_EMPTY_PATH | linux.AT_NO_AUTOMOUNT | 0x6000
     reply = await hub.call(Op.STAT, (target.dir, flags, mask), (target.path,))
-    return reply.blob
+    return _blob(reply, linux.STATX_SIZE, exact=True)
 
 
 def _fd_target(call: Trapped, i: int = 0) -> Target:
@@ -307,7 +359,7 @@ async def sys_statx(hub: Hub, call: Trapped) -> int:
 async def sys_getdents64(hub: Hub, call: Trapped) -> int:
     count = min(call.arg(2), MAX_IO)
     reply = await hub.call(Op.GETDENTS, (_file(call).handle, count))
-    call.memory.write(call.arg(1), reply.blob)
+    call.memory.write(call.arg(1), _blob(reply, count))
     return reply.result
 
 
@@ -329,7 +381,7 @@ async def sys_readlink(hub: Hub, call: Trapped) -> int:
         raise Errno(errno.EINVAL)
     target = call.targets[0]
     reply = await hub.call(Op.READLINK, (target.dir, size), (target.path,))
-    call.memory.write(call.arg(first + 1), reply.blob)
+    call.memory.write(call.arg(first + 1), _blob(reply, size))
     return reply.result
 
 
@@ -478,7 +530,7 @@ async def sys_statfs(hub: Hub, call: Trapped) -> int:
     else:
         target, flags = call.targets[0], 0
     reply = await hub.call(Op.STATFS, (target.dir, flags), (target.path,))
-    call.memory.write(call.arg(1), reply.blob)
+    call.memory.write(call.arg(1), _blob(reply, linux.STATFS.size, exact=True))
     return 0
 
 
@@ -499,7 +551,7 @@ async def sys_fcntl(hub: Hub, call: Trapped) -> int:
         raw = call.memory.read(call.arg(2), linux.FLOCK.size)
         reply = await hub.call(Op.LOCK, (rf.handle, cmd), (raw,))
         if cmd in (linux.F_GETLK, linux.F_OFD_GETLK):
-            call.memory.write(call.arg(2), reply.blob)
+            call.memory.write(call.arg(2), _blob(reply, linux.FLOCK.size, exact=True))
         return 0
     if cmd == F_GETLEASE:
         return 2  # F_UNLCK: no lease
@@ -525,11 +577,11 @@ async def sys_ioctl(hub: Hub, call: Trapped) -> int:
     addr = call.arg(2)
     if request in (FIONREAD, FIGETBSZ, FS_IOC_GETFLAGS):
         reply = await hub.call(Op.IOCTL, (rf.handle, request, 0))
-        call.memory.write(addr, _INT.pack(_LOFF.unpack(reply.blob)[0]))
+        call.memory.write(addr, _INT.pack(_LOFF.unpack(_blob(reply, 8, exact=True))[0]))
         return reply.result
     if request == FIOQSIZE:
         reply = await hub.call(Op.IOCTL, (rf.handle, request, 0))
-        call.memory.write(addr, reply.blob)
+        call.memory.write(addr, _blob(reply, 8, exact=True))
         return reply.result
     if request == FIONBIO:
         (value,) = call.memory.read_struct(addr, _INT)
@@ -620,7 +672,7 @@ async def sys_getxattr(hub: Hub, call: Trapped) -> int:
     size = min(call.arg(3), XATTR_SIZE_MAX)
     reply = await hub.call(Op.GETXATTR, (target.dir, flags, size), (target.path, attr))
     if size:
-        call.memory.write(call.arg(2), reply.blob)
+        call.memory.write(call.arg(2), _blob(reply, size))
     return reply.result
 
 
@@ -643,7 +695,7 @@ async def sys_listxattr(hub: Hub, call: Trapped) -> int:
     size = min(call.arg(2), XATTR_SIZE_MAX)
     reply = await hub.call(Op.LISTXATTR, (target.dir, flags, size), (target.path,))
     if size:
-        call.memory.write(call.arg(1), reply.blob)
+        call.memory.write(call.arg(1), _blob(reply, size))
     return reply.result
 
 
@@ -671,16 +723,17 @@ async def sys_chdir(hub: Hub, call: Trapped) -> int | _Continue:
         return 0
     path = target.shown
     absolute = normalize(path if path.startswith(b"/") else pairing.cwd + b"/" + path)
-    try:
-        st = os.stat(absolute)
-    except OSError as exc:
-        raise Errno(exc.errno or errno.ENOENT) from None
-    if not stat.S_ISDIR(st.st_mode):
-        raise Errno(errno.ENOTDIR)
-    hub.seal(pairing)
-    pairing.cwd, pairing.cwd_remote, pairing.staged_cwd = absolute, False, False
+    _enter_master_directory(hub, pairing, absolute)
     call.side = "master"
     return CONTINUE
+
+
+def _enter_master_directory(hub: Hub, pairing: Pairing, path: bytes) -> None:
+    """A chdir into a master directory is continued: the kernel decides, with the
+    program's credentials; fmhub reads its verdict back at the next call."""
+    hub.seal(pairing)
+    pairing.pending_cwd = (path, pairing.inheritable())
+    pairing.cwd, pairing.cwd_remote, pairing.staged_cwd = path, False, False
 
 
 @handles("fchdir")
@@ -699,9 +752,8 @@ async def sys_fchdir(hub: Hub, call: Trapped) -> int | _Continue:
         path = os.readlink(f"/proc/{call.notif.tid}/fd/{call.arg_int(0)}")
     except OSError:
         return CONTINUE  # the kernel answers EBADF
-    if os.path.isdir(path):
-        hub.seal(pairing)
-        pairing.cwd, pairing.cwd_remote, pairing.staged_cwd = os.fsencode(path), False, False
+    if path.startswith("/"):
+        _enter_master_directory(hub, pairing, os.fsencode(path))
     return CONTINUE
 
 
@@ -726,6 +778,13 @@ async def sys_umask(hub: Hub, call: Trapped) -> int | _Continue:
     return CONTINUE
 
 
+@handles("exit")
+async def sys_thread_exit(hub: Hub, call: Trapped) -> _Continue:
+    call.side = "master"
+    hub.forget_tid(call.notif.tid)
+    return CONTINUE
+
+
 @handles("exit_group")
 async def sys_exit(hub: Hub, call: Trapped) -> _Continue:
     call.side = "master"
@@ -740,6 +799,7 @@ async def sys_execve(hub: Hub, call: Trapped) -> int | _Continue:
     if not target.remote:
         call.side = "master"
         call.pairing.memory.forget()  # a new address space after a successful exec
+        hub.forget_threads(call.pairing)
         return CONTINUE
     # A file that lives only on the slave: answer what the kernel would for a file
     # that does not exist or cannot be executed; otherwise stage it (staging.py).
@@ -776,6 +836,7 @@ async def sys_execve(hub: Hub, call: Trapped) -> int | _Continue:
     if absolute:
         call.memory.rewrite_byte(call.arg(0 if call.syscall.name == "execve" else 1), b".")
     call.pairing.memory.forget()
+    hub.forget_threads(call.pairing)
     call.side = "master"
     call.note = f"staged as {os.fsdecode(staged)}"
     return CONTINUE
@@ -788,7 +849,7 @@ async def _read_whole(hub: Hub, target: Target) -> bytes:
     chunks: list[bytes] = []
     try:
         while True:
-            data = (await hub.call(Op.READ, (handle, MAX_IO, -1))).blob
+            data = _blob(await hub.call(Op.READ, (handle, MAX_IO, -1, 0)), MAX_IO)
             if not data:
                 break
             chunks.append(data)

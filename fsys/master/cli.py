@@ -22,6 +22,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import TextIO
 
@@ -178,12 +179,13 @@ class Slave:
                     continue
             self.process.wait()
         elif self.pid > 0:
-            if failed:
-                try:
+            deadline = time.monotonic() + (0.0 if failed else 5.0)
+            while not os.waitpid(self.pid, os.WNOHANG)[0]:
+                if time.monotonic() >= deadline:
                     os.kill(self.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-            os.waitpid(self.pid, 0)
+                    os.waitpid(self.pid, 0)
+                    break
+                time.sleep(0.01)
             self.pid = -1
 
 
@@ -198,11 +200,14 @@ def cmd_run(args: argparse.Namespace) -> int:
         return 2
     env = dict(os.environ)
     try:
-        path = resolve_program(argv[0], env)
-        policy = _build_policy(args, path)
+        path: str | None = resolve_program(argv[0], env)
     except LaunchError as exc:
-        print(f"fsys-master: {exc}", file=sys.stderr)
-        return exc.status
+        if exc.status != 127:
+            print(f"fsys-master: {exc}", file=sys.stderr)
+            return exc.status
+        path = None  # perhaps the slave has it: see below
+    try:
+        policy = _build_policy(args, path)
     except PolicyError as exc:
         print(f"fsys-master: {exc}", file=sys.stderr)
         return 2
@@ -230,6 +235,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     # Started in a slave directory: its kernel working directory is the stage (for
     # running slave-only files, see staging.py).
     staged = not policy.is_local(normalize(os.fsencode(os.getcwd())))
+    if path is None:
+        # Not on the master: the program may be the slave's. A shell looks for it (on
+        # the slave's PATH and tree, through fsys) and execs it, staged, or says
+        # "not found" (127).
+        path, argv = "/bin/sh", ["/bin/sh", "-c", 'exec "$0" "$@"', *argv]
     try:
         launched = launch(path, argv, env, program, cwd=stage.cwd if staged else None)
     except LaunchError as exc:
@@ -290,6 +300,9 @@ def cmd_syscalls(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "run":
+        from fsys.linux import raise_fd_limit
+
+        raise_fd_limit()
         return cmd_run(args)
     if args.command == "policy":
         return cmd_policy(args)

@@ -46,10 +46,11 @@ import time
 import traceback
 from collections.abc import Callable, Coroutine, Generator
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import trio
 
-from fsys.errors import Errno, LinkClosed
+from fsys.errors import Errno, LinkClosed, LocalProtocolError
 from fsys.linux import AT_EMPTY_PATH, AT_FDCWD
 from fsys.master.device import Listener, Notification
 from fsys.master.link import SlaveLink
@@ -58,7 +59,16 @@ from fsys.master.placeholders import Placeholders, RemoteFile
 from fsys.master.policy import Policy, normalize
 from fsys.master.staging import Stage
 from fsys.master.trace import Tracer
-from fsys.protocol import ClosePairing, Connection, Event, Op, OpenPairing, Reply
+from fsys.protocol import (
+    MAX_PATH,
+    ClosePairing,
+    Connection,
+    Event,
+    Op,
+    OpenPairing,
+    Reply,
+    check_call,
+)
 from kmod.table import Disposition, PathArg, Syscall, Table
 
 HOT_QUIET_MS = 2
@@ -88,6 +98,9 @@ class Pairing:
     memory: TargetMemory
     staged_cwd: bool = False  # the process's kernel cwd is the stage directory
     staged_names: frozenset[bytes] = frozenset()  # names of its staged wrapper (staging.py)
+    # A chdir into a master directory, continued: the kernel's verdict is read back
+    # (from /proc) at the next call, and the previous state restored if it refused.
+    pending_cwd: tuple[bytes, Inherited] | None = None
     tids: set[int] = field(default_factory=set)
     announced: bool = False
     closed: bool = False
@@ -96,8 +109,7 @@ class Pairing:
         return Inherited(self.cwd, self.cwd_remote, self.staged_cwd)
 
 
-@dataclass(frozen=True, slots=True)
-class Inherited:
+class Inherited(NamedTuple):
     """What a child process takes from its parent at fork (fmhub's part of it)."""
 
     cwd: bytes
@@ -168,6 +180,15 @@ def _join(cwd: bytes, path: bytes) -> bytes:
     return (cwd.rstrip(b"/") or b"") + b"/" + path
 
 
+def _start_time(pid: int) -> int:
+    """When ``pid`` started (clock ticks since boot; -1 if it is gone)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return int(f.read().rsplit(b")", 1)[1].split()[19])
+    except (OSError, IndexError, ValueError):
+        return -1
+
+
 def _proc_status(tid: int) -> dict[str, str]:
     with open(f"/proc/{tid}/status") as f:
         return dict(line.split(":\t", 1) for line in f.read().splitlines() if ":\t" in line)
@@ -196,7 +217,8 @@ class Hub:
         self.pairings: dict[int, Pairing] = {}  # by tgid
         self.by_tid: dict[int, Pairing] = {}
         self.initial = Inherited(b"/", True, False)
-        self.births: dict[int, Inherited] = {}  # child tgid -> state at its fork
+        # child pid -> (state at its fork, its start time: pids are reused)
+        self.births: dict[int, tuple[Inherited, int]] = {}
         self._pairing_ids = itertools.count(1)
         self._nursery: trio.Nursery | None = None
         self.trapped = 0
@@ -213,6 +235,8 @@ class Hub:
             poller.register(self.listener.fd, select.POLLIN)
             link_fd = self.link.transport.read_fd
             poller.register(link_fd, select.POLLIN)
+            poller.register(self.placeholders.fileno(), select.POLLIN)
+            nursery.start_soon(self._reap_closed)
             while True:
                 notif = await self.listener.receive()
                 if notif is None:
@@ -221,6 +245,12 @@ class Hub:
                 if not self._hot(poller, link_fd):
                     break
             nursery.cancel_scope.cancel()
+
+    async def _reap_closed(self) -> None:
+        """Release remote handles whose last placeholder is gone, while fmhub idles."""
+        while True:
+            await trio.lowlevel.wait_readable(self.placeholders.fileno())
+            self.placeholders.reap(self._release)
 
     def _hot(self, poller: select.poll, link_fd: int) -> bool:
         """Serve notifications and replies directly, while they keep coming.
@@ -232,6 +262,7 @@ class Hub:
         other tasks (last-close and exit watchers) run. False: no task is left.
         """
         listener = self.listener
+        closed_fd = self.placeholders.fileno()
         deadline = time.monotonic() + HOT_SLICE
         while True:
             events = poller.poll(0)
@@ -245,11 +276,15 @@ class Hub:
                         events = poller.poll(0)
                 if not events:
                     events = poller.poll(HOT_QUIET_MS)
+                    if not events:
+                        return True
             for fd, mask in events:
                 if fd == link_fd:
                     self.link.pump()
                     if not self.link.alive:
                         poller.unregister(link_fd)
+                elif fd == closed_fd:
+                    self.placeholders.reap(self._release)
                 elif mask & select.POLLIN:
                     notif = listener.receive_ready()
                     if notif is not None:
@@ -270,6 +305,8 @@ class Hub:
         except Errno:
             self.listener.continue_(notif.id)  # the caller is gone; nothing to route
             return
+        if pairing.pending_cwd is not None:
+            self._settle_cwd(pairing, notif.tid)
         call = Trapped(notif, syscall, pairing)
         bound = pairing.memory.bound
         try:
@@ -302,6 +339,9 @@ class Hub:
             # earlier is bound to the caller's address space and cannot be fooled.)
             return
         self.forwarded += 1
+        # A handle whose last placeholder was just closed is released first, as a
+        # native close would have released it (a lock, say) before this call.
+        self.placeholders.reap(self._release)
         self._start(handler, call)
 
     def _start(self, handler: Handler, call: Trapped) -> None:
@@ -312,32 +352,41 @@ class Hub:
         self,
         call: Trapped,
         coro: Coroutine[SlaveCall, Reply, int | _Continue],
-        sent: Reply | LinkClosed | None,
+        sent: Reply | BaseException | None,
     ) -> None:
         """Run ``call``'s handler up to its next slave operation, or to its end."""
-        try:
-            if isinstance(sent, LinkClosed):
-                step = coro.throw(sent)
+        while True:
+            try:
+                if isinstance(sent, BaseException):
+                    step = coro.throw(sent)
+                else:
+                    step = coro.send(sent)  # type: ignore[arg-type]
+            except StopIteration as stop:
+                outcome: int | _Continue = stop.value
+            except Errno as exc:
+                outcome = -exc.errno
+            except LinkClosed:
+                outcome = -errno.EIO
+            except Exception:  # noqa: BLE001 - a bug must not take the session down
+                print(f"fsys-master: internal error in {call.syscall.name}:", file=sys.stderr)
+                traceback.print_exc()
+                outcome = -errno.EIO
             else:
-                step = coro.send(sent)  # type: ignore[arg-type]
-        except StopIteration as stop:
-            outcome: int | _Continue = stop.value
-        except Errno as exc:
-            outcome = -exc.errno
-        except LinkClosed:
-            outcome = -errno.EIO
-        except Exception:  # noqa: BLE001 - a bug must not take the session down
-            print(f"fsys-master: internal error in {call.syscall.name}:", file=sys.stderr)
-            traceback.print_exc()
-            outcome = -errno.EIO
-        else:
-            pairing = call.pairing
-            self.link.submit(
-                pairing.id, step.op, step.ints, step.blobs,
-                functools.partial(self._advance, call, coro), self._announce(pairing),
-            )  # fmt: skip
+                pairing = call.pairing
+                try:
+                    check_call(step.op, step.ints, step.blobs)
+                except LocalProtocolError:
+                    sent = Errno(errno.EINVAL)  # an argument the wire cannot carry
+                    continue
+                # A process that died mid-call finishes it on the session's account.
+                self.link.submit(
+                    0 if pairing.closed else pairing.id, step.op, step.ints, step.blobs,
+                    functools.partial(self._advance, call, coro),
+                    None if pairing.closed else self._announce(pairing),
+                )  # fmt: skip
+                return
+            self._answer(call, outcome, call.start)
             return
-        self._answer(call, outcome, call.start)
 
     def _answer(self, call: Trapped, outcome: int | _Continue, start: int) -> None:
         if not call.answered:
@@ -356,31 +405,37 @@ class Hub:
         pairing = call.pairing
         dirfd = AT_FDCWD if arg.dirfd is None else notif.arg_int(arg.dirfd)
         addr = notif.args[arg.path]
-        if addr == 0 and call.syscall.name == "utimensat":
-            path = b""
-            null = True
-        else:
-            path = pairing.memory.read_cstring(addr)
-            null = False
+        flags = notif.arg_int(call.syscall.flags) if call.syscall.flags is not None else 0
+        null = addr == 0 and bool(flags & AT_EMPTY_PATH or call.syscall.name == "utimensat")
+        path = b"" if null else pairing.memory.read_cstring(addr)
         if path.startswith(b"/"):
             remote = not self.policy.is_local(normalize(path))
             return Target(remote, 0, path, path)
         if not path:
-            flags = notif.arg_int(call.syscall.flags) if call.syscall.flags is not None else 0
-            if (null or flags & AT_EMPTY_PATH) and dirfd != AT_FDCWD:
-                rf = self.placeholders.lookup(notif.tid, dirfd)
-                if rf is not None:
-                    return Target(True, rf.handle, b"", b"", null)
-            return Target(False, shown=path, null=null)  # the kernel answers (ENOENT...)
+            if not (null or flags & AT_EMPTY_PATH):
+                return Target(False, shown=path)  # the kernel answers ENOENT
+            if dirfd == AT_FDCWD:  # the current directory itself
+                if pairing.cwd_remote:
+                    return Target(True, 0, pairing.cwd, b"", null)
+                return Target(False, shown=path, null=null)
+            rf = self.placeholders.lookup(notif.tid, dirfd)
+            if rf is not None:
+                return Target(True, rf.handle, b"", b"", null)
+            return Target(False, shown=path, null=null)
         if dirfd == AT_FDCWD:
             if pairing.cwd_remote:
                 if path in pairing.staged_names:
                     return Target(False, shown=path)  # an interpreter reading its wrapper
                 # Relative to a slave directory: resolved by the slave, wherever it leads.
-                return Target(True, 0, _join(pairing.cwd, path), path)
+                joined = _join(pairing.cwd, path)
+                if len(joined) >= MAX_PATH:
+                    raise Errno(errno.ENAMETOOLONG)
+                return Target(True, 0, joined, path)
             joined = _join(pairing.cwd, path)
             if self.policy.is_local(normalize(joined)):
                 return Target(False, shown=path)
+            if len(joined) >= MAX_PATH:
+                raise Errno(errno.ENAMETOOLONG)
             return Target(True, 0, joined, path)
         rf = self.placeholders.lookup(notif.tid, dirfd)
         if rf is None:
@@ -405,25 +460,70 @@ class Hub:
             parent = self.pairings.get(ppid)
             if parent is not None and parent.closed:
                 parent = None
-            state = self.births.pop(tgid, None)
-            if state is None:
-                state = parent.inheritable() if parent is not None else self.initial
             pairing = Pairing(
                 id=next(self._pairing_ids),
                 tgid=tgid,
                 parent=parent,
-                cwd=state.cwd,
-                cwd_remote=state.cwd_remote,
+                cwd=b"",
+                cwd_remote=True,
                 umask=umask,
                 memory=TargetMemory(tgid),
-                staged_cwd=state.staged_cwd,
             )
+            state = self._inherited(tgid, ppid)
+            pairing.cwd, pairing.cwd_remote, pairing.staged_cwd = state
             self.pairings[tgid] = pairing
             assert self._nursery is not None
             self._nursery.start_soon(self._watch_process, pairing)
         pairing.tids.add(tid)
         self.by_tid[tid] = pairing
         return pairing
+
+    def _inherited(self, pid: int, ppid: int) -> Inherited:
+        """What the new process ``pid`` took from its parent at fork.
+
+        Its sealed record if there is one (and is for this process: a pid can be
+        reused); else its parent's current state, the parent being a known process or,
+        walking up, a process that made no trapped call yet (and so changed nothing).
+        """
+        for _ in range(64):
+            record = self.births.pop(pid, None)
+            if record is not None and record[1] == _start_time(pid):
+                return record[0]
+            parent = self.pairings.get(ppid)
+            if parent is not None and not parent.closed:
+                return parent.inheritable()
+            if ppid <= 1:
+                break
+            try:
+                pid, ppid = ppid, int(_proc_status(ppid)["PPid"])
+            except (OSError, KeyError, ValueError):
+                break
+        return self.initial
+
+    def forget_tid(self, tid: int) -> None:
+        """``tid`` is exiting (a thread): its number may soon be another task's."""
+        pairing = self.by_tid.pop(tid, None)
+        if pairing is not None:
+            pairing.tids.discard(tid)
+
+    def forget_threads(self, pairing: Pairing) -> None:
+        """An execve ends every other thread of the process without an exit call."""
+        for tid in pairing.tids:
+            if self.by_tid.get(tid) is pairing:
+                del self.by_tid[tid]
+        pairing.tids.clear()
+
+    def _settle_cwd(self, pairing: Pairing, tid: int) -> None:
+        """Read back a continued chdir: keep it if the kernel did it, else undo it."""
+        assert pairing.pending_cwd is not None
+        wanted, previous = pairing.pending_cwd
+        pairing.pending_cwd = None
+        try:
+            actual = os.fsencode(os.readlink(f"/proc/{tid}/cwd"))
+        except OSError:
+            return
+        if actual != os.path.realpath(wanted):
+            pairing.cwd, pairing.cwd_remote, pairing.staged_cwd = previous
 
     def seal(self, pairing: Pairing) -> None:
         """Record, for each child of ``pairing`` not yet seen, the state it inherits.
@@ -445,18 +545,23 @@ class Hub:
                 continue
             for child in map(int, children):
                 if child not in self.pairings and child not in self.births:
-                    self.births[child] = state
+                    self.births[child] = (state, _start_time(child))
         if len(self.births) > 4096:  # children that died before their first call
-            self.births = {c: s for c, s in self.births.items() if os.path.exists(f"/proc/{c}")}
+            self.births = {c: r for c, r in self.births.items() if _start_time(c) == r[1]}
 
     async def _watch_process(self, pairing: Pairing) -> None:
         try:
             pidfd = os.pidfd_open(pairing.tgid)
+        except ProcessLookupError:
+            pidfd = -1  # already gone
         except OSError:
-            pidfd = -1
+            pidfd = -2  # cannot watch it (out of descriptors?): look now and then
         try:
             if pidfd >= 0:
                 await trio.lowlevel.wait_readable(pidfd)
+            elif pidfd == -2:
+                while os.path.exists(f"/proc/{pairing.tgid}"):
+                    await trio.sleep(0.5)
         finally:
             if pidfd >= 0:
                 os.close(pidfd)
@@ -501,14 +606,18 @@ class Hub:
 
     def install(self, call: Trapped, handle: int, kind: int, *, cloexec: bool) -> int:
         """Give the program a placeholder for ``handle``; it is the call's answer."""
-        app_end, remote = self.placeholders.create(handle, kind)
+        try:
+            app_end, remote = self.placeholders.create(handle, kind)
+        except Errno:
+            self.link.post(0, Op.CLOSE, (handle,))
+            raise
         try:
             fd = self.listener.inject(call.notif.id, app_end.fileno(), cloexec=cloexec)
         finally:
             app_end.close()
-        assert self._nursery is not None
-        self._nursery.start_soon(self.placeholders.watch, remote, self._release)
         if fd < 0:
+            self.placeholders.discard(remote)
+            self._release(remote)
             if fd == -errno.ENOENT:
                 call.answered = True  # the caller is gone: nobody to answer
             raise Errno(-fd)

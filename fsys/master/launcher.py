@@ -20,6 +20,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
+import resource
 import shutil
 import signal
 from dataclasses import dataclass
@@ -30,6 +31,8 @@ _libc = ctypes.CDLL(None, use_errno=True)
 PR_SET_NO_NEW_PRIVS = 38
 PR_SET_PDEATHSIG = 1
 SECCOMP_FLAGS = abi.SECCOMP_FILTER_FLAG_NEW_LISTENER | abi.SECCOMP_FILTER_FLAG_WAIT_KILLABLE_RECV
+#: The limit on open files fsys-master was started with, before it raised its own.
+ORIGINAL_NOFILE = resource.getrlimit(resource.RLIMIT_NOFILE)
 
 
 class LaunchError(Exception):
@@ -70,9 +73,11 @@ def _child(
     fprog: _SockFprog,
     write_fd: int,
     cwd: bytes | None,
+    nofile: tuple[int, int],
 ) -> None:
     """Runs in the forked child; never returns."""
     try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, nofile)  # as fsys-master was given it
         if cwd is not None:
             os.chdir(cwd)
         # Python ignores these; a program expects the defaults (as subprocess restores).
@@ -119,7 +124,7 @@ def launch(
     pid = os.fork()
     if pid == 0:
         os.close(read_fd)
-        _child(path, argv, env, fprog, write_fd, cwd)
+        _child(path, argv, env, fprog, write_fd, cwd, ORIGINAL_NOFILE)
     os.close(write_fd)
     try:
         message = b""

@@ -78,13 +78,18 @@ class TargetMemory:
             return b""
         if addr == 0:
             raise Errno(errno.EFAULT)
-        try:
-            data = os.pread(self._mem(), size, addr)
-        except OSError as exc:
-            raise Errno(errno.EFAULT) from exc
-        if len(data) != size:
-            raise Errno(errno.EFAULT)
-        return data
+        for attempt in (1, 2):
+            try:
+                data = os.pread(self._mem(), size, addr)
+            except OSError:
+                data = b""
+            if len(data) == size:
+                return data
+            if attempt == 1:
+                # The descriptor may be bound to an address space an execve has just
+                # replaced (a sibling thread's call raced it): reopen, try once more.
+                self.forget()
+        raise Errno(errno.EFAULT)
 
     def read_cstring(self, addr: int, limit: int = PATH_MAX) -> bytes:
         """The NUL-terminated string at ``addr``, without its NUL.
@@ -98,16 +103,19 @@ class TargetMemory:
         # into a page that may be unmapped), then the rest if no NUL was there.
         first = min(limit, PAGE - addr % PAGE)
         data = b""
-        try:
-            data = os.pread(self._mem(), first, addr)
-            end = data.find(b"\0")
-            if end >= 0:
-                return data[:end]
-            if len(data) == first < limit:
-                data += os.pread(self._mem(), limit - first, addr + first)
-        except OSError as exc:
-            if not data:
-                raise Errno(errno.EFAULT) from exc
+        for attempt in (1, 2):
+            try:
+                data = os.pread(self._mem(), first, addr)
+                end = data.find(b"\0")
+                if end >= 0:
+                    return data[:end]
+                if len(data) == first < limit:
+                    data += os.pread(self._mem(), limit - first, addr + first)
+            except OSError:
+                pass
+            if data or attempt == 2:
+                break
+            self.forget()  # see read(): an address space replaced by an execve
         end = data.find(b"\0")
         if end >= 0:
             return data[:end]

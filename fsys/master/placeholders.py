@@ -9,7 +9,9 @@ kernel keeping the table. fmhub keeps the other end (the *peer*):
   names the remote handle; every lookup asks the kernel, so no cache can go stale
   after a native close or dup2;
 - last close: when every copy of the placeholder is gone, the peer reads EOF, and
-  the remote handle is closed;
+  the remote handle is closed. The peers are all watched by one epoll set, which
+  fmhub checks before each call it forwards (so a handle closed natively just before
+  is released first, as a lock held through it would be) and while it idles;
 - readiness: the placeholder of a regular file or directory carries one byte in
   its receive queue, so poll/select/epoll_wait see it readable and writable, as a
   regular file always is.
@@ -17,12 +19,14 @@ kernel keeping the table. fmhub keeps the other end (the *peer*):
 
 from __future__ import annotations
 
+import errno
 import os
+import select
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import trio
+from fsys.errors import Errno
 
 _SOCKET_PREFIX = "socket:["
 
@@ -46,18 +50,32 @@ class RemoteFile:
 class Placeholders:
     def __init__(self) -> None:
         self.by_inode: dict[int, RemoteFile] = {}
+        self._by_peer: dict[int, RemoteFile] = {}
+        self._closed = select.epoll()
 
     def __len__(self) -> int:
         return len(self.by_inode)
 
+    def fileno(self) -> int:
+        """Readable when some placeholder has lost its last copy (see ``reap``)."""
+        return self._closed.fileno()
+
     def create(self, handle: int, kind: int) -> tuple[socket.socket, RemoteFile]:
-        """A new placeholder: (the end to install in the program, its record)."""
-        app_end, peer = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        """A new placeholder: (the end to install in the program, its record).
+
+        Raises Errno(EMFILE/ENFILE) when fmhub itself is out of descriptors.
+        """
+        try:
+            app_end, peer = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        except OSError as exc:
+            raise Errno(exc.errno or errno.EMFILE) from None
         inode = os.fstat(app_end.fileno()).st_ino
         peer.setblocking(False)
         peer.send(b"\0")  # readable, like a regular file
         remote = RemoteFile(handle, kind, inode, peer)
         self.by_inode[inode] = remote
+        self._by_peer[peer.fileno()] = remote
+        self._closed.register(peer.fileno(), select.EPOLLIN | select.EPOLLRDHUP)
         return app_end, remote
 
     def lookup(self, tid: int, fd: int) -> RemoteFile | None:
@@ -74,22 +92,29 @@ class Placeholders:
 
     def discard(self, remote: RemoteFile) -> None:
         self.by_inode.pop(remote.inode, None)
+        fd = remote.peer.fileno()
+        if self._by_peer.pop(fd, None) is not None:
+            self._closed.unregister(fd)
         remote.peer.close()
 
-    async def watch(self, remote: RemoteFile, on_last_close: Callable[[RemoteFile], None]) -> None:
-        """Wait until the program holds no copy of ``remote``, then release it."""
-        peer = remote.peer
-        try:
-            while True:
-                await trio.lowlevel.wait_readable(peer)
-                try:
-                    data = peer.recv(65536)
-                except BlockingIOError:
-                    continue
-                except OSError:
-                    break
-                if not data:
-                    break  # EOF: the last placeholder is closed
-        finally:
+    def reap(self, on_last_close: Callable[[RemoteFile], None]) -> None:
+        """Release every placeholder whose last copy is gone. Never blocks."""
+        for fd, _ in self._closed.poll(0):
+            remote = self._by_peer.get(fd)
+            if remote is None:
+                continue
+            try:
+                data = remote.peer.recv(65536)
+            except BlockingIOError:
+                continue
+            except OSError:
+                data = b""
+            if not data:  # EOF: the program holds no copy any more
+                self.discard(remote)
+                on_last_close(remote)
+
+    def close(self, on_last_close: Callable[[RemoteFile], None]) -> None:
+        for remote in list(self.by_inode.values()):
             self.discard(remote)
             on_last_close(remote)
+        self._closed.close()

@@ -42,13 +42,22 @@ async def _wait_program(launched: Launched) -> int:
     return _exit_status(status)
 
 
-async def _relay_signals(pid: int) -> None:
+async def _relay_signals(launched: Launched, hub: Hub) -> None:
+    """SIGTERM and SIGHUP sent to fsys-master go to the program's processes: the
+    program itself (through its pidfd: never another process that got its pid), and
+    the processes it started that are still running."""
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGHUP) as signals:
         async for signum in signals:
             try:
-                os.kill(pid, signum)
+                signal.pidfd_send_signal(launched.pidfd, signum)
             except ProcessLookupError:
-                return
+                pass
+            for pairing in list(hub.pairings.values()):
+                if not pairing.closed and pairing.tgid != launched.pid:
+                    try:
+                        os.kill(pairing.tgid, signum)
+                    except ProcessLookupError:
+                        pass
 
 
 @dataclass(frozen=True)
@@ -97,7 +106,7 @@ async def _session(plan: Plan) -> int:
                       + "; remote calls now fail with EIO", file=sys.stderr)  # fmt: skip
 
         nursery.start_soon(report_failure)
-        nursery.start_soon(_relay_signals, launched.pid)
+        nursery.start_soon(_relay_signals, launched, hub)
         hub_done = trio.Event()
 
         async def serve_hub() -> None:

@@ -75,5 +75,10 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as exc:
         print(f"fsys-slave: --root {args.root}: {exc.strerror}", file=sys.stderr)
         return 1
+    from fsys.linux import raise_fd_limit
+
+    raise_fd_limit()
     read_fd, write_fd = take_stdio()
-    return serve_fds(read_fd, write_fd, args.root)
+    status = serve_fds(read_fd, write_fd, args.root)
+    sys.stderr.flush()
+    os._exit(status)  # without waiting for worker threads still blocked in a call

@@ -65,6 +65,8 @@ FICLONE = 0x40049409
 _INT_OUT_IOCTLS = {FIONREAD, FIGETBSZ, FS_IOC_GETFLAGS}
 
 LOCK_NB = 4
+LOCK_UN = 8
+F_UNLCK = 2
 
 
 class MustBlock(Exception):
@@ -139,31 +141,42 @@ class Executor:
         if op in (Op.READ, Op.WRITE, Op.GETDENTS, Op.IOCTL, Op.FCNTL):
             handle = self.handles.get(call.ints[0])
             return handle is not None and handle.streamlike
-        if op is Op.LOCK:
-            return call.ints[1] == linux.F_SETLKW
+        if op is Op.LOCK:  # a waiting lock blocks; an unlock never does
+            if call.ints[1] not in (linux.F_SETLKW, linux.F_OFD_SETLKW) or not call.blobs:
+                return False
+            return len(call.blobs[0]) < 2 or call.blobs[0][0] != F_UNLCK
         if op is Op.FLOCK:
-            return not call.ints[1] & LOCK_NB
+            return not call.ints[1] & (LOCK_NB | LOCK_UN)
         return op in (Op.FSYNC, Op.SYNCFS, Op.COPY_RANGE, Op.SENDFILE, Op.FALLOCATE)
 
     def execute_blocking(self, call: Call) -> Result:
         """Perform ``call`` in a worker thread: an open may wait for a FIFO's peer."""
         if call.op is Op.OPEN:
             return self.op_open(call.ints, call.blobs, blocking=True)
-        handle = self.handles.get(call.ints[0]) if call.op is not Op.COPY_RANGE else None
-        if handle is None:
-            return self.execute(call)
-        with handle.lock:
-            if handle.closing:
-                raise OSError(errno.EBADF, "closed")
-            handle.busy += 1
+        # The handles this call uses stay open until it is done, even if a CLOSE for
+        # one of them arrives meanwhile (its fd number must not be reused under us).
+        ids = (call.ints[0], call.ints[2]) if call.op is Op.COPY_RANGE else call.ints[:1]
+        if call.op is Op.SENDFILE:
+            ids = call.ints[:2]
+        held: list[Handle] = []
         try:
+            for handle_id in ids:
+                handle = self.handles.get(handle_id)
+                if handle is None:
+                    continue
+                with handle.lock:
+                    if handle.closing:
+                        raise OSError(errno.EBADF, "closed")
+                    handle.busy += 1
+                held.append(handle)
             return self.execute(call)
         finally:
-            with handle.lock:
-                handle.busy -= 1
-                release = handle.closing and not handle.busy
-            if release:
-                os.close(handle.fd)
+            for handle in held:
+                with handle.lock:
+                    handle.busy -= 1
+                    release = handle.closing and not handle.busy
+                if release:
+                    os.close(handle.fd)
 
     # --- handles and resolution -------------------------------------------------------
 
@@ -264,7 +277,9 @@ class Executor:
                 blocking: bool = False) -> Result:  # fmt: skip
         dir_id, flags, mode, resolve = ints
         (path,) = blobs
-        flags = (flags & ~O_CLOEXEC) | O_NOCTTY
+        flags &= ~O_CLOEXEC
+        if not flags & O_PATH:
+            flags |= O_NOCTTY  # never take the slave's terminal (openat2 refuses it with O_PATH)
         if blocking or flags & (O_PATH | O_NONBLOCK):
             fd = self.open_at(dir_id, path, flags, mode, resolve)
         else:
@@ -289,15 +304,21 @@ class Executor:
         return handle_id, bytes([self.handles[handle_id].kind >> 12])
 
     def op_read(self, ints: tuple[int, ...], blobs: tuple[bytes, ...]) -> Result:
-        handle_id, count, offset = ints
+        handle_id, count, offset, rwf = ints
         fd = self.fd(handle_id)
         count = max(0, min(count, MAX_IO))
+        if rwf:  # preadv2(2) flags: the kernel checks them (EOPNOTSUPP if unknown)
+            buf = bytearray(count)
+            n = os.preadv(fd, [buf], offset, rwf)
+            return n, bytes(buf[:n])
         data = os.read(fd, count) if offset < 0 else os.pread(fd, count, offset)
         return len(data), data
 
     def op_write(self, ints: tuple[int, ...], blobs: tuple[bytes, ...]) -> Result:
-        handle_id, offset = ints
+        handle_id, offset, rwf = ints
         fd = self.fd(handle_id)
+        if rwf:  # pwritev2(2) flags, RWF_APPEND among them
+            return os.pwritev(fd, [blobs[0]], offset, rwf), b""
         n = os.write(fd, blobs[0]) if offset < 0 else os.pwrite(fd, blobs[0], offset)
         return n, b""
 
@@ -353,7 +374,15 @@ class Executor:
         target = target[: max(size, 0)]
         return len(target), target
 
-    def _at_name(self, dir_id: int, path: bytes, act: Callable[[int, bytes], None]) -> Result:
+    def _at_name(
+        self, dir_id: int, path: bytes, act: Callable[[int, bytes], None], *, create: bool = False
+    ) -> Result:
+        """Act on the last component of ``path`` in its (confined) parent directory.
+
+        ``create``: the call makes a non-directory, which a trailing slash forbids.
+        """
+        if create and path.endswith(b"/"):
+            raise OSError(errno.ENOENT, "a trailing slash names a directory")
         parent, name = self._parent(dir_id, path)
         try:
             act(parent, name)
@@ -367,7 +396,15 @@ class Executor:
 
     def op_mknod(self, ints: tuple[int, ...], blobs: tuple[bytes, ...]) -> Result:
         dir_id, mode, dev = ints
-        return self._at_name(dir_id, blobs[0], lambda d, n: os.mknod(n, mode, dev, dir_fd=d))
+        if self.confined and stat.S_IFMT(mode) in (stat.S_IFBLK, stat.S_IFCHR):
+            # A device node inside the root would reach outside it (the raw disk).
+            raise OSError(errno.EPERM, "no device nodes inside --root")
+        # The wire carries the kernel's encoding of dev_t (new_encode_dev).
+        major, minor = (dev >> 8) & 0xFFF, (dev & 0xFF) | ((dev >> 12) & 0xFFF00)
+        device = os.makedev(major, minor)
+        return self._at_name(
+            dir_id, blobs[0], lambda d, n: os.mknod(n, mode, device, dir_fd=d), create=True
+        )
 
     def op_unlink(self, ints: tuple[int, ...], blobs: tuple[bytes, ...]) -> Result:
         dir_id, flags = ints
@@ -379,8 +416,24 @@ class Executor:
             raise OSError(errno.EISDIR, "is a directory")
         return self._at_name(dir_id, blobs[0], lambda d, n: os.unlink(n, dir_fd=d))
 
+    def _is_dir(self, dir_id: int, path: bytes) -> bool | None:
+        """Whether ``path`` is a directory (not following a final symlink); None if absent."""
+        try:
+            fd, owned = self._object(dir_id, path.rstrip(b"/") or b"/", AT_SYMLINK_NOFOLLOW)
+        except FileNotFoundError:
+            return None
+        try:
+            return stat.S_ISDIR(os.fstat(fd).st_mode)
+        finally:
+            if owned:
+                os.close(fd)
+
     def op_rename(self, ints: tuple[int, ...], blobs: tuple[bytes, ...]) -> Result:
         olddir, newdir, flags = ints
+        # A trailing slash on either name wants the source to be a directory.
+        slash = blobs[0].endswith(b"/") or blobs[1].endswith(b"/")
+        if slash and self._is_dir(olddir, blobs[0]) is False:
+            raise OSError(errno.ENOTDIR, "not a directory")
         old_parent, old_name = self._parent(olddir, blobs[0])
         try:
             new_parent, new_name = self._parent(newdir, blobs[1])
@@ -399,6 +452,8 @@ class Executor:
             olddir, blobs[0], (flags & AT_EMPTY_PATH) | (0 if follow else AT_SYMLINK_NOFOLLOW)
         )
         try:
+            if blobs[1].endswith(b"/"):
+                raise OSError(errno.ENOENT, "a trailing slash names a directory")
             new_parent, new_name = self._parent(newdir, blobs[1])
             try:
                 # linkat(2) of /proc/self/fd/N with AT_SYMLINK_FOLLOW links the object
@@ -413,7 +468,9 @@ class Executor:
 
     def op_symlink(self, ints: tuple[int, ...], blobs: tuple[bytes, ...]) -> Result:
         target, path = blobs
-        return self._at_name(ints[0], path, lambda d, n: os.symlink(target, n, dir_fd=d))
+        return self._at_name(
+            ints[0], path, lambda d, n: os.symlink(target, n, dir_fd=d), create=True
+        )
 
     def op_chmod(self, ints: tuple[int, ...], blobs: tuple[bytes, ...]) -> Result:
         dir_id, mode, flags = ints

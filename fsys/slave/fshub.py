@@ -18,8 +18,10 @@ import errno
 import functools
 import os
 import select
+import struct
 import sys
 import time
+import traceback
 from dataclasses import dataclass, field
 
 import trio
@@ -55,7 +57,11 @@ class PairingContext:
 
 
 def perform(executor: Executor, call: Call, *, blocking: bool = False) -> Reply:
-    """Run ``call`` and turn its outcome, result or errno, into a Reply."""
+    """Run ``call`` and turn its outcome, result or errno, into a Reply.
+
+    Any failure becomes an errno: an argument Python refuses (a value out of range)
+    is EINVAL, as the kernel would say; anything else is a bug, reported, and EIO.
+    """
     try:
         if blocking:
             result, blob = executor.execute_blocking(call)
@@ -63,6 +69,14 @@ def perform(executor: Executor, call: Call, *, blocking: bool = False) -> Reply:
             result, blob = executor.execute(call)
     except OSError as exc:
         return Reply(call.pairing, call.request, -(exc.errno or errno.EIO))
+    except (ValueError, OverflowError, struct.error):
+        return Reply(call.pairing, call.request, -errno.EINVAL)
+    except MustBlock:
+        raise
+    except Exception:  # noqa: BLE001 - a bug must not end the session
+        print(f"fsys-slave: internal error in {call.op.name}:", file=sys.stderr)
+        traceback.print_exc()
+        return Reply(call.pairing, call.request, -errno.EIO)
     return Reply(call.pairing, call.request, result, blob)
 
 
@@ -76,15 +90,21 @@ class SlaveSession:
         self._threads = 0
         self.error: RemoteProtocolError | None = None
 
+    def _start_threaded(self, nursery: trio.Nursery, call: Call) -> None:
+        self._threads += 1  # counted now: the hot loop must yield for it to start
+        nursery.start_soon(self._threaded, call)
+
     async def _threaded(self, call: Call) -> None:
         context = self.pairings.get(call.pairing)
         if context is not None:
             context.in_flight.add(call.request)
-        self._threads += 1
         try:
+            # Abandoned, not waited for, when the session ends: a thread blocked on a
+            # FIFO must not keep the slave alive (it exits with its threads).
             reply = await trio.to_thread.run_sync(
                 functools.partial(perform, self.executor, call, blocking=True),
                 limiter=self._limiter,
+                abandon_on_cancel=True,
             )
         finally:
             self._threads -= 1
@@ -164,12 +184,12 @@ class SlaveSession:
                 return False
             if isinstance(event, Call):
                 if executor.may_block(event):
-                    nursery.start_soon(self._threaded, event)
+                    self._start_threaded(nursery, event)
                     continue
                 try:
                     reply = perform(executor, event)
                 except MustBlock:
-                    nursery.start_soon(self._threaded, event)
+                    self._start_threaded(nursery, event)
                     continue
                 if event.request:
                     out += conn.send(reply)
