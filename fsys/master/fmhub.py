@@ -189,9 +189,16 @@ def _start_time(pid: int) -> int:
         return -1
 
 
-def _proc_status(tid: int) -> dict[str, str]:
-    with open(f"/proc/{tid}/status") as f:
-        return dict(line.split(":\t", 1) for line in f.read().splitlines() if ":\t" in line)
+def _proc_status(tid: int) -> tuple[int, int, int]:
+    """(Tgid, PPid, Umask) of task ``tid``, from /proc/<tid>/status."""
+    with open(f"/proc/{tid}/status", "rb") as f:
+        text = f.read()
+
+    def field(name: bytes) -> bytes:
+        start = text.index(name) + len(name)
+        return text[start : text.index(b"\n", start)].strip()
+
+    return int(field(b"\nTgid:")), int(field(b"\nPPid:")), int(field(b"\nUmask:"), 8)
 
 
 class Hub:
@@ -448,12 +455,16 @@ class Hub:
         pairing = self.by_tid.get(tid)
         if pairing is not None and not pairing.closed:
             return pairing
+        pairing = self.pairings.get(tid)
+        if pairing is not None and not pairing.closed:
+            # A live process's own id: the caller is its leader (after an execve the
+            # exec'ing thread takes that id), no need to ask /proc.
+            pairing.tids.add(tid)
+            self.by_tid[tid] = pairing
+            return pairing
         try:
-            status = _proc_status(tid)
-            tgid = int(status["Tgid"])
-            ppid = int(status["PPid"])
-            umask = int(status.get("Umask", "0022"), 8)
-        except (OSError, KeyError, ValueError) as exc:
+            tgid, ppid, umask = _proc_status(tid)
+        except (OSError, ValueError) as exc:
             raise Errno(errno.ESRCH) from exc
         pairing = self.pairings.get(tgid)
         if pairing is None or pairing.closed:
@@ -495,8 +506,8 @@ class Hub:
             if ppid <= 1:
                 break
             try:
-                pid, ppid = ppid, int(_proc_status(ppid)["PPid"])
-            except (OSError, KeyError, ValueError):
+                pid, ppid = ppid, _proc_status(ppid)[1]
+            except (OSError, ValueError):
                 break
         return self.initial
 
