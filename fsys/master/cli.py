@@ -18,19 +18,21 @@ from __future__ import annotations
 
 import argparse
 import os
+import select
 import signal
 import socket
-import subprocess
 import sys
-import time
 from pathlib import Path
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
 
 from fsys import __version__
 from fsys.errors import SESSION_FAILED
 from fsys.master.launcher import LaunchError, launch, resolve_program
 from fsys.master.policy import Policy, PolicyError, Side, normalize
 from fsys.master.staging import Stage
+
+if TYPE_CHECKING:
+    from subprocess import Popen
 
 
 class _RuleAction(argparse.Action):
@@ -117,7 +119,7 @@ class Slave:
         self.command = command
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         self.socket = ours
-        self.process: subprocess.Popen[bytes] | None = None
+        self.process: Popen[bytes] | None = None
         self.pid = -1
         if command is None:
             self.pid = os.fork()
@@ -133,7 +135,9 @@ class Slave:
                 finally:
                     os._exit(status)
         else:
-            self.process = subprocess.Popen(
+            from subprocess import Popen
+
+            self.process = Popen(
                 ["/bin/sh", "-c", command],
                 stdin=theirs.fileno(),
                 stdout=theirs.fileno(),
@@ -164,9 +168,11 @@ class Slave:
         in the group the slave was started in, and hold our stderr open.
         """
         if self.process is not None:
+            from subprocess import TimeoutExpired
+
             try:
                 self.process.wait(0.5 if failed else 5.0)
-            except subprocess.TimeoutExpired:
+            except TimeoutExpired:
                 pass
             for sig in (signal.SIGTERM, signal.SIGKILL):
                 try:
@@ -175,17 +181,20 @@ class Slave:
                     break
                 try:
                     self.process.wait(1.0)
-                except subprocess.TimeoutExpired:
+                except TimeoutExpired:
                     continue
             self.process.wait()
         elif self.pid > 0:
-            deadline = time.monotonic() + (0.0 if failed else 5.0)
-            while not os.waitpid(self.pid, os.WNOHANG)[0]:
-                if time.monotonic() >= deadline:
+            # Wait for it to exit (its pidfd becomes readable), for 5 s at most.
+            pidfd = os.pidfd_open(self.pid)
+            try:
+                waiter = select.poll()
+                waiter.register(pidfd, select.POLLIN)
+                if failed or not waiter.poll(5000):
                     os.kill(self.pid, signal.SIGKILL)
-                    os.waitpid(self.pid, 0)
-                    break
-                time.sleep(0.01)
+            finally:
+                os.close(pidfd)
+            os.waitpid(self.pid, 0)
             self.pid = -1
 
 

@@ -348,7 +348,8 @@ class Hub:
         self.forwarded += 1
         # A handle whose last placeholder was just closed is released first, as a
         # native close would have released it (a lock, say) before this call.
-        self.placeholders.reap(self._release)
+        if self.placeholders.by_inode:
+            self.placeholders.reap(self._release)
         self._start(handler, call)
 
     def _start(self, handler: Handler, call: Trapped) -> None:

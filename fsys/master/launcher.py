@@ -21,7 +21,6 @@ import ctypes
 import errno
 import os
 import resource
-import shutil
 import signal
 from dataclasses import dataclass
 
@@ -56,10 +55,11 @@ def resolve_program(name: str, env: dict[str, str]) -> str:
         if os.path.isdir(name) or not os.access(name, os.X_OK):
             raise LaunchError(f"{name}: Permission denied", 126)
         return os.path.abspath(name)
-    found = shutil.which(name, path=env.get("PATH", os.defpath))
-    if found is None:
-        raise LaunchError(f"{name}: command not found", 127)
-    return os.path.abspath(found)
+    for directory in env.get("PATH", os.defpath).split(os.pathsep):
+        candidate = os.path.join(directory or ".", name)
+        if os.access(candidate, os.X_OK) and not os.path.isdir(candidate):
+            return os.path.abspath(candidate)
+    raise LaunchError(f"{name}: command not found", 127)
 
 
 class _SockFprog(ctypes.Structure):

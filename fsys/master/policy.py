@@ -20,7 +20,6 @@ from __future__ import annotations
 import enum
 import os
 import posixpath
-import tomllib
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -160,6 +159,8 @@ def load_config(path: Path, defaults: bool = True) -> tuple[list[Rule], bool]:
     prefix = "/opt/tools"
     side = "master"            # or "slave"
     """
+    import tomllib  # only for a config file: start-up time
+
     try:
         data = tomllib.loads(path.read_text())
     except (OSError, tomllib.TOMLDecodeError) as exc:

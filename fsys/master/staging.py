@@ -29,7 +29,6 @@ import errno
 import os
 import posixpath
 import shlex
-import shutil
 import tempfile
 
 from fsys.errors import Errno
@@ -78,6 +77,8 @@ class Stage:
             self._wrappers.discard(path)
 
     def close(self) -> None:
+        import shutil  # only at the end: start-up time
+
         shutil.rmtree(self.base, ignore_errors=True)
 
 
