@@ -185,70 +185,30 @@ def _offset(value: int) -> int:
     return value
 
 
-def _v2_offset(call: Trapped) -> int | None:
-    """preadv2/pwritev2: offset -1 means the file position."""
+def _transfer(call: Trapped) -> tuple[list[tuple[int, int]], int | None, int]:
+    """(buffers, offset or None for the file position, RWF_* flags) of a read or
+    write of any of the five forms: read, pread64, readv, preadv, preadv2."""
+    name = call.syscall.name
+    if name.endswith(("v", "v2")):
+        iovs = _iovecs(call, call.arg(1), call.arg_int(2))
+    else:
+        iovs = [(call.arg(1), call.arg(2))]
+    if name in ("read", "write", "readv", "writev"):
+        return iovs, None, 0
     offset = call.arg_long(3)
-    return None if offset == -1 else _offset(offset)
+    if name.endswith("2"):  # offset -1: the file position; flags in argument 5
+        return iovs, None if offset == -1 else _offset(offset), call.arg_int(5) & 0xFFFFFFFF
+    return iovs, _offset(offset), 0
 
 
-@handles("read")
+@handles("read", "pread64", "readv", "preadv", "preadv2")
 async def sys_read(hub: Hub, call: Trapped) -> int:
-    return await _read_into(hub, call, _file(call), [(call.arg(1), call.arg(2))], None)
+    return await _read_into(hub, call, _file(call), *_transfer(call))
 
 
-@handles("pread64")
-async def sys_pread64(hub: Hub, call: Trapped) -> int:
-    offset = _offset(call.arg_long(3))
-    return await _read_into(hub, call, _file(call), [(call.arg(1), call.arg(2))], offset)
-
-
-@handles("readv")
-async def sys_readv(hub: Hub, call: Trapped) -> int:
-    iovs = _iovecs(call, call.arg(1), call.arg_int(2))
-    return await _read_into(hub, call, _file(call), iovs, None)
-
-
-@handles("preadv")
-async def sys_preadv(hub: Hub, call: Trapped) -> int:
-    iovs = _iovecs(call, call.arg(1), call.arg_int(2))
-    return await _read_into(hub, call, _file(call), iovs, _offset(call.arg_long(3)))
-
-
-@handles("preadv2")
-async def sys_preadv2(hub: Hub, call: Trapped) -> int:
-    iovs = _iovecs(call, call.arg(1), call.arg_int(2))
-    rwf = call.arg_int(5) & 0xFFFFFFFF
-    return await _read_into(hub, call, _file(call), iovs, _v2_offset(call), rwf)
-
-
-@handles("write")
+@handles("write", "pwrite64", "writev", "pwritev", "pwritev2")
 async def sys_write(hub: Hub, call: Trapped) -> int:
-    return await _write_from(hub, call, _file(call), [(call.arg(1), call.arg(2))], None)
-
-
-@handles("pwrite64")
-async def sys_pwrite64(hub: Hub, call: Trapped) -> int:
-    offset = _offset(call.arg_long(3))
-    return await _write_from(hub, call, _file(call), [(call.arg(1), call.arg(2))], offset)
-
-
-@handles("writev")
-async def sys_writev(hub: Hub, call: Trapped) -> int:
-    iovs = _iovecs(call, call.arg(1), call.arg_int(2))
-    return await _write_from(hub, call, _file(call), iovs, None)
-
-
-@handles("pwritev")
-async def sys_pwritev(hub: Hub, call: Trapped) -> int:
-    iovs = _iovecs(call, call.arg(1), call.arg_int(2))
-    return await _write_from(hub, call, _file(call), iovs, _offset(call.arg_long(3)))
-
-
-@handles("pwritev2")
-async def sys_pwritev2(hub: Hub, call: Trapped) -> int:
-    iovs = _iovecs(call, call.arg(1), call.arg_int(2))
-    rwf = call.arg_int(5) & 0xFFFFFFFF
-    return await _write_from(hub, call, _file(call), iovs, _v2_offset(call), rwf)
+    return await _write_from(hub, call, _file(call), *_transfer(call))
 
 
 @handles("lseek")
