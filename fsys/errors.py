@@ -35,10 +35,6 @@ class LinkClosed(FsysError):
     """The link to the peer is gone (the peer exited or the transport broke)."""
 
 
-class SessionError(FsysError):
-    """A session could not start or was ended: bad program, slave that fails, ..."""
-
-
 class Errno(FsysError):
     """A call's outcome is this errno; raised inside handlers, answered as -errno."""
 

@@ -79,13 +79,6 @@ class Listener:
             nid, tid, _flags, nr, _arch, _ip, *args = abi.NOTIF.unpack(buf)
             return Notification(nid, tid, nr, tuple(args))
 
-    def receive_nowait(self) -> Notification | None:
-        """A notification if one is ready now, else None (never blocks)."""
-        ready, _ = self._pending()
-        if not ready:
-            return None
-        return self.receive_ready()
-
     def receive_ready(self) -> Notification | None:
         """RECV after poll() said POLLIN. It does not block even if the caller died
         in between: the kernel then answers ENOENT (and we return None)."""

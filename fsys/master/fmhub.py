@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import errno
 import functools
-import itertools
 import os
 import select
 import sys
@@ -226,7 +225,7 @@ class Hub:
         self.initial = Inherited(b"/", True, False)
         # child pid -> (state at its fork, its start time: pids are reused)
         self.births: dict[int, tuple[Inherited, int]] = {}
-        self._pairing_ids = itertools.count(1)
+        self.processes = 0  # pairings created; the last one's id
         self._nursery: trio.Nursery | None = None
         self.trapped = 0
         self.forwarded = 0
@@ -252,6 +251,17 @@ class Hub:
                 if not self._hot(poller, link_fd):
                     break
             nursery.cancel_scope.cancel()
+
+    def statistics(self) -> dict[str, int]:
+        """Counters of the session: calls trapped, forwarded (or answered by fmhub),
+        processes seen, remote files open now, operations sent to the slave."""
+        return {
+            "trapped": self.trapped,
+            "handled": self.forwarded,
+            "processes": self.processes,
+            "open_remote_files": len(self.placeholders),
+            "slave_calls": self.link.calls,
+        }
 
     async def _reap_closed(self) -> None:
         """Release remote handles whose last placeholder is gone, while fmhub idles."""
@@ -473,7 +483,7 @@ class Hub:
             if parent is not None and parent.closed:
                 parent = None
             pairing = Pairing(
-                id=next(self._pairing_ids),
+                id=self.processes + 1,
                 tgid=tgid,
                 parent=parent,
                 cwd=b"",
@@ -481,6 +491,7 @@ class Hub:
                 umask=umask,
                 memory=TargetMemory(tgid),
             )
+            self.processes += 1
             state = self._inherited(tgid, ppid)
             pairing.cwd, pairing.cwd_remote, pairing.staged_cwd = state
             self.pairings[tgid] = pairing

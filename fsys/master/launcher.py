@@ -77,6 +77,9 @@ def _child(
 ) -> None:
     """Runs in the forked child; never returns."""
     try:
+        # Without fsys-master the program could not run (every trapped call would fail
+        # with ENOSYS): it goes with it.
+        _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
         resource.setrlimit(resource.RLIMIT_NOFILE, nofile)  # as fsys-master was given it
         if cwd is not None:
             os.chdir(cwd)

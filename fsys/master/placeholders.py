@@ -112,9 +112,3 @@ class Placeholders:
             if not data:  # EOF: the program holds no copy any more
                 self.discard(remote)
                 on_last_close(remote)
-
-    def close(self, on_last_close: Callable[[RemoteFile], None]) -> None:
-        for remote in list(self.by_inode.values()):
-            self.discard(remote)
-            on_last_close(remote)
-        self._closed.close()

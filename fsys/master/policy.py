@@ -36,10 +36,6 @@ class Rule:
     side: Side
     origin: str
 
-    def matches(self, path: bytes) -> bool:
-        p = self.prefix
-        return p in (b"/", path) or (path.startswith(p) and path[len(p)] == 0x2F)
-
 
 DEFAULT_LOCAL: tuple[str, ...] = (
     "/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32",

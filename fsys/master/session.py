@@ -120,6 +120,8 @@ async def _session(plan: Plan) -> int:
         await hub_done.wait()  # until every process under the filter is gone
         await link.goodbye()
         nursery.cancel_scope.cancel()
+    if tracer is not None:
+        tracer.summary(hub.statistics())
     listener.close()
     transport.close()
     return SESSION_FAILED if link.failure is not None else status

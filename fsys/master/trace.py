@@ -139,6 +139,11 @@ class Tracer:
         self.out = out
         self.all = all
 
+    def summary(self, counters: dict[str, int]) -> None:
+        items = ", ".join(f"{value} {name.replace('_', ' ')}" for name, value in counters.items())
+        self.out.write(f"fsys-master: session ended: {items}\n")
+        self.out.flush()
+
     def line(self, call: Trapped, outcome: int | _Continue, micros: int) -> None:
         note = f" {call.note}" if call.note else ""
         self.out.write(
