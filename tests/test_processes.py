@@ -6,6 +6,7 @@ working directory is not in the box, so programs start at the slave's root.
 
 from __future__ import annotations
 
+import subprocess
 import textwrap
 from pathlib import Path
 
@@ -329,3 +330,59 @@ async def test_close_on_exec_releases_the_remote_file(session: Session) -> None:
     )
     result = await session.run(SYSTEM_PYTHON, "-c", before_exec, str(session.box))
     assert (result.status, result.out) == (0, "released\n"), result.err
+
+
+async def test_grandchildren_of_a_silent_process_inherit_through_it(session: Session) -> None:
+    # A makes no trapped call: its children inherit what A was forked with (/x),
+    # sealed when P left /x, not P's later directory.
+    for name in ("x", "y", "out"):
+        (session.box / name).mkdir()
+    script = textwrap.dedent(
+        """
+        import os, signal
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1})
+        os.chdir("/x")
+        a = os.fork()
+        if a == 0:
+            signal.sigwait({signal.SIGUSR1})       # until P has moved to /y
+            kids = []
+            for name in ("b", "c"):
+                pid = os.fork()
+                if pid == 0:
+                    open(f"/out/{name}", "w").write(os.getcwd())
+                    os._exit(0)
+                kids.append(pid)
+            for pid in kids:
+                os.waitpid(pid, 0)
+            open("/out/a", "w").write(os.getcwd())
+            os._exit(0)
+        os.chdir("/y")
+        os.kill(a, signal.SIGUSR1)
+        os.waitpid(a, 0)
+        """
+    )
+    result = await session.run(SYSTEM_PYTHON, "-c", script)
+    assert result.status == 0, result.err
+    out = session.box / "out"
+    assert [(out / n).read_text() for n in ("a", "b", "c")] == ["/x", "/x", "/x"]
+
+
+async def test_a_staged_binary_keeps_its_argv0(session: Session, tmp_path: Path) -> None:
+    source = tmp_path / "hello.c"
+    source.write_text(
+        '#include <stdio.h>\nint main(int c, char **v) { printf("%s\\n", v[0]); return 3; }\n'
+    )
+    (session.box / "x").mkdir()
+    subprocess.run(["gcc", "-o", str(session.box / "x" / "hello"), str(source)], check=True)
+    result = await session.sh("/x/hello; echo $?; cd /x && ./hello")
+    assert result.out == "/x/hello\n3\n./hello\n", result.err
+    direct = await session.run("/x/hello")  # found on the slave only
+    assert (direct.status, direct.out) == (3, "/x/hello\n"), direct.err
+
+
+async def test_a_process_killed_while_its_program_is_staged(session: Session) -> None:
+    (session.box / "big").write_bytes(b"\x7fELF" + b"\0" * (150 << 20))
+    (session.box / "big").chmod(0o755)
+    result = await session.sh("(sleep 0.2; kill -9 $$) & exec /big")
+    assert result.status == 128 + 9, result.err
+    assert "Traceback" not in result.err and "internal error" not in result.err

@@ -249,3 +249,48 @@ async def test_slave_started_elsewhere_reports_a_missing_root(tmp_path: Path) ->
     )  # fmt: skip
     assert result.status == 125
     assert "No such file or directory" in result.err
+
+
+async def test_open_ignores_undefined_low_flag_bits(session: Session) -> None:
+    (session.box / "f").write_text("x")
+    script = (
+        RAW
+        + """
+print(name(sys(257, -100, b"/f", os.O_RDONLY | 0x24, 0)))
+"""
+    )
+    assert await run_py(session, script) == "ok\n"
+
+
+async def test_chdir_into_a_master_directory_is_what_the_kernel_did(session: Session) -> None:
+    master_dir = Path(tempfile.mkdtemp(prefix="fsys-chdir-"))
+    try:
+        (master_dir / "a" / "b").mkdir(parents=True)
+        (master_dir / "a" / "marker").write_text("")
+        (master_dir / "link").symlink_to(master_dir / "a" / "b")
+        script = f"""
+            import os, errno
+            os.chdir({str(master_dir / "link" / "..")!r})   # the kernel: .. of a/b
+            print(os.getcwd() == {str(master_dir / "a")!r}, os.access("marker", os.F_OK))
+            os.chdir("/")                                  # the slave's root
+            open("/here", "w").close()
+            try:
+                os.chdir("/usr/fsys-no-such-dir")          # fails: stays on the slave
+            except OSError as e:
+                print(errno.errorcode[e.errno])
+            pid = os.fork()
+            if pid == 0:
+                os._exit(0 if os.access("here", os.F_OK) else 1)
+            _, status = os.waitpid(pid, 0)
+            print(os.getcwd(), os.access("here", os.F_OK), os.waitstatus_to_exitcode(status))
+        """
+        result = await session.run(
+            SYSTEM_PYTHON, "-c", textwrap.dedent(script), extra=["--local", str(master_dir)]
+        )
+        assert (result.status, result.out) == (0, "True True\nENOENT\n/ True 0\n"), result.err
+    finally:
+        (master_dir / "link").unlink()
+        (master_dir / "a" / "marker").unlink()
+        (master_dir / "a" / "b").rmdir()
+        (master_dir / "a").rmdir()
+        master_dir.rmdir()

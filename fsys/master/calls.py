@@ -35,7 +35,16 @@ from fsys.linux import (
     UTIME_OMIT,
 )
 from fsys.master import staging
-from fsys.master.fmhub import CONTINUE, Handler, Hub, Pairing, Target, Trapped, _Continue
+from fsys.master.fmhub import (
+    CONTINUE,
+    Handler,
+    Hub,
+    PendingChdir,
+    Target,
+    Trapped,
+    _Continue,
+    arg_start,
+)
 from fsys.master.placeholders import RemoteFile
 from fsys.master.policy import normalize
 from fsys.protocol import MAX_IO, Op, Reply
@@ -52,6 +61,7 @@ _INT = struct.Struct("=i")
 _TIMESPEC2 = struct.Struct("=qqqq")
 _TIMEVAL2 = struct.Struct("=qqqq")
 _UTIMBUF = struct.Struct("=qq")
+_POINTER = struct.Struct("=Q")
 
 
 def handles(*names: str) -> Callable[[Handler], Handler]:
@@ -222,7 +232,7 @@ async def sys_lseek(hub: Hub, call: Trapped) -> int:
 
 #: The flags open(2) and openat(2) act on; the kernel ignores any other bit (openat2,
 #: which the slave uses, would refuse them, and a mode without O_CREAT).
-VALID_OPEN_FLAGS = 0o37777777  # O_ACCMODE .. __O_TMPFILE, as the kernel's
+VALID_OPEN_FLAGS = 0o37777703  # the kernel's VALID_OPEN_FLAGS on x86_64
 O_PATH_FLAGS = linux.O_PATH | linux.O_DIRECTORY | linux.O_NOFOLLOW | O_CLOEXEC
 
 
@@ -683,16 +693,22 @@ async def sys_chdir(hub: Hub, call: Trapped) -> int | _Continue:
         return 0
     path = target.shown
     absolute = normalize(path if path.startswith(b"/") else pairing.cwd + b"/" + path)
-    _enter_master_directory(hub, pairing, absolute)
+    _enter_master_directory(hub, call, absolute)
     call.side = "master"
     return CONTINUE
 
 
-def _enter_master_directory(hub: Hub, pairing: Pairing, path: bytes) -> None:
+def _enter_master_directory(hub: Hub, call: Trapped, path: bytes) -> None:
     """A chdir into a master directory is continued: the kernel decides, with the
-    program's credentials; fmhub reads its verdict back at the next call."""
+    program's credentials; fmhub reads its verdict back (Hub.settle_cwd)."""
+    pairing = call.pairing
     hub.seal(pairing)
-    pairing.pending_cwd = (path, pairing.inheritable())
+    try:
+        st = os.stat(f"/proc/{call.notif.tid}/cwd")
+    except OSError:
+        return
+    previous = pairing.inheritable()
+    pairing.pending_cwd = PendingChdir(call.notif.tid, (st.st_dev, st.st_ino), previous)
     pairing.cwd, pairing.cwd_remote, pairing.staged_cwd = path, False, False
 
 
@@ -713,7 +729,7 @@ async def sys_fchdir(hub: Hub, call: Trapped) -> int | _Continue:
     except OSError:
         return CONTINUE  # the kernel answers EBADF
     if path.startswith("/"):
-        _enter_master_directory(hub, pairing, os.fsencode(path))
+        _enter_master_directory(hub, call, os.fsencode(path))
     return CONTINUE
 
 
@@ -759,7 +775,7 @@ async def sys_execve(hub: Hub, call: Trapped) -> int | _Continue:
     if not target.remote:
         call.side = "master"
         call.pairing.memory.forget()  # a new address space after a successful exec
-        hub.forget_threads(call.pairing)
+        call.pairing.exec_pending = True
         return CONTINUE
     # A file that lives only on the slave: answer what the kernel would for a file
     # that does not exist or cannot be executed; otherwise stage it (staging.py).
@@ -794,9 +810,15 @@ async def sys_execve(hub: Hub, call: Trapped) -> int | _Continue:
         # The wrapper's /bin/sh opens it by the rewritten name: from the stage.
         call.pairing.staged_names = frozenset({kernel_name})
     if absolute:
-        call.memory.rewrite_byte(call.arg(0 if call.syscall.name == "execve" else 1), b".")
+        name_at = call.arg(0 if call.syscall.name == "execve" else 1)
+        argv = call.arg(1 if call.syscall.name == "execve" else 2)
+        call.memory.rewrite_byte(name_at, b".")
+        if argv and call.memory.read_struct(argv, _POINTER)[0] == name_at:
+            # The name is argv[0] too (shells and execvp pass one string): the new
+            # image gets its "/" back at its first call (Hub._after_exec).
+            call.pairing.argv0_fix = (name_at, arg_start(call.pairing.tgid))
     call.pairing.memory.forget()
-    hub.forget_threads(call.pairing)
+    call.pairing.exec_pending = True
     call.side = "master"
     call.note = f"staged as {os.fsdecode(staged)}"
     return CONTINUE

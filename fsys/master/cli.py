@@ -245,6 +245,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     # running slave-only files, see staging.py).
     staged = not policy.is_local(normalize(os.fsencode(os.getcwd())))
     if path is None:
+        if not staged:
+            print(f"fsys-master: {argv[0]}: not found on the master (a program only the "
+                  "slave has can run from a slave directory only)", file=sys.stderr)  # fmt: skip
+            slave.socket.close()
+            slave.reap(failed=True)
+            stage.close()
+            return 127
         # Not on the master: the program may be the slave's. A shell looks for it (on
         # the slave's PATH and tree, through fsys) and execs it, staged, or says
         # "not found" (127).

@@ -98,14 +98,24 @@ class Pairing:
     staged_cwd: bool = False  # the process's kernel cwd is the stage directory
     staged_names: frozenset[bytes] = frozenset()  # names of its staged wrapper (staging.py)
     # A chdir into a master directory, continued: the kernel's verdict is read back
-    # (from /proc) at the next call, and the previous state restored if it refused.
-    pending_cwd: tuple[bytes, Inherited] | None = None
+    # from /proc (see Hub.settle_cwd).
+    pending_cwd: PendingChdir | None = None
+    # An execve was continued: other threads die in it (see Hub._after_exec), and an
+    # argv[0] that staging rewrote is put back in the new image.
+    exec_pending: bool = False
+    argv0_fix: tuple[int, int] | None = None  # (address of the rewritten byte, arg_start)
     tids: set[int] = field(default_factory=set)
     announced: bool = False
     closed: bool = False
 
     def inheritable(self) -> Inherited:
         return Inherited(self.cwd, self.cwd_remote, self.staged_cwd)
+
+
+class PendingChdir(NamedTuple):
+    tid: int  # the thread that called chdir
+    before: tuple[int, int]  # (st_dev, st_ino) of the kernel cwd before it
+    previous: Inherited  # the state to restore if the kernel refused
 
 
 class Inherited(NamedTuple):
@@ -184,6 +194,15 @@ def _start_time(pid: int) -> int:
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
             return int(f.read().rsplit(b")", 1)[1].split()[19])
+    except (OSError, IndexError, ValueError):
+        return -1
+
+
+def arg_start(pid: int) -> int:
+    """Where ``pid``'s argument strings start in its memory (/proc/<pid>/stat)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return int(f.read().rsplit(b")", 1)[1].split()[45])
     except (OSError, IndexError, ValueError):
         return -1
 
@@ -323,9 +342,11 @@ class Hub:
             self.listener.continue_(notif.id)  # the caller is gone; nothing to route
             return
         if pairing.pending_cwd is not None:
-            self._settle_cwd(pairing, notif.tid)
+            self.settle_cwd(pairing, notif.tid)
+        if pairing.exec_pending and notif.tid == pairing.tgid:
+            self._after_exec(pairing)
         call = Trapped(notif, syscall, pairing)
-        bound = pairing.memory.bound
+        opened = pairing.memory.opened
         try:
             if syscall.fds:
                 call.files = tuple(
@@ -350,10 +371,14 @@ class Hub:
             call.note = "not forwarded"
             self._answer(call, -syscall.errno, 0)
             return
-        if syscall.paths and not bound and not self.listener.id_valid(notif.id):
-            # The memory descriptor was opened for this call: if the caller died and its
-            # pid was reused in between, we read another process. (A descriptor opened
-            # earlier is bound to the caller's address space and cannot be fooled.)
+        if (
+            syscall.paths
+            and pairing.memory.opened != opened
+            and not self.listener.id_valid(notif.id)
+        ):
+            # The memory descriptor was (re)opened for this call: if the caller died and
+            # its pid was reused in between, we read another process. (A descriptor
+            # opened earlier is bound to the caller's address space and cannot be fooled.)
             return
         self.forwarded += 1
         # A handle whose last placeholder was just closed is released first, as a
@@ -391,16 +416,17 @@ class Hub:
                 outcome = -errno.EIO
             else:
                 pairing = call.pairing
+                if pairing.closed:
+                    sent = Errno(errno.ESRCH)  # the caller died: no more work for it
+                    continue
                 try:
                     check_call(step.op, step.ints, step.blobs)
                 except LocalProtocolError:
                     sent = Errno(errno.EINVAL)  # an argument the wire cannot carry
                     continue
-                # A process that died mid-call finishes it on the session's account.
                 self.link.submit(
-                    0 if pairing.closed else pairing.id, step.op, step.ints, step.blobs,
-                    functools.partial(self._advance, call, coro),
-                    None if pairing.closed else self._announce(pairing),
+                    pairing.id, step.op, step.ints, step.blobs,
+                    functools.partial(self._advance, call, coro), self._announce(pairing),
                 )  # fmt: skip
                 return
             self._answer(call, outcome, call.start)
@@ -508,13 +534,14 @@ class Hub:
         reused); else its parent's current state, the parent being a known process or,
         walking up, a process that made no trapped call yet (and so changed nothing).
         """
+        own = pid
         for _ in range(64):
-            record = self.births.pop(pid, None)
+            record = self.births.pop(pid, None) if pid == own else self.births.get(pid)
             if record is not None and record[1] == _start_time(pid):
                 return record[0]
             parent = self.pairings.get(ppid)
             if parent is not None and not parent.closed:
-                return parent.inheritable()
+                return self.state_of(parent)
             if ppid <= 1:
                 break
             try:
@@ -529,24 +556,53 @@ class Hub:
         if pairing is not None:
             pairing.tids.discard(tid)
 
-    def forget_threads(self, pairing: Pairing) -> None:
-        """An execve ends every other thread of the process without an exit call."""
-        for tid in pairing.tids:
-            if self.by_tid.get(tid) is pairing:
-                del self.by_tid[tid]
-        pairing.tids.clear()
+    def state_of(self, pairing: Pairing) -> Inherited:
+        """What ``pairing`` passes to a child now (a continued chdir settled first)."""
+        if pairing.pending_cwd is not None:
+            self.settle_cwd(pairing, pairing.pending_cwd.tid)
+        return pairing.inheritable()
 
-    def _settle_cwd(self, pairing: Pairing, tid: int) -> None:
-        """Read back a continued chdir: keep it if the kernel did it, else undo it."""
-        assert pairing.pending_cwd is not None
-        wanted, previous = pairing.pending_cwd
-        pairing.pending_cwd = None
+    def settle_cwd(self, pairing: Pairing, tid: int) -> None:
+        """Read back a continued chdir into a master directory.
+
+        The kernel's working directory changed: adopt it (as the kernel resolved it,
+        symlinks and ``..`` included). Unchanged, as seen by the thread that called
+        chdir: the kernel refused, restore the previous state. Unchanged as seen by
+        another thread: the chdir may not have run yet; ask again later.
+        """
+        pending = pairing.pending_cwd
+        assert pending is not None
         try:
+            st = os.stat(f"/proc/{tid}/cwd")
             actual = os.fsencode(os.readlink(f"/proc/{tid}/cwd"))
         except OSError:
             return
-        if actual != os.path.realpath(wanted):
-            pairing.cwd, pairing.cwd_remote, pairing.staged_cwd = previous
+        if (st.st_dev, st.st_ino) != pending.before:
+            pairing.pending_cwd = None
+            pairing.cwd, pairing.cwd_remote, pairing.staged_cwd = actual, False, False
+        elif tid == pending.tid:
+            pairing.pending_cwd = None
+            pairing.cwd, pairing.cwd_remote, pairing.staged_cwd = pending.previous
+
+    def _after_exec(self, pairing: Pairing) -> None:
+        """The first call of the new image (from the leader): the other threads are
+        gone, and an argv[0] that staging rewrote is put back."""
+        pairing.exec_pending = False
+        for tid in list(pairing.tids):
+            if tid != pairing.tgid:
+                self.forget_tid(tid)
+        fix, pairing.argv0_fix = pairing.argv0_fix, None
+        if fix is None:
+            return
+        address, old_arg_start = fix
+        now = arg_start(pairing.tgid)
+        try:
+            if now != old_arg_start:  # a new image: its copy of argv[0]
+                pairing.memory.write(now, b"/")
+            else:  # the execve failed: the caller's own string
+                pairing.memory.rewrite_byte(address, b"/")
+        except Errno:
+            pass
 
     def seal(self, pairing: Pairing) -> None:
         """Record, for each child of ``pairing`` not yet seen, the state it inherits.
@@ -554,7 +610,7 @@ class Hub:
         Called before the parent's state changes and when it exits: a child that
         exists now was forked before, with the current state.
         """
-        state = pairing.inheritable()
+        state = self.state_of(pairing)
         task_dir = f"/proc/{pairing.tgid}/task"
         try:
             tasks = os.listdir(task_dir)
@@ -567,8 +623,12 @@ class Hub:
             except OSError:
                 continue
             for child in map(int, children):
-                if child not in self.pairings and child not in self.births:
-                    self.births[child] = (state, _start_time(child))
+                if child in self.pairings:
+                    continue
+                started = _start_time(child)
+                known = self.births.get(child)
+                if known is None or known[1] != started:  # new, or a reused pid
+                    self.births[child] = (state, started)
         if len(self.births) > 4096:  # children that died before their first call
             self.births = {c: r for c, r in self.births.items() if _start_time(c) == r[1]}
 
@@ -608,12 +668,13 @@ class Hub:
         def prelude(conn: Connection) -> list[Event]:
             chain: list[Pairing] = []
             p: Pairing | None = pairing
-            while p is not None and not p.announced:
+            while p is not None and not p.announced and not p.closed:
                 chain.append(p)
                 p = p.parent
             events: list[Event] = []
             for q in reversed(chain):
-                parent = q.parent.id if q.parent and q.parent.id in conn.pairings.open else 0
+                up = q.parent
+                parent = up.id if up and not up.closed and up.id in conn.pairings.open else 0
                 if q.id not in conn.pairings.open:
                     events.append(OpenPairing(q.id, parent))
                 q.announced = True

@@ -145,11 +145,11 @@ class SlaveLink:
         """End the session cleanly: GOODBYE, then wait (briefly) for the slave's."""
         if not self.alive:
             return
-        self._closing = True
         try:
             self.send([Goodbye(b"done")])
         except LinkClosed:
             return
+        self._closing = True  # nothing more is sent; the slave's GOODBYE is no failure
         with trio.move_on_after(5):
             await self.transport.flush()
             await self._done.wait()
@@ -158,9 +158,9 @@ class SlaveLink:
     # --- sending --------------------------------------------------------------------
 
     def send(self, events: Sequence[Event]) -> None:
-        """Queue ``events`` for the slave; raises LinkClosed if the link is down."""
-        if not self.alive:
-            raise LinkClosed(self.failure or "link closed")
+        """Queue ``events`` for the slave; LinkClosed if the link is down or ending."""
+        if not self.alive or self._closing:
+            raise LinkClosed(self.failure or "the session is ending")
         data = b"".join([self.conn.send(e) for e in events])
         try:
             self.transport.write(data)
@@ -178,8 +178,8 @@ class SlaveLink:
         prelude: Callable[[Connection], list[Event]] | None = None,
     ) -> None:
         """Send one CALL; ``on_reply`` runs once with its REPLY or LinkClosed."""
-        if not self.alive:
-            on_reply(LinkClosed(self.failure or "link closed"))
+        if not self.alive or self._closing:
+            on_reply(LinkClosed(self.failure or "the session is ending"))
             return
         self._next_request = self._next_request % 0xFFFFFFFF + 1
         request = self._next_request
@@ -213,7 +213,7 @@ class SlaveLink:
 
     def post(self, pairing: int, op: Op, ints: tuple[int, ...]) -> None:
         """Send a CALL that wants no reply (request 0), if the link is still up."""
-        if self.alive:
+        if self.alive and not self._closing:
             try:
                 self.send([Call(pairing, 0, op, ints)])
             except LinkClosed:

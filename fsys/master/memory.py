@@ -50,14 +50,9 @@ class TargetMemory:
     def __init__(self, pid: int) -> None:
         self.pid = pid
         self._fd = -1
+        self.opened = 0  # how many times the descriptor was opened
         self._local = _IoVec()
         self._remote = _IoVec()
-
-    @property
-    def bound(self) -> bool:
-        """True once the memory descriptor is open: it then stays bound to the address
-        space it was opened on, whatever later happens to the pid."""
-        return self._fd >= 0
 
     def _mem(self) -> int:
         if self._fd < 0:
@@ -65,6 +60,7 @@ class TargetMemory:
                 self._fd = os.open(f"/proc/{self.pid}/mem", os.O_RDONLY | os.O_CLOEXEC)
             except OSError as exc:
                 raise Errno(errno.ESRCH) from exc
+            self.opened += 1
         return self._fd
 
     def forget(self) -> None:

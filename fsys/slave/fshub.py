@@ -113,8 +113,8 @@ class SlaveSession:
         if call.request:
             try:
                 self.transport.write(self.conn.send(reply))
-            except LinkClosed:
-                pass  # the master is gone: the read loop ends the session
+            except (LinkClosed, LocalProtocolError):
+                pass  # the master is gone, or has said goodbye: the session is over
 
     async def serve(self) -> None:
         """Serve until the master says goodbye, goes away, or breaks the protocol."""
