@@ -189,22 +189,24 @@ def _join(cwd: bytes, path: bytes) -> bytes:
     return (cwd.rstrip(b"/") or b"") + b"/" + path
 
 
-def _start_time(pid: int) -> int:
-    """When ``pid`` started (clock ticks since boot; -1 if it is gone)."""
+def _proc_stat(pid: int, field: int) -> int:
+    """Field ``field`` (numbered as in proc(5)) of /proc/<pid>/stat; -1 if it is gone."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
-            return int(f.read().rsplit(b")", 1)[1].split()[19])
+            # Fields from the third on follow the ")" that ends the command name.
+            return int(f.read().rsplit(b")", 1)[1].split()[field - 3])
     except (OSError, IndexError, ValueError):
         return -1
+
+
+def _start_time(pid: int) -> int:
+    """When ``pid`` started (clock ticks since boot): pids are reused, this is not."""
+    return _proc_stat(pid, 22)
 
 
 def arg_start(pid: int) -> int:
-    """Where ``pid``'s argument strings start in its memory (/proc/<pid>/stat)."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            return int(f.read().rsplit(b")", 1)[1].split()[45])
-    except (OSError, IndexError, ValueError):
-        return -1
+    """Where ``pid``'s argument strings start in its memory."""
+    return _proc_stat(pid, 48)
 
 
 def _proc_status(tid: int) -> tuple[int, int, int]:
