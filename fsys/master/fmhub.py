@@ -9,7 +9,7 @@ disposition table, synchronously and without the slave:
 - ``path``: each path is read from the caller's memory and placed: an absolute path
   by the path policy; a relative one by the side of its directory (the cwd, or a
   dirfd that is or is not a placeholder). All on the master: continued at once.
-- ``hub``: always answered by fmhub (cwd, umask, execve).
+- ``hub``: always answered by fmhub (cwd, umask, execve, exit).
 
 Only a call that involves the slave (or fmhub's own state) runs a handler from
 ``fsys.master.calls``. A handler is an ``async def`` that awaits nothing but
