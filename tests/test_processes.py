@@ -381,7 +381,7 @@ async def test_a_staged_binary_keeps_its_argv0(session: Session, tmp_path: Path)
 
 
 async def test_a_process_killed_while_its_program_is_staged(session: Session) -> None:
-    (session.box / "big").write_bytes(b"\x7fELF" + b"\0" * (150 << 20))
+    (session.box / "big").write_bytes(b"\x7fELF" + b"\0" * (400 << 20))  # ~1 s to stage
     (session.box / "big").chmod(0o755)
     result = await session.sh("(sleep 0.2; kill -9 $$) & exec /big")
     assert result.status == 128 + 9, result.err
