@@ -63,12 +63,6 @@ class NativeIf:
     mask: int | None = None
     values: tuple[int, ...] = ()
 
-    def matches(self, args: tuple[int, ...] | list[int]) -> bool:
-        low = args[self.arg] & 0xFFFFFFFF
-        if self.mask is not None:
-            return bool(low & self.mask)
-        return low in self.values
-
 
 @dataclass(frozen=True, slots=True)
 class Syscall:

@@ -237,18 +237,22 @@ O_PATH_FLAGS = linux.O_PATH | linux.O_DIRECTORY | linux.O_NOFOLLOW | O_CLOEXEC
 
 
 def _legacy_open(flags: int, mode: int) -> tuple[int, int]:
-    """open/openat/creat arguments as openat2 takes them."""
+    """open/openat/creat arguments as openat2 takes them (mode: see _open)."""
     flags &= VALID_OPEN_FLAGS
     if flags & linux.O_PATH:
         flags &= O_PATH_FLAGS
-    creates = flags & O_CREAT or flags & O_TMPFILE == O_TMPFILE
-    return flags, (mode & 0o7777 if creates else 0)
+    return flags, mode
 
 
 async def _open(hub: Hub, call: Trapped, flags: int, mode: int, resolve: int = 0) -> int:
     target = call.targets[0]
+    # A mode counts only for a call that creates; the umask applies to it. (openat2
+    # refuses a mode without O_CREAT/O_TMPFILE: for openat2 itself, so does the slave.)
     creates = flags & O_CREAT or flags & O_TMPFILE == O_TMPFILE
-    mode = _create_mode(call, mode) if creates else mode
+    if creates:
+        mode = _create_mode(call, mode)
+    elif call.syscall.name != "openat2":
+        mode = 0
     reply = await hub.call(Op.OPEN, (target.dir, flags, mode, resolve), (target.path,))
     kind = reply.blob[0] << 12 if reply.blob else 0
     return hub.install(call, reply.result, kind, cloexec=bool(flags & O_CLOEXEC))

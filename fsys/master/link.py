@@ -41,7 +41,6 @@ class SlaveLink:
         self.transport = transport
         self.conn = Connection(Role.MASTER)
         self.failure: str | None = None
-        self.peer: Hello | None = None
         self._pending: dict[int, OnReply] = {}
         self._next_request = 0
         self._hello = trio.Event()
@@ -88,7 +87,6 @@ class SlaveLink:
                     if on_reply is not None:
                         on_reply(event)
                 elif isinstance(event, Hello):
-                    self.peer = event
                     self._hello.set()
                 elif isinstance(event, Goodbye):
                     reason = event.reason.decode(errors="replace")
@@ -125,6 +123,11 @@ class SlaveLink:
     def waiting(self) -> bool:
         """Some call awaits its reply."""
         return bool(self._pending)
+
+    @property
+    def peer(self) -> Hello | None:
+        """The slave's HELLO, once it came."""
+        return self.conn.peer_hello
 
     async def wait_closed(self) -> None:
         await self._done.wait()

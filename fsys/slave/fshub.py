@@ -22,7 +22,7 @@ import struct
 import sys
 import time
 import traceback
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import trio
 
@@ -53,7 +53,6 @@ class PairingContext:
 
     pairing: int
     parent: int
-    in_flight: set[int] = field(default_factory=set)
 
 
 def perform(executor: Executor, call: Call, *, blocking: bool = False) -> Reply:
@@ -95,9 +94,6 @@ class SlaveSession:
         nursery.start_soon(self._threaded, call)
 
     async def _threaded(self, call: Call) -> None:
-        context = self.pairings.get(call.pairing)
-        if context is not None:
-            context.in_flight.add(call.request)
         try:
             # Abandoned, not waited for, when the session ends: a thread blocked on a
             # FIFO must not keep the slave alive (it exits with its threads).
@@ -108,8 +104,6 @@ class SlaveSession:
             )
         finally:
             self._threads -= 1
-            if context is not None:
-                context.in_flight.discard(call.request)
         if call.request:
             try:
                 self.transport.write(self.conn.send(reply))
