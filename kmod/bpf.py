@@ -19,8 +19,8 @@ import errno
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from kmod import abi
-from kmod.table import Disposition, NativeIf, Syscall, Table
+from fsys.kmod import abi
+from fsys.kmod.table import Disposition, NativeIf, Syscall, Table
 
 ALLOW = abi.SECCOMP_RET_ALLOW
 NOTIFY = abi.SECCOMP_RET_USER_NOTIF

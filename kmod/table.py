@@ -24,10 +24,11 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from kmod import abi
+from fsys.errors import FsysError
+from fsys.kmod import abi
 
 
-class TableError(ValueError):
+class TableError(FsysError, ValueError):
     """The table file is malformed."""
 
 

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
+from fsys.kmod import abi, bpf
+from fsys.kmod.table import HEADER, Disposition, TableError, header_syscalls, load, parse
 from fsys.master.calls import HANDLERS
 from fsys.master.syscalls_doc import render_markdown
-from kmod import abi, bpf
-from kmod.table import HEADER, Disposition, TableError, header_syscalls, load, parse
 
 TABLE = load()
 PROGRAM = bpf.build(TABLE)
@@ -33,7 +33,7 @@ def test_the_table_reaches_linux_6_18() -> None:
 
 @pytest.mark.parametrize("syscall", TABLE.syscalls, ids=lambda s: s.name)
 def test_filter_action_matches_the_table(syscall: object) -> None:
-    from kmod.table import Syscall
+    from fsys.kmod.table import Syscall
 
     assert isinstance(syscall, Syscall)
     action = bpf.evaluate(PROGRAM, syscall.nr)

@@ -226,9 +226,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     except OSError as exc:
         print(f"fsys-master: cannot start the slave: {exc}", file=sys.stderr)
         return SESSION_FAILED
+    from fsys.kmod import bpf
+    from fsys.kmod.table import load
     from fsys.master import session
-    from kmod import bpf
-    from kmod.table import load
 
     program = bpf.build(load())
     trace: TextIO | None = None

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import trio
 
-from kmod import abi
+from fsys.kmod import abi
 
 
 @dataclass(frozen=True, slots=True)

@@ -50,6 +50,7 @@ from typing import NamedTuple
 import trio
 
 from fsys.errors import Errno, LinkClosed, LocalProtocolError
+from fsys.kmod.table import Disposition, PathArg, Syscall, Table
 from fsys.linux import AT_EMPTY_PATH, AT_FDCWD
 from fsys.master.device import Listener, Notification
 from fsys.master.link import SlaveLink
@@ -68,7 +69,6 @@ from fsys.protocol import (
     Reply,
     check_call,
 )
-from kmod.table import Disposition, PathArg, Syscall, Table
 
 HOT_QUIET_MS = 2
 SPIN = float(os.environ.get("FSYS_SPIN_US", "300")) / 1e6

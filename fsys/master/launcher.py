@@ -24,7 +24,7 @@ import resource
 import signal
 from dataclasses import dataclass
 
-from kmod import abi
+from fsys.kmod import abi
 
 _libc = ctypes.CDLL(None, use_errno=True)
 PR_SET_NO_NEW_PRIVS = 38

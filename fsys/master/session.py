@@ -17,6 +17,7 @@ import trio
 import fsys.slave.cli  # noqa: F401 - loaded before the embedded slave is forked
 from fsys.errors import SESSION_FAILED, LinkClosed
 from fsys.iostream import FdTransport
+from fsys.kmod.table import load
 from fsys.master.calls import HANDLERS
 from fsys.master.device import Listener
 from fsys.master.fmhub import Hub
@@ -25,7 +26,6 @@ from fsys.master.link import SlaveLink
 from fsys.master.policy import Policy
 from fsys.master.staging import Stage
 from fsys.master.trace import Tracer
-from kmod.table import load
 
 if TYPE_CHECKING:
     from fsys.master.cli import Slave

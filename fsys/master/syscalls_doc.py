@@ -6,8 +6,8 @@ documentation says is what the filter and the hub do.
 
 from __future__ import annotations
 
+from fsys.kmod.table import Disposition, Syscall, Table, load
 from fsys.master.calls import HANDLERS
-from kmod.table import Disposition, Syscall, Table, load
 
 
 def behaviour(syscall: Syscall) -> str:
