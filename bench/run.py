@@ -1,19 +1,29 @@
 """fsys benchmarks, fsys and native side by side in one run (``nox -s bench``).
 
-    python bench/run.py [--quick] [--python PY]
+    python bench/run.py [--quick] [--runs N] [--only NAME,...] [--python PY] [--master CMD]
 
 - start:  a whole session of /bin/true (fork the slave, launch, handshake, exit),
           against running /bin/true directly;
 - stat:   microseconds per stat(2) from a C loop, on a slave file, against native;
+- continued: microseconds per trapped call that stays on the master (fmhub continues
+          it), from a C loop: read(fd, buf, 1) on a pipe of the program, and fstat(2)
+          of a master file (/usr/bin/true); against the same loop run natively;
 - read:   MB/s of `cat` reading a 1 GiB file of the slave (from the page cache),
           against native `cat`;
 - fork:   1,000 fork+exec of /bin/true by one shell inside one session, against
           the same shell run natively;
 - make:   `make -j2` of a small C project stored on the slave, against native.
 
-The slave is embedded (this machine's filesystem) for start and read, and both
-embedded and rooted (`--root`) for stat. Medians of several runs; the machine is
-noisy, so compare the ratios, which are measured minutes apart at most.
+The slave is embedded (this machine's filesystem) for start, continued and read, and
+both embedded and rooted (`--root`) for stat. The C loops time themselves
+(CLOCK_MONOTONIC), so their figures exclude the session's start. Medians of several
+runs; the machine is noisy, so compare the ratios, which are measured minutes apart
+at most. The output is one markdown table.
+
+`--only stat,continued` runs just those rows. fsys runs as `PY -m fsys.master` (PY is
+`--python`; run from outside a source tree to be sure which fsys it imports) unless
+`--master CMD` names another command, e.g. `--master fsys-master`; a rooted slave is
+always `PY -m fsys.slave serve --stdio --root DIR`.
 """
 
 from __future__ import annotations
@@ -28,9 +38,11 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+BENCHES = ("start", "stat", "continued", "read", "fork", "make")
 
 
 def timed(cmd: list[str], **kwargs: object) -> float:
@@ -43,44 +55,81 @@ def median(values: list[float]) -> float:
     return statistics.median(values)
 
 
-def fsys(python: str, *args: str, slave: str | None = None) -> list[str]:
-    cmd = [python, "-m", "fsys.master", "run"]
-    if slave:
-        cmd += ["--slave", slave]
-    return [*cmd, "--", *args]
+@dataclass(frozen=True)
+class Fsys:
+    """How to run fsys: the master's command, and the interpreter of a rooted slave."""
+
+    python: str
+    master: tuple[str, ...]
+
+    def run(self, *args: str, slave: str | None = None) -> list[str]:
+        cmd = [*self.master, "run"]
+        if slave:
+            cmd += ["--slave", slave]
+        return [*cmd, "--", *args]
+
+    def rooted(self, root: Path) -> str:
+        """The --slave command of a slave confined to root."""
+        slave = [self.python, "-m", "fsys.slave", "serve", "--stdio", "--root", str(root)]
+        return shlex.join(slave)
 
 
-def bench_start(python: str, runs: int) -> dict[str, float]:
+def build(work: Path, name: str) -> Path:
+    """Compiles bench/NAME.c into work/NAME."""
+    binary = work / name
+    if not binary.exists():
+        cmd = ["gcc", "-O2", "-o", str(binary), str(HERE / f"{name}.c")]
+        subprocess.run(cmd, check=True)
+    return binary
+
+
+def c_loop(cmd: list[str]) -> float:
+    """Runs a C loop that prints its microseconds per call on its last line."""
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    return float(out.split()[-1])
+
+
+def bench_start(fs: Fsys, runs: int) -> dict[str, float]:
     native = median([timed(["/bin/true"]) for _ in range(runs)])
-    timed(fsys(python, "/bin/true"))  # warm the page cache
-    under = median([timed(fsys(python, "/bin/true")) for _ in range(runs)])
+    timed(fs.run("/bin/true"))  # warm the page cache
+    under = median([timed(fs.run("/bin/true")) for _ in range(runs)])
     return {"native_s": native, "fsys_s": under}
 
 
-def bench_stat(python: str, work: Path, count: int, runs: int) -> dict[str, float]:
-    binary = work / "statloop"
-    subprocess.run(["gcc", "-O2", "-o", str(binary), str(HERE / "statloop.c")], check=True)
+def bench_stat(fs: Fsys, work: Path, count: int, runs: int) -> dict[str, float]:
+    binary = build(work, "statloop")
     box = work / "box"
     box.mkdir()
     target = box / "file"
     target.write_text("x")
-
-    def loop(cmd: list[str]) -> float:
-        out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-        return float(out.split()[-1])
-
-    native = median([loop([str(binary), str(target), str(count * 20)]) for _ in range(runs)])
-    embedded = median(
-        [loop(fsys(python, str(binary), str(target), str(count))) for _ in range(runs)]
-    )
-    slave = shlex.join([python, "-m", "fsys.slave", "serve", "--stdio", "--root", str(box)])
+    native = median([c_loop([str(binary), str(target), str(count * 20)]) for _ in range(runs)])
+    embedded = median([c_loop(fs.run(str(binary), str(target), str(count))) for _ in range(runs)])
+    slave = fs.rooted(box)
     rooted = median(
-        [loop(fsys(python, str(binary), "/file", str(count), slave=slave)) for _ in range(runs)]
+        [c_loop(fs.run(str(binary), "/file", str(count), slave=slave)) for _ in range(runs)]
     )
     return {"native_us": native, "fsys_us": embedded, "fsys_rooted_us": rooted}
 
 
-def bench_read(python: str, work: Path, size_mib: int, runs: int) -> dict[str, float]:
+def bench_continued(fs: Fsys, work: Path, count: int, runs: int) -> dict[str, dict[str, float]]:
+    """Per call of read(2) on a pipe and fstat(2) of /usr/bin/true: trapped, continued."""
+    binary = build(work, "trapped")
+    loops = {"read": [str(binary), "read", str(count)],
+             "fstat": [str(binary), "fstat", "/usr/bin/true", str(count)]}  # fmt: skip
+    figures: dict[str, dict[str, list[float]]] = {
+        name: {"native_us": [], "fsys_us": []} for name in loops
+    }
+    for _ in range(runs):  # interleaved, so that both rows see the same moments
+        for name, cmd in loops.items():
+            figures[name]["native_us"].append(c_loop(cmd))
+            figures[name]["fsys_us"].append(c_loop(fs.run(*cmd)))
+    out = {name: {k: median(v) for k, v in fig.items()} for name, fig in figures.items()}
+    for fig in out.values():
+        fig["overhead_us"] = fig["fsys_us"] - fig["native_us"]
+    return out
+
+
+def bench_read(fs: Fsys, work: Path, size_mib: int, runs: int) -> dict[str, float]:
     big = work / "big"
     chunk = os.urandom(1 << 20)
     with open(big, "wb") as f:
@@ -89,8 +138,8 @@ def bench_read(python: str, work: Path, size_mib: int, runs: int) -> dict[str, f
     size = size_mib << 20
     timed(["cat", str(big)])  # into the page cache
     native = median([timed(["cat", str(big)]) for _ in range(runs)])
-    under = median([timed(fsys(python, "cat", str(big))) for _ in range(runs)])
-    start = median([timed(fsys(python, "/bin/true")) for _ in range(runs)])
+    under = median([timed(fs.run("cat", str(big))) for _ in range(runs)])
+    start = median([timed(fs.run("/bin/true")) for _ in range(runs)])
     big.unlink()
     return {
         "native_MBps": size / native / 1e6,
@@ -99,11 +148,11 @@ def bench_read(python: str, work: Path, size_mib: int, runs: int) -> dict[str, f
     }
 
 
-def bench_fork(python: str, count: int, runs: int) -> dict[str, float]:
+def bench_fork(fs: Fsys, count: int, runs: int) -> dict[str, float]:
     loop = f"i=0; while [ $i -lt {count} ]; do /bin/true; i=$((i+1)); done"
     native = median([timed(["/bin/sh", "-c", loop]) for _ in range(runs)])
-    under = median([timed(fsys(python, "/bin/sh", "-c", loop)) for _ in range(runs)])
-    start = median([timed(fsys(python, "/bin/true")) for _ in range(runs)])
+    under = median([timed(fs.run("/bin/sh", "-c", loop)) for _ in range(runs)])
+    start = median([timed(fs.run("/bin/true")) for _ in range(runs)])
     return {"native_s": native, "fsys_s": under, "fsys_without_start_s": under - start}
 
 
@@ -133,65 +182,107 @@ def c_project(root: Path, files: int) -> Path:
     return proj
 
 
-def bench_make(python: str, work: Path, runs: int) -> dict[str, float]:
+def bench_make(fs: Fsys, work: Path, runs: int) -> dict[str, float]:
     box = work / "makebox"
     proj = c_project(box, 12)
-    slave = shlex.join([python, "-m", "fsys.slave", "serve", "--stdio", "--root", str(box)])
+    slave = fs.rooted(box)
 
-    def build(cmd: list[str]) -> float:
+    def make(cmd: list[str]) -> float:
         shutil.rmtree(proj / "build", ignore_errors=True)
         return timed(cmd)
 
-    native = median([build(["make", "-s", "-C", str(proj), "-j2"]) for _ in range(runs)])
+    native = median([make(["make", "-s", "-C", str(proj), "-j2"]) for _ in range(runs)])
     under = median(
-        [build(fsys(python, "make", "-s", "-C", "/proj", "-j2", slave=slave)) for _ in range(runs)]
+        [make(fs.run("make", "-s", "-C", "/proj", "-j2", slave=slave)) for _ in range(runs)]
     )
     return {"native_s": native, "fsys_s": under}
 
 
+def header() -> None:
+    print("| measure | native | fsys | note |")
+    print("| --- | --- | --- | --- |")
+
+
 def row(name: str, native: str, under: str, note: str) -> None:
-    print(f"{name:18s} native {native:>12s}   fsys {under:>12s}" + (f"   ({note})" if note else ""))
+    print(f"| {name} | {native} | {under} | {note} |", flush=True)
+
+
+def selection(text: str) -> list[str]:
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    unknown = [name for name in names if name not in BENCHES]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(
+            f"unknown bench {', '.join(unknown) or repr(text)}; choose from {', '.join(BENCHES)}"
+        )
+    return names
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer and smaller runs")
+    parser.add_argument("--runs", type=int, help="runs per figure (default 5, 3 with --quick)")
+    choices = ",".join(BENCHES)
+    parser.add_argument("--only", type=selection, default=list(BENCHES),
+                        help=f"comma-separated benches to run, of: {choices}")  # fmt: skip
     parser.add_argument("--python", default=sys.executable, help="interpreter for fsys")
+    parser.add_argument("--master", help="command of the master (default: PY -m fsys.master)")
     args = parser.parse_args()
-    if shutil.which("gcc") is None:
-        print("bench: gcc is needed to build the stat loop", file=sys.stderr)
+    only: list[str] = args.only
+    if shutil.which("gcc") is None and {"stat", "continued"} & set(only):
+        print("bench: gcc is needed to build the C loops", file=sys.stderr)
         return 1
-    runs = 3 if args.quick else 5
-    python = args.python
+    runs: int = args.runs or (3 if args.quick else 5)
+    python: str = args.python
+    master = shlex.split(args.master) if args.master else [python, "-m", "fsys.master"]
+    fs = Fsys(python, tuple(master))
     version = subprocess.run(
         [python, "-c", "import platform; print(platform.python_version())"],
         capture_output=True, text=True, check=True,
     ).stdout.strip()  # fmt: skip
     print(f"# fsys bench: {platform.node()}, Linux {platform.release()}, "
-          f"{os.cpu_count()} CPUs, fsys on Python {version} ({python})")  # fmt: skip
+          f"{os.cpu_count()} CPUs, fsys on Python {version} ({shlex.join(master)})")  # fmt: skip
+    print()
+    header()
     with tempfile.TemporaryDirectory(prefix="fsys-bench-") as tmp:
         work = Path(tmp)
-        start = bench_start(python, runs * 2)
-        start_ms = start["fsys_s"] * 1e3
-        row("start /bin/true", f"{start['native_s'] * 1e3:.1f} ms", f"{start_ms:.0f} ms", "")
-        stat = bench_stat(python, work, 5000 if args.quick else 20000, runs)
-        rooted = f"rooted slave {stat['fsys_rooted_us']:.1f} us"
-        row("stat (C loop)", f"{stat['native_us']:.2f} us", f"{stat['fsys_us']:.1f} us", rooted)
-        read = bench_read(python, work, 256 if args.quick else 1024, runs)
-        steady = f"{read['fsys_MBps_without_start']:.0f} MB/s without session start"
-        row(
-            "read (cat)", f"{read['native_MBps']:.0f} MB/s", f"{read['fsys_MBps']:.0f} MB/s", steady
-        )
-        count = 300 if args.quick else 1000
-        fork = bench_fork(python, count, runs)
-        ratio = fork["fsys_without_start_s"] / fork["native_s"]
-        row(f"fork+exec x{count}", f"{fork['native_s']:.2f} s", f"{fork['fsys_s']:.2f} s",
-            f"x{ratio:.1f} without session start")  # fmt: skip
-        make = bench_make(python, work, runs)
-        whole = make["fsys_s"] / make["native_s"]
-        steady_ratio = (make["fsys_s"] - start["fsys_s"]) / make["native_s"]
-        row("make -j2", f"{make['native_s']:.2f} s", f"{make['fsys_s']:.2f} s",
-            f"x{whole:.1f}; x{steady_ratio:.1f} without session start")  # fmt: skip
+        start_s: float | None = None
+        if "start" in only:
+            start = bench_start(fs, runs * 2)
+            start_s = start["fsys_s"]
+            row("start /bin/true", f"{start['native_s'] * 1e3:.1f} ms", f"{start_s * 1e3:.0f} ms",
+                "whole session")  # fmt: skip
+        if "stat" in only:
+            stat = bench_stat(fs, work, 5000 if args.quick else 20000, runs)
+            note = (f"forwarded, embedded slave; rooted slave {stat['fsys_rooted_us']:.1f} us; "
+                    "timed in the loop")  # fmt: skip
+            row("stat (C loop)", f"{stat['native_us']:.2f} us", f"{stat['fsys_us']:.1f} us", note)
+        if "continued" in only:
+            count = 20000 if args.quick else 100000
+            cont = bench_continued(fs, work, count, runs)
+            for name, what in (("read", "read 1 byte (master pipe)"),
+                               ("fstat", "fstat (master file)")):  # fmt: skip
+                fig = cont[name]
+                row(f"continued {what}", f"{fig['native_us']:.2f} us", f"{fig['fsys_us']:.1f} us",
+                    f"+{fig['overhead_us']:.1f} us per call; x{count} in the loop")  # fmt: skip
+        if "read" in only:
+            read = bench_read(fs, work, 256 if args.quick else 1024, runs)
+            steady = f"{read['fsys_MBps_without_start']:.0f} MB/s without session start"
+            row("read (cat)", f"{read['native_MBps']:.0f} MB/s", f"{read['fsys_MBps']:.0f} MB/s",
+                steady)  # fmt: skip
+        if "fork" in only:
+            count = 300 if args.quick else 1000
+            fork = bench_fork(fs, count, runs)
+            ratio = fork["fsys_without_start_s"] / fork["native_s"]
+            row(f"fork+exec x{count}", f"{fork['native_s']:.2f} s", f"{fork['fsys_s']:.2f} s",
+                f"x{ratio:.1f} without session start")  # fmt: skip
+        if "make" in only:
+            make = bench_make(fs, work, runs)
+            if start_s is None:
+                start_s = bench_start(fs, runs)["fsys_s"]
+            whole = make["fsys_s"] / make["native_s"]
+            steady_ratio = (make["fsys_s"] - start_s) / make["native_s"]
+            row("make -j2", f"{make['native_s']:.2f} s", f"{make['fsys_s']:.2f} s",
+                f"x{whole:.1f}; x{steady_ratio:.1f} without session start")  # fmt: skip
     return 0
 
 

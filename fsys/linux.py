@@ -53,8 +53,8 @@ _fallocate = _proto(_c_int, _c_int, _c_long, _c_long)
 _syncfs = _proto(_c_int)
 
 
-def raise_fd_limit() -> None:
-    """Raise the soft limit on open files to the hard limit.
+def raise_fd_limit() -> tuple[int, int]:
+    """Raise the soft limit on open files to the hard limit; return the limits before.
 
     Each remote file costs a hub one descriptor (the slave's real fd; the master's
     placeholder peer), so a hub needs as many as the program may open. Programs
@@ -65,6 +65,7 @@ def raise_fd_limit() -> None:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft != hard:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return soft, hard
 
 
 def _check(result: int) -> int:

@@ -7,10 +7,11 @@ then the master sends CALLs and pairing changes, the slave answers each CALL wit
 REPLY carrying the same pairing and request id. Request id 0 means "no reply
 wanted" (closing a remote handle). GOODBYE ends a direction with a reason.
 
-A CALL's body is its integer arguments (signed 64-bit, little endian) followed by
-its byte strings (u32 length + bytes); every op declares how many of each it has
-(``SCHEMAS``) and how long each string may be, so a frame is checked completely
-before anything acts on it. A REPLY's body is the result (>= 0, or -errno as
+A CALL carries one *operation*: a record (``Open``, ``Stat``...) whose fields are
+named once here and read by name on both sides. On the wire its body is the
+record's integer fields (signed 64-bit, little endian) followed by its byte strings
+(u32 length + bytes); each record declares how long each string may be, so a frame
+is checked completely before anything acts on it. A REPLY's body is the result (>= 0, or -errno as
 Linux numbers it) and one byte string. Structures that cross the wire (stat,
 statfs, directory entries, flock) use the Linux 64-bit UAPI layouts, which are the
 same on every 64-bit Linux architecture; flags and mode bits use the asm-generic
@@ -26,8 +27,9 @@ from __future__ import annotations
 
 import enum
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Final, NamedTuple
+from typing import Any, Final, NamedTuple, TypeVar
 
 from fsys.errors import LocalProtocolError, RemoteProtocolError
 
@@ -60,44 +62,44 @@ class Kind(enum.IntEnum):
 
 
 class Op(enum.IntEnum):
-    """Operations the slave performs. ``dir`` is a directory handle, or 0 for the root."""
+    """Operation codes on the wire; each has one record below that names its fields."""
 
-    OPEN = 1  # dir flags mode resolve | path -> handle; blob: file type (S_IFMT >> 12)
-    CLOSE = 2  # handle -> (request 0: no reply)
-    READ = 3  # handle count offset(-1: current) rwf -> data
-    WRITE = 4  # handle offset(-1: current) rwf | data -> count
-    LSEEK = 5  # handle offset whence -> offset
-    STAT = 6  # dir flags mask | path -> struct statx
-    GETDENTS = 7  # handle count -> linux_dirent64 records
-    ACCESS = 8  # dir mode flags | path
-    READLINK = 9  # dir size | path -> target
-    MKDIR = 10  # dir mode | path
-    MKNOD = 11  # dir mode dev | path
-    UNLINK = 12  # dir flags | path
-    RENAME = 13  # olddir newdir flags | old new
-    LINK = 14  # olddir newdir flags | old new
-    SYMLINK = 15  # dir | target path
-    CHMOD = 16  # dir mode flags | path
-    CHOWN = 17  # dir uid gid flags | path
-    TRUNCATE = 18  # dir length | path
-    FTRUNCATE = 19  # handle length
-    FSYNC = 20  # handle datasync
-    UTIMENS = 21  # dir flags asec ansec msec mnsec | path
-    STATFS = 22  # dir flags | path -> struct statfs
-    FCNTL = 23  # handle cmd arg -> result
-    LOCK = 24  # handle cmd | struct flock -> struct flock
-    FLOCK = 25  # handle operation
-    IOCTL = 26  # handle request arg -> result; blob: i64 written through the pointer
-    FALLOCATE = 27  # handle mode offset length
-    COPY_RANGE = 28  # in off_in out off_out length flags -> count (offsets -1: current)
-    SENDFILE = 29  # out in offset count -> count
-    GETXATTR = 30  # dir flags size | path name -> value
-    SETXATTR = 31  # dir flags xflags | path name value
-    LISTXATTR = 32  # dir flags size | path -> names
-    REMOVEXATTR = 33  # dir flags | path name
-    CHDIR = 34  # dir | path -> the directory's path from the root
-    HANDLE_PATH = 35  # handle -> the handle's path from the root
-    SYNCFS = 36  # handle
+    OPEN = 1
+    CLOSE = 2
+    READ = 3
+    WRITE = 4
+    LSEEK = 5
+    STAT = 6
+    GETDENTS = 7
+    ACCESS = 8
+    READLINK = 9
+    MKDIR = 10
+    MKNOD = 11
+    UNLINK = 12
+    RENAME = 13
+    LINK = 14
+    SYMLINK = 15
+    CHMOD = 16
+    CHOWN = 17
+    TRUNCATE = 18
+    FTRUNCATE = 19
+    FSYNC = 20
+    UTIMENS = 21
+    STATFS = 22
+    FCNTL = 23
+    LOCK = 24
+    FLOCK = 25
+    IOCTL = 26
+    FALLOCATE = 27
+    COPY_RANGE = 28
+    SENDFILE = 29
+    GETXATTR = 30
+    SETXATTR = 31
+    LISTXATTR = 32
+    REMOVEXATTR = 33
+    CHDIR = 34
+    HANDLE_PATH = 35
+    SYNCFS = 36
 
 
 class Blob(enum.Enum):
@@ -109,56 +111,375 @@ class Blob(enum.Enum):
 
 
 @dataclass(frozen=True, slots=True)
-class Schema:
-    ints: int
-    blobs: tuple[Blob, ...] = ()
+class Spec:
+    """How one operation record crosses the wire: its code, integers and strings."""
+
+    op: Op
+    record: type[Any]  # a NamedTuple class
+    ints: struct.Struct  # the integer fields, in declaration order
+    head: struct.Struct  # the frame header followed by the integer fields
+    nints: int
+    limits: tuple[int, ...]  # one per string field
+    paths: tuple[bool, ...]  # which strings are paths (no NUL inside)
+
+
+#: record type -> its Spec; op number -> its Spec (for decoding).
+SPECS: Final[dict[type, Spec]] = {}
+_BY_CODE: Final[dict[int, Spec]] = {}
+
+_R = TypeVar("_R")
+
+
+def _type_name(annotation: object) -> str:
+    """``int`` for int, "int" and ForwardRef("int") alike."""
+    name = getattr(annotation, "__forward_arg__", annotation)
+    return name if isinstance(name, str) else getattr(name, "__name__", repr(name))
+
+
+def _wire(op: Op, *blobs: Blob) -> Callable[[type[_R]], type[_R]]:
+    """Declare a record as ``op``'s CALL: its int fields first, then one bytes field
+    per ``blobs`` entry, in order. The field names are the operation's interface."""
+
+    def register(record: type[_R]) -> type[_R]:
+        fields: tuple[str, ...] = record._fields  # type: ignore[attr-defined]
+        kinds = {f: _type_name(t) for f, t in record.__annotations__.items()}
+        nints = len(fields) - len(blobs)
+        if [kinds[f] for f in fields] != ["int"] * nints + ["bytes"] * len(blobs):
+            raise TypeError(f"{record.__name__}: int fields first, then {len(blobs)} bytes")
+        spec = Spec(
+            op, record, struct.Struct("<" + "q" * nints),
+            struct.Struct("<IBBHII" + "q" * nints), nints,
+            tuple(b.value for b in blobs), tuple(b is Blob.PATH for b in blobs),
+        )  # fmt: skip
+        SPECS[record] = _BY_CODE[op] = spec
+        return record
+
+    return register
 
 
 _P, _D, _S = Blob.PATH, Blob.DATA, Blob.SMALL
-SCHEMAS: Final[dict[Op, Schema]] = {
-    Op.OPEN: Schema(4, (_P,)),
-    Op.CLOSE: Schema(1),
-    Op.READ: Schema(4),
-    Op.WRITE: Schema(3, (_D,)),
-    Op.LSEEK: Schema(3),
-    Op.STAT: Schema(3, (_P,)),
-    Op.GETDENTS: Schema(2),
-    Op.ACCESS: Schema(3, (_P,)),
-    Op.READLINK: Schema(2, (_P,)),
-    Op.MKDIR: Schema(2, (_P,)),
-    Op.MKNOD: Schema(3, (_P,)),
-    Op.UNLINK: Schema(2, (_P,)),
-    Op.RENAME: Schema(3, (_P, _P)),
-    Op.LINK: Schema(3, (_P, _P)),
-    Op.SYMLINK: Schema(1, (_P, _P)),
-    Op.CHMOD: Schema(3, (_P,)),
-    Op.CHOWN: Schema(4, (_P,)),
-    Op.TRUNCATE: Schema(2, (_P,)),
-    Op.FTRUNCATE: Schema(2),
-    Op.FSYNC: Schema(2),
-    Op.UTIMENS: Schema(6, (_P,)),
-    Op.STATFS: Schema(2, (_P,)),
-    Op.FCNTL: Schema(3),
-    Op.LOCK: Schema(2, (_S,)),
-    Op.FLOCK: Schema(2),
-    Op.IOCTL: Schema(3),
-    Op.FALLOCATE: Schema(4),
-    Op.COPY_RANGE: Schema(6),
-    Op.SENDFILE: Schema(4),
-    Op.GETXATTR: Schema(3, (_P, _S)),
-    Op.SETXATTR: Schema(3, (_P, _S, _S)),
-    Op.LISTXATTR: Schema(3, (_P,)),
-    Op.REMOVEXATTR: Schema(2, (_P, _S)),
-    Op.CHDIR: Schema(1, (_P,)),
-    Op.HANDLE_PATH: Schema(1),
-    Op.SYNCFS: Schema(1),
-}
-_INTS: Final = {op: struct.Struct("<" + "q" * s.ints) for op, s in SCHEMAS.items()}
-#: op number -> (op, its integers' struct, (limit, is_path) per string), for decoding.
-_DECODE: Final = {
-    int(op): (op, _INTS[op], tuple((b.value, b is Blob.PATH) for b in s.blobs))
-    for op, s in SCHEMAS.items()
-}
+
+# ``dir`` is a directory handle, or 0 for the slave's root. Each docstring gives the
+# reply: its result, and its byte string if it has one.
+
+
+@_wire(Op.OPEN, _P)
+class Open(NamedTuple):
+    """-> a new handle; blob: the file type (S_IFMT >> 12)."""
+
+    dir: int
+    flags: int
+    mode: int
+    resolve: int
+    path: bytes
+
+
+@_wire(Op.CLOSE)
+class Close(NamedTuple):
+    """Sent with request 0: no reply."""
+
+    handle: int
+
+
+@_wire(Op.READ)
+class Read(NamedTuple):
+    """-> length; blob: the data, at most ``size`` bytes. offset -1: the file position."""
+
+    handle: int
+    size: int
+    offset: int
+    rwf: int
+
+
+@_wire(Op.WRITE, _D)
+class Write(NamedTuple):
+    """-> count written. offset -1: the file position."""
+
+    handle: int
+    offset: int
+    rwf: int
+    data: bytes
+
+
+@_wire(Op.LSEEK)
+class Lseek(NamedTuple):
+    """-> the new offset."""
+
+    handle: int
+    offset: int
+    whence: int
+
+
+@_wire(Op.STAT, _P)
+class Stat(NamedTuple):
+    """-> 0; blob: struct statx."""
+
+    dir: int
+    flags: int
+    mask: int
+    path: bytes
+
+
+@_wire(Op.GETDENTS)
+class Getdents(NamedTuple):
+    """-> length; blob: linux_dirent64 records, at most ``size`` bytes."""
+
+    handle: int
+    size: int
+
+
+@_wire(Op.ACCESS, _P)
+class Access(NamedTuple):
+    dir: int
+    mode: int
+    flags: int
+    path: bytes
+
+
+@_wire(Op.READLINK, _P)
+class Readlink(NamedTuple):
+    """-> length; blob: the link's target, at most ``size`` bytes."""
+
+    dir: int
+    size: int
+    path: bytes
+
+
+@_wire(Op.MKDIR, _P)
+class Mkdir(NamedTuple):
+    dir: int
+    mode: int
+    path: bytes
+
+
+@_wire(Op.MKNOD, _P)
+class Mknod(NamedTuple):
+    dir: int
+    mode: int
+    dev: int
+    path: bytes
+
+
+@_wire(Op.UNLINK, _P)
+class Unlink(NamedTuple):
+    dir: int
+    flags: int
+    path: bytes
+
+
+@_wire(Op.RENAME, _P, _P)
+class Rename(NamedTuple):
+    olddir: int
+    newdir: int
+    flags: int
+    old: bytes
+    new: bytes
+
+
+@_wire(Op.LINK, _P, _P)
+class Link(NamedTuple):
+    olddir: int
+    newdir: int
+    flags: int
+    old: bytes
+    new: bytes
+
+
+@_wire(Op.SYMLINK, _P, _P)
+class Symlink(NamedTuple):
+    dir: int
+    target: bytes
+    path: bytes
+
+
+@_wire(Op.CHMOD, _P)
+class Chmod(NamedTuple):
+    dir: int
+    mode: int
+    flags: int
+    path: bytes
+
+
+@_wire(Op.CHOWN, _P)
+class Chown(NamedTuple):
+    dir: int
+    uid: int
+    gid: int
+    flags: int
+    path: bytes
+
+
+@_wire(Op.TRUNCATE, _P)
+class Truncate(NamedTuple):
+    dir: int
+    length: int
+    path: bytes
+
+
+@_wire(Op.FTRUNCATE)
+class Ftruncate(NamedTuple):
+    handle: int
+    length: int
+
+
+@_wire(Op.FSYNC)
+class Fsync(NamedTuple):
+    handle: int
+    datasync: int
+
+
+@_wire(Op.UTIMENS, _P)
+class Utimens(NamedTuple):
+    dir: int
+    flags: int
+    asec: int
+    ansec: int
+    msec: int
+    mnsec: int
+    path: bytes
+
+
+@_wire(Op.STATFS, _P)
+class Statfs(NamedTuple):
+    """-> 0; blob: struct statfs."""
+
+    dir: int
+    flags: int
+    path: bytes
+
+
+@_wire(Op.FCNTL)
+class Fcntl(NamedTuple):
+    """-> the command's result (F_GETFL, F_SETFL)."""
+
+    handle: int
+    cmd: int
+    arg: int
+
+
+@_wire(Op.LOCK, _S)
+class Lock(NamedTuple):
+    """-> 0; blob: struct flock (for the GETLK commands)."""
+
+    handle: int
+    cmd: int
+    flock: bytes
+
+
+@_wire(Op.FLOCK)
+class Flock(NamedTuple):
+    handle: int
+    operation: int
+
+
+@_wire(Op.IOCTL)
+class Ioctl(NamedTuple):
+    """-> the result; blob: the i64 the request writes through its pointer."""
+
+    handle: int
+    request: int
+    arg: int
+
+
+@_wire(Op.FALLOCATE)
+class Fallocate(NamedTuple):
+    handle: int
+    mode: int
+    offset: int
+    length: int
+
+
+@_wire(Op.COPY_RANGE)
+class CopyRange(NamedTuple):
+    """-> count copied. Offsets -1: the file positions."""
+
+    src: int
+    off_in: int
+    dst: int
+    off_out: int
+    length: int
+    flags: int
+
+
+@_wire(Op.SENDFILE)
+class Sendfile(NamedTuple):
+    """-> count sent. offset -1: the position of ``src``."""
+
+    out: int
+    src: int
+    offset: int
+    size: int
+
+
+@_wire(Op.GETXATTR, _P, _S)
+class Getxattr(NamedTuple):
+    """-> the value's length; blob: the value (none when ``size`` is 0)."""
+
+    dir: int
+    flags: int
+    size: int
+    path: bytes
+    name: bytes
+
+
+@_wire(Op.SETXATTR, _P, _S, _S)
+class Setxattr(NamedTuple):
+    dir: int
+    flags: int
+    xflags: int
+    path: bytes
+    name: bytes
+    value: bytes
+
+
+@_wire(Op.LISTXATTR, _P)
+class Listxattr(NamedTuple):
+    """-> the list's length; blob: NUL-terminated names (none when ``size`` is 0)."""
+
+    dir: int
+    flags: int
+    size: int
+    path: bytes
+
+
+@_wire(Op.REMOVEXATTR, _P, _S)
+class Removexattr(NamedTuple):
+    dir: int
+    flags: int
+    path: bytes
+    name: bytes
+
+
+@_wire(Op.CHDIR, _P)
+class Chdir(NamedTuple):
+    """-> length; blob: the directory's path from the root."""
+
+    dir: int
+    path: bytes
+
+
+@_wire(Op.HANDLE_PATH)
+class HandlePath(NamedTuple):
+    """-> length; blob: the handle's path from the root."""
+
+    handle: int
+
+
+@_wire(Op.SYNCFS)
+class Syncfs(NamedTuple):
+    handle: int
+
+
+Operation = (
+    Open | Close | Read | Write | Lseek | Stat | Getdents | Access | Readlink | Mkdir
+    | Mknod | Unlink | Rename | Link | Symlink | Chmod | Chown | Truncate | Ftruncate
+    | Fsync | Utimens | Statfs | Fcntl | Lock | Flock | Ioctl | Fallocate | CopyRange
+    | Sendfile | Getxattr | Setxattr | Listxattr | Removexattr | Chdir | HandlePath | Syncfs
+)  # fmt: skip
+"""One operation the slave performs, with its arguments by name."""
+
+if len(SPECS) != len(Op):  # pragma: no cover - a declaration is missing
+    raise TypeError(f"operations without a record: {set(Op) - set(_BY_CODE)}")
 
 
 # --- events (named tuples: they are made for every frame, and are cheap to make) ----
@@ -173,9 +494,7 @@ class Hello(NamedTuple):
 class Call(NamedTuple):
     pairing: int
     request: int
-    op: Op
-    ints: tuple[int, ...]
-    blobs: tuple[bytes, ...] = ()
+    op: Operation
 
 
 class Reply(NamedTuple):
@@ -295,50 +614,43 @@ def _check_ids(*values: int) -> None:
             raise LocalProtocolError(f"id {value} out of range")
 
 
-#: op -> (header + integers struct, integer count, string limits), for encoding.
-_ENCODE: Final = {
-    op: (struct.Struct("<IBBHII" + "q" * s.ints), s.ints, tuple(b.value for b in s.blobs))
-    for op, s in SCHEMAS.items()
-}
-
-
 _I64_MIN, _I64_MAX = -(1 << 63), (1 << 63) - 1
 
 
-def check_call(op: Op, ints: tuple[int, ...], blobs: tuple[bytes, ...]) -> None:
-    """Raise LocalProtocolError unless a CALL with these arguments can be encoded."""
-    _, nints, limits = _ENCODE[op]
-    if len(ints) != nints or len(blobs) != len(limits):
-        raise LocalProtocolError(f"{op.name}: wrong number of arguments")
-    for value in ints:
+def check_call(op: Operation) -> None:
+    """Raise LocalProtocolError unless a CALL of ``op`` can be encoded."""
+    spec = SPECS[type(op)]
+    name = spec.op.name
+    values: tuple[Any, ...] = op
+    for value in values[: spec.nints]:
         if not _I64_MIN <= value <= _I64_MAX:
-            raise LocalProtocolError(f"{op.name}: integer {value} out of range")
-    for limit, blob in zip(limits, blobs, strict=True):
+            raise LocalProtocolError(f"{name}: integer {value} out of range")
+    for limit, blob in zip(spec.limits, values[spec.nints :], strict=True):
         if len(blob) > limit:
-            raise LocalProtocolError(f"{op.name}: string of {len(blob)} bytes (limit {limit})")
+            raise LocalProtocolError(f"{name}: string of {len(blob)} bytes (limit {limit})")
 
 
 def _encode_call(event: Call) -> bytes:
-    pairing, request, op, ints, blobs = event
-    head, nints, limits = _ENCODE[op]
-    if len(ints) != nints or len(blobs) != len(limits):
-        raise LocalProtocolError(f"{Op(op).name}: wrong number of arguments")
+    pairing, request, op = event
+    spec = SPECS[type(op)]
     if not (0 <= pairing <= _U32_MAX and 0 <= request <= _U32_MAX):
         raise LocalProtocolError(f"pairing {pairing} or request {request} out of range")
-    size = head.size - 16
+    nints = spec.nints
+    size = spec.ints.size
+    limits = spec.limits
     if limits:
         parts = [b""]
-        for limit, blob in zip(limits, blobs, strict=True):
-            n = len(blob)
+        for limit, blob in zip(limits, op[nints:], strict=True):
+            n = len(blob)  # type: ignore[arg-type]
             if n > limit:
-                raise LocalProtocolError(f"{Op(op).name}: string of {n} bytes (limit {limit})")
+                raise LocalProtocolError(f"{spec.op.name}: string of {n} bytes (limit {limit})")
             parts.append(_U32.pack(n))
-            parts.append(blob)
+            parts.append(blob)  # type: ignore[arg-type]
             size += 4 + n
     try:
-        first = head.pack(size, Kind.CALL, 0, op, pairing, request, *ints)
+        first = spec.head.pack(size, Kind.CALL, 0, spec.op, pairing, request, *op[:nints])
     except struct.error as exc:
-        raise LocalProtocolError(f"{Op(op).name}: {exc}") from None
+        raise LocalProtocolError(f"{spec.op.name}: {exc}") from None
     if not limits:
         return first
     parts[0] = first
@@ -373,35 +685,36 @@ def encode(event: Event) -> bytes:
 
 
 def _decode_call(op_value: int, pairing: int, request: int, body: memoryview) -> Call:
-    spec = _DECODE.get(op_value)
+    spec = _BY_CODE.get(op_value)
     if spec is None:
         raise RemoteProtocolError(f"unknown op {op_value}")
-    op, ints_struct, blob_kinds = spec
+    ints_struct = spec.ints
+    name = spec.op.name
     if len(body) < ints_struct.size:
-        raise RemoteProtocolError(f"{op.name}: truncated arguments")
+        raise RemoteProtocolError(f"{name}: truncated arguments")
     ints = ints_struct.unpack_from(body)
-    if not blob_kinds:
+    if not spec.limits:
         if len(body) != ints_struct.size:
-            raise RemoteProtocolError(f"{op.name}: {len(body) - ints_struct.size} trailing bytes")
-        return Call(pairing, request, op, ints, ())
+            raise RemoteProtocolError(f"{name}: {len(body) - ints_struct.size} trailing bytes")
+        return Call(pairing, request, spec.record._make(ints))
     pos = ints_struct.size
     end = len(body)
     blobs: list[bytes] = []
-    for limit, is_path in blob_kinds:
+    for limit, is_path in zip(spec.limits, spec.paths, strict=True):
         if end - pos < 4:
-            raise RemoteProtocolError(f"{op.name}: truncated string length")
+            raise RemoteProtocolError(f"{name}: truncated string length")
         (n,) = _U32.unpack_from(body, pos)
         pos += 4
         if n > limit or n > end - pos:
-            raise RemoteProtocolError(f"{op.name}: string of {n} bytes (limit {limit})")
+            raise RemoteProtocolError(f"{name}: string of {n} bytes (limit {limit})")
         blob = bytes(body[pos : pos + n])
         if is_path and b"\0" in blob:
-            raise RemoteProtocolError(f"{op.name}: NUL inside a path")
+            raise RemoteProtocolError(f"{name}: NUL inside a path")
         blobs.append(blob)
         pos += n
     if pos != end:
-        raise RemoteProtocolError(f"{op.name}: {end - pos} trailing bytes")
-    return Call(pairing, request, op, ints, tuple(blobs))
+        raise RemoteProtocolError(f"{name}: {end - pos} trailing bytes")
+    return Call(pairing, request, spec.record._make((*ints, *blobs)))
 
 
 def decode(kind_value: int, op: int, pairing: int, request: int, body: memoryview) -> Event:

@@ -11,6 +11,10 @@ system call of the kernel with its disposition:
   ("master-only": cwd, umask, execve);
 - ``refused`` — answered in the filter with an errno.
 
+Each row also gives the call's signature: its arguments' names and kinds
+(``Syscall.params``), so code asks for an argument by name (``Syscall.position``)
+and the tracer decodes arguments without a list of its own.
+
 Both the BPF program (``kmod.bpf``) and fmhub's routing are built from this one
 table, and ``docs/syscalls.md`` is generated from it, so none of them can drift.
 """
@@ -21,7 +25,7 @@ import enum
 import errno as errno_mod
 import functools
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from fsys.errors import FsysError
@@ -42,6 +46,37 @@ class Disposition(enum.Enum):
     @property
     def trapped(self) -> bool:
         return self in (Disposition.FD, Disposition.PATH, Disposition.HUB)
+
+
+class Kind(enum.StrEnum):
+    """What one argument of a system call is (column 7 of the table)."""
+
+    FD = "fd"  # a file descriptor (C int)
+    DIRFD = "dirfd"  # the directory fd of an *at call; AT_FDCWD is the cwd
+    PATH = "path"  # a pathname pointer, routed as the args tokens say
+    PTR = "ptr"  # any other pointer
+    INT = "int"  # a C int: the low 32 bits, signed
+    LONG = "long"  # a C long (off_t): 64 bits, signed
+    SIZE = "size"  # a size_t: 64 bits, unsigned
+    HEX = "hex"  # a bit mask or opaque value
+    OFLAGS = "oflags"  # O_* open flags
+    ATFLAGS = "atflags"  # AT_* flags
+    MODE = "mode"  # a file mode
+
+
+MAX_PARAMS = 6
+"""A system call takes at most six arguments (struct seccomp_data has six)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Param:
+    """One argument of a system call: its kernel / man page name and its kind."""
+
+    name: str
+    kind: Kind
+
+    def __str__(self) -> str:
+        return f"{self.name}:{self.kind}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,6 +111,29 @@ class Syscall:
     native_if: NativeIf | None
     errno: int | None
     note: str
+    params: tuple[Param, ...] = ()
+    signature_known: bool = False  # False: column 7 is ``?`` (params is then empty)
+    _positions: dict[str, int] = field(init=False, repr=False, compare=False, hash=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_positions", {p.name: i for i, p in enumerate(self.params)})
+
+    def position(self, name: str) -> int:
+        """The index (0..5) of the argument called ``name``; KeyError if there is none."""
+        try:
+            return self._positions[name]
+        except KeyError:
+            raise KeyError(f"{self.name} has no argument {name!r}") from None
+
+    def param(self, name: str) -> Param:
+        """The argument called ``name``; KeyError if there is none."""
+        return self.params[self.position(name)]
+
+    def signature_spec(self) -> str:
+        """The ``signature`` column, as written in the table."""
+        if not self.signature_known:
+            return "?"
+        return " ".join(map(str, self.params)) or "-"
 
     @property
     def errno_name(self) -> str:
@@ -119,10 +177,94 @@ _TOKEN = re.compile(
 )
 
 
+_PARAM_NAME = re.compile(r"[a-z_][a-z0-9_]*$")
+
+
+def _parse_signature(text: str, where: str) -> tuple[tuple[Param, ...], bool]:
+    """(params, signature_known) from column 7."""
+    if text == "?":
+        return (), False
+    if text == "-":
+        return (), True
+    if not text.strip():
+        raise TableError(f"{where}: empty signature (- for a call without arguments, ? unknown)")
+    params: list[Param] = []
+    seen: set[str] = set()
+    for token in text.split():
+        name, colon, kind_s = token.partition(":")
+        if not colon or _PARAM_NAME.match(name) is None:
+            raise TableError(f"{where}: bad signature token {token!r} (want name:kind)")
+        try:
+            kind = Kind(kind_s)
+        except ValueError:
+            kinds = ", ".join(k.value for k in Kind)
+            raise TableError(
+                f"{where}: unknown argument kind {kind_s!r} in {token!r} (kinds: {kinds})"
+            ) from None
+        if name in seen:
+            raise TableError(f"{where}: duplicate argument name {name!r} in the signature")
+        seen.add(name)
+        params.append(Param(name, kind))
+    if len(params) > MAX_PARAMS:
+        raise TableError(
+            f"{where}: {len(params)} arguments in the signature, a syscall has at most {MAX_PARAMS}"
+        )
+    return tuple(params), True
+
+
+def _check_signature(
+    params: tuple[Param, ...],
+    fds: list[int],
+    paths: list[PathArg],
+    flags: int | None,
+    native_if: NativeIf | None,
+    where: str,
+) -> None:
+    """The args tokens (column 4) agree with the signature (column 7), both ways."""
+
+    def expect(i: int, token: str, *kinds: Kind) -> None:
+        if i >= len(params):
+            raise TableError(
+                f"{where}: {token} names argument {i}, the signature has {len(params)}"
+            )
+        if params[i].kind not in kinds:
+            want = " or ".join(k.value for k in kinds)
+            raise TableError(
+                f"{where}: {token} says argument {i} is {want}, the signature has {params[i]}"
+            )
+
+    for i in fds:
+        expect(i, f"fd{i}", Kind.FD)
+    for p in paths:
+        if p.dirfd is None:
+            expect(p.path, f"path{p.path}", Kind.PATH)
+        else:
+            expect(p.dirfd, f"at{p.dirfd}:{p.path}", Kind.DIRFD)
+            expect(p.path, f"at{p.dirfd}:{p.path}", Kind.PATH)
+    if flags is not None:
+        expect(flags, f"flags{flags}", Kind.ATFLAGS, Kind.OFLAGS)
+    if native_if is not None and native_if.arg >= len(params):
+        raise TableError(
+            f"{where}: nativeif:arg{native_if.arg} names argument {native_if.arg},"
+            f" the signature has {len(params)}"
+        )
+    named = {
+        Kind.PATH: {p.path for p in paths},
+        Kind.DIRFD: {p.dirfd for p in paths if p.dirfd is not None},
+        Kind.ATFLAGS: {flags} if flags is not None else set(),
+    }
+    for i, param in enumerate(params):
+        tokens = named.get(param.kind)
+        if tokens is not None and i not in tokens:
+            raise TableError(
+                f"{where}: argument {i} ({param}) has no pathN/atD:P/flagsN token in the args"
+            )
+
+
 def _parse_row(fields: list[str], where: str) -> Syscall:
-    if len(fields) != 6:
-        raise TableError(f"{where}: expected 6 tab-separated columns, got {len(fields)}")
-    nr_s, name, disp_s, args_s, errno_s, note = fields
+    if len(fields) != 7:
+        raise TableError(f"{where}: expected 7 tab-separated columns, got {len(fields)}")
+    nr_s, name, disp_s, args_s, errno_s, note, signature_s = fields
     try:
         nr = int(nr_s)
         disposition = Disposition(disp_s)
@@ -162,9 +304,14 @@ def _parse_row(fields: list[str], where: str) -> Syscall:
         raise TableError(f"{where}: an fd call needs an fd argument")
     if disposition is Disposition.PATH and not paths:
         raise TableError(f"{where}: a path call needs a path argument")
+    params, known = _parse_signature(signature_s, where)
+    if disposition.trapped and not known:
+        raise TableError(f"{where}: a trapped ({disp_s}) call needs its signature, not ?")
+    if known:
+        _check_signature(params, fds, paths, flags, native_if, where)
     return Syscall(
         nr, name, disposition, tuple(fds), tuple(paths), flags, native_if, err,
-        "" if note == "-" else note,
+        "" if note == "-" else note, params, known,
     )  # fmt: skip
 
 

@@ -13,7 +13,7 @@ import trio
 from fsys.errors import LinkClosed, RemoteProtocolError
 from fsys.iostream import FdTransport
 from fsys.master.link import SlaveLink
-from fsys.protocol import HEADER, Hello, Op, Reply, encode
+from fsys.protocol import HEADER, Access, Hello, Open, Reply, Stat, encode
 from fsys.slave.fshub import serve_transport
 
 
@@ -39,7 +39,7 @@ async def link(tmp_path: Path) -> AsyncIterator[SlaveLink]:
 async def test_handshake_and_a_call(link: SlaveLink, tmp_path: Path) -> None:
     assert link.peer is not None and b"fsys-slave" in link.peer.info
     (tmp_path / "f").write_text("x")
-    reply = await link.call(0, Op.STAT, (0, 0, 0x7FF), (b"/f",))
+    reply = await link.perform(0, Stat(dir=0, flags=0, mask=0x7FF, path=b"/f"))
     assert reply.result == 0 and len(reply.blob) == 256
 
 
@@ -58,7 +58,7 @@ async def test_many_calls_in_flight_are_each_answered(link: SlaveLink, tmp_path:
         return record
 
     for i in range(50):
-        link.submit(0, Op.ACCESS, (0, 0, 0), (f"/{i}".encode(),), on_reply(i))  # type: ignore[arg-type]
+        link.submit(0, Access(dir=0, mode=0, flags=0, path=f"/{i}".encode()), on_reply(i))  # type: ignore[arg-type]
     with trio.fail_after(10):
         await done.wait()
     assert all(isinstance(r, Reply) and r.result == 0 for r in results.values())
@@ -71,13 +71,17 @@ async def test_a_blocking_open_does_not_stall_other_calls(link: SlaveLink, tmp_p
     async with trio.open_nursery() as nursery:
 
         async def open_fifo() -> None:
-            fifo_reply.append(await link.call(0, Op.OPEN, (0, os.O_RDONLY, 0, 0), (b"/fifo",)))
+            fifo_reply.append(
+                await link.perform(
+                    0, Open(dir=0, flags=os.O_RDONLY, mode=0, resolve=0, path=b"/fifo")
+                )
+            )
 
         nursery.start_soon(open_fifo)
         await trio.sleep(0.1)
         with trio.fail_after(5):  # the FIFO's open waits for a writer in a thread
             for _ in range(20):
-                reply = await link.call(0, Op.STAT, (0, 0, 0x7FF), (b"/plain",))
+                reply = await link.perform(0, Stat(dir=0, flags=0, mask=0x7FF, path=b"/plain"))
                 assert reply.result == 0
         assert fifo_reply == []
         writer = await trio.to_thread.run_sync(os.open, tmp_path / "fifo", os.O_WRONLY)
@@ -96,14 +100,14 @@ async def test_slave_death_fails_every_pending_call(tmp_path: Path) -> None:
         with trio.fail_after(5):
             await link.handshake()
         outcome: list[object] = []
-        link.submit(0, Op.STAT, (0, 0, 0), (b"/x",), outcome.append)
+        link.submit(0, Stat(dir=0, flags=0, mask=0, path=b"/x"), outcome.append)
         theirs.close()  # the slave dies with a call in flight
         with trio.fail_after(5):
             await link.wait_closed()
         assert isinstance(outcome[0], LinkClosed)
         assert link.failure is not None and "went away" in link.failure
         with pytest.raises(LinkClosed):
-            await link.call(0, Op.STAT, (0, 0, 0), (b"/x",))
+            await link.perform(0, Stat(dir=0, flags=0, mask=0, path=b"/x"))
         nursery.cancel_scope.cancel()
     transport.close()
 

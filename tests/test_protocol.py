@@ -16,9 +16,9 @@ from fsys.protocol import (
     MAX_IO,
     MAX_PATH,
     NEED_DATA,
-    SCHEMAS,
-    Blob,
+    SPECS,
     Call,
+    Close,
     ClosePairing,
     Connection,
     Event,
@@ -28,6 +28,9 @@ from fsys.protocol import (
     OpenPairing,
     Reply,
     Role,
+    Stat,
+    Write,
+    check_call,
     encode,
 )
 
@@ -50,7 +53,7 @@ def one_event(conn: Connection, data: bytes) -> Event:
 
 
 def test_call_bytes_are_exact() -> None:
-    data = encode(Call(3, 7, Op.STAT, (0, 0x100, 0x7FF), (b"/a/b",)))
+    data = encode(Call(3, 7, Stat(dir=0, flags=0x100, mask=0x7FF, path=b"/a/b")))
     body = struct.pack("<qqq", 0, 0x100, 0x7FF) + struct.pack("<I", 4) + b"/a/b"
     assert data == HEADER.pack(len(body), 2, 0, Op.STAT, 3, 7) + body
     assert data[:16].hex() == "20000000020006000300000007000000"
@@ -70,19 +73,19 @@ def _ints(n: int) -> st.SearchStrategy[tuple[int, ...]]:
     return st.tuples(*[st.integers(-(2**63), 2**63 - 1)] * n)
 
 
-def _blob(kind: Blob) -> st.SearchStrategy[bytes]:
-    if kind is Blob.PATH:
+def _blob(is_path: bool) -> st.SearchStrategy[bytes]:
+    if is_path:
         return st.binary(max_size=300).map(lambda b: b.replace(b"\0", b"x"))
     return st.binary(max_size=300)
 
 
 @st.composite
 def calls(draw: st.DrawFn) -> Call:
-    op = draw(st.sampled_from(list(Op)))
-    schema = SCHEMAS[op]
-    ints = draw(_ints(schema.ints))
-    blobs = tuple(draw(_blob(kind)) for kind in schema.blobs)
-    return Call(draw(st.sampled_from([0, 1])), draw(st.integers(0, 2**32 - 1)), op, ints, blobs)
+    spec = draw(st.sampled_from(list(SPECS.values())))
+    ints = draw(_ints(spec.nints))
+    blobs = tuple(draw(_blob(is_path)) for is_path in spec.paths)
+    op = spec.record._make((*ints, *blobs))
+    return Call(draw(st.sampled_from([0, 1])), draw(st.integers(0, 2**32 - 1)), op)
 
 
 @given(calls())
@@ -163,9 +166,12 @@ def test_path_limits_and_nul_are_enforced() -> None:
 def test_sending_too_long_a_path_is_local_misuse() -> None:
     master = opened(Role.MASTER)
     with pytest.raises(LocalProtocolError):
-        master.send(Call(0, 1, Op.STAT, (0, 0, 0), (b"a" * MAX_PATH,)))
-    with pytest.raises(LocalProtocolError):
-        master.send(Call(0, 1, Op.STAT, (0, 0), (b"a",)))
+        master.send(Call(0, 1, Stat(dir=0, flags=0, mask=0, path=b"a" * MAX_PATH)))
+    with pytest.raises(LocalProtocolError, match="out of range"):
+        check_call(Stat(dir=0, flags=1 << 63, mask=0, path=b"a"))
+    with pytest.raises(LocalProtocolError, match="limit"):
+        check_call(Write(handle=1, offset=0, rwf=0, data=b"x" * (MAX_IO + 1)))
+    check_call(Stat(dir=0, flags=-(1 << 63), mask=(1 << 63) - 1, path=b"a" * (MAX_PATH - 1)))
 
 
 @pytest.mark.parametrize(
@@ -210,7 +216,7 @@ def test_garbage_never_crashes_or_hangs(garbage: bytes) -> None:
 
 def test_the_first_frame_must_be_hello() -> None:
     slave = Connection(Role.SLAVE)
-    slave.receive_data(encode(Call(0, 1, Op.CLOSE, (1,))))
+    slave.receive_data(encode(Call(0, 1, Close(handle=1))))
     with pytest.raises(RemoteProtocolError, match="not an fsys peer"):
         slave.next_event()
 
@@ -225,20 +231,20 @@ def test_version_mismatch() -> None:
 def test_state_rules() -> None:
     slave = opened(Role.SLAVE)
     with pytest.raises(LocalProtocolError):
-        slave.send(Call(0, 1, Op.CLOSE, (1,)))  # a slave never calls
+        slave.send(Call(0, 1, Close(handle=1)))  # a slave never calls
     master = opened(Role.MASTER)
-    master.receive_data(encode(Call(0, 1, Op.CLOSE, (1,))))
+    master.receive_data(encode(Call(0, 1, Close(handle=1))))
     with pytest.raises(RemoteProtocolError, match="Call from the slave"):
         master.next_event()
     master = opened(Role.MASTER)
     master.send(Goodbye())
     with pytest.raises(LocalProtocolError, match="state done"):
-        master.send(Call(0, 1, Op.CLOSE, (1,)))
+        master.send(Call(0, 1, Close(handle=1)))
 
 
 def test_pairings_must_be_opened_and_never_reused() -> None:
     slave = opened(Role.SLAVE)
-    slave.receive_data(encode(Call(5, 1, Op.CLOSE, (1,))))
+    slave.receive_data(encode(Call(5, 1, Close(handle=1))))
     with pytest.raises(RemoteProtocolError, match="pairing 5 is not open"):
         slave.next_event()
     master = opened(Role.MASTER)
@@ -267,3 +273,19 @@ def test_end_of_file() -> None:
     master.receive_data(b"")
     with pytest.raises(RemoteProtocolError, match="inside a frame"):
         master.next_event()
+
+
+def test_every_op_has_one_record_with_named_fields() -> None:
+    assert sorted(spec.op for spec in SPECS.values()) == sorted(Op)
+    for record, spec in SPECS.items():
+        assert spec.record is record
+        assert len(record._fields) == spec.nints + len(spec.limits)
+
+
+def test_fields_cross_by_name() -> None:
+    """A record decoded on the other side has each value under the same name."""
+    master, slave = opened(Role.MASTER), opened(Role.SLAVE)
+    op = Write(handle=7, offset=-1, rwf=16, data=b"xy")
+    event = one_event(slave, master.send(Call(0, 3, op)))
+    assert isinstance(event, Call) and isinstance(event.op, Write)
+    assert (event.op.handle, event.op.offset, event.op.rwf, event.op.data) == (7, -1, 16, b"xy")

@@ -1,12 +1,19 @@
 """Handlers for the calls fmhub forwards or answers itself.
 
 A handler runs when a call involves the slave: one of its fds is a placeholder, or
-one of its paths is the slave's (see fmhub's routing). It reads the arguments the
-kernel would read from the caller's memory, performs the operation on the slave,
-writes what the kernel would write, and returns the call's result (or raises
-Errno). The semantics are the man pages' (``open(2)``, ``readv(2)``...); where a
-remote file and a master file meet in one call (rename across them, copy between
-them) the answer is the kernel's for two filesystems: EXDEV.
+one of its paths is the slave's (see ``fsys.master.routing``). It reads the
+arguments the kernel would read from the caller's memory — each argument by the name
+the syscall table gives it — performs the operation on the slave, writes what the
+kernel would write, and returns the call's result (or raises Errno).
+
+A handler that needs the slave is a generator: ``reply = yield Stat(...)`` sends one
+operation and resumes with its successful reply; an errno reply is raised at the
+``yield`` as Errno. fmhub drives it (see fmhub), so a handler has no way to block on
+anything but the slave. A handler that needs no slave simply returns.
+
+The semantics are the man pages' (``open(2)``, ``readv(2)``...); where a remote
+file and a master file meet in one call (rename across them, copy between them)
+the answer is the kernel's for two filesystems: EXDEV.
 
 Large transfers are split into MAX_IO pieces; a regular file is read until the
 count is satisfied or EOF, like the kernel's read of a regular file, and data is
@@ -19,9 +26,11 @@ import errno
 import os
 import stat
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Generator
+from typing import TypeVar
 
 from fsys import linux
+from fsys import protocol as wire
 from fsys.errors import Errno
 from fsys.linux import (
     AT_EMPTY_PATH,
@@ -35,21 +44,17 @@ from fsys.linux import (
     UTIME_OMIT,
 )
 from fsys.master import staging
-from fsys.master.fmhub import (
-    CONTINUE,
-    Handler,
-    Hub,
-    PendingChdir,
-    Target,
-    Trapped,
-    _Continue,
-    arg_start,
-)
+from fsys.master.fmhub import Hub
 from fsys.master.placeholders import RemoteFile
 from fsys.master.policy import normalize
-from fsys.protocol import MAX_IO, Op, Reply
+from fsys.master.routing import CONTINUE, Handler, Outcome, Steps, Target, Trapped
+from fsys.protocol import MAX_IO, Operation, Reply
 
 HANDLERS: dict[str, Handler] = {}
+
+T = TypeVar("T")
+Asks = Generator[Operation, Reply, T]
+"""A helper (or handler) that asks the slave and returns a T."""
 
 MAX_RW_COUNT = 0x7FFFF000  # the kernel clamps every read and write to this
 UIO_MAXIOV = 1024
@@ -62,6 +67,9 @@ _TIMESPEC2 = struct.Struct("=qqqq")
 _TIMEVAL2 = struct.Struct("=qqqq")
 _UTIMBUF = struct.Struct("=qq")
 _POINTER = struct.Struct("=Q")
+
+#: The variants that act on a final symlink itself rather than on what it names.
+NOFOLLOW = frozenset({"lstat", "lchown", "lgetxattr", "lsetxattr", "llistxattr", "lremovexattr"})
 
 
 def handles(*names: str) -> Callable[[Handler], Handler]:
@@ -88,7 +96,25 @@ def _remote(call: Trapped, i: int = 0) -> Target:
 
 
 def _create_mode(call: Trapped, mode: int) -> int:
-    return mode & 0o7777 & ~call.pairing.umask
+    return mode & 0o7777 & ~call.process.umask
+
+
+def _flags(call: Trapped) -> int:
+    """The call's ``flags`` argument, 0 for a variant that has none."""
+    return call.arg_int("flags") if call.has("flags") else 0
+
+
+def _object(call: Trapped, *, at_flags: bool = True) -> tuple[Target, int]:
+    """What a call that takes a path or an fd acts on, and the AT_* flags for it.
+
+    The fd forms (fchmod, fstatfs, fgetxattr...) name their placeholder's handle.
+    ``at_flags``: the call's ``flags`` argument holds AT_* flags (not so for xattrs).
+    """
+    if not call.targets:
+        return _fd_target(call), AT_EMPTY_PATH
+    if call.syscall.name in NOFOLLOW:
+        return call.targets[0], AT_SYMLINK_NOFOLLOW
+    return call.targets[0], _flags(call) if at_flags else 0
 
 
 # --- read and write ---------------------------------------------------------------
@@ -132,21 +158,17 @@ def _blob(reply: Reply, limit: int, *, exact: bool = False) -> bytes:
     return blob
 
 
-async def _read_into(
-    hub: Hub,
-    call: Trapped,
-    rf: RemoteFile,
-    iovs: list[tuple[int, int]],
-    offset: int | None,
-    rwf: int = 0,
-) -> int:
+def _read_into(
+    call: Trapped, rf: RemoteFile, iovs: list[tuple[int, int]], offset: int | None, rwf: int
+) -> Asks[int]:
     total = min(sum(length for _, length in iovs), MAX_RW_COUNT)
     done = 0
     while True:
         want = min(total - done, MAX_IO)
         pos = -1 if offset is None else offset + done
         try:
-            data = _blob(await hub.call(Op.READ, (rf.handle, want, pos, rwf)), want)
+            reply = yield wire.Read(handle=rf.handle, size=want, offset=pos, rwf=rwf)
+            data = _blob(reply, want)
             pieces = _pieces(iovs, done, len(data))
             if len(pieces) == 1:  # one buffer: hand the reply's bytes over as they are
                 call.memory.write(pieces[0][0], data)
@@ -163,14 +185,9 @@ async def _read_into(
             return done
 
 
-async def _write_from(
-    hub: Hub,
-    call: Trapped,
-    rf: RemoteFile,
-    iovs: list[tuple[int, int]],
-    offset: int | None,
-    rwf: int = 0,
-) -> int:
+def _write_from(
+    call: Trapped, rf: RemoteFile, iovs: list[tuple[int, int]], offset: int | None, rwf: int
+) -> Asks[int]:
     total = min(sum(length for _, length in iovs), MAX_RW_COUNT)
     done = 0
     while True:
@@ -178,7 +195,7 @@ async def _write_from(
         pos = -1 if offset is None else offset + done
         try:
             chunk = b"".join(call.memory.read(a, n) for a, _, n in _pieces(iovs, done, size))
-            reply = await hub.call(Op.WRITE, (rf.handle, pos, rwf), (chunk,))
+            reply = yield wire.Write(handle=rf.handle, offset=pos, rwf=rwf, data=chunk)
             written = min(reply.result, size)
         except Errno:
             if done:
@@ -198,33 +215,33 @@ def _offset(value: int) -> int:
 def _transfer(call: Trapped) -> tuple[list[tuple[int, int]], int | None, int]:
     """(buffers, offset or None for the file position, RWF_* flags) of a read or
     write of any of the five forms: read, pread64, readv, preadv, preadv2."""
-    name = call.syscall.name
-    if name.endswith(("v", "v2")):
-        iovs = _iovecs(call, call.arg(1), call.arg_int(2))
+    if call.has("iov"):
+        iovs = _iovecs(call, call.arg("iov"), call.arg("iovcnt"))
     else:
-        iovs = [(call.arg(1), call.arg(2))]
-    if name in ("read", "write", "readv", "writev"):
+        iovs = [(call.arg("buf"), call.arg("count"))]
+    if not call.has("offset"):
         return iovs, None, 0
-    offset = call.arg_long(3)
-    if name.endswith("2"):  # offset -1: the file position; flags in argument 5
-        return iovs, None if offset == -1 else _offset(offset), call.arg_int(5) & 0xFFFFFFFF
+    offset = call.arg_long("offset")
+    if call.has("flags"):  # preadv2, pwritev2: offset -1 is the file position
+        return iovs, None if offset == -1 else _offset(offset), call.arg_int("flags") & 0xFFFFFFFF
     return iovs, _offset(offset), 0
 
 
 @handles("read", "pread64", "readv", "preadv", "preadv2")
-async def sys_read(hub: Hub, call: Trapped) -> int:
-    return await _read_into(hub, call, _file(call), *_transfer(call))
+def sys_read(hub: Hub, call: Trapped) -> Asks[int]:
+    return _read_into(call, _file(call), *_transfer(call))
 
 
 @handles("write", "pwrite64", "writev", "pwritev", "pwritev2")
-async def sys_write(hub: Hub, call: Trapped) -> int:
-    return await _write_from(hub, call, _file(call), *_transfer(call))
+def sys_write(hub: Hub, call: Trapped) -> Asks[int]:
+    return _write_from(call, _file(call), *_transfer(call))
 
 
 @handles("lseek")
-async def sys_lseek(hub: Hub, call: Trapped) -> int:
-    args = (_file(call).handle, call.arg_long(1), call.arg_int(2))
-    return (await hub.call(Op.LSEEK, args)).result
+def sys_lseek(hub: Hub, call: Trapped) -> Asks[int]:
+    op = wire.Lseek(handle=_file(call).handle, offset=call.arg_long("offset"),
+               whence=call.arg_int("whence"))  # fmt: skip
+    return (yield op).result
 
 
 # --- open -------------------------------------------------------------------------
@@ -244,55 +261,55 @@ def _legacy_open(flags: int, mode: int) -> tuple[int, int]:
     return flags, mode
 
 
-async def _open(hub: Hub, call: Trapped, flags: int, mode: int, resolve: int = 0) -> int:
+def _open(
+    hub: Hub, call: Trapped, flags: int, mode: int, resolve: int = 0, *, how: bool = False
+) -> Asks[int]:
+    """Open on the slave and install the placeholder. ``how``: openat2's own rules."""
     target = call.targets[0]
     # A mode counts only for a call that creates; the umask applies to it. (openat2
     # refuses a mode without O_CREAT/O_TMPFILE: for openat2 itself, so does the slave.)
     creates = flags & O_CREAT or flags & O_TMPFILE == O_TMPFILE
     if creates:
         mode = _create_mode(call, mode)
-    elif call.syscall.name != "openat2":
+    elif not how:
         mode = 0
-    reply = await hub.call(Op.OPEN, (target.dir, flags, mode, resolve), (target.path,))
+    reply = yield wire.Open(
+        dir=target.dir, flags=flags, mode=mode, resolve=resolve, path=target.path
+    )
     kind = reply.blob[0] << 12 if reply.blob else 0
     return hub.install(call, reply.result, kind, cloexec=bool(flags & O_CLOEXEC))
 
 
-@handles("open")
-async def sys_open(hub: Hub, call: Trapped) -> int:
-    return await _open(hub, call, *_legacy_open(call.arg(1), call.arg(2)))
+@handles("open", "openat")
+def sys_open(hub: Hub, call: Trapped) -> Asks[int]:
+    return _open(hub, call, *_legacy_open(call.arg("flags"), call.arg("mode")))
 
 
 @handles("creat")
-async def sys_creat(hub: Hub, call: Trapped) -> int:
-    return await _open(hub, call, *_legacy_open(O_CREAT | os.O_WRONLY | os.O_TRUNC, call.arg(1)))
-
-
-@handles("openat")
-async def sys_openat(hub: Hub, call: Trapped) -> int:
-    return await _open(hub, call, *_legacy_open(call.arg(2), call.arg(3)))
+def sys_creat(hub: Hub, call: Trapped) -> Asks[int]:
+    return _open(hub, call, *_legacy_open(O_CREAT | os.O_WRONLY | os.O_TRUNC, call.arg("mode")))
 
 
 @handles("openat2")
-async def sys_openat2(hub: Hub, call: Trapped) -> int:
-    size = call.arg(3)
+def sys_openat2(hub: Hub, call: Trapped) -> Asks[int]:
+    size = call.arg("size")
     if size < linux.OPEN_HOW.size or size > 4096:
         raise Errno(errno.EINVAL if size < linux.OPEN_HOW.size else errno.E2BIG)
-    raw = call.memory.read(call.arg(2), size)
+    raw = call.memory.read(call.arg("how"), size)
     if any(raw[linux.OPEN_HOW.size :]):
         raise Errno(errno.E2BIG)
     flags, mode, resolve = linux.OPEN_HOW.unpack_from(raw)
     if flags >> 32 or mode >> 32:
         raise Errno(errno.EINVAL)
-    return await _open(hub, call, flags, mode, resolve)
+    return _open(hub, call, flags, mode, resolve, how=True)
 
 
 # --- metadata ---------------------------------------------------------------------
 
 
-async def _statx(hub: Hub, call: Trapped, target: Target, flags: int, mask: int) -> bytes:
+def _statx(target: Target, flags: int, mask: int) -> Asks[bytes]:
     flags &= AT_SYMLINK_NOFOLLOW | AT_EMPTY_PATH | linux.AT_NO_AUTOMOUNT | 0x6000
-    reply = await hub.call(Op.STAT, (target.dir, flags, mask), (target.path,))
+    reply = yield wire.Stat(dir=target.dir, flags=flags, mask=mask, path=target.path)
     return _blob(reply, linux.STATX_SIZE, exact=True)
 
 
@@ -300,165 +317,145 @@ def _fd_target(call: Trapped, i: int = 0) -> Target:
     return Target(True, _file(call, i).handle, b"", b"")
 
 
-@handles("fstat")
-async def sys_fstat(hub: Hub, call: Trapped) -> int:
-    raw = await _statx(hub, call, _fd_target(call), AT_EMPTY_PATH, STATX_BASIC_STATS)
-    call.memory.write(call.arg(1), linux.statx_to_stat(raw))
-    return 0
-
-
-@handles("stat", "lstat")
-async def sys_stat(hub: Hub, call: Trapped) -> int:
-    flags = AT_SYMLINK_NOFOLLOW if call.syscall.name == "lstat" else 0
-    raw = await _statx(hub, call, call.targets[0], flags, STATX_BASIC_STATS)
-    call.memory.write(call.arg(1), linux.statx_to_stat(raw))
-    return 0
-
-
-@handles("newfstatat")
-async def sys_newfstatat(hub: Hub, call: Trapped) -> int:
-    raw = await _statx(hub, call, call.targets[0], call.arg_int(3), STATX_BASIC_STATS)
-    call.memory.write(call.arg(2), linux.statx_to_stat(raw))
+@handles("stat", "lstat", "newfstatat", "fstat")
+def sys_stat(hub: Hub, call: Trapped) -> Steps:
+    target, flags = _object(call)
+    raw = yield from _statx(target, flags, STATX_BASIC_STATS)
+    call.memory.write(call.arg("statbuf"), linux.statx_to_stat(raw))
     return 0
 
 
 @handles("statx")
-async def sys_statx(hub: Hub, call: Trapped) -> int:
-    raw = await _statx(hub, call, call.targets[0], call.arg_int(2), call.arg_int(3))
-    call.memory.write(call.arg(4), raw)
+def sys_statx(hub: Hub, call: Trapped) -> Steps:
+    raw = yield from _statx(call.targets[0], call.arg_int("flags"), call.arg_int("mask"))
+    call.memory.write(call.arg("statxbuf"), raw)
     return 0
 
 
 @handles("getdents64")
-async def sys_getdents64(hub: Hub, call: Trapped) -> int:
-    count = min(call.arg(2), MAX_IO)
-    reply = await hub.call(Op.GETDENTS, (_file(call).handle, count))
-    call.memory.write(call.arg(1), _blob(reply, count))
+def sys_getdents64(hub: Hub, call: Trapped) -> Steps:
+    count = min(call.arg("count"), MAX_IO)
+    reply = yield wire.Getdents(handle=_file(call).handle, size=count)
+    call.memory.write(call.arg("dirp"), _blob(reply, count))
     return reply.result
 
 
 @handles("access", "faccessat", "faccessat2")
-async def sys_access(hub: Hub, call: Trapped) -> int:
+def sys_access(hub: Hub, call: Trapped) -> Steps:
     target = call.targets[0]
-    first = 0 if call.syscall.name == "access" else 1
-    mode = call.arg_int(first + 1)
-    flags = call.arg_int(3) if call.syscall.name == "faccessat2" else 0
-    await hub.call(Op.ACCESS, (target.dir, mode, flags), (target.path,))
+    yield wire.Access(
+        dir=target.dir, mode=call.arg_int("mode"), flags=_flags(call), path=target.path
+    )
     return 0
 
 
 @handles("readlink", "readlinkat")
-async def sys_readlink(hub: Hub, call: Trapped) -> int:
-    first = 0 if call.syscall.name == "readlink" else 1
-    size = call.arg_int(first + 2)
+def sys_readlink(hub: Hub, call: Trapped) -> Steps:
+    size = call.arg_int("bufsiz")
     if size <= 0:
         raise Errno(errno.EINVAL)
     target = call.targets[0]
-    reply = await hub.call(Op.READLINK, (target.dir, size), (target.path,))
-    call.memory.write(call.arg(first + 1), _blob(reply, size))
+    reply = yield wire.Readlink(dir=target.dir, size=size, path=target.path)
+    call.memory.write(call.arg("buf"), _blob(reply, size))
     return reply.result
 
 
 @handles("mkdir", "mkdirat")
-async def sys_mkdir(hub: Hub, call: Trapped) -> int:
-    mode = call.arg_int(1 if call.syscall.name == "mkdir" else 2)
+def sys_mkdir(hub: Hub, call: Trapped) -> Steps:
     target = call.targets[0]
-    mode = mode & 0o1777 & ~call.pairing.umask
-    await hub.call(Op.MKDIR, (target.dir, mode), (target.path,))
+    mode = call.arg_int("mode") & 0o1777 & ~call.process.umask  # mkdir(2) keeps S_ISVTX
+    yield wire.Mkdir(dir=target.dir, mode=mode, path=target.path)
     return 0
 
 
 @handles("mknod", "mknodat")
-async def sys_mknod(hub: Hub, call: Trapped) -> int:
-    first = 0 if call.syscall.name == "mknod" else 1
-    mode, dev = call.arg_int(first + 1), call.arg(first + 2) & 0xFFFFFFFF
+def sys_mknod(hub: Hub, call: Trapped) -> Steps:
+    mode, dev = call.arg_int("mode"), call.arg("dev") & 0xFFFFFFFF
     target = call.targets[0]
     mode = (mode & linux.S_IFMT) | _create_mode(call, mode)
-    await hub.call(Op.MKNOD, (target.dir, mode, dev), (target.path,))
+    yield wire.Mknod(dir=target.dir, mode=mode, dev=dev, path=target.path)
     return 0
 
 
 @handles("rmdir", "unlink", "unlinkat")
-async def sys_unlink(hub: Hub, call: Trapped) -> int:
-    name = call.syscall.name
-    flags = AT_REMOVEDIR if name == "rmdir" else call.arg_int(2) if name == "unlinkat" else 0
+def sys_unlink(hub: Hub, call: Trapped) -> Steps:
+    flags = AT_REMOVEDIR if call.syscall.name == "rmdir" else _flags(call)
     if flags & ~AT_REMOVEDIR:
         raise Errno(errno.EINVAL)
     target = call.targets[0]
-    await hub.call(Op.UNLINK, (target.dir, flags), (target.path,))
+    yield wire.Unlink(dir=target.dir, flags=flags, path=target.path)
     return 0
 
 
-@handles("rename", "renameat", "renameat2", "link", "linkat")
-async def sys_rename(hub: Hub, call: Trapped) -> int:
+@handles("rename", "renameat", "renameat2")
+def sys_rename(hub: Hub, call: Trapped) -> Steps:
     old, new = _remote(call, 0), _remote(call, 1)
-    name = call.syscall.name
-    flags = call.arg_int(4) if name in ("renameat2", "linkat") else 0
-    op = Op.LINK if name.startswith("link") else Op.RENAME
-    await hub.call(op, (old.dir, new.dir, flags), (old.path, new.path))
+    yield wire.Rename(
+        olddir=old.dir, newdir=new.dir, flags=_flags(call), old=old.path, new=new.path
+    )
+    return 0
+
+
+@handles("link", "linkat")
+def sys_link(hub: Hub, call: Trapped) -> Steps:
+    old, new = _remote(call, 0), _remote(call, 1)
+    yield wire.Link(olddir=old.dir, newdir=new.dir, flags=_flags(call), old=old.path, new=new.path)
     return 0
 
 
 @handles("symlink", "symlinkat")
-async def sys_symlink(hub: Hub, call: Trapped) -> int:
-    content = call.memory.read_cstring(call.arg(0))
+def sys_symlink(hub: Hub, call: Trapped) -> Steps:
+    content = call.memory.read_cstring(call.arg("target"))
     target = call.targets[0]
-    await hub.call(Op.SYMLINK, (target.dir,), (content, target.path))
+    yield wire.Symlink(dir=target.dir, target=content, path=target.path)
     return 0
 
 
 @handles("chmod", "fchmod", "fchmodat", "fchmodat2")
-async def sys_chmod(hub: Hub, call: Trapped) -> int:
-    name = call.syscall.name
-    if name == "fchmod":
-        target, mode, flags = _fd_target(call), call.arg_int(1), AT_EMPTY_PATH
-    else:
-        target = call.targets[0]
-        mode = call.arg_int(1 if name == "chmod" else 2)
-        flags = call.arg_int(3) if name == "fchmodat2" else 0
-    await hub.call(Op.CHMOD, (target.dir, mode & 0o7777, flags), (target.path,))
+def sys_chmod(hub: Hub, call: Trapped) -> Steps:
+    target, flags = _object(call)
+    mode = call.arg_int("mode") & 0o7777
+    yield wire.Chmod(dir=target.dir, mode=mode, flags=flags, path=target.path)
     return 0
 
 
 @handles("chown", "lchown", "fchown", "fchownat")
-async def sys_chown(hub: Hub, call: Trapped) -> int:
-    name = call.syscall.name
-    if name == "fchown":
-        target, first, flags = _fd_target(call), 1, AT_EMPTY_PATH
-    elif name == "fchownat":
-        target, first, flags = call.targets[0], 2, call.arg_int(4)
-    else:
-        target, first = call.targets[0], 1
-        flags = AT_SYMLINK_NOFOLLOW if name == "lchown" else 0
-    uid, gid = call.arg_int(first), call.arg_int(first + 1)
-    await hub.call(Op.CHOWN, (target.dir, uid, gid, flags), (target.path,))
+def sys_chown(hub: Hub, call: Trapped) -> Steps:
+    target, flags = _object(call)
+    uid, gid = call.arg_int("owner"), call.arg_int("group")
+    yield wire.Chown(dir=target.dir, uid=uid, gid=gid, flags=flags, path=target.path)
     return 0
 
 
 @handles("truncate")
-async def sys_truncate(hub: Hub, call: Trapped) -> int:
+def sys_truncate(hub: Hub, call: Trapped) -> Steps:
     target = call.targets[0]
-    await hub.call(Op.TRUNCATE, (target.dir, _offset(call.arg_long(1))), (target.path,))
+    yield wire.Truncate(dir=target.dir, length=_offset(call.arg_long("length")), path=target.path)
     return 0
 
 
 @handles("ftruncate")
-async def sys_ftruncate(hub: Hub, call: Trapped) -> int:
-    await hub.call(Op.FTRUNCATE, (_file(call).handle, _offset(call.arg_long(1))))
+def sys_ftruncate(hub: Hub, call: Trapped) -> Steps:
+    yield wire.Ftruncate(handle=_file(call).handle, length=_offset(call.arg_long("length")))
     return 0
 
 
 @handles("fsync", "fdatasync", "sync_file_range")
-async def sys_fsync(hub: Hub, call: Trapped) -> int:
+def sys_fsync(hub: Hub, call: Trapped) -> Steps:
     datasync = int(call.syscall.name != "fsync")
-    await hub.call(Op.FSYNC, (_file(call).handle, datasync))
+    yield wire.Fsync(handle=_file(call).handle, datasync=datasync)
     return 0
 
 
 @handles("syncfs")
-async def sys_syncfs(hub: Hub, call: Trapped) -> int:
-    await hub.call(Op.SYNCFS, (_file(call).handle,))
+def sys_syncfs(hub: Hub, call: Trapped) -> Steps:
+    yield wire.Syncfs(handle=_file(call).handle)
     return 0
+
+
+#: The layout of each call's ``times`` argument.
+_TIMES_LAYOUT = {"utimensat": "timespec", "futimesat": "timeval", "utimes": "timeval",
+                 "utime": "utimbuf"}  # fmt: skip
 
 
 def _times(call: Trapped, addr: int, kind: str) -> tuple[int, int, int, int]:
@@ -480,31 +477,24 @@ def _times(call: Trapped, addr: int, kind: str) -> tuple[int, int, int, int]:
 
 
 @handles("utimensat", "utime", "utimes", "futimesat")
-async def sys_utimens(hub: Hub, call: Trapped) -> int:
-    name = call.syscall.name
+def sys_utimens(hub: Hub, call: Trapped) -> Steps:
     target = call.targets[0]
-    if name == "utimensat":
-        times, flags = _times(call, call.arg(2), "timespec"), call.arg_int(3)
-        if flags & ~(AT_SYMLINK_NOFOLLOW | AT_EMPTY_PATH):
-            raise Errno(errno.EINVAL)
-        if target.null:
-            flags |= AT_EMPTY_PATH
-    elif name == "futimesat":
-        times, flags = _times(call, call.arg(2), "timeval"), 0
-    else:
-        times, flags = _times(call, call.arg(1), "timeval" if name == "utimes" else "utimbuf"), 0
-    await hub.call(Op.UTIMENS, (target.dir, flags, *times), (target.path,))
+    asec, ansec, msec, mnsec = _times(call, call.arg("times"), _TIMES_LAYOUT[call.syscall.name])
+    flags = _flags(call) if call.syscall.name == "utimensat" else 0
+    if flags & ~(AT_SYMLINK_NOFOLLOW | AT_EMPTY_PATH):
+        raise Errno(errno.EINVAL)
+    if target.null:
+        flags |= AT_EMPTY_PATH
+    yield wire.Utimens(dir=target.dir, flags=flags, asec=asec, ansec=ansec, msec=msec,
+                  mnsec=mnsec, path=target.path)  # fmt: skip
     return 0
 
 
 @handles("statfs", "fstatfs")
-async def sys_statfs(hub: Hub, call: Trapped) -> int:
-    if call.syscall.name == "fstatfs":
-        target, flags = _fd_target(call), AT_EMPTY_PATH
-    else:
-        target, flags = call.targets[0], 0
-    reply = await hub.call(Op.STATFS, (target.dir, flags), (target.path,))
-    call.memory.write(call.arg(1), _blob(reply, linux.STATFS.size, exact=True))
+def sys_statfs(hub: Hub, call: Trapped) -> Steps:
+    target, flags = _object(call)
+    reply = yield wire.Statfs(dir=target.dir, flags=flags & AT_EMPTY_PATH, path=target.path)
+    call.memory.write(call.arg("buf"), _blob(reply, linux.STATFS.size, exact=True))
     return 0
 
 
@@ -516,16 +506,16 @@ _LOCK_COMMANDS = {linux.F_GETLK, linux.F_SETLK, linux.F_SETLKW,
 
 
 @handles("fcntl")
-async def sys_fcntl(hub: Hub, call: Trapped) -> int:
+def sys_fcntl(hub: Hub, call: Trapped) -> Steps:
     rf = _file(call)
-    cmd = call.arg_int(1)
+    cmd = call.arg_int("cmd")
     if cmd in (linux.F_GETFL, linux.F_SETFL):
-        return (await hub.call(Op.FCNTL, (rf.handle, cmd, call.arg_int(2)))).result
+        return (yield wire.Fcntl(handle=rf.handle, cmd=cmd, arg=call.arg_int("arg"))).result
     if cmd in _LOCK_COMMANDS:
-        raw = call.memory.read(call.arg(2), linux.FLOCK.size)
-        reply = await hub.call(Op.LOCK, (rf.handle, cmd), (raw,))
+        raw = call.memory.read(call.arg("arg"), linux.FLOCK.size)
+        reply = yield wire.Lock(handle=rf.handle, cmd=cmd, flock=raw)
         if cmd in (linux.F_GETLK, linux.F_OFD_GETLK):
-            call.memory.write(call.arg(2), _blob(reply, linux.FLOCK.size, exact=True))
+            call.memory.write(call.arg("arg"), _blob(reply, linux.FLOCK.size, exact=True))
         return 0
     if cmd == F_GETLEASE:
         return 2  # F_UNLCK: no lease
@@ -535,8 +525,8 @@ async def sys_fcntl(hub: Hub, call: Trapped) -> int:
 
 
 @handles("flock")
-async def sys_flock(hub: Hub, call: Trapped) -> int:
-    await hub.call(Op.FLOCK, (_file(call).handle, call.arg_int(1)))
+def sys_flock(hub: Hub, call: Trapped) -> Steps:
+    yield wire.Flock(handle=_file(call).handle, operation=call.arg_int("operation"))
     return 0
 
 
@@ -545,44 +535,45 @@ FS_IOC_GETFLAGS, FICLONE = 0x80086601, 0x40049409
 
 
 @handles("ioctl")
-async def sys_ioctl(hub: Hub, call: Trapped) -> int:
+def sys_ioctl(hub: Hub, call: Trapped) -> Steps:
     rf = _file(call)
-    request = call.arg(1) & 0xFFFFFFFF
-    addr = call.arg(2)
+    request = call.arg("request") & 0xFFFFFFFF
+    addr = call.arg("arg")
     if request in (FIONREAD, FIGETBSZ, FS_IOC_GETFLAGS):
-        reply = await hub.call(Op.IOCTL, (rf.handle, request, 0))
+        reply = yield wire.Ioctl(handle=rf.handle, request=request, arg=0)
         call.memory.write(addr, _INT.pack(_LOFF.unpack(_blob(reply, 8, exact=True))[0]))
         return reply.result
     if request == FIOQSIZE:
-        reply = await hub.call(Op.IOCTL, (rf.handle, request, 0))
+        reply = yield wire.Ioctl(handle=rf.handle, request=request, arg=0)
         call.memory.write(addr, _blob(reply, 8, exact=True))
         return reply.result
     if request == FIONBIO:
         (value,) = call.memory.read_struct(addr, _INT)
-        return (await hub.call(Op.IOCTL, (rf.handle, request, value))).result
+        return (yield wire.Ioctl(handle=rf.handle, request=request, arg=value)).result
     if request == FICLONE:
-        source = hub.placeholders.lookup(call.notif.tid, call.arg_int(2))
+        source = hub.placeholders.lookup(call.tid, call.arg_int("arg"))
         if source is None:
             raise Errno(errno.EXDEV)
-        return (await hub.call(Op.IOCTL, (rf.handle, request, source.handle))).result
+        return (yield wire.Ioctl(handle=rf.handle, request=request, arg=source.handle)).result
     raise Errno(errno.ENOTTY)
 
 
 @handles("fallocate")
-async def sys_fallocate(hub: Hub, call: Trapped) -> int:
-    args = (_file(call).handle, call.arg_int(1), call.arg_long(2), call.arg_long(3))
-    await hub.call(Op.FALLOCATE, args)
+def sys_fallocate(hub: Hub, call: Trapped) -> Steps:
+    yield wire.Fallocate(handle=_file(call).handle, mode=call.arg_int("mode"),
+                    offset=call.arg_long("offset"), length=call.arg_long("len"))  # fmt: skip
     return 0
 
 
 @handles("fadvise64", "readahead")
-async def sys_fadvise(hub: Hub, call: Trapped) -> int:
+def sys_fadvise(hub: Hub, call: Trapped) -> Outcome:
     # Advice only: accepted without a round trip, as the kernel accepts it for files.
     rf = _file(call)
-    if call.syscall.name == "fadvise64" and not 0 <= call.arg_int(3) <= 5:
+    advises = call.has("advice")
+    if advises and not 0 <= call.arg_int("advice") <= 5:
         raise Errno(errno.EINVAL)
     if not (rf.is_regular or rf.is_dir):
-        raise Errno(errno.ESPIPE if call.syscall.name == "fadvise64" else errno.EINVAL)
+        raise Errno(errno.ESPIPE if advises else errno.EINVAL)
     return 0
 
 
@@ -591,47 +582,41 @@ def _offset_in(call: Trapped, addr: int) -> int:
 
 
 @handles("copy_file_range")
-async def sys_copy_file_range(hub: Hub, call: Trapped) -> int:
+def sys_copy_file_range(hub: Hub, call: Trapped) -> Steps:
     src, dst = call.files
     if src is None or dst is None:
         raise Errno(errno.EXDEV)
-    off_in, off_out = _offset_in(call, call.arg(1)), _offset_in(call, call.arg(3))
-    length, flags = call.arg(4), call.arg_int(5)
-    args = (src.handle, off_in, dst.handle, off_out, min(length, MAX_RW_COUNT), flags)
-    n = (await hub.call(Op.COPY_RANGE, args)).result
+    off_in, off_out = _offset_in(call, call.arg("off_in")), _offset_in(call, call.arg("off_out"))
+    length = min(call.arg("len"), MAX_RW_COUNT)
+    reply = yield wire.CopyRange(src=src.handle, off_in=off_in, dst=dst.handle, off_out=off_out,
+                            length=length, flags=call.arg_int("flags"))  # fmt: skip
+    n = reply.result
     if off_in >= 0:
-        call.memory.write_struct(call.arg(1), _LOFF, off_in + n)
+        call.memory.write_struct(call.arg("off_in"), _LOFF, off_in + n)
     if off_out >= 0:
-        call.memory.write_struct(call.arg(3), _LOFF, off_out + n)
+        call.memory.write_struct(call.arg("off_out"), _LOFF, off_out + n)
     return n
 
 
 @handles("sendfile")
-async def sys_sendfile(hub: Hub, call: Trapped) -> int:
+def sys_sendfile(hub: Hub, call: Trapped) -> Steps:
     out, src = call.files
     if out is None or src is None:
         raise Errno(errno.EINVAL)
-    offset = _offset_in(call, call.arg(2))
-    count = min(call.arg(3), MAX_RW_COUNT)
-    n = (await hub.call(Op.SENDFILE, (out.handle, src.handle, offset, count))).result
+    offset = _offset_in(call, call.arg("offset"))
+    count = min(call.arg("count"), MAX_RW_COUNT)
+    n = (yield wire.Sendfile(out=out.handle, src=src.handle, offset=offset, size=count)).result
     if offset >= 0:
-        call.memory.write_struct(call.arg(2), _LOFF, offset + n)
+        call.memory.write_struct(call.arg("offset"), _LOFF, offset + n)
     return n
 
 
 # --- extended attributes ----------------------------------------------------------
 
 
-def _xattr_target(call: Trapped) -> tuple[Target, int]:
-    name = call.syscall.name
-    if name.startswith("f"):
-        return _fd_target(call), AT_EMPTY_PATH
-    return call.targets[0], AT_SYMLINK_NOFOLLOW if name.startswith("l") else 0
-
-
-def _xattr_name(call: Trapped, addr: int) -> bytes:
+def _xattr_name(call: Trapped) -> bytes:
     try:
-        name = call.memory.read_cstring(addr, XATTR_NAME_MAX + 1)
+        name = call.memory.read_cstring(call.arg("name"), XATTR_NAME_MAX + 1)
     except Errno as exc:
         raise Errno(errno.ERANGE if exc.errno == errno.ENAMETOOLONG else exc.errno) from None
     if not name:
@@ -640,44 +625,44 @@ def _xattr_name(call: Trapped, addr: int) -> bytes:
 
 
 @handles("getxattr", "lgetxattr", "fgetxattr")
-async def sys_getxattr(hub: Hub, call: Trapped) -> int:
-    target, flags = _xattr_target(call)
-    attr = _xattr_name(call, call.arg(1))
-    size = min(call.arg(3), XATTR_SIZE_MAX)
-    reply = await hub.call(Op.GETXATTR, (target.dir, flags, size), (target.path, attr))
+def sys_getxattr(hub: Hub, call: Trapped) -> Steps:
+    target, flags = _object(call, at_flags=False)
+    attr = _xattr_name(call)
+    size = min(call.arg("size"), XATTR_SIZE_MAX)
+    reply = yield wire.Getxattr(dir=target.dir, flags=flags, size=size, path=target.path, name=attr)
     if size:
-        call.memory.write(call.arg(2), _blob(reply, size))
+        call.memory.write(call.arg("value"), _blob(reply, size))
     return reply.result
 
 
 @handles("setxattr", "lsetxattr", "fsetxattr")
-async def sys_setxattr(hub: Hub, call: Trapped) -> int:
-    target, flags = _xattr_target(call)
-    attr = _xattr_name(call, call.arg(1))
-    size = call.arg(3)
+def sys_setxattr(hub: Hub, call: Trapped) -> Steps:
+    target, flags = _object(call, at_flags=False)
+    attr = _xattr_name(call)
+    size = call.arg("size")
     if size > XATTR_SIZE_MAX:
         raise Errno(errno.E2BIG)
-    value = call.memory.read(call.arg(2), size)
-    args = (target.dir, flags, call.arg_int(4))
-    await hub.call(Op.SETXATTR, args, (target.path, attr, value))
+    value = call.memory.read(call.arg("value"), size)
+    yield wire.Setxattr(dir=target.dir, flags=flags, xflags=call.arg_int("flags"),
+                   path=target.path, name=attr, value=value)  # fmt: skip
     return 0
 
 
 @handles("listxattr", "llistxattr", "flistxattr")
-async def sys_listxattr(hub: Hub, call: Trapped) -> int:
-    target, flags = _xattr_target(call)
-    size = min(call.arg(2), XATTR_SIZE_MAX)
-    reply = await hub.call(Op.LISTXATTR, (target.dir, flags, size), (target.path,))
+def sys_listxattr(hub: Hub, call: Trapped) -> Steps:
+    target, flags = _object(call, at_flags=False)
+    size = min(call.arg("size"), XATTR_SIZE_MAX)
+    reply = yield wire.Listxattr(dir=target.dir, flags=flags, size=size, path=target.path)
     if size:
-        call.memory.write(call.arg(1), _blob(reply, size))
+        call.memory.write(call.arg("list"), _blob(reply, size))
     return reply.result
 
 
 @handles("removexattr", "lremovexattr", "fremovexattr")
-async def sys_removexattr(hub: Hub, call: Trapped) -> int:
-    target, flags = _xattr_target(call)
-    attr = _xattr_name(call, call.arg(1))
-    await hub.call(Op.REMOVEXATTR, (target.dir, flags), (target.path, attr))
+def sys_removexattr(hub: Hub, call: Trapped) -> Steps:
+    target, flags = _object(call, at_flags=False)
+    attr = _xattr_name(call)
+    yield wire.Removexattr(dir=target.dir, flags=flags, path=target.path, name=attr)
     return 0
 
 
@@ -685,115 +670,99 @@ async def sys_removexattr(hub: Hub, call: Trapped) -> int:
 
 
 @handles("chdir")
-async def sys_chdir(hub: Hub, call: Trapped) -> int | _Continue:
+def sys_chdir(hub: Hub, call: Trapped) -> Steps:
     call.side = "hub"
     target = call.targets[0]
-    pairing = call.pairing
+    process = call.process
     if target.remote:
-        reply = await hub.call(Op.CHDIR, (target.dir,), (target.path,))
-        hub.seal(pairing)  # children forked until now keep the old directory
-        pairing.cwd, pairing.cwd_remote = reply.blob, True
+        reply = yield wire.Chdir(dir=target.dir, path=target.path)
+        hub.processes.chdir_remote(process, reply.blob)
         call.side = "slave"
         return 0
     path = target.shown
-    absolute = normalize(path if path.startswith(b"/") else pairing.cwd + b"/" + path)
-    _enter_master_directory(hub, call, absolute)
+    absolute = normalize(path if path.startswith(b"/") else process.cwd + b"/" + path)
+    # Continued: the kernel decides, with the program's credentials, and the process
+    # model reads its verdict back.
+    hub.processes.chdir_master(process, call.tid, absolute)
     call.side = "master"
     return CONTINUE
 
 
-def _enter_master_directory(hub: Hub, call: Trapped, path: bytes) -> None:
-    """A chdir into a master directory is continued: the kernel decides, with the
-    program's credentials; fmhub reads its verdict back (Hub.settle_cwd)."""
-    pairing = call.pairing
-    hub.seal(pairing)
-    try:
-        st = os.stat(f"/proc/{call.notif.tid}/cwd")
-    except OSError:
-        return
-    previous = pairing.inheritable()
-    pairing.pending_cwd = PendingChdir(call.notif.tid, (st.st_dev, st.st_ino), previous)
-    pairing.cwd, pairing.cwd_remote, pairing.staged_cwd = path, False, False
-
-
 @handles("fchdir")
-async def sys_fchdir(hub: Hub, call: Trapped) -> int | _Continue:
-    pairing = call.pairing
+def sys_fchdir(hub: Hub, call: Trapped) -> Steps:
     rf = call.files[0]
     if rf is not None:
         if not rf.is_dir:
             raise Errno(errno.ENOTDIR)
-        reply = await hub.call(Op.HANDLE_PATH, (rf.handle,))
-        hub.seal(pairing)
-        pairing.cwd, pairing.cwd_remote = reply.blob, True
+        reply = yield wire.HandlePath(handle=rf.handle)
+        hub.processes.chdir_remote(call.process, reply.blob)
         return 0
     call.side = "master"
-    try:
-        path = os.readlink(f"/proc/{call.notif.tid}/fd/{call.arg_int(0)}")
-    except OSError:
-        return CONTINUE  # the kernel answers EBADF
-    if path.startswith("/"):
-        _enter_master_directory(hub, call, os.fsencode(path))
-    return CONTINUE
+    path = hub.processes.procfs.fd_path(call.tid, call.arg_int("fd"))
+    if path is not None and path.startswith("/"):
+        hub.processes.chdir_master(call.process, call.tid, os.fsencode(path))
+    return CONTINUE  # (a bad fd: the kernel answers EBADF)
 
 
 @handles("getcwd")
-async def sys_getcwd(hub: Hub, call: Trapped) -> int | _Continue:
-    pairing = call.pairing
-    if not pairing.cwd_remote:
+def sys_getcwd(hub: Hub, call: Trapped) -> Outcome:
+    process = call.process
+    if not process.cwd_remote:
         call.side = "master"
         return CONTINUE
     call.side = "hub"
-    data = pairing.cwd + b"\0"
-    if call.arg(1) < len(data):
+    data = process.cwd + b"\0"
+    if call.arg("size") < len(data):
         raise Errno(errno.ERANGE)
-    call.memory.write(call.arg(0), data)
+    call.memory.write(call.arg("buf"), data)
     return len(data)
 
 
 @handles("umask")
-async def sys_umask(hub: Hub, call: Trapped) -> int | _Continue:
+def sys_umask(hub: Hub, call: Trapped) -> Outcome:
     call.side = "master"
-    call.pairing.umask = call.arg_int(0) & 0o777
+    hub.processes.set_umask(call.process, call.arg_int("mask"))
     return CONTINUE
 
 
 @handles("exit")
-async def sys_thread_exit(hub: Hub, call: Trapped) -> _Continue:
+def sys_thread_exit(hub: Hub, call: Trapped) -> Outcome:
     call.side = "master"
-    hub.forget_tid(call.notif.tid)
+    hub.processes.thread_exit(call.tid)
     return CONTINUE
 
 
 @handles("exit_group")
-async def sys_exit(hub: Hub, call: Trapped) -> _Continue:
+def sys_exit(hub: Hub, call: Trapped) -> Outcome:
     call.side = "master"
-    hub.seal(call.pairing)  # its orphans will not find it any more
+    hub.processes.exit_group(call.process)
     return CONTINUE
 
 
 @handles("execve", "execveat")
-async def sys_execve(hub: Hub, call: Trapped) -> int | _Continue:
+def sys_execve(hub: Hub, call: Trapped) -> Steps:
     target = call.targets[0]
-    call.pairing.staged_names = frozenset()
+    process = call.process
+    hub.processes.exec_started(process)
     if not target.remote:
         call.side = "master"
-        call.pairing.memory.forget()  # a new address space after a successful exec
-        call.pairing.exec_pending = True
+        hub.processes.exec_continued(process)  # a new address space if it succeeds
         return CONTINUE
     # A file that lives only on the slave: answer what the kernel would for a file
     # that does not exist or cannot be executed; otherwise stage it (staging.py).
-    flags = call.arg_int(4) & AT_EMPTY_PATH if call.syscall.name == "execveat" else 0
-    reply = await hub.call(Op.STAT, (target.dir, flags, STATX_BASIC_STATS), (target.path,))
+    flags = _flags(call) & AT_EMPTY_PATH
+    reply = yield wire.Stat(dir=target.dir, flags=flags, mask=STATX_BASIC_STATS, path=target.path)
     raw = reply.blob
     if not stat.S_ISREG(linux.statx_mode(raw)):
         raise Errno(errno.EACCES)
-    await hub.call(Op.ACCESS, (target.dir, os.X_OK, flags | linux.AT_EACCESS), (target.path,))
+    yield wire.Access(
+        dir=target.dir, mode=os.X_OK, flags=flags | linux.AT_EACCESS, path=target.path
+    )
     name = target.shown
-    if hub.stage is None or not name or not call.pairing.staged_cwd:
+    if hub.stage is None or not name or not process.staged_cwd:
         call.note = "slave-only executable: not staged (the process left the slave's tree)"
         raise Errno(errno.ENOEXEC)
-    if call.syscall.name == "execveat" and call.arg_int(0) != linux.AT_FDCWD:
+    if call.has("dirfd") and call.arg_int("dirfd") != linux.AT_FDCWD:
         call.note = "slave-only executable: execveat from a directory fd is not staged"
         raise Errno(errno.ENOEXEC)
     absolute = name.startswith(b"/")
@@ -805,40 +774,40 @@ async def sys_execve(hub: Hub, call: Trapped) -> int | _Continue:
         raise
     identity = linux.statx_identity(raw)
     if not hub.stage.current(staged, identity):
-        content = await _read_whole(hub, target)
+        content = yield from _read_whole(hub, target)
         script = staging.shebang(content) if absolute else None
         if script is not None:
             content = staging.wrapper(script[0], script[1], name)
         hub.stage.write(staged, content, linux.statx_mode(raw), identity)
+    names: frozenset[bytes] = frozenset()
     if absolute and hub.stage.is_wrapper(staged):
         # The wrapper's /bin/sh opens it by the rewritten name: from the stage.
-        call.pairing.staged_names = frozenset({kernel_name})
+        names = frozenset({kernel_name})
+    fix: tuple[int, int] | None = None
     if absolute:
-        name_at = call.arg(0 if call.syscall.name == "execve" else 1)
-        argv = call.arg(1 if call.syscall.name == "execve" else 2)
+        name_at, argv = call.arg("path"), call.arg("argv")
         call.memory.rewrite_byte(name_at, b".")
         if argv and call.memory.read_struct(argv, _POINTER)[0] == name_at:
             # The name is argv[0] too (shells and execvp pass one string): the new
-            # image gets its "/" back at its first call (Hub._after_exec).
-            call.pairing.argv0_fix = (name_at, arg_start(call.pairing.tgid))
-    call.pairing.memory.forget()
-    call.pairing.exec_pending = True
+            # image gets its "/" back at its first call (Processes.on_call).
+            fix = (name_at, hub.processes.procfs.arg_start(process.tgid))
+    hub.processes.exec_continued(process, staged_names=names, argv0_fix=fix)
     call.side = "master"
     call.note = f"staged as {os.fsdecode(staged)}"
     return CONTINUE
 
 
-async def _read_whole(hub: Hub, target: Target) -> bytes:
+def _read_whole(hub: Hub, target: Target) -> Asks[bytes]:
     """The content of a slave file, read with a handle of our own."""
-    reply = await hub.call(Op.OPEN, (target.dir, os.O_RDONLY, 0, 0), (target.path,))
+    reply = yield wire.Open(dir=target.dir, flags=os.O_RDONLY, mode=0, resolve=0, path=target.path)
     handle = reply.result
     chunks: list[bytes] = []
     try:
         while True:
-            data = _blob(await hub.call(Op.READ, (handle, MAX_IO, -1, 0)), MAX_IO)
+            data = _blob((yield wire.Read(handle=handle, size=MAX_IO, offset=-1, rwf=0)), MAX_IO)
             if not data:
                 break
             chunks.append(data)
     finally:
-        hub.link.post(0, Op.CLOSE, (handle,))
+        hub.close_handle(handle)
     return b"".join(chunks)

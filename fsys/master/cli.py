@@ -122,18 +122,9 @@ class Slave:
         self.process: Popen[bytes] | None = None
         self.pid = -1
         if command is None:
-            self.pid = os.fork()
-            if self.pid == 0:
-                status = 1
-                try:
-                    ours.close()
-                    os.setpgid(0, 0)  # the terminal's Ctrl-C is the program's, not ours
-                    from fsys.slave.cli import serve_fds  # loaded by fsys.master.session
+            from fsys.embedded import fork_slave
 
-                    fd = theirs.detach()
-                    status = serve_fds(fd, fd, "/")
-                finally:
-                    os._exit(status)
+            self.pid = fork_slave(theirs, ours)
         else:
             from subprocess import Popen
 
@@ -201,7 +192,7 @@ class Slave:
 # --- run ----------------------------------------------------------------------------
 
 
-def cmd_run(args: argparse.Namespace) -> int:
+def cmd_run(args: argparse.Namespace, *, nofile: tuple[int, int] | None = None) -> int:
     argv = args.program[1:] if args.program[:1] == ["--"] else args.program
     if not argv:
         print("fsys-master run: no program given (fsys-master run -- PROGRAM ARGS)",
@@ -257,7 +248,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         # "not found" (127).
         path, argv = "/bin/sh", ["/bin/sh", "-c", 'exec "$0" "$@"', *argv]
     try:
-        launched = launch(path, argv, env, program, cwd=stage.cwd if staged else None)
+        launched = launch(
+            path, argv, env, program, cwd=stage.cwd if staged else None, nofile=nofile
+        )
     except LaunchError as exc:
         print(f"fsys-master: {exc}", file=sys.stderr)
         slave.socket.close()
@@ -318,8 +311,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "run":
         from fsys.linux import raise_fd_limit
 
-        raise_fd_limit()
-        return cmd_run(args)
+        return cmd_run(args, nofile=raise_fd_limit())
     if args.command == "policy":
         return cmd_policy(args)
     return cmd_syscalls(args)

@@ -24,17 +24,16 @@ import resource
 import signal
 from dataclasses import dataclass
 
+from fsys.errors import FsysError
 from fsys.kmod import abi
 
 _libc = ctypes.CDLL(None, use_errno=True)
 PR_SET_NO_NEW_PRIVS = 38
 PR_SET_PDEATHSIG = 1
 SECCOMP_FLAGS = abi.SECCOMP_FILTER_FLAG_NEW_LISTENER | abi.SECCOMP_FILTER_FLAG_WAIT_KILLABLE_RECV
-#: The limit on open files fsys-master was started with, before it raised its own.
-ORIGINAL_NOFILE = resource.getrlimit(resource.RLIMIT_NOFILE)
 
 
-class LaunchError(Exception):
+class LaunchError(FsysError):
     def __init__(self, message: str, status: int) -> None:
         super().__init__(message)
         self.status = status
@@ -115,19 +114,28 @@ def _child(
 
 
 def launch(
-    path: str, argv: list[str], env: dict[str, str], program: bytes, cwd: bytes | None = None
+    path: str,
+    argv: list[str],
+    env: dict[str, str],
+    program: bytes,
+    cwd: bytes | None = None,
+    *,
+    nofile: tuple[int, int] | None = None,
 ) -> Launched:
     """Fork ``path`` under the filter ``program``; return it waiting in its execve.
 
     ``cwd``: the kernel working directory to start it in (the stage directory).
+    ``nofile``: the program's limit on open files (fsys-master's own if None; the CLI
+    passes the one fsys-master was started with, before it raised its own).
     """
+    limits = nofile if nofile is not None else resource.getrlimit(resource.RLIMIT_NOFILE)
     filt = ctypes.create_string_buffer(program, len(program))
     fprog = _SockFprog(len(program) // abi.BPF_INSN.size, ctypes.addressof(filt))
     read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
     pid = os.fork()
     if pid == 0:
         os.close(read_fd)
-        _child(path, argv, env, fprog, write_fd, cwd, ORIGINAL_NOFILE)
+        _child(path, argv, env, fprog, write_fd, cwd, limits)
     os.close(write_fd)
     try:
         message = b""

@@ -28,7 +28,7 @@ from fsys.protocol import (
     Event,
     Goodbye,
     Hello,
-    Op,
+    Operation,
     Reply,
     Role,
 )
@@ -37,6 +37,8 @@ OnReply = Callable[[Reply | LinkClosed], None]
 
 
 class SlaveLink:
+    """fmhub's end of the session: CALLs out, REPLYs routed back by request id."""
+
     def __init__(self, transport: FdTransport) -> None:
         self.transport = transport
         self.conn = Connection(Role.MASTER)
@@ -129,6 +131,13 @@ class SlaveLink:
         """The slave's HELLO, once it came."""
         return self.conn.peer_hello
 
+    async def aclose(self) -> None:
+        """End the session (GOODBYE) and release the transport. Idempotent."""
+        try:
+            await self.goodbye()
+        finally:
+            self.transport.close()
+
     async def wait_closed(self) -> None:
         await self._done.wait()
 
@@ -174,20 +183,21 @@ class SlaveLink:
     def submit(
         self,
         pairing: int,
-        op: Op,
-        ints: tuple[int, ...],
-        blobs: tuple[bytes, ...],
+        op: Operation,
         on_reply: OnReply,
         prelude: Callable[[Connection], list[Event]] | None = None,
     ) -> None:
-        """Send one CALL; ``on_reply`` runs once with its REPLY or LinkClosed."""
+        """Send ``op`` for ``pairing``; ``on_reply`` runs once with its REPLY or LinkClosed.
+
+        ``prelude`` gives the events to send first (the pairing's announcement).
+        """
         if not self.alive or self._closing:
             on_reply(LinkClosed(self.failure or "the session is ending"))
             return
         self._next_request = self._next_request % 0xFFFFFFFF + 1
         request = self._next_request
         events: list[Event] = prelude(self.conn) if prelude is not None else []
-        events.append(Call(pairing, request, op, ints, blobs))
+        events.append(Call(pairing, request, op))
         self._pending[request] = on_reply
         self.calls += 1
         try:
@@ -195,9 +205,7 @@ class SlaveLink:
         except LinkClosed:
             pass  # _fail has run every pending continuation, this one included
 
-    async def call(
-        self, pairing: int, op: Op, ints: tuple[int, ...], blobs: tuple[bytes, ...] = ()
-    ) -> Reply:
+    async def perform(self, pairing: int, op: Operation) -> Reply:
         """``submit`` for trio code: wait (shielded) for the reply."""
         done = trio.Event()
         result: list[Reply | LinkClosed] = []
@@ -206,7 +214,7 @@ class SlaveLink:
             result.append(outcome)
             done.set()
 
-        self.submit(pairing, op, ints, blobs, on_reply)
+        self.submit(pairing, op, on_reply)
         with trio.CancelScope(shield=True):
             await done.wait()
         outcome = result[0]
@@ -214,10 +222,10 @@ class SlaveLink:
             raise outcome
         return outcome
 
-    def post(self, pairing: int, op: Op, ints: tuple[int, ...]) -> None:
+    def post(self, pairing: int, op: Operation) -> None:
         """Send a CALL that wants no reply (request 0), if the link is still up."""
         if self.alive and not self._closing:
             try:
-                self.send([Call(pairing, 0, op, ints)])
+                self.send([Call(pairing, 0, op)])
             except LinkClosed:
                 pass

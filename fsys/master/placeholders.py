@@ -47,8 +47,19 @@ class RemoteFile:
         return self.kind == 0o100000
 
 
+def _fd_path(tid: int, fd: int) -> str | None:
+    try:
+        return os.readlink(f"/proc/{tid}/fd/{fd}")
+    except OSError:
+        return None
+
+
 class Placeholders:
-    def __init__(self) -> None:
+    """The placeholders of a session. ``fd_path(tid, fd)`` reads what a program's fd
+    names (/proc/<tid>/fd/N); tests give a fake."""
+
+    def __init__(self, fd_path: Callable[[int, int], str | None] = _fd_path) -> None:
+        self._fd_path = fd_path
         self.by_inode: dict[int, RemoteFile] = {}
         self._by_peer: dict[int, RemoteFile] = {}
         self._closed = select.epoll()
@@ -82,11 +93,8 @@ class Placeholders:
         """The remote file behind the program's ``fd`` in thread ``tid``, if any."""
         if fd < 0:
             return None
-        try:
-            target = os.readlink(f"/proc/{tid}/fd/{fd}")
-        except OSError:
-            return None
-        if not target.startswith(_SOCKET_PREFIX):
+        target = self._fd_path(tid, fd)
+        if target is None or not target.startswith(_SOCKET_PREFIX):
             return None
         return self.by_inode.get(int(target[len(_SOCKET_PREFIX) : -1]))
 
@@ -112,3 +120,16 @@ class Placeholders:
             if not data:  # EOF: the program holds no copy any more
                 self.discard(remote)
                 on_last_close(remote)
+
+    def close(self) -> None:
+        """Drop every placeholder's peer end and the watcher. Idempotent."""
+        for remote in list(self.by_inode.values()):
+            self.discard(remote)
+        if not self._closed.closed:
+            self._closed.close()
+
+    def __enter__(self) -> Placeholders:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

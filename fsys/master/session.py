@@ -14,13 +14,12 @@ from typing import TYPE_CHECKING, TextIO
 
 import trio
 
-import fsys.slave.cli  # noqa: F401 - loaded before the embedded slave is forked
 from fsys.errors import SESSION_FAILED, LinkClosed
 from fsys.iostream import FdTransport
 from fsys.kmod.table import load
 from fsys.master.calls import HANDLERS
 from fsys.master.device import Listener
-from fsys.master.fmhub import Hub
+from fsys.master.fmhub import DEFAULT_SPIN_US, Hub
 from fsys.master.launcher import Launched
 from fsys.master.link import SlaveLink
 from fsys.master.policy import Policy
@@ -52,12 +51,9 @@ async def _relay_signals(launched: Launched, hub: Hub) -> None:
                 signal.pidfd_send_signal(launched.pidfd, signum)
             except ProcessLookupError:
                 pass
-            for pairing in list(hub.pairings.values()):
-                if not pairing.closed and pairing.tgid != launched.pid:
-                    try:
-                        os.kill(pairing.tgid, signum)
-                    except ProcessLookupError:
-                        pass
+            for process in hub.processes:
+                if process.tgid != launched.pid:
+                    process.signal_nowait(signum)  # delivered through its own pidfd
 
 
 @dataclass(frozen=True)
@@ -81,7 +77,8 @@ async def _session(plan: Plan) -> int:
     listener = Listener(launched.listener)
     tracer = Tracer(plan.trace, all=plan.trace_all) if plan.trace is not None else None
     hub = Hub(listener=listener, link=link, policy=plan.policy, table=load(),
-              handlers=HANDLERS, tracer=tracer, stage=plan.stage)  # fmt: skip
+              handlers=HANDLERS, tracer=tracer, stage=plan.stage,
+              spin_us=int(os.environ.get("FSYS_SPIN_US", DEFAULT_SPIN_US)))  # fmt: skip
     async with trio.open_nursery() as nursery:
         await nursery.start(link.serve)
         try:

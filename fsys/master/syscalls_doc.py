@@ -26,10 +26,11 @@ def behaviour(syscall: Syscall) -> str:
 
 def render_text(table: Table | None = None) -> str:
     table = table or load()
-    lines = [f"{'nr':>4}  {'name':<24} {'disposition':<8} {'remote':<24} args"]
+    lines = [f"{'nr':>4}  {'name':<24} {'disposition':<8} {'remote':<24} {'args':<32} signature"]
     for s in table.syscalls:
         lines.append(
-            f"{s.nr:>4}  {s.name:<24} {s.disposition.value:<8} {behaviour(s):<24} {s.args_spec()}"
+            f"{s.nr:>4}  {s.name:<24} {s.disposition.value:<8} {behaviour(s):<24}"
+            f" {s.args_spec():<32} {s.signature_spec()}".rstrip()
         )
     return "\n".join(lines) + "\n"
 
@@ -56,16 +57,20 @@ def render_markdown(table: Table | None = None) -> str:
         "  call still runs natively); `answered by fmhub`; `refused: E`.",
         "- **args**: `fdN`, `pathN`, `atD:P` (dirfd D, path P), `flagsN` (AT_* flags),",
         "  `nativeif:` (the filter lets the call run natively when the condition holds).",
+        "- **signature**: the arguments in order as `name:kind`; `-` none, `?` not recorded",
+        "  (native and refused calls only). Kinds: `fd`, `dirfd`, `path` (routed), `ptr`,",
+        "  `int` (C int), `long` (signed 64 bits), `size` (size_t), `hex`, `oflags` (O_*),",
+        "  `atflags` (AT_*), `mode`.",
         "",
         "Totals: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())) + ".",
         "",
-        "| nr | name | disposition | when remote | args | note |",
-        "| --: | --- | --- | --- | --- | --- |",
+        "| nr | name | disposition | when remote | args | signature | note |",
+        "| --: | --- | --- | --- | --- | --- | --- |",
     ]
     for s in table.syscalls:
         note = s.note.replace("|", "\\|")
         out.append(
             f"| {s.nr} | `{s.name}` | {s.disposition.value} | {behaviour(s)} "
-            f"| `{s.args_spec()}` | {note} |"
+            f"| `{s.args_spec()}` | `{s.signature_spec()}` | {note} |"
         )
     return "\n".join(out) + "\n"

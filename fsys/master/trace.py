@@ -12,12 +12,45 @@ from __future__ import annotations
 
 import errno
 import os
-from typing import TYPE_CHECKING, TextIO
+from collections.abc import Sequence
+from typing import Protocol, TextIO
 
 from fsys import linux
+from fsys.kmod.table import Kind, Syscall
 
-if TYPE_CHECKING:
-    from fsys.master.fmhub import Trapped, _Continue
+
+class TracedNotification(Protocol):
+    """The seccomp notification of a traced call (fsys.master.device.Notification)."""
+
+    @property
+    def tid(self) -> int: ...
+    @property
+    def args(self) -> tuple[int, ...]: ...
+    def arg_int(self, i: int) -> int: ...
+    def arg_long(self, i: int) -> int: ...
+
+
+class TracedTarget(Protocol):
+    """One path argument of a traced call, as routed."""
+
+    @property
+    def shown(self) -> bytes: ...  # the path as the program wrote it
+
+
+class TracedCall(Protocol):
+    """What the tracer reads of a call (fmhub's Trapped)."""
+
+    @property
+    def notif(self) -> TracedNotification: ...
+    @property
+    def syscall(self) -> Syscall: ...
+    @property
+    def targets(self) -> Sequence[TracedTarget]: ...  # one per syscall.paths, in order
+    @property
+    def side(self) -> str: ...
+    @property
+    def note(self) -> str: ...
+
 
 _O_FLAGS = [
     (0o100, "O_CREAT"), (0o200, "O_EXCL"), (0o400, "O_NOCTTY"), (0o1000, "O_TRUNC"),
@@ -30,55 +63,6 @@ _AT_FLAGS = [
     (0x100, "AT_SYMLINK_NOFOLLOW"), (0x200, "AT_REMOVEDIR"), (0x400, "AT_SYMLINK_FOLLOW"),
     (0x800, "AT_NO_AUTOMOUNT"), (0x1000, "AT_EMPTY_PATH"),
 ]  # fmt: skip
-
-# Argument kinds by position, for the calls fmhub handles.
-SIGNATURES: dict[str, tuple[str, ...]] = {
-    "read": ("fd", "ptr", "int"), "write": ("fd", "ptr", "int"),
-    "pread64": ("fd", "ptr", "int", "int"), "pwrite64": ("fd", "ptr", "int", "int"),
-    "readv": ("fd", "ptr", "int"), "writev": ("fd", "ptr", "int"),
-    "preadv": ("fd", "ptr", "int", "int"), "pwritev": ("fd", "ptr", "int", "int"),
-    "preadv2": ("fd", "ptr", "int", "int", "int", "hex"),
-    "pwritev2": ("fd", "ptr", "int", "int", "int", "hex"),
-    "open": ("path", "oflags", "mode"), "creat": ("path", "mode"),
-    "openat": ("dirfd", "path", "oflags", "mode"), "openat2": ("dirfd", "path", "ptr", "int"),
-    "lseek": ("fd", "int", "int"), "fstat": ("fd", "ptr"), "stat": ("path", "ptr"),
-    "lstat": ("path", "ptr"), "newfstatat": ("dirfd", "path", "ptr", "atflags"),
-    "statx": ("dirfd", "path", "atflags", "hex", "ptr"), "getdents64": ("fd", "ptr", "int"),
-    "access": ("path", "mode"), "faccessat": ("dirfd", "path", "mode"),
-    "faccessat2": ("dirfd", "path", "mode", "atflags"),
-    "readlink": ("path", "ptr", "int"), "readlinkat": ("dirfd", "path", "ptr", "int"),
-    "mkdir": ("path", "mode"), "mkdirat": ("dirfd", "path", "mode"),
-    "mknod": ("path", "mode", "hex"), "mknodat": ("dirfd", "path", "mode", "hex"),
-    "rmdir": ("path",), "unlink": ("path",), "unlinkat": ("dirfd", "path", "atflags"),
-    "rename": ("path", "path"), "renameat": ("dirfd", "path", "dirfd", "path"),
-    "renameat2": ("dirfd", "path", "dirfd", "path", "hex"),
-    "link": ("path", "path"), "linkat": ("dirfd", "path", "dirfd", "path", "atflags"),
-    "symlink": ("ptr", "path"), "symlinkat": ("ptr", "dirfd", "path"),
-    "chmod": ("path", "mode"), "fchmod": ("fd", "mode"), "fchmodat": ("dirfd", "path", "mode"),
-    "fchmodat2": ("dirfd", "path", "mode", "atflags"),
-    "chown": ("path", "int", "int"), "lchown": ("path", "int", "int"),
-    "fchown": ("fd", "int", "int"), "fchownat": ("dirfd", "path", "int", "int", "atflags"),
-    "truncate": ("path", "int"), "ftruncate": ("fd", "int"),
-    "fsync": ("fd",), "fdatasync": ("fd",), "syncfs": ("fd",),
-    "utimensat": ("dirfd", "path", "ptr", "atflags"), "utime": ("path", "ptr"),
-    "utimes": ("path", "ptr"), "futimesat": ("dirfd", "path", "ptr"),
-    "statfs": ("path", "ptr"), "fstatfs": ("fd", "ptr"),
-    "fcntl": ("fd", "int", "hex"), "flock": ("fd", "int"), "ioctl": ("fd", "hex", "hex"),
-    "fallocate": ("fd", "int", "int", "int"), "fadvise64": ("fd", "int", "int", "int"),
-    "copy_file_range": ("fd", "ptr", "fd", "ptr", "int", "int"),
-    "sendfile": ("fd", "fd", "ptr", "int"),
-    "getxattr": ("path", "ptr", "ptr", "int"), "lgetxattr": ("path", "ptr", "ptr", "int"),
-    "fgetxattr": ("fd", "ptr", "ptr", "int"), "listxattr": ("path", "ptr", "int"),
-    "llistxattr": ("path", "ptr", "int"), "flistxattr": ("fd", "ptr", "int"),
-    "setxattr": ("path", "ptr", "ptr", "int", "int"),
-    "lsetxattr": ("path", "ptr", "ptr", "int", "int"),
-    "fsetxattr": ("fd", "ptr", "ptr", "int", "int"),
-    "removexattr": ("path", "ptr"), "lremovexattr": ("path", "ptr"),
-    "fremovexattr": ("fd", "ptr"),
-    "chdir": ("path",), "fchdir": ("fd",), "getcwd": ("ptr", "int"), "umask": ("mode",),
-    "execve": ("path", "ptr", "ptr"), "execveat": ("dirfd", "path", "ptr", "ptr", "atflags"),
-    "mmap": ("ptr", "int", "hex", "hex", "fd", "int"), "epoll_ctl": ("fd", "int", "fd", "ptr"),
-}  # fmt: skip
 
 
 def _flags(value: int, names: list[tuple[int, str]], base: str = "") -> str:
@@ -97,7 +81,9 @@ def _quote(path: bytes) -> str:
     return f'"{text}"'
 
 
-def format_result(outcome: int | _Continue) -> str:
+def format_result(outcome: object) -> str:
+    """An int result as the kernel gives it (``-errno`` for errors); anything else (fmhub's
+    CONTINUE) ran natively, with a result the tracer does not see."""
     if not isinstance(outcome, int):
         return "? (native)"
     if outcome >= 0:
@@ -106,32 +92,45 @@ def format_result(outcome: int | _Continue) -> str:
     return f"-1 {name} ({os.strerror(-outcome)})"
 
 
-def format_call(call: Trapped) -> str:
+_UNKNOWN = (Kind.HEX,) * 3  # a call whose signature the table does not record
+
+
+def format_arg(call: TracedCall, i: int, kind: Kind) -> str:
+    """Argument ``i`` of ``call``, decoded as ``kind``."""
     notif = call.notif
-    name = call.syscall.name
-    kinds = SIGNATURES.get(name, ("hex",) * 3)
-    shown = iter(t.shown for t in call.targets)
-    args: list[str] = []
-    for i, kind in enumerate(kinds):
-        raw = notif.args[i]
+    raw = notif.args[i]
+    if kind is Kind.PATH:
+        for j, p in enumerate(call.syscall.paths):
+            if p.path == i and j < len(call.targets):
+                return _quote(call.targets[j].shown)
+        return hex(raw)
+    if kind is Kind.DIRFD:
         value = notif.arg_int(i)
-        if kind == "path":
-            path = next(shown, None)
-            args.append(_quote(path) if path is not None else hex(raw))
-        elif kind == "dirfd":
-            args.append("AT_FDCWD" if value == linux.AT_FDCWD else str(value))
-        elif kind == "oflags":
-            base = ("O_RDONLY", "O_WRONLY", "O_RDWR", "O_ACCMODE")[value & 3]
-            args.append(_flags(value & ~3, _O_FLAGS, base))
-        elif kind == "atflags":
-            args.append(_flags(value, _AT_FLAGS))
-        elif kind == "mode":
-            args.append(f"0{value & 0o7777:o}" if value & ~0o7777 == 0 else f"{value:#o}")
-        elif kind in ("fd", "int"):
-            args.append(str(notif.arg_long(i) if kind == "int" else value))
-        else:
-            args.append(hex(raw))
-    return f"{name}({', '.join(args)})"
+        return "AT_FDCWD" if value == linux.AT_FDCWD else str(value)
+    if kind is Kind.OFLAGS:
+        value = notif.arg_int(i)
+        base = ("O_RDONLY", "O_WRONLY", "O_RDWR", "O_ACCMODE")[value & 3]
+        return _flags(value & ~3, _O_FLAGS, base)
+    if kind is Kind.ATFLAGS:
+        return _flags(notif.arg_int(i), _AT_FLAGS)
+    if kind is Kind.MODE:
+        value = notif.arg_int(i)
+        return f"0{value & 0o7777:o}" if value & ~0o7777 == 0 else f"{value:#o}"
+    if kind in (Kind.FD, Kind.INT):
+        return str(notif.arg_int(i))
+    if kind is Kind.LONG:
+        return str(notif.arg_long(i))
+    if kind is Kind.SIZE:
+        return str(raw & 0xFFFFFFFFFFFFFFFF)
+    return hex(raw)  # ptr, hex
+
+
+def format_call(call: TracedCall) -> str:
+    """``name(arg, ...)`` with the arguments decoded by the kinds of the table's signature."""
+    syscall = call.syscall
+    kinds = [p.kind for p in syscall.params] if syscall.signature_known else _UNKNOWN
+    args = ", ".join(format_arg(call, i, kind) for i, kind in enumerate(kinds))
+    return f"{syscall.name}({args})"
 
 
 class Tracer:
@@ -144,7 +143,7 @@ class Tracer:
         self.out.write(f"fsys-master: session ended: {items}\n")
         self.out.flush()
 
-    def line(self, call: Trapped, outcome: int | _Continue, micros: int) -> None:
+    def line(self, call: TracedCall, outcome: object, micros: int) -> None:
         note = f" {call.note}" if call.note else ""
         self.out.write(
             f"[{call.notif.tid}] {format_call(call)} = {format_result(outcome)}"

@@ -32,8 +32,11 @@ import struct
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from fsys import linux
+from fsys import protocol as wire
+from fsys.errors import FsysError
 from fsys.linux import (
     AT_EACCESS,
     AT_EMPTY_PATH,
@@ -49,7 +52,7 @@ from fsys.linux import (
     RESOLVE_BENEATH,
     RESOLVE_IN_ROOT,
 )
-from fsys.protocol import MAX_IO, Call, Op
+from fsys.protocol import MAX_IO, SPECS, Operation
 
 Result = tuple[int, bytes]
 
@@ -69,7 +72,17 @@ LOCK_UN = 8
 F_UNLCK = 2
 
 
-class MustBlock(Exception):
+#: Operations on a handle that wait when the handle is a stream (pipe, socket, tty).
+_ON_STREAMS: frozenset[type] = frozenset(
+    {wire.Read, wire.Write, wire.Getdents, wire.Ioctl, wire.Fcntl}
+)
+#: Operations that may wait on the disk whatever the file.
+_SLOW: frozenset[type] = frozenset(
+    {wire.Fsync, wire.Syncfs, wire.CopyRange, wire.Sendfile, wire.Fallocate}
+)
+
+
+class MustBlock(FsysError):
     """Raised by an inline attempt that would block; fshub reruns it in a thread."""
 
 
@@ -115,8 +128,10 @@ class Executor:
         self.confined = self.root != "/"
         self.handles: dict[int, Handle] = {}
         self._ids = itertools.count(1)
-        self._dispatch: dict[Op, Callable[[tuple[int, ...], tuple[bytes, ...]], Result]] = {
-            op: getattr(self, "op_" + op.name.lower()) for op in Op if op is not Op.CLOSE
+        self._dispatch: dict[type, Callable[[Any], Result]] = {
+            spec.record: getattr(self, "op_" + spec.op.name.lower())
+            for spec in SPECS.values()
+            if spec.record is not wire.Close
         }
 
     def close(self) -> None:
@@ -128,36 +143,41 @@ class Executor:
 
     # --- dispatch -------------------------------------------------------------------
 
-    def execute(self, call: Call) -> Result:
-        """Perform ``call``; raise OSError for an errno, MustBlock to be rerun in a thread."""
-        if call.op is Op.CLOSE:
-            self.op_close_handle(call.ints[0])
+    def execute(self, op: Operation) -> Result:
+        """Perform ``op``; raise OSError for an errno, MustBlock to be rerun in a thread."""
+        if type(op) is wire.Close:
+            self.op_close_handle(op.handle)
             return 0, b""
-        return self._dispatch[call.op](call.ints, call.blobs)
+        return self._dispatch[type(op)](op)
 
-    def may_block(self, call: Call) -> bool:
-        """True if ``call`` may wait for something else (a peer, a lock, the disk)."""
-        op = call.op
-        if op in (Op.READ, Op.WRITE, Op.GETDENTS, Op.IOCTL, Op.FCNTL):
-            handle = self.handles.get(call.ints[0])
+    def may_block(self, op: Operation) -> bool:
+        """True if ``op`` may wait for something else (a peer, a lock, the disk)."""
+        kind = type(op)
+        if kind in _ON_STREAMS:
+            handle = self.handles.get(op.handle)  # type: ignore[union-attr]
             return handle is not None and handle.streamlike
-        if op is Op.LOCK:  # a waiting lock blocks; an unlock never does
-            if call.ints[1] not in (linux.F_SETLKW, linux.F_OFD_SETLKW) or not call.blobs:
+        if kind is wire.Lock:  # a waiting lock blocks; an unlock never does
+            assert isinstance(op, wire.Lock)
+            if op.cmd not in (linux.F_SETLKW, linux.F_OFD_SETLKW) or not op.flock:
                 return False
-            return len(call.blobs[0]) < 2 or call.blobs[0][0] != F_UNLCK
-        if op is Op.FLOCK:
-            return not call.ints[1] & (LOCK_NB | LOCK_UN)
-        return op in (Op.FSYNC, Op.SYNCFS, Op.COPY_RANGE, Op.SENDFILE, Op.FALLOCATE)
+            return len(op.flock) < 2 or op.flock[0] != F_UNLCK
+        if kind is wire.Flock:
+            assert isinstance(op, wire.Flock)
+            return not op.operation & (LOCK_NB | LOCK_UN)
+        return kind in _SLOW
 
-    def execute_blocking(self, call: Call) -> Result:
-        """Perform ``call`` in a worker thread: an open may wait for a FIFO's peer."""
-        if call.op is Op.OPEN:
-            return self.op_open(call.ints, call.blobs, blocking=True)
+    def execute_blocking(self, op: Operation) -> Result:
+        """Perform ``op`` in a worker thread: an open may wait for a FIFO's peer."""
+        if isinstance(op, wire.Open):
+            return self.op_open(op, blocking=True)
         # The handles this call uses stay open until it is done, even if a CLOSE for
         # one of them arrives meanwhile (its fd number must not be reused under us).
-        ids = (call.ints[0], call.ints[2]) if call.op is Op.COPY_RANGE else call.ints[:1]
-        if call.op is Op.SENDFILE:
-            ids = call.ints[:2]
+        if isinstance(op, wire.CopyRange):
+            ids: tuple[int, ...] = (op.src, op.dst)
+        elif isinstance(op, wire.Sendfile):
+            ids = (op.out, op.src)
+        else:
+            ids = (getattr(op, "handle", 0),)
         held: list[Handle] = []
         try:
             for handle_id in ids:
@@ -169,7 +189,7 @@ class Executor:
                         raise OSError(errno.EBADF, "closed")
                     handle.busy += 1
                 held.append(handle)
-            return self.execute(call)
+            return self.execute(op)
         finally:
             for handle in held:
                 with handle.lock:
@@ -273,10 +293,8 @@ class Executor:
 
     # --- operations -----------------------------------------------------------------
 
-    def op_open(self, ints: tuple[int, ...], blobs: tuple[bytes, ...], *,
-                blocking: bool = False) -> Result:  # fmt: skip
-        dir_id, flags, mode, resolve = ints
-        (path,) = blobs
+    def op_open(self, o: wire.Open, *, blocking: bool = False) -> Result:
+        dir_id, flags, mode, resolve, path = o
         flags &= ~O_CLOEXEC
         if not flags & O_PATH:
             flags |= O_NOCTTY  # never take the slave's terminal (openat2 refuses it with O_PATH)
@@ -303,8 +321,8 @@ class Executor:
             raise
         return handle_id, bytes([self.handles[handle_id].kind >> 12])
 
-    def op_read(self, ints: tuple[int, ...], blobs: tuple[bytes, ...]) -> Result:
-        handle_id, count, offset, rwf = ints
+    def op_read(self, o: wire.Read) -> Result:
+        handle_id, count, offset, rwf = o
         fd = self.fd(handle_id)
         count = max(0, min(count, MAX_IO))
         if rwf:  # preadv2(2) flags: the kernel checks them (EOPNOTSUPP if unknown)
@@ -314,21 +332,19 @@ class Executor:
         data = os.read(fd, count) if offset < 0 else os.pread(fd, count, offset)
         return len(data), data
 
-    def op_write(self, ints: tuple[int, ...], blobs: tuple[bytes, ...]) -> Result:
-        handle_id, offset, rwf = ints
+    def op_write(self, o: wire.Write) -> Result:
+        handle_id, offset, rwf, data = o
         fd = self.fd(handle_id)
         if rwf:  # pwritev2(2) flags, RWF_APPEND among them
-            return os.pwritev(fd, [blobs[0]], offset, rwf), b""
-        n = os.write(fd, blobs[0]) if offset < 0 else os.pwrite(fd, blobs[0], offset)
+            return os.pwritev(fd, [data], offset, rwf), b""
+        n = os.write(fd, data) if offset < 0 else os.pwrite(fd, data, offset)
         return n, b""
 
-    def op_lseek(self, ints: tuple[int, ...], blobs: tuple[bytes, ...]) -> Result:
-        handle_id, offset, whence = ints
-        return os.lseek(self.fd(handle_id), offset, whence), b""
+    def op_lseek(self, o: wire.Lseek) -> Result:
+        return os.lseek(self.fd(o.handle), o.offset, o.whence), b""
 
-    def op_stat(self, ints: tuple[int, ...], blobs: tuple[bytes, ...]) -> Result:
-        dir_id, flags, mask = ints
-        path = blobs[0]
+    def op_stat(self, o: wire.Stat) -> Result:
+        dir_id, flags, mask, path = o
         buf = ctypes.create_string_buffer(linux.STATX_SIZE)
         if not self.confined and path:  # one statx(2), the common case
             base = self.root_fd if dir_id == 0 else self.fd(dir_id)
@@ -342,16 +358,16 @@ class Executor:
             if owned:
                 os.close(fd)
 
-    def op_getdents(self, ints: tuple[int, ...], blobs: tuple[bytes, ...]) -> Result:
-        handle_id, count = ints
+    def op_getdents(self, o: wire.Getdents) -> Result:
+        handle_id, count = o
         count = max(0, min(count, MAX_IO))
         buf = ctypes.create_string_buffer(count)
         n = linux.getdents64(self.fd(handle_id), buf, count)
         return n, buf.raw[:n]
 
-    def op_access(self, ints: tuple[int, ...], blobs: tuple[bytes, ...]) -> Result:
-        dir_id, mode, flags = ints
-        fd, owned = self._object(dir_id, blobs[0], flags)
+    def op_access(self, o: wire.Access) -> Result:
+        dir_id, mode, flags, path = o
+        fd, owned = self._object(dir_id, path, flags)
         try:
             linux.faccessat2(fd, b"", mode, AT_EMPTY_PATH | (flags & AT_EACCESS))
             return 0, b""
@@ -359,9 +375,8 @@ class Executor:
             if owned:
                 os.close(fd)
 
-    def op_readlink(self, ints: tuple[int, ...], blobs: tuple[bytes, ...]) -> Result:
-        dir_id, size = ints
-        path = blobs[0]
+    def op_readlink(self, o: wire.Readlink) -> Result:
+        dir_id, size, path = o
         if not path:
             raise OSError(errno.ENOENT, "empty path")
         parent, name = self._parent(dir_id, path)
@@ -390,12 +405,12 @@ class Executor:
             os.close(parent)
         return 0, b""
 
-    def op_mkdir(self, ints: tuple[int, ...], blobs: tuple[bytes, ...]) -> Result:
-        dir_id, mode = ints
-        return self._at_name(dir_id, blobs[0], lambda d, n: os.mkdir(n, mode, dir_fd=d))
+    def op_mkdir(self, o: wire.Mkdir) -> Result:
+        mode = o.mode
+        return self._at_name(o.dir, o.path, lambda d, n: os.mkdir(n, mode, dir_fd=d))
 
-    def op_mknod(self, ints: tuple[int, ...], blobs: tuple[bytes, ...]) -> Result:
-        dir_id, mode, dev = ints
+    def op_mknod(self, o: wire.Mknod) -> Result:
+        dir_id, mode, dev, path = o
         if self.confined and stat.S_IFMT(mode) in (stat.S_IFBLK, stat.S_IFCHR):
             # A device node inside the root would reach outside it (the raw disk).
             raise OSError(errno.EPERM, "no device nodes inside --root")
@@ -403,18 +418,18 @@ class Executor:
         major, minor = (dev >> 8) & 0xFFF, (dev & 0xFF) | ((dev >> 12) & 0xFFF00)
         device = os.makedev(major, minor)
         return self._at_name(
-            dir_id, blobs[0], lambda d, n: os.mknod(n, mode, device, dir_fd=d), create=True
+            dir_id, path, lambda d, n: os.mknod(n, mode, device, dir_fd=d), create=True
         )
 
-    def op_unlink(self, ints: tuple[int, ...], blobs: tuple[bytes, ...]) -> Result:
-        dir_id, flags = ints
+    def op_unlink(self, o: wire.Unlink) -> Result:
+        dir_id, flags, path = o
         if flags & AT_REMOVEDIR:
-            return self._at_name(dir_id, blobs[0], lambda d, n: os.rmdir(n, dir_fd=d))
-        if blobs[0].endswith(b"/"):
-            fd, _ = self._object(dir_id, blobs[0], 0)  # ENOENT, or a directory: EISDIR
+            return self._at_name(dir_id, path, lambda d, n: os.rmdir(n, dir_fd=d))
+        if path.endswith(b"/"):
+            fd, _ = self._object(dir_id, path, 0)  # ENOENT, or a directory: EISDIR
             os.close(fd)
             raise OSError(errno.EISDIR, "is a directory")
-        return self._at_name(dir_id, blobs[0], lambda d, n: os.unlink(n, dir_fd=d))
+        return self._at_name(dir_id, path, lambda d, n: os.unlink(n, dir_fd=d))
 
     def _is_dir(self, dir_id: int, path: bytes) -> bool | None:
         """Whether ``path`` is a directory (not following a final symlink); None if absent."""
@@ -428,15 +443,15 @@ class Executor:
             if owned:
                 os.close(fd)
 
-    def op_rename(self, ints: tuple[int, ...], blobs: tuple[bytes, ...]) -> Result:
-        olddir, newdir, flags = ints
+    def op_rename(self, o: wire.Rename) -> Result:
+        olddir, newdir, flags, old, new = o
         # A trailing slash on either name wants the source to be a directory.
-        slash = blobs[0].endswith(b"/") or blobs[1].endswith(b"/")
-        if slash and self._is_dir(olddir, blobs[0]) is False:
+        slash = old.endswith(b"/") or new.endswith(b"/")
+        if slash and self._is_dir(olddir, old) is False:
             raise OSError(errno.ENOTDIR, "not a directory")
-        old_parent, old_name = self._parent(olddir, blobs[0])
+        old_parent, old_name = self._parent(olddir, old)
         try:
-            new_parent, new_name = self._parent(newdir, blobs[1])
+            new_parent, new_name = self._parent(newdir, new)
             try:
                 linux.renameat2(old_parent, old_name, new_parent, new_name, flags)
             finally:
@@ -445,16 +460,16 @@ class Executor:
             os.close(old_parent)
         return 0, b""
 
-    def op_link(self, ints: tuple[int, ...], blobs: tuple[bytes, ...]) -> Result:
-        olddir, newdir, flags = ints
+    def op_link(self, o: wire.Link) -> Result:
+        olddir, newdir, flags, old, new = o
         follow = bool(flags & AT_SYMLINK_FOLLOW)
         source, owned = self._object(
-            olddir, blobs[0], (flags & AT_EMPTY_PATH) | (0 if follow else AT_SYMLINK_NOFOLLOW)
+            olddir, old, (flags & AT_EMPTY_PATH) | (0 if follow else AT_SYMLINK_NOFOLLOW)
         )
         try:
-            if blobs[1].endswith(b"/"):
+            if new.endswith(b"/"):
                 raise OSError(errno.ENOENT, "a trailing slash names a directory")
-            new_parent, new_name = self._parent(newdir, blobs[1])
+            new_parent, new_name = self._parent(newdir, new)
             try:
                 # linkat(2) of /proc/self/fd/N with AT_SYMLINK_FOLLOW links the object
                 # N names (even a symlink opened with O_NOFOLLOW) and needs no privilege.
@@ -466,21 +481,21 @@ class Executor:
                 os.close(source)
         return 0, b""
 
-    def op_symlink(self, ints: tuple[int, ...], blobs: tuple[bytes, ...]) -> Result:
-        target, path = blobs
+    def op_symlink(self, o: wire.Symlink) -> Result:
+        target = o.target
         return self._at_name(
-            ints[0], path, lambda d, n: os.symlink(target, n, dir_fd=d), create=True
+            o.dir, o.path, lambda d, n: os.symlink(target, n, dir_fd=d), create=True
         )
 
-    def op_chmod(self, ints: tuple[int, ...], blobs: tuple[bytes, ...]) -> Result:
-        dir_id, mode, flags = ints
-        if flags & AT_SYMLINK_NOFOLLOW and blobs[0]:
+    def op_chmod(self, o: wire.Chmod) -> Result:
+        dir_id, mode, flags, path = o
+        if flags & AT_SYMLINK_NOFOLLOW and path:
 
             def chmod_name(d: int, n: bytes) -> None:
                 linux.fchmodat2(d, n, mode, AT_SYMLINK_NOFOLLOW)
 
-            return self._at_name(dir_id, blobs[0], chmod_name)
-        fd, owned = self._object(dir_id, blobs[0], flags)
+            return self._at_name(dir_id, path, chmod_name)
+        fd, owned = self._object(dir_id, path, flags)
         try:
             os.chmod(_proc_fd(fd), mode)
         finally:
@@ -488,9 +503,9 @@ class Executor:
                 os.close(fd)
         return 0, b""
 
-    def op_chown(self, ints: tuple[int, ...], blobs: tuple[bytes, ...]) -> Result:
-        dir_id, uid, gid, flags = ints
-        fd, owned = self._object(dir_id, blobs[0], flags)
+    def op_chown(self, o: wire.Chown) -> Result:
+        dir_id, uid, gid, flags, path = o
+        fd, owned = self._object(dir_id, path, flags)
         try:
             linux.fchownat(fd, b"", uid, gid, AT_EMPTY_PATH)
         finally:
@@ -498,31 +513,30 @@ class Executor:
                 os.close(fd)
         return 0, b""
 
-    def op_truncate(self, ints: tuple[int, ...], blobs: tuple[bytes, ...]) -> Result:
-        dir_id, length = ints
-        fd = self.open_at(dir_id, blobs[0], os.O_WRONLY | O_NONBLOCK)
+    def op_truncate(self, o: wire.Truncate) -> Result:
+        dir_id, length, path = o
+        fd = self.open_at(dir_id, path, os.O_WRONLY | O_NONBLOCK)
         try:
             os.ftruncate(fd, length)
         finally:
             os.close(fd)
         return 0, b""
 
-    def op_ftruncate(self, ints: tuple[int, ...], blobs: tuple[bytes, ...]) -> Result:
-        os.ftruncate(self.fd(ints[0]), ints[1])
+    def op_ftruncate(self, o: wire.Ftruncate) -> Result:
+        os.ftruncate(self.fd(o.handle), o.length)
         return 0, b""
 
-    def op_fsync(self, ints: tuple[int, ...], blobs: tuple[bytes, ...]) -> Result:
-        fd = self.fd(ints[0])
-        if ints[1]:
+    def op_fsync(self, o: wire.Fsync) -> Result:
+        fd = self.fd(o.handle)
+        if o.datasync:
             os.fdatasync(fd)
         else:
             os.fsync(fd)
         return 0, b""
 
-    def op_utimens(self, ints: tuple[int, ...], blobs: tuple[bytes, ...]) -> Result:
-        dir_id, flags, *times = ints
-        spec = ctypes.create_string_buffer(_TIMESPECS.pack(*times))
-        path = blobs[0]
+    def op_utimens(self, o: wire.Utimens) -> Result:
+        dir_id, flags, path = o.dir, o.flags, o.path
+        spec = ctypes.create_string_buffer(_TIMESPECS.pack(o.asec, o.ansec, o.msec, o.mnsec))
         if flags & AT_SYMLINK_NOFOLLOW and path:
 
             def touch_name(d: int, n: bytes) -> None:
@@ -537,9 +551,8 @@ class Executor:
                 os.close(fd)
         return 0, b""
 
-    def op_statfs(self, ints: tuple[int, ...], blobs: tuple[bytes, ...]) -> Result:
-        dir_id, flags = ints
-        fd, owned = self._object(dir_id, blobs[0], flags)
+    def op_statfs(self, o: wire.Statfs) -> Result:
+        fd, owned = self._object(o.dir, o.path, o.flags)
         try:
             buf = ctypes.create_string_buffer(linux.STATFS.size)
             linux.fstatfs(fd, buf)
@@ -548,8 +561,8 @@ class Executor:
             if owned:
                 os.close(fd)
 
-    def op_fcntl(self, ints: tuple[int, ...], blobs: tuple[bytes, ...]) -> Result:
-        handle_id, cmd, arg = ints
+    def op_fcntl(self, o: wire.Fcntl) -> Result:
+        handle_id, cmd, arg = o
         fd = self.fd(handle_id)
         if cmd == linux.F_GETFL:
             return fcntl.fcntl(fd, cmd), b""
@@ -557,26 +570,26 @@ class Executor:
             return fcntl.fcntl(fd, cmd, arg & 0xFFFFFFFF), b""
         raise OSError(errno.EINVAL, "fcntl command not forwarded")
 
-    def op_lock(self, ints: tuple[int, ...], blobs: tuple[bytes, ...]) -> Result:
+    def op_lock(self, o: wire.Lock) -> Result:
         # Record locks become open-file-description locks: every master process is
         # served by this one slave process, so per-process POSIX locks would never
         # conflict between them; a description is what each of them opened.
-        handle_id, cmd = ints
+        handle_id, cmd, flock = o
         ofd = {linux.F_GETLK: linux.F_OFD_GETLK, linux.F_SETLK: linux.F_OFD_SETLK,
                linux.F_SETLKW: linux.F_OFD_SETLKW}.get(cmd, cmd)  # fmt: skip
         if ofd not in (linux.F_OFD_GETLK, linux.F_OFD_SETLK, linux.F_OFD_SETLKW):
             raise OSError(errno.EINVAL, "not a lock command")
-        ltype, whence, start, length, _pid = linux.FLOCK.unpack(blobs[0])
+        ltype, whence, start, length, _pid = linux.FLOCK.unpack(flock)
         arg = linux.FLOCK.pack(ltype, whence, start, length, 0)
         out = fcntl.fcntl(self.fd(handle_id), ofd, arg)
         return 0, bytes(out)
 
-    def op_flock(self, ints: tuple[int, ...], blobs: tuple[bytes, ...]) -> Result:
-        fcntl.flock(self.fd(ints[0]), ints[1])
+    def op_flock(self, o: wire.Flock) -> Result:
+        fcntl.flock(self.fd(o.handle), o.operation)
         return 0, b""
 
-    def op_ioctl(self, ints: tuple[int, ...], blobs: tuple[bytes, ...]) -> Result:
-        handle_id, request, arg = ints
+    def op_ioctl(self, o: wire.Ioctl) -> Result:
+        handle_id, request, arg = o
         fd = self.fd(handle_id)
         if request in _INT_OUT_IOCTLS:
             buf = bytearray(8)
@@ -595,13 +608,12 @@ class Executor:
             return fcntl.ioctl(fd, request, self.fd(arg)), b""
         raise OSError(errno.ENOTTY, "ioctl not forwarded")
 
-    def op_fallocate(self, ints: tuple[int, ...], blobs: tuple[bytes, ...]) -> Result:
-        handle_id, mode, offset, length = ints
-        linux.fallocate(self.fd(handle_id), mode, offset, length)
+    def op_fallocate(self, o: wire.Fallocate) -> Result:
+        linux.fallocate(self.fd(o.handle), o.mode, o.offset, o.length)
         return 0, b""
 
-    def op_copy_range(self, ints: tuple[int, ...], blobs: tuple[bytes, ...]) -> Result:
-        src, off_in, dst, off_out, length, flags = ints
+    def op_copy_range(self, o: wire.CopyRange) -> Result:
+        src, off_in, dst, off_out, length, flags = o
         if flags:
             raise OSError(errno.EINVAL, "copy_file_range flags must be 0")
         n = os.copy_file_range(
@@ -610,8 +622,8 @@ class Executor:
         )  # fmt: skip
         return n, b""
 
-    def op_sendfile(self, ints: tuple[int, ...], blobs: tuple[bytes, ...]) -> Result:
-        out, src, offset, count = ints
+    def op_sendfile(self, o: wire.Sendfile) -> Result:
+        out, src, offset, count = o
         n = os.sendfile(self.fd(out), self.fd(src), None if offset < 0 else offset, count)
         return n, b""
 
@@ -630,11 +642,11 @@ class Executor:
         fd, owned = self._object(dir_id, path, flags)
         return _proc_fd(fd), True, fd if owned else -1
 
-    def op_getxattr(self, ints: tuple[int, ...], blobs: tuple[bytes, ...]) -> Result:
-        dir_id, flags, size = ints
-        target, follow, close = self._xattr_target(dir_id, blobs[0], flags)
+    def op_getxattr(self, o: wire.Getxattr) -> Result:
+        dir_id, flags, size, path, name = o
+        target, follow, close = self._xattr_target(dir_id, path, flags)
         try:
-            value = os.getxattr(target, blobs[1], follow_symlinks=follow)
+            value = os.getxattr(target, name, follow_symlinks=follow)
         finally:
             if close >= 0:
                 os.close(close)
@@ -644,19 +656,19 @@ class Executor:
             raise OSError(errno.ERANGE, "buffer too small")
         return len(value), value
 
-    def op_setxattr(self, ints: tuple[int, ...], blobs: tuple[bytes, ...]) -> Result:
-        dir_id, flags, xflags = ints
-        target, follow, close = self._xattr_target(dir_id, blobs[0], flags)
+    def op_setxattr(self, o: wire.Setxattr) -> Result:
+        dir_id, flags, xflags, path, name, value = o
+        target, follow, close = self._xattr_target(dir_id, path, flags)
         try:
-            os.setxattr(target, blobs[1], blobs[2], xflags, follow_symlinks=follow)
+            os.setxattr(target, name, value, xflags, follow_symlinks=follow)
         finally:
             if close >= 0:
                 os.close(close)
         return 0, b""
 
-    def op_listxattr(self, ints: tuple[int, ...], blobs: tuple[bytes, ...]) -> Result:
-        dir_id, flags, size = ints
-        target, follow, close = self._xattr_target(dir_id, blobs[0], flags)
+    def op_listxattr(self, o: wire.Listxattr) -> Result:
+        dir_id, flags, size, path = o
+        target, follow, close = self._xattr_target(dir_id, path, flags)
         try:
             names = os.listxattr(target, follow_symlinks=follow)
         finally:
@@ -669,19 +681,18 @@ class Executor:
             raise OSError(errno.ERANGE, "buffer too small")
         return len(data), data
 
-    def op_removexattr(self, ints: tuple[int, ...], blobs: tuple[bytes, ...]) -> Result:
-        dir_id, flags = ints
-        target, follow, close = self._xattr_target(dir_id, blobs[0], flags)
+    def op_removexattr(self, o: wire.Removexattr) -> Result:
+        dir_id, flags, path, name = o
+        target, follow, close = self._xattr_target(dir_id, path, flags)
         try:
-            os.removexattr(target, blobs[1], follow_symlinks=follow)
+            os.removexattr(target, name, follow_symlinks=follow)
         finally:
             if close >= 0:
                 os.close(close)
         return 0, b""
 
-    def op_chdir(self, ints: tuple[int, ...], blobs: tuple[bytes, ...]) -> Result:
-        (dir_id,) = ints
-        fd, owned = self._object(dir_id, blobs[0] or b"", AT_EMPTY_PATH if not blobs[0] else 0)
+    def op_chdir(self, o: wire.Chdir) -> Result:
+        fd, owned = self._object(o.dir, o.path, 0 if o.path else AT_EMPTY_PATH)
         try:
             if not stat.S_ISDIR(os.fstat(fd).st_mode):
                 raise OSError(errno.ENOTDIR, "not a directory")
@@ -692,10 +703,10 @@ class Executor:
                 os.close(fd)
         return len(path), path
 
-    def op_handle_path(self, ints: tuple[int, ...], blobs: tuple[bytes, ...]) -> Result:
-        path = self._fd_path(self.fd(ints[0]))
+    def op_handle_path(self, o: wire.HandlePath) -> Result:
+        path = self._fd_path(self.fd(o.handle))
         return len(path), path
 
-    def op_syncfs(self, ints: tuple[int, ...], blobs: tuple[bytes, ...]) -> Result:
-        linux.syncfs(self.fd(ints[0]))
+    def op_syncfs(self, o: wire.Syncfs) -> Result:
+        linux.syncfs(self.fd(o.handle))
         return 0, b""

@@ -22,7 +22,7 @@ import struct
 import sys
 import time
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import trio
 
@@ -47,12 +47,25 @@ HOT_QUIET_MS = 2
 HOT_SLICE = 0.010
 
 
-@dataclass
+@dataclass(eq=False)
 class PairingContext:
-    """The slave side of one master process."""
+    """The slave side of one master process (fsyscall's fslave).
+
+    Its calls that wait in worker threads each run under a cancel scope it keeps:
+    when the master process is gone (CLOSE_PAIRING), they are abandoned at once, and
+    nothing is answered for them. ``calls`` counts the operations performed for it.
+    """
 
     pairing: int
     parent: int
+    calls: int = 0
+    waiting: set[trio.CancelScope] = field(default_factory=set)  # calls in threads now
+    closed: bool = False
+
+    def close(self) -> None:
+        self.closed = True
+        for scope in self.waiting:
+            scope.cancel()
 
 
 def perform(executor: Executor, call: Call, *, blocking: bool = False) -> Reply:
@@ -63,9 +76,9 @@ def perform(executor: Executor, call: Call, *, blocking: bool = False) -> Reply:
     """
     try:
         if blocking:
-            result, blob = executor.execute_blocking(call)
+            result, blob = executor.execute_blocking(call.op)
         else:
-            result, blob = executor.execute(call)
+            result, blob = executor.execute(call.op)
     except OSError as exc:
         return Reply(call.pairing, call.request, -(exc.errno or errno.EIO))
     except (ValueError, OverflowError, struct.error):
@@ -73,7 +86,7 @@ def perform(executor: Executor, call: Call, *, blocking: bool = False) -> Reply:
     except MustBlock:
         raise
     except Exception:  # noqa: BLE001 - a bug must not end the session
-        print(f"fsys-slave: internal error in {call.op.name}:", file=sys.stderr)
+        print(f"fsys-slave: internal error in {type(call.op).__name__}:", file=sys.stderr)
         traceback.print_exc()
         return Reply(call.pairing, call.request, -errno.EIO)
     return Reply(call.pairing, call.request, result, blob)
@@ -89,22 +102,29 @@ class SlaveSession:
         self._threads = 0
         self.error: RemoteProtocolError | None = None
 
-    def _start_threaded(self, nursery: trio.Nursery, call: Call) -> None:
+    def _start_threaded(self, nursery: trio.Nursery, call: Call, context: PairingContext) -> None:
         self._threads += 1  # counted now: the hot loop must yield for it to start
-        nursery.start_soon(self._threaded, call)
+        nursery.start_soon(self._threaded, call, context)
 
-    async def _threaded(self, call: Call) -> None:
+    async def _threaded(self, call: Call, context: PairingContext) -> None:
+        reply: Reply | None = None
+        scope = trio.CancelScope()
+        if context.closed:
+            scope.cancel()
+        context.waiting.add(scope)
         try:
-            # Abandoned, not waited for, when the session ends: a thread blocked on a
-            # FIFO must not keep the slave alive (it exits with its threads).
-            reply = await trio.to_thread.run_sync(
-                functools.partial(perform, self.executor, call, blocking=True),
-                limiter=self._limiter,
-                abandon_on_cancel=True,
-            )
+            # Abandoned, not waited for, when the session or the pairing ends: a thread
+            # blocked on a FIFO must not keep the slave alive (it exits with its threads).
+            with scope:
+                reply = await trio.to_thread.run_sync(
+                    functools.partial(perform, self.executor, call, blocking=True),
+                    limiter=self._limiter,
+                    abandon_on_cancel=True,
+                )
         finally:
             self._threads -= 1
-        if call.request:
+            context.waiting.discard(scope)
+        if reply is not None and call.request:
             try:
                 self.transport.write(self.conn.send(reply))
             except (LinkClosed, LocalProtocolError):
@@ -177,20 +197,24 @@ class SlaveSession:
             if event is CLOSED:
                 return False
             if isinstance(event, Call):
-                if executor.may_block(event):
-                    self._start_threaded(nursery, event)
+                context = self.pairings[event.pairing]
+                context.calls += 1
+                if executor.may_block(event.op):
+                    self._start_threaded(nursery, event, context)
                     continue
                 try:
                     reply = perform(executor, event)
                 except MustBlock:
-                    self._start_threaded(nursery, event)
+                    self._start_threaded(nursery, event, context)
                     continue
                 if event.request:
                     out += conn.send(reply)
             elif isinstance(event, OpenPairing):
                 self.pairings[event.pairing] = PairingContext(event.pairing, event.parent)
             elif isinstance(event, ClosePairing):
-                self.pairings.pop(event.pairing, None)
+                closed = self.pairings.pop(event.pairing, None)
+                if closed is not None:
+                    closed.close()  # its process is gone: nobody awaits its calls
             elif isinstance(event, Goodbye):
                 out += conn.send(Goodbye(b"bye"))
                 self.transport.write(out)

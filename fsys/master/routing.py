@@ -1,0 +1,189 @@
+"""Routing: which side performs a trapped call, and which handler, if any.
+
+A function of three things only — the call's row in the disposition table, the
+placeholder set, and the path policy (with the caller's working directory) — and
+decided synchronously, without the slave:
+
+- ``fd`` rows: each fd argument is looked up among the placeholders. None remote:
+  the call is continued natively, at once.
+- ``path`` rows: each path is read from the caller's memory and placed: an absolute
+  path by the path policy; a relative one by the side of its directory (the cwd, or
+  a dirfd that is or is not a placeholder). All on the master: continued at once.
+- ``hub`` rows: always handled by fmhub (cwd, umask, execve, exit).
+
+A call that involves the slave runs its handler (``fsys.master.calls``); a call with
+no handler is answered with the table's errno for it.
+"""
+
+from __future__ import annotations
+
+import errno
+from collections.abc import Callable, Generator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from fsys.errors import Errno
+from fsys.kmod.table import Disposition, PathArg, Syscall
+from fsys.linux import AT_EMPTY_PATH, AT_FDCWD
+from fsys.master.device import Notification
+from fsys.master.memory import TargetMemory
+from fsys.master.placeholders import Placeholders, RemoteFile
+from fsys.master.policy import Policy, normalize
+from fsys.master.processes import Process
+from fsys.protocol import MAX_PATH, Operation, Reply
+
+if TYPE_CHECKING:
+    from fsys.master.fmhub import Hub
+
+
+class Continue:
+    """A handler's answer: run the call natively."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "CONTINUE"
+
+
+CONTINUE = Continue()
+
+Outcome = int | Continue
+"""How a call ends: a result (>= 0), -errno, or CONTINUE."""
+Steps = Generator[Operation, Reply, Outcome]
+"""A handler that needs the slave: it yields each operation and is resumed with the
+successful reply (an errno reply is raised in it as Errno), then returns."""
+Handler = Callable[["Hub", "Trapped"], "Steps | Outcome"]
+
+
+@dataclass(slots=True)
+class Target:
+    """Where one path argument lives."""
+
+    remote: bool
+    dir: int = 0  # remote: the directory handle it is relative to (0: the root)
+    path: bytes = b""  # remote: the path sent to the slave
+    shown: bytes = b""  # as the program wrote it
+    null: bool = False  # the program passed NULL (utimensat's "this fd")
+
+
+@dataclass(eq=False, slots=True)
+class Trapped:
+    """One trapped call, as routed."""
+
+    notif: Notification
+    syscall: Syscall
+    process: Process
+    files: tuple[RemoteFile | None, ...] = ()
+    targets: tuple[Target, ...] = ()
+    answered: bool = False
+    side: str = "slave"
+    note: str = ""
+    start: int = 0
+
+    @property
+    def memory(self) -> TargetMemory:
+        return self.process.memory
+
+    @property
+    def tid(self) -> int:
+        return self.notif.tid
+
+    def arg(self, name: str) -> int:
+        """The argument the table names ``name``, as the raw 64-bit register."""
+        return self.notif.args[self.syscall.position(name)]
+
+    def arg_int(self, name: str) -> int:
+        """The argument ``name`` as a C int (fds, flags, modes)."""
+        return self.notif.arg_int(self.syscall.position(name))
+
+    def arg_long(self, name: str) -> int:
+        """The argument ``name`` as a C long (offsets, lengths), signed."""
+        return self.notif.arg_long(self.syscall.position(name))
+
+    def has(self, name: str) -> bool:
+        """Whether this call has an argument named ``name``."""
+        try:
+            self.syscall.position(name)
+        except KeyError:
+            return False
+        return True
+
+
+def _join(cwd: bytes, path: bytes) -> bytes:
+    return (cwd.rstrip(b"/") or b"") + b"/" + path
+
+
+class Router:
+    def __init__(
+        self, *, policy: Policy, placeholders: Placeholders, handlers: dict[str, Handler]
+    ) -> None:
+        self.policy = policy
+        self.placeholders = placeholders
+        self.handlers = handlers
+
+    def route(self, call: Trapped) -> Handler | int | None:
+        """None: continue natively; an int: answer it (-errno); else the handler to run.
+
+        Fills ``call.files`` and ``call.targets``. Raises Errno for an argument that
+        cannot be placed (a path fmhub cannot read, or too long once joined).
+        """
+        syscall = call.syscall
+        notif = call.notif
+        if syscall.fds:
+            lookup = self.placeholders.lookup
+            call.files = tuple(lookup(notif.tid, notif.arg_int(i)) for i in syscall.fds)
+        if syscall.paths:
+            call.targets = tuple(self._target(call, p) for p in syscall.paths)
+        remote = any(f is not None for f in call.files) or any(t.remote for t in call.targets)
+        if syscall.disposition is not Disposition.HUB and not remote:
+            call.side = "master"
+            return None
+        handler = self.handlers.get(syscall.name)
+        if handler is None:
+            assert syscall.errno is not None
+            call.side = "hub"
+            call.note = "not forwarded"
+            return -syscall.errno
+        return handler
+
+    def _target(self, call: Trapped, arg: PathArg) -> Target:
+        notif = call.notif
+        process = call.process
+        dirfd = AT_FDCWD if arg.dirfd is None else notif.arg_int(arg.dirfd)
+        addr = notif.args[arg.path]
+        flags = notif.arg_int(call.syscall.flags) if call.syscall.flags is not None else 0
+        null = addr == 0 and bool(flags & AT_EMPTY_PATH or call.syscall.name == "utimensat")
+        path = b"" if null else process.memory.read_cstring(addr)
+        if path.startswith(b"/"):
+            remote = not self.policy.is_local(normalize(path))
+            return Target(remote, 0, path, path)
+        if not path:
+            if not (null or flags & AT_EMPTY_PATH):
+                return Target(False, shown=path)  # the kernel answers ENOENT
+            if dirfd == AT_FDCWD:  # the current directory itself
+                if process.cwd_remote:
+                    return Target(True, 0, process.cwd, b"", null)
+                return Target(False, shown=path, null=null)
+            rf = self.placeholders.lookup(notif.tid, dirfd)
+            if rf is not None:
+                return Target(True, rf.handle, b"", b"", null)
+            return Target(False, shown=path, null=null)
+        if dirfd == AT_FDCWD:
+            if process.cwd_remote:
+                if path in process.staged_names:
+                    return Target(False, shown=path)  # an interpreter reading its wrapper
+                # Relative to a slave directory: resolved by the slave, wherever it leads.
+                joined = _join(process.cwd, path)
+                if len(joined) >= MAX_PATH:
+                    raise Errno(errno.ENAMETOOLONG)
+                return Target(True, 0, joined, path)
+            joined = _join(process.cwd, path)
+            if self.policy.is_local(normalize(joined)):
+                return Target(False, shown=path)
+            if len(joined) >= MAX_PATH:
+                raise Errno(errno.ENAMETOOLONG)
+            return Target(True, 0, joined, path)
+        rf = self.placeholders.lookup(notif.tid, dirfd)
+        if rf is None:
+            return Target(False, shown=path)  # relative to a master directory fd
+        return Target(True, rf.handle, path, path)
