@@ -24,6 +24,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from fsys.errors import FsysError
+
 
 class Side(enum.Enum):
     MASTER = "master"
@@ -45,7 +47,7 @@ DEFAULT_LOCAL: tuple[str, ...] = (
 FALLBACK = Rule(b"/", Side.SLAVE, "default: everything else is the slave's")
 
 
-class PolicyError(ValueError):
+class PolicyError(FsysError, ValueError):
     """A bad rule in a flag or a config file."""
 
 

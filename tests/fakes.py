@@ -1,0 +1,483 @@
+"""Fakes that drive fmhub in-process: a fake control device, fake target memory, a
+fake /proc, and a link that carries every operation through the real wire codec to a
+real executor confined to a temporary directory.
+
+``Rig`` is one session: ``rig.process()`` makes a fake program process, and
+``proc.call("openat", AT_FDCWD, path, O_RDONLY, 0)`` traps one call, routes it
+through the real Hub, router and handler, performs its operations on the real
+executor, and returns the answer as the program would see it: the result, -errno,
+or CONTINUE. Everything runs synchronously, in milliseconds.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+import struct
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import trio
+
+from fsys.errors import Errno, LinkClosed
+from fsys.kmod.table import load
+from fsys.master.calls import HANDLERS
+from fsys.master.device import Notification
+from fsys.master.fmhub import Hub
+from fsys.master.memory import TargetMemory
+from fsys.master.placeholders import Placeholders
+from fsys.master.policy import Policy
+from fsys.master.processes import Processes, ProcFS
+from fsys.master.routing import CONTINUE, Continue
+from fsys.master.staging import Stage
+from fsys.protocol import (
+    NEED_DATA,
+    Call,
+    Connection,
+    Event,
+    Hello,
+    Operation,
+    Reply,
+    Role,
+    _Sentinel,
+)
+from fsys.slave.executor import Executor
+from fsys.slave.fshub import perform
+
+TABLE = load()
+AT_FDCWD = -100
+BASE = 0x10_0000
+
+
+class FakeMemory(TargetMemory):
+    """A sparse address space: regions made with ``alloc``; anything else faults."""
+
+    def __init__(self, pid: int) -> None:
+        super().__init__(pid)
+        self.regions: dict[int, bytearray] = {}
+        self.readonly: set[int] = set()
+        self._next = BASE
+        self.opened = 1
+        self.rewritten: list[tuple[int, bytes]] = []
+
+    def alloc(self, data: bytes | int, *, readonly: bool = False) -> int:
+        """A new region holding ``data`` (or that many zero bytes); its address."""
+        content = bytearray(data)
+        addr = self._next
+        self._next += (len(content) + 0xFFF) // 0x1000 * 0x1000 + 0x1000  # a guard gap
+        self.regions[addr] = content
+        if readonly:
+            self.readonly.add(addr)
+        return addr
+
+    def cstring(self, text: bytes) -> int:
+        return self.alloc(text + b"\0")
+
+    def _region(self, addr: int, size: int) -> tuple[int, bytearray]:
+        for base, content in self.regions.items():
+            if base <= addr and addr + size <= base + len(content):
+                return base, content
+        raise Errno(errno.EFAULT)
+
+    def bytes_at(self, addr: int, size: int) -> bytes:
+        base, content = self._region(addr, size)
+        return bytes(content[addr - base : addr - base + size])
+
+    def _mem(self) -> int:  # never a real /proc/<pid>/mem
+        raise AssertionError("FakeMemory has no descriptor")
+
+    def forget(self) -> None:
+        pass
+
+    def read(self, addr: int, size: int) -> bytes:
+        if size == 0:
+            return b""
+        return self.bytes_at(addr, size)
+
+    def read_cstring(self, addr: int, limit: int = 4096) -> bytes:
+        if addr == 0:
+            raise Errno(errno.EFAULT)
+        for base, content in self.regions.items():
+            if base <= addr < base + len(content):
+                data = bytes(content[addr - base : addr - base + limit])
+                end = data.find(b"\0")
+                if end >= 0:
+                    return data[:end]
+                raise Errno(errno.ENAMETOOLONG if len(data) == limit else errno.EFAULT)
+        raise Errno(errno.EFAULT)
+
+    def write(self, addr: int, data: bytes | bytearray | memoryview) -> None:
+        if len(data) == 0:
+            return
+        base, content = self._region(addr, len(data))
+        if base in self.readonly:
+            raise Errno(errno.EFAULT)
+        content[addr - base : addr - base + len(data)] = data
+
+    def rewrite_byte(self, addr: int, value: bytes) -> None:
+        base, content = self._region(addr, 1)
+        content[addr - base] = value[0]
+        self.rewritten.append((addr, value))
+
+
+@dataclass
+class Task:
+    tgid: int
+    ppid: int
+    umask: int = 0o022
+    start: int = 1000
+    cwd: tuple[tuple[int, int], bytes] = ((1, 1), b"/")
+
+
+class FakeProc(ProcFS):
+    """A /proc of fake tasks; pidfds are numbers, exits are trio Events."""
+
+    def __init__(self) -> None:
+        self.tasks: dict[int, Task] = {}
+        self.fds: dict[int, dict[int, str]] = {}  # tgid -> fd -> what it names
+        self.mems: dict[int, FakeMemory] = {}
+        self.exited: dict[int, trio.Event] = {}
+        self.signals: list[tuple[int, int]] = []  # (pid, signum) delivered
+        self.arg_starts: dict[int, int] = {}
+        self.closed_pidfds: list[int] = []
+
+    def add(self, tid: int, tgid: int, ppid: int, **kw: object) -> Task:
+        task = Task(tgid, ppid, **kw)  # type: ignore[arg-type]
+        self.tasks[tid] = task
+        self.fds.setdefault(tgid, {})
+        self.exited.setdefault(tgid, trio.Event())
+        return task
+
+    def exit(self, tgid: int) -> None:
+        for tid in [t for t, task in self.tasks.items() if task.tgid == tgid]:
+            del self.tasks[tid]
+        self.exited[tgid].set()
+
+    def status(self, tid: int) -> tuple[int, int, int]:
+        task = self.tasks.get(tid)
+        if task is None:
+            raise FileNotFoundError(errno.ENOENT, "no such task")
+        return task.tgid, task.ppid, task.umask
+
+    def stat_field(self, pid: int, number: int) -> int:
+        raise AssertionError("use start_time or arg_start")
+
+    def start_time(self, pid: int) -> int:
+        task = self.tasks.get(pid)
+        return task.start if task is not None else -1
+
+    def arg_start(self, pid: int) -> int:
+        return self.arg_starts.get(pid, -1)
+
+    def children(self, pid: int) -> list[int] | None:
+        if pid not in self.tasks:
+            return None
+        return [t for t, task in self.tasks.items() if task.ppid == pid and t == task.tgid]
+
+    def cwd(self, tid: int) -> tuple[tuple[int, int], bytes] | None:
+        task = self.tasks.get(tid)
+        return task.cwd if task is not None else None
+
+    def fd_path(self, tid: int, fd: int) -> str | None:
+        task = self.tasks.get(tid)
+        if task is None:
+            return None
+        return self.fds[task.tgid].get(fd)
+
+    def memory(self, pid: int) -> FakeMemory:
+        return self.mems.setdefault(pid, FakeMemory(pid))
+
+    def pidfd(self, pid: int) -> int:
+        if pid not in self.tasks:
+            raise ProcessLookupError(pid)
+        return 10_000 + pid
+
+    def exists(self, pid: int) -> bool:
+        return pid in self.tasks
+
+    async def wait_exit(self, pidfd: int, pid: int) -> None:
+        await self.exited[pid].wait()
+
+    def send_signal(self, pidfd: int, signum: int) -> None:
+        self.signals.append((pidfd - 10_000, signum))
+
+    def close_fd(self, fd: int) -> None:
+        self.closed_pidfds.append(fd)
+
+
+class FakeListener:
+    """The control device's answers, recorded; ADDFD installs into the fake fd table."""
+
+    def __init__(self, procfs: FakeProc) -> None:
+        self.procfs = procfs
+        self.answers: dict[int, int | Continue] = {}
+        self.kept: dict[tuple[int, int], int] = {}  # (tgid, fd) -> our copy of the socket
+        self.callers: dict[int, int] = {}  # notification id -> tid
+        self.invalid: set[int] = set()
+        self.fd = -1
+
+    def _answer(self, nid: int, value: int | Continue) -> None:
+        assert nid not in self.answers, f"notification {nid} answered twice"
+        self.answers[nid] = value
+
+    def reply(self, nid: int, value: int) -> None:
+        self._answer(nid, value)
+
+    def continue_(self, nid: int) -> None:
+        self._answer(nid, CONTINUE)
+
+    def id_valid(self, nid: int) -> bool:
+        return nid not in self.invalid
+
+    def inject(self, nid: int, fd: int, *, cloexec: bool) -> int:
+        tid = self.callers[nid]
+        task = self.procfs.tasks.get(tid)
+        if task is None:
+            return -errno.ENOENT
+        table = self.procfs.fds[task.tgid]
+        number = next(n for n in range(len(table) + 1) if n not in table)
+        table[number] = f"socket:[{os.fstat(fd).st_ino}]"
+        self.kept[(task.tgid, number)] = os.dup(fd)  # the program's copy
+        self._answer(nid, number)
+        return number
+
+    def close_fd(self, tgid: int, number: int) -> None:
+        """The program closes its fd ``number`` (natively, as close(2) is not trapped)."""
+        del self.procfs.fds[tgid][number]
+        kept = self.kept.pop((tgid, number), None)
+        if kept is not None:
+            os.close(kept)
+
+    def close(self) -> None:
+        for kept in self.kept.values():
+            os.close(kept)
+        self.kept.clear()
+
+
+class WireLink:
+    """A link through the real codec, both directions, to a real executor.
+
+    Operations are queued and performed by ``pump`` (as the slave would, later), so
+    a handler is resumed from the "reader", not from inside its own yield.
+    """
+
+    def __init__(self, executor: Executor) -> None:
+        self.executor = executor
+        self.conn = Connection(Role.MASTER)
+        self.slave = Connection(Role.SLAVE)
+        self.slave.receive_data(self.conn.send(Hello()))
+        self.conn.receive_data(self.slave.send(Hello()))
+        assert self.slave.next_event() == Hello() and self.conn.next_event() == Hello()
+        self.pending: list[tuple[Call, Callable[[Reply | LinkClosed], None] | None]] = []
+        self.ops: list[Operation] = []  # every operation the slave performed, in order
+        self.events: list[Event] = []  # pairing events the slave received
+        self.calls = 0
+        self.alive = True
+        self.failure: str | None = None
+        self._request = 0
+        self.broken = False
+
+    @property
+    def waiting(self) -> bool:
+        return bool(self.pending)
+
+    def _deliver(self, events: list[Event]) -> list[Event]:
+        data = b"".join(self.conn.send(e) for e in events)
+        self.slave.receive_data(data)
+        out: list[Event] = []
+        while True:
+            event = self.slave.next_event()
+            if event is NEED_DATA:
+                return out
+            assert not isinstance(event, _Sentinel)
+            out.append(event)
+
+    def send(self, events: list[Event]) -> None:
+        if not self.alive:
+            raise LinkClosed("down")
+        self.events.extend(self._deliver(events))
+
+    def submit(
+        self,
+        pairing: int,
+        op: Operation,
+        on_reply: Callable[[Reply | LinkClosed], None],
+        prelude: Callable[[Connection], list[Event]] | None = None,
+    ) -> None:
+        if not self.alive:
+            on_reply(LinkClosed("down"))
+            return
+        self._request += 1
+        events: list[Event] = prelude(self.conn) if prelude is not None else []
+        events.append(Call(pairing, self._request, op))
+        self.calls += 1
+        for event in self._deliver(events):
+            if isinstance(event, Call):
+                self.pending.append((event, on_reply))
+            else:
+                self.events.append(event)
+
+    def post(self, pairing: int, op: Operation) -> None:
+        if self.alive:
+            for event in self._deliver([Call(pairing, 0, op)]):
+                assert isinstance(event, Call)
+                self.pending.append((event, None))
+
+    async def perform(self, pairing: int, op: Operation) -> Reply:
+        replies: list[Reply | LinkClosed] = []
+        self.submit(pairing, op, replies.append)
+        self.pump()
+        outcome = replies[0]
+        if isinstance(outcome, LinkClosed):
+            raise outcome
+        return outcome
+
+    def pump(self) -> None:
+        """Perform every queued operation, answering each through the codec."""
+        while self.pending:
+            call, on_reply = self.pending.pop(0)
+            self.ops.append(call.op)
+            if self.broken:
+                self.alive = False
+                if on_reply is not None:
+                    on_reply(LinkClosed("the slave went away"))
+                continue
+            reply = perform(self.executor, call, blocking=self.executor.may_block(call.op))
+            if on_reply is None:
+                continue
+            self.conn.receive_data(self.slave.send(reply))
+            echoed = self.conn.next_event()
+            assert isinstance(echoed, Reply)
+            on_reply(echoed)
+
+
+_STAT = struct.Struct("=QQQIIIxxxxQqqqqqqqqq24x")
+
+
+@dataclass
+class Stat:
+    """The fields of the x86_64 struct stat the tests look at."""
+
+    dev: int
+    ino: int
+    nlink: int
+    mode: int
+    uid: int
+    gid: int
+    size: int
+
+    @classmethod
+    def parse(cls, raw: bytes) -> Stat:
+        dev, ino, nlink, mode, uid, gid, _rdev, size, *_ = _STAT.unpack(raw)
+        return cls(dev, ino, nlink, mode, uid, gid, size)
+
+
+@dataclass
+class FakeProcess:
+    rig: Rig
+    tid: int
+    tgid: int
+
+    @property
+    def mem(self) -> FakeMemory:
+        return self.rig.procfs.memory(self.tgid)
+
+    @property
+    def fds(self) -> dict[int, str]:
+        return self.rig.procfs.fds[self.tgid]
+
+    def call(self, name: str, *args: int | bytes) -> int | Continue:
+        """Trap ``name(*args)`` from this process; bytes arguments become C strings."""
+        values = [self.mem.cstring(a) if isinstance(a, bytes) else a for a in args]
+        return self.rig.call(self.tid, name, *values)
+
+    def close(self, fd: int) -> None:
+        self.rig.listener.close_fd(self.tgid, fd)
+
+    def fork(self, tid: int) -> FakeProcess:
+        """A child forked now (it makes no trapped call until asked)."""
+        task = self.rig.procfs.tasks[self.tid]
+        self.rig.procfs.add(tid, tid, self.tgid, umask=task.umask, cwd=task.cwd)
+        self.rig.procfs.fds[tid] = dict(self.fds)
+        for number in self.fds:
+            kept = self.rig.listener.kept.get((self.tgid, number))
+            if kept is not None:
+                self.rig.listener.kept[(tid, number)] = os.dup(kept)
+        return FakeProcess(self.rig, tid, tid)
+
+    def thread(self, tid: int) -> FakeProcess:
+        task = self.rig.procfs.tasks[self.tid]
+        self.rig.procfs.add(tid, self.tgid, task.ppid, umask=task.umask, cwd=task.cwd)
+        return FakeProcess(self.rig, tid, self.tgid)
+
+    def stat_at(self, addr: int) -> Stat:
+        return Stat.parse(self.mem.bytes_at(addr, _STAT.size))
+
+
+@dataclass
+class Rig:
+    """One in-process session: the real Hub, router, handlers and process model over
+    fakes of the kernel's side, and a real executor confined to ``box``."""
+
+    box: Path
+    procfs: FakeProc = field(default_factory=FakeProc)
+    policy: Policy = field(default_factory=Policy.build)
+    stage: Stage | None = None
+
+    def __post_init__(self) -> None:
+        # The slave runs with umask 0: the master applies the program's (fsys-slave's
+        # serve_fds does the same).
+        self._umask = os.umask(0)
+        self.executor = Executor(str(self.box))
+        self.link = WireLink(self.executor)
+        self.listener = FakeListener(self.procfs)
+        self.processes = Processes(self.procfs)
+        self.placeholders = Placeholders(self.procfs.fd_path)
+        self.hub = Hub(
+            listener=self.listener,  # type: ignore[arg-type]
+            link=self.link,  # type: ignore[arg-type]
+            policy=self.policy,
+            table=TABLE,
+            handlers=HANDLERS,
+            stage=self.stage,
+            processes=self.processes,
+            placeholders=self.placeholders,
+        )
+        self._nid = 0
+
+    def close(self) -> None:
+        self.listener.close()
+        self.placeholders.close()
+        self.executor.close()
+        os.umask(self._umask)
+
+    def process(self, pid: int = 100, *, ppid: int = 1, umask: int = 0o022) -> FakeProcess:
+        self.procfs.add(pid, pid, ppid, umask=umask)
+        return FakeProcess(self, pid, pid)
+
+    def call(self, tid: int, name: str, *args: int) -> int | Continue:
+        syscall = TABLE[name]
+        self._nid += 1
+        nid = self._nid
+        self.listener.callers[nid] = tid
+        regs = tuple(a & 0xFFFFFFFFFFFFFFFF for a in (*args, *[0] * (6 - len(args))))
+        self.hub.route(Notification(nid, tid, syscall.nr, regs))
+        self.link.pump()
+        self.placeholders.reap(self.hub.release)  # as fmhub's loop does while it idles
+        self.link.pump()
+        return self.listener.answers.get(nid, NO_ANSWER)
+
+
+class _NoAnswer(int):
+    def __repr__(self) -> str:
+        return "NO_ANSWER"
+
+
+NO_ANSWER = _NoAnswer(-(1 << 40))
+"""What Rig.call returns when the hub answered nothing (the caller died)."""
+
+
+def socketpair_inode(sock: socket.socket) -> int:
+    return os.fstat(sock.fileno()).st_ino
