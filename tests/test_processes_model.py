@@ -1,0 +1,301 @@
+"""The process model against a fake /proc: inheritance at fork, sealing, chdir
+read-back, exec, exits, and the pairings' task tree."""
+
+from __future__ import annotations
+
+import errno
+import signal
+
+import pytest
+import trio
+import trio.testing
+
+from fsys.errors import Errno
+from fsys.master.processes import Inherited, Process, Processes
+from tests.fakes import FakeProc
+
+SLAVE_DATA = Inherited(b"/data", True, False)
+
+
+def model(*, initial: Inherited = SLAVE_DATA) -> tuple[FakeProc, Processes, list[Process]]:
+    procfs = FakeProc()
+    exited: list[Process] = []
+    processes = Processes(procfs, on_exit=exited.append)
+    processes.initial = initial
+    return procfs, processes, exited
+
+
+def test_the_first_process_starts_in_the_initial_state() -> None:
+    procfs, processes, _ = model()
+    procfs.add(10, 10, 1, umask=0o027)
+    p = processes.for_tid(10)
+    assert (p.tgid, p.id, p.parent, p.umask) == (10, 1, None, 0o027)
+    assert p.inheritable() == SLAVE_DATA
+    assert processes.for_tid(10) is p
+    assert len(processes) == 1 and list(processes) == [p]
+
+
+def test_a_gone_task_is_esrch() -> None:
+    _, processes, _ = model()
+    with pytest.raises(Errno) as caught:
+        processes.for_tid(77)
+    assert caught.value.errno == errno.ESRCH
+
+
+def test_a_thread_joins_its_process() -> None:
+    procfs, processes, _ = model()
+    procfs.add(10, 10, 1)
+    procfs.add(11, 10, 1)
+    p = processes.for_tid(10)
+    assert processes.for_tid(11) is p
+    assert p.tids == {10, 11}
+    processes.thread_exit(11)
+    assert p.tids == {10} and 11 not in processes.by_tid
+    processes.thread_exit(11)  # twice is harmless
+
+
+def test_a_child_forked_before_a_chdir_keeps_the_old_directory() -> None:
+    procfs, processes, _ = model()
+    procfs.add(10, 10, 1)
+    parent = processes.for_tid(10)
+    procfs.add(20, 20, 10, start=555)  # forked, no call yet
+    processes.chdir_remote(parent, b"/data/sub")
+    procfs.add(21, 21, 10)  # forked after the chdir
+    early, late = processes.for_tid(20), processes.for_tid(21)
+    assert early.cwd == b"/data" and late.cwd == b"/data/sub"
+    assert early.parent is parent and late.parent is parent
+    assert 20 not in processes.births  # a record is used once
+
+
+def test_a_reused_pid_does_not_take_an_old_record() -> None:
+    procfs, processes, _ = model()
+    procfs.add(10, 10, 1)
+    parent = processes.for_tid(10)
+    procfs.add(20, 20, 10, start=555)
+    processes.chdir_remote(parent, b"/data/sub")  # seals 20 with /data
+    procfs.exit(20)
+    procfs.add(20, 20, 10, start=999)  # another process got pid 20 after the chdir
+    assert processes.for_tid(20).cwd == b"/data/sub"
+
+
+def test_sealing_again_keeps_the_state_at_fork() -> None:
+    procfs, processes, _ = model()
+    procfs.add(10, 10, 1)
+    parent = processes.for_tid(10)
+    procfs.add(20, 20, 10, start=5)
+    processes.chdir_remote(parent, b"/data/a")
+    processes.chdir_remote(parent, b"/data/b")  # 20 is sealed already: still /data
+    assert processes.for_tid(20).cwd == b"/data"
+
+
+def test_an_orphan_finds_its_record_after_its_parent_exited() -> None:
+    procfs, processes, exited = model()
+    procfs.add(10, 10, 1)
+    parent = processes.for_tid(10)
+    processes.chdir_remote(parent, b"/data/x")
+    procfs.add(20, 20, 10, start=5)
+    processes.exit_group(parent)  # seals 20 with /data/x
+    processes._exited(parent)
+    assert exited == [parent] and parent.closed
+    procfs.tasks[20].ppid = 1  # reparented to init
+    orphan = processes.for_tid(20)
+    assert orphan.cwd == b"/data/x" and orphan.parent is None
+
+
+def test_a_grandchild_inherits_through_a_silent_parent() -> None:
+    procfs, processes, _ = model()
+    procfs.add(10, 10, 1)
+    top = processes.for_tid(10)
+    processes.chdir_remote(top, b"/data/t")
+    procfs.add(20, 20, 10)  # never makes a call
+    procfs.add(30, 30, 20)
+    assert processes.for_tid(30).cwd == b"/data/t"
+
+
+def test_a_master_chdir_is_adopted_once_the_kernel_moved() -> None:
+    procfs, processes, _ = model()
+    procfs.add(10, 10, 1, cwd=((1, 1), b"/"))
+    p = processes.for_tid(10)
+    processes.chdir_master(p, 10, b"/usr/lib")
+    assert p.pending_cwd is not None and p.cwd == b"/usr/lib" and not p.cwd_remote
+    procfs.tasks[10].cwd = ((8, 9), b"/usr/lib64")  # as the kernel resolved it
+    processes.on_call(p, 10)
+    assert p.pending_cwd is None and p.inheritable() == Inherited(b"/usr/lib64", False, False)
+
+
+def test_a_refused_master_chdir_restores_the_previous_state() -> None:
+    procfs, processes, _ = model()
+    procfs.add(10, 10, 1, cwd=((1, 1), b"/stage"))
+    procfs.add(11, 10, 1, cwd=((1, 1), b"/stage"))
+    p = processes.for_tid(10)
+    processes.chdir_master(p, 10, b"/usr/nope")
+    processes.on_call(p, 11)  # another thread: its chdir may not have run yet
+    assert p.pending_cwd is not None
+    processes.on_call(p, 10)  # the caller itself, unmoved: the kernel refused
+    assert p.pending_cwd is None and p.inheritable() == SLAVE_DATA
+
+
+def test_a_child_of_a_pending_chdir_settles_it_first() -> None:
+    procfs, processes, _ = model()
+    procfs.add(10, 10, 1, cwd=((1, 1), b"/"))
+    p = processes.for_tid(10)
+    processes.chdir_master(p, 10, b"/usr")
+    procfs.tasks[10].cwd = ((3, 4), b"/usr")
+    procfs.add(20, 20, 10)
+    assert processes.for_tid(20).inheritable() == Inherited(b"/usr", False, False)
+
+
+def test_a_master_chdir_of_a_vanished_thread_changes_nothing() -> None:
+    procfs, processes, _ = model()
+    procfs.add(10, 10, 1)
+    p = processes.for_tid(10)
+    del procfs.tasks[10]
+    processes.chdir_master(p, 10, b"/usr")
+    assert p.pending_cwd is None and p.inheritable() == SLAVE_DATA
+
+
+def test_exec_forgets_the_other_threads_and_restores_argv0() -> None:
+    procfs, processes, _ = model()
+    procfs.add(10, 10, 1)
+    procfs.add(11, 10, 1)
+    p = processes.for_tid(10)
+    processes.for_tid(11)
+    p.staged_names = frozenset({b".x"})
+    processes.exec_started(p)
+    assert p.staged_names == frozenset()
+    name = procfs.memory(10).cstring(b".data/tool")
+    procfs.arg_starts[10] = 0x1000
+    processes.exec_continued(p, staged_names=frozenset({b".w"}), argv0_fix=(name, 0x1000))
+    assert p.exec_pending and p.staged_names == frozenset({b".w"})
+    processes.on_call(p, 11)  # not the leader: nothing yet
+    assert p.exec_pending
+    new_arg = procfs.memory(10).alloc(b"xdata/tool\0")
+    procfs.arg_starts[10] = new_arg
+    processes.on_call(p, 10)
+    assert not p.exec_pending and p.tids == {10} and p.argv0_fix is None
+    assert procfs.memory(10).bytes_at(new_arg, 2) == b"/d"
+
+
+def test_a_failed_exec_restores_the_callers_own_string() -> None:
+    procfs, processes, _ = model()
+    procfs.add(10, 10, 1)
+    p = processes.for_tid(10)
+    mem = procfs.memory(10)
+    name = mem.cstring(b".data/tool")
+    procfs.arg_starts[10] = 0x1000
+    processes.exec_continued(p, argv0_fix=(name, 0x1000))
+    processes.on_call(p, 10)  # same arg_start: the old image goes on
+    assert mem.bytes_at(name, 2) == b"/d" and mem.rewritten == [(name, b"/")]
+
+
+def test_umask_keeps_the_permission_bits() -> None:
+    procfs, processes, _ = model()
+    procfs.add(10, 10, 1)
+    p = processes.for_tid(10)
+    processes.set_umask(p, 0o7077)
+    assert p.umask == 0o077
+
+
+def test_old_birth_records_are_pruned() -> None:
+    procfs, processes, _ = model()
+    procfs.add(10, 10, 1)
+    p = processes.for_tid(10)
+    processes.births = {1000 + i: (SLAVE_DATA, 7) for i in range(4097)}  # all long gone
+    procfs.add(20, 20, 10, start=3)
+    processes.seal(p)
+    assert processes.births == {20: (SLAVE_DATA, 3)}
+
+
+# --- the task tree ------------------------------------------------------------------
+
+
+async def test_each_pairing_is_a_task_in_its_parents_nursery() -> None:
+    procfs, processes, exited = model()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(processes.serve)
+        procfs.add(10, 10, 1)
+        parent = processes.for_tid(10)
+        procfs.add(20, 20, 10)
+        child = processes.for_tid(20)
+        await trio.testing.wait_all_tasks_blocked()
+        assert parent.nursery is not None and child.nursery is not None
+        serving = [t.name for t in parent.nursery.child_tasks]
+        assert any("_serve_process" in name for name in serving)  # the child's task
+        assert parent.pidfd == 10_010 and child.pidfd == 10_020
+        procfs.exit(20)
+        await trio.testing.wait_all_tasks_blocked()
+        assert exited == [child] and child.closed and 10_020 in procfs.closed_pidfds
+        assert 20 not in processes.by_tgid
+        procfs.exit(10)
+        await trio.testing.wait_all_tasks_blocked()
+        assert exited == [child, parent]
+        nursery.cancel_scope.cancel()
+
+
+async def test_an_orphan_is_adopted_and_lives_on() -> None:
+    procfs, processes, exited = model()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(processes.serve)
+        procfs.add(10, 10, 1)
+        parent = processes.for_tid(10)
+        procfs.add(20, 20, 10)
+        child = processes.for_tid(20)
+        await trio.testing.wait_all_tasks_blocked()
+        procfs.exit(10)
+        await trio.testing.wait_all_tasks_blocked()
+        assert exited == [parent] and child.parent is None and not child.closed
+        procfs.add(30, 30, 20)  # the orphan forks: its child's task joins its nursery
+        grandchild = processes.for_tid(30)
+        await trio.testing.wait_all_tasks_blocked()
+        assert grandchild.parent is child and grandchild.pidfd == 10_030
+        procfs.exit(20)
+        procfs.exit(30)
+        await trio.testing.wait_all_tasks_blocked()
+        assert set(map(id, exited)) == {id(parent), id(child), id(grandchild)}
+        nursery.cancel_scope.cancel()
+
+
+async def test_cancelling_a_pairing_ends_its_subtree() -> None:
+    procfs, processes, exited = model()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(processes.serve)
+        procfs.add(10, 10, 1)
+        procfs.add(20, 20, 10)
+        procfs.add(30, 30, 1)
+        parent, child, other = (processes.for_tid(t) for t in (10, 20, 30))
+        await trio.testing.wait_all_tasks_blocked()
+        processes.cancel(parent)
+        await trio.testing.wait_all_tasks_blocked()
+        assert parent.closed and child.closed and not other.closed
+        assert {id(p) for p in exited} == {id(parent), id(child)}
+        nursery.cancel_scope.cancel()
+    assert other.closed  # the session's end ends every pairing
+
+
+async def test_signals_are_delivered_through_the_pidfd() -> None:
+    procfs, processes, _ = model()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(processes.serve)
+        procfs.add(10, 10, 1)
+        p = processes.for_tid(10)
+        assert not p.signal_nowait(signal.SIGTERM)  # its task has not started yet
+        await trio.testing.wait_all_tasks_blocked()
+        assert p.signal_nowait(signal.SIGTERM) and p.signal_nowait(signal.SIGHUP)
+        await trio.testing.wait_all_tasks_blocked()
+        assert procfs.signals == [(10, signal.SIGTERM), (10, signal.SIGHUP)]
+        procfs.exit(10)
+        await trio.testing.wait_all_tasks_blocked()
+        assert not p.signal_nowait(signal.SIGTERM)  # gone: nothing is queued
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_process_gone_before_its_task_ran_is_closed() -> None:
+    procfs, processes, exited = model()
+    procfs.add(10, 10, 1)
+    p = processes.for_tid(10)  # no nursery yet: it waits for the session's
+    procfs.exit(10)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(processes.serve)
+        await trio.testing.wait_all_tasks_blocked()
+        assert exited == [p] and p.closed
+        nursery.cancel_scope.cancel()

@@ -1,0 +1,187 @@
+"""Routing: where each path and fd argument lives, decided from the table, the
+placeholders and the policy alone (no slave)."""
+
+from __future__ import annotations
+
+import errno
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from fsys.errors import Errno
+from fsys.kmod.table import load
+from fsys.linux import AT_EMPTY_PATH, AT_SYMLINK_NOFOLLOW
+from fsys.master.calls import HANDLERS, sys_stat
+from fsys.master.device import Notification
+from fsys.master.processes import Inherited
+from fsys.master.routing import Router, Target, Trapped
+from tests.fakes import AT_FDCWD, FakeProcess, Rig
+
+TABLE = load()
+
+
+@pytest.fixture
+def rig(tmp_path: Path) -> Iterator[Rig]:
+    rig = Rig(tmp_path)
+    yield rig
+    rig.close()
+
+
+def routed(rig: Rig, p: FakeProcess, name: str, *args: int | bytes) -> tuple[object, Trapped]:
+    values = [p.mem.cstring(a) if isinstance(a, bytes) else a for a in args]
+    regs = tuple(v & (2**64 - 1) for v in (*values, *[0] * (6 - len(values))))
+    syscall = TABLE[name]
+    process = rig.processes.for_tid(p.tid)
+    call = Trapped(Notification(1, p.tid, syscall.nr, regs), syscall, process)
+    return rig.hub.router.route(call), call
+
+
+def placeholder(rig: Rig, p: FakeProcess, fd: int, handle: int, kind: int = 0o040000) -> None:
+    app_end, _ = rig.placeholders.create(handle, kind)
+    p.fds[fd] = f"socket:[{os.fstat(app_end.fileno()).st_ino}]"
+    rig.listener.kept[(p.tgid, fd)] = app_end.detach()
+
+
+def test_absolute_paths_follow_the_policy(rig: Rig) -> None:
+    p = rig.process()
+    decision, call = routed(rig, p, "stat", b"/usr/lib/x", 0)
+    assert decision is None and call.side == "master"
+    assert call.targets == (Target(False, 0, b"/usr/lib/x", b"/usr/lib/x"),)
+    decision, call = routed(rig, p, "stat", b"/home/u/x", 0)
+    assert decision is sys_stat
+    assert call.targets == (Target(True, 0, b"/home/u/x", b"/home/u/x"),)
+    decision, call = routed(rig, p, "stat", b"/usr/../home/x", 0)  # normalized for the policy
+    assert decision is sys_stat
+
+
+def test_relative_paths_follow_the_cwd(rig: Rig) -> None:
+    rig.processes.initial = Inherited(b"/home/u", True, False)
+    p = rig.process()
+    decision, call = routed(rig, p, "stat", b"src/a.c", 0)
+    assert decision is sys_stat
+    assert call.targets == (Target(True, 0, b"/home/u/src/a.c", b"src/a.c"),)
+    rig.processes.initial = Inherited(b"/usr", False, False)
+    q = rig.process(200)
+    decision, call = routed(rig, q, "stat", b"lib/x", 0)
+    assert decision is None and call.targets[0].remote is False
+    decision, call = routed(rig, q, "stat", b"../home/x", 0)
+    assert decision is sys_stat and call.targets[0].path == b"/usr/../home/x"
+
+
+def test_the_root_as_cwd_joins_without_a_double_slash(rig: Rig) -> None:
+    rig.processes.initial = Inherited(b"/", True, False)
+    p = rig.process()
+    _, call = routed(rig, p, "stat", b"x", 0)
+    assert call.targets[0].path == b"/x"
+
+
+def test_a_dirfd_placeholder_makes_the_path_relative_to_its_handle(rig: Rig) -> None:
+    p = rig.process()
+    placeholder(rig, p, 5, handle=42)
+    decision, call = routed(rig, p, "newfstatat", 5, b"a/b", 0, 0)
+    assert decision is sys_stat
+    assert call.targets == (Target(True, 42, b"a/b", b"a/b"),)
+    p.fds[6] = "/usr"  # a master directory
+    decision, call = routed(rig, p, "newfstatat", 6, b"a/b", 0, 0)
+    assert decision is None
+    decision, call = routed(rig, p, "newfstatat", 6, b"/home/x", 0, 0)  # absolute wins
+    assert decision is sys_stat and call.targets[0].dir == 0
+
+
+def test_an_empty_path_names_the_dirfd_or_the_cwd(rig: Rig) -> None:
+    rig.processes.initial = Inherited(b"/home/u", True, False)
+    p = rig.process()
+    placeholder(rig, p, 5, handle=42)
+    _, call = routed(rig, p, "newfstatat", 5, b"", 0, AT_EMPTY_PATH)
+    assert call.targets == (Target(True, 42, b"", b"", False),)
+    _, call = routed(rig, p, "newfstatat", AT_FDCWD, b"", 0, AT_EMPTY_PATH)
+    assert call.targets == (Target(True, 0, b"/home/u", b"", False),)
+    decision, call = routed(rig, p, "newfstatat", AT_FDCWD, b"", 0, AT_SYMLINK_NOFOLLOW)
+    assert decision is None  # no AT_EMPTY_PATH: the kernel's ENOENT
+    p.fds[6] = "/usr"
+    decision, call = routed(rig, p, "newfstatat", 6, b"", 0, AT_EMPTY_PATH)
+    assert decision is None
+
+
+def test_utimensat_with_a_null_path_names_its_fd(rig: Rig) -> None:
+    p = rig.process()
+    placeholder(rig, p, 5, handle=42, kind=0o100000)
+    decision, call = routed(rig, p, "utimensat", 5, 0, 0, 0)
+    assert decision is HANDLERS["utimensat"]
+    assert call.targets == (Target(True, 42, b"", b"", True),)
+    rig.processes.initial = Inherited(b"/usr", False, False)
+    q = rig.process(200)
+    decision, call = routed(rig, q, "utimensat", AT_FDCWD, 0, 0, 0)
+    assert decision is None and call.targets[0].null
+
+
+def test_a_null_path_is_not_read(rig: Rig) -> None:
+    p = rig.process()
+    with pytest.raises(Errno) as caught:
+        routed(rig, p, "newfstatat", AT_FDCWD, 0, 0, 0)  # NULL without AT_EMPTY_PATH
+    assert caught.value.errno == errno.EFAULT
+
+
+def test_fd_calls_look_up_each_fd(rig: Rig) -> None:
+    p = rig.process()
+    placeholder(rig, p, 3, handle=7, kind=0o100000)
+    p.fds[4] = "pipe:[99]"
+    decision, call = routed(rig, p, "copy_file_range", 3, 0, 4, 0, 10, 0)
+    assert decision is HANDLERS["copy_file_range"]
+    assert [f.handle if f else None for f in call.files] == [7, None]
+    decision, call = routed(rig, p, "copy_file_range", 4, 0, 4, 0, 10, 0)
+    assert decision is None and call.files == (None, None)
+    decision, call = routed(rig, p, "read", -1, 0, 0)
+    assert decision is None
+
+
+def test_hub_calls_always_run_their_handler(rig: Rig) -> None:
+    p = rig.process()
+    decision, _ = routed(rig, p, "umask", 0o22)
+    assert decision is HANDLERS["umask"]
+    decision, _ = routed(rig, p, "exit_group", 0)
+    assert decision is HANDLERS["exit_group"]
+
+
+def test_a_remote_call_without_a_handler_gets_the_tables_errno(rig: Rig) -> None:
+    p = rig.process()
+    placeholder(rig, p, 3, handle=7, kind=0o100000)
+    decision, call = routed(rig, p, "connect", 3, 0, 0)
+    assert decision == -errno.ENOTSOCK
+    assert (call.side, call.note) == ("hub", "not forwarded")
+
+
+def test_staged_names_are_the_masters(rig: Rig) -> None:
+    rig.processes.initial = Inherited(b"/home/u", True, True)
+    p = rig.process()
+    rig.processes.for_tid(p.tid).staged_names = frozenset({b".home/u/run"})
+    decision, _ = routed(rig, p, "openat", AT_FDCWD, b".home/u/run", 0, 0)
+    assert decision is None
+    decision, _ = routed(rig, p, "openat", AT_FDCWD, b".home/u/other", 0, 0)
+    assert decision is HANDLERS["openat"]
+
+
+def test_a_joined_path_too_long_is_enametoolong(rig: Rig) -> None:
+    rig.processes.initial = Inherited(b"/home/" + b"d" * 100, True, False)
+    p = rig.process()
+    with pytest.raises(Errno) as caught:
+        routed(rig, p, "stat", b"x" * 4000, 0)
+    assert caught.value.errno == errno.ENAMETOOLONG
+    rig.processes.initial = Inherited(b"/usr", False, False)
+    q = rig.process(200)
+    with pytest.raises(Errno):
+        routed(rig, q, "stat", b"../" + b"x" * 4090, 0)
+    decision, _ = routed(rig, q, "stat", b"x" * 4000, 0)  # stays on the master: its limit
+    assert decision is None
+
+
+def test_router_needs_only_policy_placeholders_and_handlers(rig: Rig) -> None:
+    router = Router(policy=rig.policy, placeholders=rig.placeholders, handlers={})
+    p = rig.process()
+    syscall = TABLE["stat"]
+    process = rig.processes.for_tid(p.tid)
+    regs = (p.mem.cstring(b"/home/x"), 0, 0, 0, 0, 0)
+    call = Trapped(Notification(1, p.tid, syscall.nr, regs), syscall, process)
+    assert router.route(call) == -errno.EIO  # no handler: the table's errno for stat
