@@ -39,7 +39,7 @@ from fsys.kmod.table import Table
 from fsys.master.device import Listener, Notification
 from fsys.master.link import SlaveLink
 from fsys.master.placeholders import Placeholders, RemoteFile
-from fsys.master.policy import Policy, normalize
+from fsys.master.policy import Policy
 from fsys.master.processes import Inherited, Process, Processes
 from fsys.master.routing import CONTINUE, Continue, Handler, Outcome, Router, Steps, Trapped
 from fsys.master.staging import Stage
@@ -359,7 +359,7 @@ class Hub:
         ``staged``: the launcher started it in the stage directory (see staging.py).
         """
         path = os.fsencode(cwd)
-        if self.policy.is_local(normalize(path)):
+        if self.policy.is_local(path):
             self.processes.initial = Inherited(path, False, False)
             return
         reply = await self.link.perform(0, Chdir(dir=0, path=path))

@@ -91,7 +91,7 @@ class Placeholders:
 
     def lookup(self, tid: int, fd: int) -> RemoteFile | None:
         """The remote file behind the program's ``fd`` in thread ``tid``, if any."""
-        if fd < 0:
+        if fd < 0 or not self.by_inode:  # no placeholder: no fd can be one (no /proc)
             return None
         target = self._fd_path(tid, fd)
         if target is None or not target.startswith(_SOCKET_PREFIX):

@@ -139,12 +139,13 @@ class Policy:
         return best[1] if best is not None else FALLBACK
 
     def is_local(self, path: bytes) -> bool:
-        """True if ``path`` (absolute, normalised) is the master's."""
+        """True if the absolute ``path`` is the master's. It is normalised here, only
+        when it is not among the recent answers (every path call asks)."""
         cached = self._cache.get(path)
         if cached is None:
             if len(self._cache) >= self.CACHE_SIZE:
                 self._cache.clear()
-            cached = self._cache[path] = self.rule_for(path).side is Side.MASTER
+            cached = self._cache[path] = self.rule_for(normalize(path)).side is Side.MASTER
         return cached
 
 

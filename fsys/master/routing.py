@@ -28,7 +28,7 @@ from fsys.linux import AT_EMPTY_PATH, AT_FDCWD
 from fsys.master.device import Notification
 from fsys.master.memory import TargetMemory
 from fsys.master.placeholders import Placeholders, RemoteFile
-from fsys.master.policy import Policy, normalize
+from fsys.master.policy import Policy
 from fsys.master.processes import Process
 from fsys.protocol import MAX_PATH, Operation, Reply
 
@@ -155,7 +155,7 @@ class Router:
         null = addr == 0 and bool(flags & AT_EMPTY_PATH or call.syscall.name == "utimensat")
         path = b"" if null else process.memory.read_cstring(addr)
         if path.startswith(b"/"):
-            remote = not self.policy.is_local(normalize(path))
+            remote = not self.policy.is_local(path)
             return Target(remote, 0, path, path)
         if not path:
             if not (null or flags & AT_EMPTY_PATH):
@@ -178,7 +178,7 @@ class Router:
                     raise Errno(errno.ENAMETOOLONG)
                 return Target(True, 0, joined, path)
             joined = _join(process.cwd, path)
-            if self.policy.is_local(normalize(joined)):
+            if self.policy.is_local(joined):
                 return Target(False, shown=path)
             if len(joined) >= MAX_PATH:
                 raise Errno(errno.ENAMETOOLONG)
