@@ -52,6 +52,17 @@ def test_filter_action_matches_the_table(syscall: object) -> None:
         assert action == abi.SECCOMP_RET_ERRNO | syscall.errno
     elif syscall.native_if is None:
         assert action == abi.SECCOMP_RET_USER_NOTIF
+    else:  # trapped unless its argument matches the condition
+        cond = syscall.native_if
+        native, trapped = [0] * 6, [0] * 6
+        if cond.mask is not None:
+            native[cond.arg] = cond.mask & -cond.mask  # one of the mask's bits
+            trapped[cond.arg] = ~cond.mask & 0xFFFFFFFF
+        else:
+            native[cond.arg] = cond.values[-1]
+            trapped[cond.arg] = max(cond.values) + 1
+        assert bpf.evaluate(PROGRAM, syscall.nr, native) == abi.SECCOMP_RET_ALLOW
+        assert bpf.evaluate(PROGRAM, syscall.nr, trapped) == abi.SECCOMP_RET_USER_NOTIF
 
 
 def test_conditional_traps() -> None:
