@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import struct
+from pathlib import Path
 
 import pytest
 from hypothesis import given
@@ -313,3 +314,12 @@ def test_fields_cross_by_name() -> None:
     event = one_event(slave, master.send(Call(0, 3, op)))
     assert isinstance(event, Call) and isinstance(event.op, Write)
     assert (event.op.handle, event.op.offset, event.op.rwf, event.op.data) == (7, -1, 16, b"xy")
+
+
+def test_docs_protocol_md_declares_every_record_as_the_code_does() -> None:
+    doc = (Path(__file__).parent.parent / "docs" / "protocol.md").read_text()
+    for spec in SPECS.values():
+        fields = spec.record._fields
+        ints, blobs = " ".join(fields[: spec.nints]), " ".join(fields[spec.nints :])
+        row = f"| {int(spec.op)} {spec.op.name} | `{spec.record.__name__}` | {ints} | {blobs} |"
+        assert row in doc, row
