@@ -114,6 +114,11 @@ class Hub:
                     break
             nursery.cancel_scope.cancel()
 
+    def close(self) -> None:
+        """Release what fmhub holds: placeholder peers, memory descriptors. Idempotent."""
+        self.placeholders.close()
+        self.processes.close()
+
     def statistics(self) -> dict[str, int]:
         """Counters of the session: calls trapped, forwarded (or answered by fmhub),
         processes seen, remote files open now, operations sent to the slave."""

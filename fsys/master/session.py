@@ -92,6 +92,8 @@ async def _session(plan: Plan) -> int:
             print(f"fsys-master: the slave did not start: {reason}"
                   + (f" (slave {ended})" if ended else ""), file=sys.stderr)  # fmt: skip
             nursery.cancel_scope.cancel()
+            hub.close()
+            listener.close()
             transport.close()
             return SESSION_FAILED
 
@@ -119,6 +121,7 @@ async def _session(plan: Plan) -> int:
         nursery.cancel_scope.cancel()
     if tracer is not None:
         tracer.summary(hub.statistics())
+    hub.close()
     listener.close()
     transport.close()
     return SESSION_FAILED if link.failure is not None else status
