@@ -480,7 +480,7 @@ def _times(call: Trapped, addr: int, kind: str) -> tuple[int, int, int, int]:
 def sys_utimens(hub: Hub, call: Trapped) -> Steps:
     target = call.targets[0]
     asec, ansec, msec, mnsec = _times(call, call.arg("times"), _TIMES_LAYOUT[call.syscall.name])
-    flags = _flags(call) if call.syscall.name == "utimensat" else 0
+    flags = _flags(call)
     if flags & ~(AT_SYMLINK_NOFOLLOW | AT_EMPTY_PATH):
         raise Errno(errno.EINVAL)
     if target.null:
