@@ -4,14 +4,19 @@ read-back, exec, exits, and the pairings' task tree."""
 from __future__ import annotations
 
 import errno
+import os
 import signal
+import subprocess
+import threading
+from pathlib import Path
 
 import pytest
 import trio
 import trio.testing
 
 from fsys.errors import Errno
-from fsys.master.processes import Inherited, Process, Processes
+from fsys.master.memory import TargetMemory
+from fsys.master.processes import Inherited, Process, Processes, ProcFS
 from tests.fakes import FakeProc
 
 SLAVE_DATA = Inherited(b"/data", True, False)
@@ -299,3 +304,81 @@ async def test_a_process_gone_before_its_task_ran_is_closed() -> None:
         await trio.testing.wait_all_tasks_blocked()
         assert exited == [p] and p.closed
         nursery.cancel_scope.cancel()
+
+
+# --- the real /proc ---------------------------------------------------------------
+
+
+def test_procfs_reads_the_kernels_view_of_this_process(tmp_path: Path) -> None:
+    procfs = ProcFS()
+    pid = os.getpid()
+    umask = os.umask(0o027)
+    try:
+        assert procfs.status(pid) == (pid, os.getppid(), 0o027)
+    finally:
+        os.umask(umask)
+    assert procfs.start_time(pid) > 0 and procfs.start_time(pid) == procfs.start_time(pid)
+    assert procfs.arg_start(pid) > 0x1000
+    st = os.stat(os.getcwd())
+    assert procfs.cwd(pid) == ((st.st_dev, st.st_ino), os.fsencode(os.getcwd()))
+    with open(tmp_path / "f", "w") as f:
+        assert procfs.fd_path(pid, f.fileno()) == str(tmp_path / "f")
+    assert procfs.fd_path(pid, 99999) is None
+    assert procfs.exists(pid) and isinstance(procfs.memory(pid), TargetMemory)
+
+
+def test_procfs_on_a_task_that_is_gone() -> None:
+    procfs = ProcFS()
+    child = subprocess.Popen(["true"])
+    child.wait()
+    with pytest.raises(OSError):
+        procfs.status(child.pid)
+    assert procfs.start_time(child.pid) == -1 and procfs.arg_start(child.pid) == -1
+    assert procfs.children(child.pid) is None and procfs.cwd(child.pid) is None
+    assert not procfs.exists(child.pid)
+    with pytest.raises(ProcessLookupError):
+        procfs.pidfd(child.pid)
+
+
+def test_procfs_sees_threads_and_children() -> None:
+    procfs = ProcFS()
+    child = subprocess.Popen(["sleep", "30"])
+    try:
+        assert child.pid in (procfs.children(os.getpid()) or [])
+        tids: list[int] = []
+        started, done = threading.Event(), threading.Event()
+
+        def run() -> None:
+            tids.append(threading.get_native_id())
+            started.set()
+            done.wait(10)
+
+        thread = threading.Thread(target=run)
+        thread.start()
+        started.wait(10)
+        try:
+            tgid, _, _ = procfs.status(tids[0])
+            assert tids[0] != os.getpid() and tgid == os.getpid()
+        finally:
+            done.set()
+            thread.join()
+    finally:
+        child.kill()
+        child.wait()
+
+
+async def test_procfs_waits_and_signals_through_a_pidfd() -> None:
+    procfs = ProcFS()
+    child = subprocess.Popen(["sleep", "30"])
+    pidfd = procfs.pidfd(child.pid)
+    try:
+        procfs.send_signal(pidfd, signal.SIGTERM)
+        with trio.fail_after(10):
+            await procfs.wait_exit(pidfd, child.pid)
+        assert child.wait() == -signal.SIGTERM
+    finally:
+        procfs.close_fd(pidfd)
+    with pytest.raises(OSError):
+        os.fstat(pidfd)  # closed
+    with trio.fail_after(10):
+        await procfs.wait_exit(-1, child.pid)  # gone already: returns at once
