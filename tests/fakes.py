@@ -278,6 +278,7 @@ class WireLink:
         self.failure: str | None = None
         self._request = 0
         self.broken = False
+        self.on_perform: Callable[[Operation], None] | None = None  # before each op
 
     @property
     def waiting(self) -> bool:
@@ -339,6 +340,8 @@ class WireLink:
         while self.pending:
             call, on_reply = self.pending.pop(0)
             self.ops.append(call.op)
+            if self.on_perform is not None:
+                self.on_perform(call.op)
             if self.broken:
                 self.alive = False
                 if on_reply is not None:

@@ -17,9 +17,10 @@ import pytest
 
 from fsys import linux
 from fsys import protocol as wire
+from fsys.master.calls import HANDLERS
 from fsys.master.routing import CONTINUE
 from fsys.master.staging import Stage
-from tests.fakes import AT_FDCWD, FakeProcess, Rig
+from tests.fakes import AT_FDCWD, NO_ANSWER, FakeMemory, FakeProcess, Rig
 
 O_RDONLY, O_WRONLY, O_RDWR = os.O_RDONLY, os.O_WRONLY, os.O_RDWR
 O_CREAT, O_TRUNC, O_APPEND = os.O_CREAT, os.O_TRUNC, os.O_APPEND
@@ -69,11 +70,15 @@ def test_a_master_path_is_continued_without_the_slave(rig: Rig, proc: FakeProces
 
 
 def test_a_master_fd_is_continued(rig: Rig, proc: FakeProcess) -> None:
+    remote = open_(proc, b"/data/f")  # a placeholder exists: each fd is looked up
     proc.fds[3] = "/usr/bin/true"
+    proc.fds[4] = "socket:[1]"  # a socket, but not one of ours
     buf = proc.mem.alloc(8)
+    count = len(rig.link.ops)
     assert proc.call("read", 3, buf, 8) is CONTINUE
-    assert proc.call("fstat", 3, buf) is CONTINUE
-    assert rig.link.ops == []
+    assert proc.call("fstat", 4, buf) is CONTINUE
+    assert len(rig.link.ops) == count
+    assert proc.call("read", remote, buf, 8) == 8
 
 
 def test_a_call_with_no_handler_gets_the_tables_errno(rig: Rig, proc: FakeProcess) -> None:
@@ -222,6 +227,7 @@ def test_readv_checks_its_vector(rig: Rig, proc: FakeProcess) -> None:
     iov, _ = iovecs(proc, 2)
     assert proc.call("readv", fd, iov, 1025) == -errno.EINVAL
     assert proc.call("readv", fd, iov, -1) == -errno.EINVAL
+    assert proc.call("readv", fd, iov, (1 << 32) + 1) == 2  # an unsigned int: 1 iovec
     huge = proc.mem.alloc(IOVEC.pack(0x1000, 1 << 63))
     assert proc.call("readv", fd, huge, 1) == -errno.EINVAL
     assert proc.call("readv", fd, 0xBAD000, 1) == -errno.EFAULT
@@ -800,8 +806,7 @@ def test_exec_of_a_slave_file_stages_it(box: Path, tmp_path: Path) -> None:
         assert p.mem.bytes_at(name, 10) == b".data/tool"  # made relative to the stage
         process = rig.processes.by_tgid[p.tgid]
         assert process.argv0_fix == (name, 0x5000) and process.exec_pending
-        rig.procfs.arg_starts[p.tgid] = 0x6000  # a new image
-        new_argv0 = p.mem.alloc(16)
+        new_argv0 = p.mem.alloc(16)  # a new image: its argument strings moved
         rig.procfs.arg_starts[p.tgid] = new_argv0
         assert p.call("getcwd", p.mem.alloc(64), 64) == 2  # its first call settles it
         assert p.mem.bytes_at(new_argv0, 1) == b"/"
@@ -870,3 +875,62 @@ def test_each_process_is_announced_once_with_its_parent(rig: Rig, proc: FakeProc
     parent_id = rig.processes.by_tgid[proc.tgid].id
     child_id = rig.processes.by_tgid[child.tgid].id
     assert opened == [wire.OpenPairing(parent_id, 0), wire.OpenPairing(child_id, parent_id)]
+
+
+def test_a_caller_whose_pid_may_have_been_reused_is_not_answered(
+    rig: Rig, proc: FakeProcess
+) -> None:
+    proc.mem.opened = 2  # as if reading the path had (re)opened /proc/<pid>/mem
+    path, buf = proc.mem.cstring(b"/data/f"), proc.mem.alloc(144)
+    memory = proc.mem
+
+    def reopening(addr: int, limit: int = 4096) -> bytes:
+        memory.opened += 1
+        return FakeMemory.read_cstring(memory, addr, limit)
+
+    memory.read_cstring = reopening  # type: ignore[method-assign]
+    rig.listener.invalid.add(rig._nid + 1)  # ... and the caller died meanwhile
+    assert rig.call(proc.tid, "stat", path, buf) == NO_ANSWER
+    assert rig.link.ops == []  # nothing acted on what was read
+    assert rig.call(proc.tid, "stat", path, buf) == 0  # a valid caller is served
+
+
+def test_a_caller_that_dies_mid_call_gets_no_more_work(rig: Rig, proc: FakeProcess) -> None:
+    (rig.box / "data" / "tool").write_bytes(b"#!/bin/sh\n")
+    (rig.box / "data" / "tool").chmod(0o755)
+    process = rig.processes.for_tid(proc.tid)
+
+    def dies(op: wire.Operation) -> None:
+        if isinstance(op, wire.Stat):
+            rig.processes._exited(process)
+
+    rig.link.on_perform = dies
+    assert proc.call("execve", b"/data/tool", proc.mem.alloc(16), 0) == -errno.ESRCH
+    assert [type(op) for op in rig.link.ops] == [wire.Stat]  # its Access never went out
+
+
+def test_every_handler_finds_every_argument_it_reads_by_name(
+    rig: Rig, proc: FakeProcess, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Each registered call, with a remote fd and a remote path for its fd and path
+    arguments: a name a handler reads that the call's signature lacks would end in an
+    internal error."""
+    for name in sorted(HANDLERS):
+        syscall = rig.hub.table[name]
+        (rig.box / "data" / "f").write_bytes(b"0123456789")  # unlink, rename... remove it
+        fd = open_(proc, b"/data/f")
+        args: list[int | bytes] = [0] * len(syscall.params)
+        for i in syscall.fds:
+            args[i] = fd
+        for p in syscall.paths:
+            args[p.path] = b"/data/f"
+            if p.dirfd is not None:
+                args[p.dirfd] = AT_FDCWD
+        for i, param in enumerate(syscall.params):
+            if param.kind.value == "ptr" and not args[i]:
+                args[i] = proc.mem.alloc(256)
+        if name in ("exit", "exit_group"):
+            continue
+        answer = proc.call(name, *args)
+        assert answer != NO_ANSWER, name
+        assert "internal error" not in capsys.readouterr().err, name

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import socket
 from collections.abc import AsyncIterator
@@ -13,7 +14,17 @@ import trio
 from fsys.errors import LinkClosed, RemoteProtocolError
 from fsys.iostream import FdTransport
 from fsys.master.link import SlaveLink
-from fsys.protocol import HEADER, Access, Hello, Open, Reply, Stat, encode
+from fsys.protocol import (
+    HEADER,
+    Access,
+    ClosePairing,
+    Hello,
+    Open,
+    OpenPairing,
+    Reply,
+    Stat,
+    encode,
+)
 from fsys.slave.fshub import serve_transport
 
 
@@ -87,6 +98,35 @@ async def test_a_blocking_open_does_not_stall_other_calls(link: SlaveLink, tmp_p
         writer = await trio.to_thread.run_sync(os.open, tmp_path / "fifo", os.O_WRONLY)
         os.close(writer)
     assert fifo_reply[0].result > 0
+
+
+async def test_a_closed_pairings_waiting_call_is_answered_and_undone(
+    link: SlaveLink, tmp_path: Path
+) -> None:
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    link.send([OpenPairing(1)])
+    outcome: list[Reply | LinkClosed] = []
+    link.submit(1, Open(dir=0, flags=os.O_RDONLY, mode=0, resolve=0, path=b"/fifo"),
+                outcome.append)  # fmt: skip
+    await trio.sleep(0.2)  # it waits in a worker thread for a writer
+    assert outcome == []
+    link.send([ClosePairing(1)])  # its process is gone
+    with trio.fail_after(5):
+        while not outcome:
+            await trio.sleep(0.01)
+    assert isinstance(outcome[0], Reply) and outcome[0].result == -errno.EINTR
+    # The abandoned open completes once a writer comes; the handle it made is closed:
+    # no reader is left, so a non-blocking writer is refused.
+    os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+    with trio.fail_after(5):
+        while True:
+            await trio.sleep(0.02)
+            try:
+                os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+            except OSError as exc:
+                assert exc.errno == errno.ENXIO
+                break
 
 
 async def test_slave_death_fails_every_pending_call(tmp_path: Path) -> None:

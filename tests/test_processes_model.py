@@ -170,7 +170,7 @@ def test_exec_forgets_the_other_threads_and_restores_argv0() -> None:
     assert p.staged_names == frozenset()
     name = procfs.memory(10).cstring(b".data/tool")
     procfs.arg_starts[10] = 0x1000
-    processes.exec_continued(p, staged_names=frozenset({b".w"}), argv0_fix=(name, 0x1000))
+    processes.exec_staged(p, staged_names=frozenset({b".w"}), argv0_fix=(name, 0x1000))
     assert p.exec_pending and p.staged_names == frozenset({b".w"})
     processes.on_call(p, 11)  # not the leader: nothing yet
     assert p.exec_pending
@@ -188,7 +188,7 @@ def test_a_failed_exec_restores_the_callers_own_string() -> None:
     mem = procfs.memory(10)
     name = mem.cstring(b".data/tool")
     procfs.arg_starts[10] = 0x1000
-    processes.exec_continued(p, argv0_fix=(name, 0x1000))
+    processes.exec_staged(p, staged_names=frozenset(), argv0_fix=(name, 0x1000))
     processes.on_call(p, 10)  # same arg_start: the old image goes on
     assert mem.bytes_at(name, 2) == b"/d" and mem.rewritten == [(name, b"/")]
 
@@ -382,3 +382,22 @@ async def test_procfs_waits_and_signals_through_a_pidfd() -> None:
         os.fstat(pidfd)  # closed
     with trio.fail_after(10):
         await procfs.wait_exit(-1, child.pid)  # gone already: returns at once
+
+
+async def test_children_waiting_for_a_parent_gone_before_its_task_ran_are_served() -> None:
+    procfs, processes, exited = model()
+    procfs.add(10, 10, 1)
+    parent = processes.for_tid(10)
+    procfs.add(20, 20, 10)
+    child = processes.for_tid(20)  # its parent's task has not run: it waits on it
+    assert parent.early == [child]
+    procfs.exit(10)  # the parent is gone before its task opens its pidfd
+    async with trio.open_nursery() as nursery:
+        await nursery.start(processes.serve)
+        await trio.testing.wait_all_tasks_blocked()
+        assert exited == [parent] and child.parent is None
+        assert child.pidfd == 10_020 and not child.closed  # served from the session
+        procfs.exit(20)
+        await trio.testing.wait_all_tasks_blocked()
+        assert exited == [parent, child] and 20 not in processes.by_tgid
+        nursery.cancel_scope.cancel()

@@ -216,7 +216,8 @@ def _transfer(call: Trapped) -> tuple[list[tuple[int, int]], int | None, int]:
     """(buffers, offset or None for the file position, RWF_* flags) of a read or
     write of any of the five forms: read, pread64, readv, preadv, preadv2."""
     if call.has("iov"):
-        iovs = _iovecs(call, call.arg("iov"), call.arg("iovcnt"))
+        # The kernel takes the count as an unsigned int (import_iovec's nr_segs).
+        iovs = _iovecs(call, call.arg("iov"), call.arg("iovcnt") & 0xFFFFFFFF)
     else:
         iovs = [(call.arg("buf"), call.arg("count"))]
     if not call.has("offset"):
@@ -791,7 +792,7 @@ def sys_execve(hub: Hub, call: Trapped) -> Steps:
             # The name is argv[0] too (shells and execvp pass one string): the new
             # image gets its "/" back at its first call (Processes.on_call).
             fix = (name_at, hub.processes.procfs.arg_start(process.tgid))
-    hub.processes.exec_continued(process, staged_names=names, argv0_fix=fix)
+    hub.processes.exec_staged(process, staged_names=names, argv0_fix=fix)
     call.side = "master"
     call.note = f"staged as {os.fsdecode(staged)}"
     return CONTINUE

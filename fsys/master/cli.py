@@ -227,7 +227,7 @@ def cmd_run(args: argparse.Namespace, *, nofile: tuple[int, int] | None = None) 
         trace = open(args.trace_file, "w") if args.trace_file else sys.stderr  # noqa: SIM115
     if slave is None:
         try:
-            slave = Slave(None)  # embedded: forked now that its code is loaded
+            slave = Slave(None)  # embedded: forked now that trio is loaded
         except OSError as exc:
             print(f"fsys-master: cannot start the slave: {exc}", file=sys.stderr)
             return SESSION_FAILED

@@ -76,7 +76,7 @@ class Hub:
         stage: Stage | None = None,
         processes: Processes | None = None,
         placeholders: Placeholders | None = None,
-        spin_us: int = DEFAULT_SPIN_US,
+        spin_us: float = DEFAULT_SPIN_US,
     ) -> None:
         self.listener = listener
         self.stage = stage

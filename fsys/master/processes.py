@@ -313,11 +313,15 @@ class Processes:
         for other in self.by_tgid.values():
             if other.parent is process:
                 other.parent = None  # adopted by the session, as init adopts orphans
+        early, process.early = process.early, []
+        for child in early:  # its task never ran: the session's nursery takes them
+            self._spawn(child)
         if self.on_exit is not None:
             self.on_exit(process)
 
     def cancel(self, process: Process) -> None:
-        """End ``process``'s pairing and those of its whole subtree."""
+        """End ``process``'s pairing and those of its whole subtree (the processes whose
+        tasks its task started, orphans it left included)."""
         process.scope.cancel()
 
     # --- finding a caller's process -----------------------------------------------------
@@ -462,19 +466,24 @@ class Processes:
         """``process`` calls execve: the names of its staged wrapper no longer apply."""
         process.staged_names = frozenset()
 
-    def exec_continued(
+    def exec_continued(self, process: Process) -> None:
+        """An execve of ``process`` is continued: if it succeeds, a new image and a new
+        address space."""
+        process.memory.forget()
+        process.exec_pending = True
+
+    def exec_staged(
         self,
         process: Process,
         *,
-        staged_names: frozenset[bytes] = frozenset(),
-        argv0_fix: tuple[int, int] | None = None,
+        staged_names: frozenset[bytes],
+        argv0_fix: tuple[int, int] | None,
     ) -> None:
-        """An execve of ``process`` is continued: if it succeeds, a new image and a new
-        address space; staging may have rewritten argv[0] (``argv0_fix``)."""
+        """An execve of a staged copy is continued: the interpreter of a staged wrapper
+        reads it by ``staged_names``; ``argv0_fix``: argv[0]'s "/" to put back."""
         process.staged_names = staged_names
         process.argv0_fix = argv0_fix
-        process.memory.forget()
-        process.exec_pending = True
+        self.exec_continued(process)
 
     def _after_exec(self, process: Process) -> None:
         """The first call of the new image (from the leader): the other threads are

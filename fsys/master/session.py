@@ -52,8 +52,20 @@ async def _relay_signals(launched: Launched, hub: Hub) -> None:
             except ProcessLookupError:
                 pass
             for process in hub.processes:
-                if process.tgid != launched.pid:
-                    process.signal_nowait(signum)  # delivered through its own pidfd
+                if process.tgid == launched.pid or process.signal_nowait(signum):
+                    continue  # queued: delivered through its own pidfd
+                try:  # its task has not started yet, or it has no pidfd
+                    os.kill(process.tgid, signum)
+                except ProcessLookupError:
+                    pass
+
+
+def _spin_us() -> float:
+    """FSYS_SPIN_US: how long fmhub spins for a reply (docs/design.md), in µs."""
+    try:
+        return max(0.0, float(os.environ.get("FSYS_SPIN_US", DEFAULT_SPIN_US)))
+    except ValueError:
+        return DEFAULT_SPIN_US
 
 
 @dataclass(frozen=True)
@@ -78,7 +90,7 @@ async def _session(plan: Plan) -> int:
     tracer = Tracer(plan.trace, all=plan.trace_all) if plan.trace is not None else None
     hub = Hub(listener=listener, link=link, policy=plan.policy, table=load(),
               handlers=HANDLERS, tracer=tracer, stage=plan.stage,
-              spin_us=int(os.environ.get("FSYS_SPIN_US", DEFAULT_SPIN_US)))  # fmt: skip
+              spin_us=_spin_us())  # fmt: skip
     async with trio.open_nursery() as nursery:
         await nursery.start(link.serve)
         try:

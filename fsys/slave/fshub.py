@@ -15,11 +15,11 @@ GOODBYE and on stderr; the executor then closes every handle the session opened.
 from __future__ import annotations
 
 import errno
-import functools
 import os
 import select
 import struct
 import sys
+import threading
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -36,6 +36,7 @@ from fsys.protocol import (
     Connection,
     Goodbye,
     Hello,
+    Open,
     OpenPairing,
     Reply,
     Role,
@@ -92,6 +93,18 @@ def perform(executor: Executor, call: Call, *, blocking: bool = False) -> Reply:
     return Reply(call.pairing, call.request, result, blob)
 
 
+class _Shared:
+    """A worker thread's reply, and whether the trio side has abandoned it: whichever
+    side learns second that both happened undoes the call's effect."""
+
+    __slots__ = ("abandoned", "lock", "reply")
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.reply: Reply | None = None
+        self.abandoned = False
+
+
 class SlaveSession:
     def __init__(self, transport: FdTransport, executor: Executor) -> None:
         self.transport = transport
@@ -107,6 +120,17 @@ class SlaveSession:
         nursery.start_soon(self._threaded, call, context)
 
     async def _threaded(self, call: Call, context: PairingContext) -> None:
+        shared = _Shared()
+
+        def work() -> Reply:
+            reply = perform(self.executor, call, blocking=True)
+            with shared.lock:
+                shared.reply = reply
+                abandoned = shared.abandoned
+            if abandoned:
+                self._undo(call, reply)
+            return reply
+
         reply: Reply | None = None
         scope = trio.CancelScope()
         if context.closed:
@@ -117,18 +141,29 @@ class SlaveSession:
             # blocked on a FIFO must not keep the slave alive (it exits with its threads).
             with scope:
                 reply = await trio.to_thread.run_sync(
-                    functools.partial(perform, self.executor, call, blocking=True),
-                    limiter=self._limiter,
-                    abandon_on_cancel=True,
+                    work, limiter=self._limiter, abandon_on_cancel=True
                 )
         finally:
             self._threads -= 1
             context.waiting.discard(scope)
-        if reply is not None and call.request:
+        if reply is None:  # abandoned: its process is gone
+            with shared.lock:
+                shared.abandoned = True
+                late = shared.reply
+            if late is not None:  # it finished just as it was abandoned
+                self._undo(call, late)
+            # Every call is answered once (link.py); nobody waits for this one now.
+            reply = Reply(call.pairing, call.request, -errno.EINTR)
+        if call.request:
             try:
                 self.transport.write(self.conn.send(reply))
             except (LinkClosed, LocalProtocolError):
                 pass  # the master is gone, or has said goodbye: the session is over
+
+    def _undo(self, call: Call, reply: Reply) -> None:
+        """An abandoned call succeeded after all: release what it made (a handle)."""
+        if isinstance(call.op, Open) and reply.result > 0:
+            self.executor.op_close_handle(reply.result)
 
     async def serve(self) -> None:
         """Serve until the master says goodbye, goes away, or breaks the protocol."""
