@@ -142,6 +142,7 @@ class FakeProc(ProcFS):
         self.signals: list[tuple[int, int]] = []  # (pid, signum) delivered
         self.arg_starts: dict[int, int] = {}
         self.closed_pidfds: list[int] = []
+        self.status_reads = 0
 
     def add(self, tid: int, tgid: int, ppid: int, **kw: object) -> Task:
         task = Task(tgid, ppid, **kw)  # type: ignore[arg-type]
@@ -156,6 +157,7 @@ class FakeProc(ProcFS):
         self.exited[tgid].set()
 
     def status(self, tid: int) -> tuple[int, int, int]:
+        self.status_reads += 1
         task = self.tasks.get(tid)
         if task is None:
             raise FileNotFoundError(errno.ENOENT, "no such task")
@@ -214,6 +216,7 @@ class FakeListener:
         self.procfs = procfs
         self.answers: dict[int, int | Continue] = {}
         self.kept: dict[tuple[int, int], int] = {}  # (tgid, fd) -> our copy of the socket
+        self.cloexec: dict[tuple[int, int], bool] = {}  # (tgid, fd) -> O_CLOEXEC
         self.callers: dict[int, int] = {}  # notification id -> tid
         self.invalid: set[int] = set()
         self.fd = -1
@@ -240,6 +243,7 @@ class FakeListener:
         number = next(n for n in range(len(table) + 1) if n not in table)
         table[number] = f"socket:[{os.fstat(fd).st_ino}]"
         self.kept[(task.tgid, number)] = os.dup(fd)  # the program's copy
+        self.cloexec[(task.tgid, number)] = cloexec
         self._answer(nid, number)
         return number
 

@@ -934,3 +934,98 @@ def test_every_handler_finds_every_argument_it_reads_by_name(
         answer = proc.call(name, *args)
         assert answer != NO_ANSWER, name
         assert "internal error" not in capsys.readouterr().err, name
+
+
+def test_cloexec_reaches_the_injected_fd(rig: Rig, proc: FakeProcess) -> None:
+    plain = open_(proc, b"/data/f")
+    closing = open_(proc, b"/data/f", O_RDONLY | os.O_CLOEXEC)
+    assert rig.listener.cloexec[(proc.tgid, plain)] is False
+    assert rig.listener.cloexec[(proc.tgid, closing)] is True
+
+
+@pytest.mark.parametrize(
+    ("nsec", "valid"),
+    [(0, True), (999_999_999, True), (1_000_000_000, False), (-1, False),
+     (linux.UTIME_NOW, True), (linux.UTIME_OMIT, True), (linux.UTIME_OMIT - 1, False)],
+)  # fmt: skip
+def test_utimensat_checks_each_nanosecond_field(
+    rig: Rig, proc: FakeProcess, nsec: int, valid: bool
+) -> None:
+    for times in ((5, nsec, 6, 0), (5, 0, 6, nsec)):
+        addr = proc.mem.alloc(struct.pack("=qqqq", *times))
+        answer = proc.call("utimensat", AT_FDCWD, b"/data/f", addr, 0)
+        assert answer == (0 if valid else -errno.EINVAL), times
+        if valid:
+            op = rig.link.ops[-1]
+            assert isinstance(op, wire.Utimens)
+            assert (op.asec, op.ansec, op.msec, op.mnsec) == times
+
+
+@pytest.mark.parametrize(
+    ("usec", "valid"), [(0, True), (999_999, True), (1_000_000, False), (-1, False)]
+)
+def test_utimes_checks_each_microsecond_field(
+    rig: Rig, proc: FakeProcess, usec: int, valid: bool
+) -> None:
+    for times in ((5, usec, 6, 0), (5, 0, 6, usec)):
+        addr = proc.mem.alloc(struct.pack("=qqqq", *times))
+        assert proc.call("utimes", b"/data/f", addr) == (0 if valid else -errno.EINVAL)
+        if valid:
+            op = rig.link.ops[-1]
+            assert isinstance(op, wire.Utimens)
+            assert (op.asec, op.ansec, op.msec, op.mnsec) == (
+                5,
+                times[1] * 1000,
+                6,
+                times[3] * 1000,
+            )
+
+
+def test_null_times_mean_now_and_utimbuf_has_no_fraction(rig: Rig, proc: FakeProcess) -> None:
+    assert proc.call("utimes", b"/data/f", 0) == 0
+    assert rig.link.ops[-1] == wire.Utimens(
+        dir=0, flags=0, asec=0, ansec=linux.UTIME_NOW, msec=0, mnsec=linux.UTIME_NOW,
+        path=b"/data/f",
+    )  # fmt: skip
+    assert proc.call("utime", b"/data/f", proc.mem.alloc(struct.pack("=qq", 7, 8))) == 0
+    assert rig.link.ops[-1] == wire.Utimens(
+        dir=0, flags=0, asec=7, ansec=0, msec=8, mnsec=0, path=b"/data/f"
+    )
+
+
+def test_iovec_limits(rig: Rig, proc: FakeProcess) -> None:
+    fd = open_(proc, b"/data/f")
+    one = proc.mem.alloc(4)
+    assert proc.call("readv", fd, proc.mem.alloc(16), 0) == 0  # no vector at all
+    full = proc.mem.alloc(IOVEC.pack(one, 0) * 1023 + IOVEC.pack(one, 4))
+    assert proc.call("preadv", fd, full, 1024, 0, 0) == 4  # UIO_MAXIOV pieces are fine
+    big = (1 << 63) - 1
+    assert proc.call("preadv", fd, proc.mem.alloc(IOVEC.pack(one, big)), 1, 0, 0) == -errno.EFAULT
+    over = proc.mem.alloc(IOVEC.pack(one, 1 << 63))
+    assert proc.call("preadv", fd, over, 1, 0, 0) == -errno.EINVAL
+    halves = proc.mem.alloc(IOVEC.pack(one, 4) + IOVEC.pack(one, (1 << 63) - 5))
+    assert proc.call("preadv", fd, halves, 2, 6, 0) == 4  # the sum just fits
+    too_much = proc.mem.alloc(IOVEC.pack(one, 4) + IOVEC.pack(one, (1 << 63) - 4))
+    assert proc.call("preadv", fd, too_much, 2, 6, 0) == -errno.EINVAL
+
+
+def test_statx_passes_only_the_flags_it_knows(rig: Rig, proc: FakeProcess) -> None:
+    buf = proc.mem.alloc(256)
+    known = linux.AT_SYMLINK_NOFOLLOW | linux.AT_NO_AUTOMOUNT | 0x2000  # FORCE_SYNC
+    assert proc.call("statx", AT_FDCWD, b"/data/f", known | 0x1 | 0x200, 0x7FF, buf) == 0
+    op = rig.link.ops[-1]
+    assert isinstance(op, wire.Stat) and op.flags == known
+
+
+def test_a_short_statx_from_the_slave_is_eio(rig: Rig, proc: FakeProcess) -> None:
+    original = rig.executor.execute
+
+    def hostile(op: wire.Operation) -> tuple[int, bytes]:
+        if isinstance(op, wire.Stat):
+            return 0, original(op)[1][:200]
+        return original(op)
+
+    rig.executor.execute = hostile  # type: ignore[method-assign]
+    buf = proc.mem.alloc(256)
+    assert proc.call("statx", AT_FDCWD, b"/data/f", 0, 0x7FF, buf) == -errno.EIO
+    assert proc.mem.bytes_at(buf, 256) == bytes(256)

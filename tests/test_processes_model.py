@@ -401,3 +401,46 @@ async def test_children_waiting_for_a_parent_gone_before_its_task_ran_are_served
         await trio.testing.wait_all_tasks_blocked()
         assert exited == [parent, child] and 20 not in processes.by_tgid
         nursery.cancel_scope.cancel()
+
+
+def test_a_threads_later_calls_do_not_read_proc() -> None:
+    procfs, processes, _ = model()
+    procfs.add(10, 10, 1)
+    procfs.add(11, 10, 1)
+    p = processes.for_tid(10)
+    assert processes.for_tid(11) is p
+    reads = procfs.status_reads
+    for tid in (10, 11, 10, 11):
+        assert processes.for_tid(tid) is p
+    assert procfs.status_reads == reads
+    assert processes.by_tid[11] is p and processes.by_tid[10] is p
+
+
+def test_a_closed_process_is_not_returned_for_its_tids() -> None:
+    procfs, processes, _ = model()
+    procfs.add(10, 10, 1)
+    old = processes.for_tid(10)
+    old.closed = True  # it exited; its pid is reused by a new process
+    procfs.tasks[10].start = 2000
+    new = processes.for_tid(10)
+    assert new is not old and new.id == 2 and processes.by_tgid[10] is new
+
+
+def test_an_ancestors_record_serves_each_descendant() -> None:
+    procfs, processes, _ = model()
+    procfs.add(10, 10, 1)
+    top = processes.for_tid(10)
+    procfs.add(20, 20, 10, start=5)  # forked, silent
+    processes.chdir_remote(top, b"/data/new")  # 20 is sealed with /data
+    procfs.add(30, 30, 20)  # 20's child, forked before 20 changed anything
+    assert processes.for_tid(30).cwd == b"/data"  # through 20's record, kept
+    assert processes.for_tid(20).cwd == b"/data"  # 20 still finds its own
+
+
+def test_a_parent_chain_that_cannot_be_read_gives_the_initial_state() -> None:
+    procfs, processes, _ = model()
+    procfs.add(30, 30, 20)  # its parent 20 is not in /proc any more
+    assert processes.for_tid(30).inheritable() == SLAVE_DATA
+    procfs.add(40, 40, 1)
+    assert processes.for_tid(40).inheritable() == SLAVE_DATA
+    assert processes.for_tid(40).parent is None

@@ -185,3 +185,60 @@ def test_router_needs_only_policy_placeholders_and_handlers(rig: Rig) -> None:
     regs = (p.mem.cstring(b"/home/x"), 0, 0, 0, 0, 0)
     call = Trapped(Notification(1, p.tid, syscall.nr, regs), syscall, process)
     assert router.route(call) == -errno.EIO  # no handler: the table's errno for stat
+
+
+def test_every_branch_places_the_path_exactly(rig: Rig) -> None:
+    """Each way a path is placed, as a whole Target: side, handle, path sent, shown."""
+    rig.processes.initial = Inherited(b"/home/u", True, True)
+    p = rig.process()
+    placeholder(rig, p, 5, handle=42)
+    p.fds[6] = "/usr"
+    rig.processes.for_tid(p.tid).staged_names = frozenset({b"run"})
+    cases: list[tuple[tuple[int | bytes, ...], str, Target]] = [
+        ((AT_FDCWD, b"", 0, 0), "newfstatat", Target(False, 0, b"", b"", False)),
+        ((6, b"", 0, AT_EMPTY_PATH), "newfstatat", Target(False, 0, b"", b"", False)),
+        ((AT_FDCWD, b"run", 0, 0), "newfstatat", Target(False, 0, b"", b"run", False)),
+        ((AT_FDCWD, b"src", 0, 0), "newfstatat", Target(True, 0, b"/home/u/src", b"src")),
+        ((6, b"lib", 0, 0), "newfstatat", Target(False, 0, b"", b"lib", False)),
+        ((5, b"lib", 0, 0), "newfstatat", Target(True, 42, b"lib", b"lib")),
+        ((AT_FDCWD, b"", 0, AT_EMPTY_PATH), "newfstatat", Target(True, 0, b"/home/u", b"")),
+    ]
+    for args, name, want in cases:
+        _, call = routed(rig, p, name, *args)
+        assert call.targets == (want,), (args, call.targets)
+    rig.processes.initial = Inherited(b"/usr", False, False)
+    q = rig.process(200)
+    _, call = routed(rig, q, "newfstatat", AT_FDCWD, b"", 0, AT_EMPTY_PATH)
+    assert call.targets == (Target(False, 0, b"", b"", False),)
+    _, call = routed(rig, q, "newfstatat", AT_FDCWD, b"lib", 0, 0)
+    assert call.targets == (Target(False, 0, b"", b"lib", False),)
+    _, call = routed(rig, q, "newfstatat", AT_FDCWD, b"../home", 0, 0)
+    assert call.targets == (Target(True, 0, b"/usr/../home", b"../home"),)
+
+
+def test_the_flags_argument_is_read_only_where_the_table_has_one(rig: Rig) -> None:
+    rig.processes.initial = Inherited(b"/home/u", True, False)
+    p = rig.process()
+    # stat has no flags argument: a 1 (or AT_EMPTY_PATH) in its second register means
+    # nothing, and an empty path is the kernel's ENOENT on the master.
+    decision, call = routed(rig, p, "stat", b"", AT_EMPTY_PATH)
+    assert decision is None and call.targets == (Target(False, 0, b"", b"", False),)
+
+
+def test_a_joined_path_at_the_limit(rig: Rig) -> None:
+    rig.processes.initial = Inherited(b"/h", True, False)
+    p = rig.process()
+    fits = b"x" * (4096 - len(b"/h/") - 1)  # 4095 bytes joined: one short of PATH_MAX
+    _, call = routed(rig, p, "stat", fits, 0)
+    assert len(call.targets[0].path) == 4095
+    with pytest.raises(Errno) as caught:
+        routed(rig, p, "stat", fits + b"x", 0)
+    assert caught.value.errno == errno.ENAMETOOLONG
+    rig.processes.initial = Inherited(b"/usr", False, False)
+    q = rig.process(200)
+    up = b"../h/" + b"x" * (4096 - len(b"/usr/../h/") - 1)
+    _, call = routed(rig, q, "stat", up, 0)
+    assert len(call.targets[0].path) == 4095
+    with pytest.raises(Errno) as caught:
+        routed(rig, q, "stat", up + b"x", 0)
+    assert caught.value.errno == errno.ENAMETOOLONG
