@@ -1029,3 +1029,87 @@ def test_a_short_statx_from_the_slave_is_eio(rig: Rig, proc: FakeProcess) -> Non
     buf = proc.mem.alloc(256)
     assert proc.call("statx", AT_FDCWD, b"/data/f", 0, 0x7FF, buf) == -errno.EIO
     assert proc.mem.bytes_at(buf, 256) == bytes(256)
+
+
+def test_reads_and_writes_send_exactly_these_operations(rig: Rig, proc: FakeProcess) -> None:
+    fd = open_(proc, b"/data/f", O_RDWR)
+    buf = proc.mem.alloc(8)
+    proc.call("read", fd, buf, 3)
+    proc.call("pread64", fd, buf, 2, 4)
+    iov, _ = iovecs(proc, 1, 2)
+    proc.call("readv", fd, iov, 2)
+    proc.call("write", fd, buf, 1)
+    proc.call("pwrite64", fd, buf, 2, 7)
+    handle = rig.link.ops[0]
+    assert isinstance(handle, wire.Open)
+    assert rig.link.ops[1:] == [
+        wire.Read(handle=1, size=3, offset=-1, rwf=0),
+        wire.Read(handle=1, size=2, offset=4, rwf=0),
+        wire.Read(handle=1, size=3, offset=-1, rwf=0),
+        wire.Write(handle=1, offset=-1, rwf=0, data=proc.mem.bytes_at(buf, 1)),
+        wire.Write(handle=1, offset=7, rwf=0, data=proc.mem.bytes_at(buf, 2)),
+    ]
+
+
+def test_a_large_positioned_write_advances_its_offset(
+    rig: Rig, proc: FakeProcess, box: Path
+) -> None:
+    size = wire.MAX_IO + 100
+    data = bytes(range(251)) * (size // 251) + bytes(size % 251)
+    fd = open_(proc, b"/data/big", O_RDWR | O_CREAT, 0o644)
+    assert proc.call("pwrite64", fd, proc.mem.alloc(data), size, 10) == size
+    assert (box / "data" / "big").read_bytes() == bytes(10) + data
+    iov, (a, b) = iovecs(proc, wire.MAX_IO - 10, 200)
+    assert proc.call("preadv", fd, iov, 2, 10, 0) == wire.MAX_IO + 100  # to EOF
+    assert proc.mem.bytes_at(a, wire.MAX_IO - 10) == data[: wire.MAX_IO - 10]
+    assert proc.mem.bytes_at(b, 110) == data[wire.MAX_IO - 10 :]  # across both pieces
+
+
+def test_xattr_name_limits(rig: Rig, proc: FakeProcess) -> None:
+    buf = proc.mem.alloc(16)
+    longest = b"user." + b"n" * 250  # XATTR_NAME_MAX: 255 bytes
+    assert proc.call("getxattr", b"/data/f", longest, buf, 16) == -errno.ENODATA
+    assert proc.call("getxattr", b"/data/f", longest + b"n", buf, 16) == -errno.ERANGE
+    assert rig.call(proc.tid, "getxattr", proc.mem.cstring(b"/data/f"), 0xBAD000, buf, 16) == (
+        -errno.EFAULT
+    )
+
+
+def test_a_reply_without_a_file_type_still_opens(rig: Rig, proc: FakeProcess) -> None:
+    original = rig.executor.execute
+
+    def terse(op: wire.Operation) -> tuple[int, bytes]:
+        result, blob = original(op)
+        return (result, b"") if isinstance(op, wire.Open) else (result, blob)
+
+    rig.executor.execute = terse  # type: ignore[method-assign]
+    fd = open_(proc, b"/data/f")
+    remote = rig.placeholders.lookup(proc.tid, fd)
+    assert remote is not None and remote.kind == 0
+
+
+def test_staging_reads_a_large_slave_file_whole(box: Path) -> None:
+    content = b"\x7fELF" + bytes(range(256)) * (wire.MAX_IO // 256 + 10)
+    (box / "data" / "big-tool").write_bytes(content)
+    (box / "data" / "big-tool").chmod(0o755)
+    stage = Stage()
+    rig = Rig(box, stage=stage)
+    try:
+        rig.processes.initial = rig.processes.initial._replace(staged_cwd=True)
+        p = rig.process()
+        assert p.call("execve", b"big-tool", p.mem.alloc(16), 0) == -errno.ENOENT  # not in /
+        assert p.call("chdir", b"/data") == 0
+        assert p.call("execve", b"big-tool", p.mem.alloc(16), 0) is CONTINUE
+        staged = Path(os.fsdecode(stage.cwd)) / "big-tool"
+        assert staged.read_bytes() == content
+        ops = [op for op in rig.link.ops if isinstance(op, wire.Open | wire.Read)]
+        assert ops[-4:] == [
+            wire.Open(dir=0, flags=O_RDONLY, mode=0, resolve=0, path=b"/data/big-tool"),
+            wire.Read(handle=1, size=wire.MAX_IO, offset=-1, rwf=0),
+            wire.Read(handle=1, size=wire.MAX_IO, offset=-1, rwf=0),
+            wire.Read(handle=1, size=wire.MAX_IO, offset=-1, rwf=0),
+        ]
+        assert rig.link.ops[-1] == wire.Close(handle=1)  # its own handle, released
+    finally:
+        rig.close()
+        stage.close()

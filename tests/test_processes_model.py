@@ -16,7 +16,7 @@ import trio.testing
 
 from fsys.errors import Errno
 from fsys.master.memory import TargetMemory
-from fsys.master.processes import Inherited, Process, Processes, ProcFS
+from fsys.master.processes import SIGNAL_QUEUE, Inherited, Process, Processes, ProcFS
 from tests.fakes import FakeProc
 
 SLAVE_DATA = Inherited(b"/data", True, False)
@@ -444,3 +444,84 @@ def test_a_parent_chain_that_cannot_be_read_gives_the_initial_state() -> None:
     procfs.add(40, 40, 1)
     assert processes.for_tid(40).inheritable() == SLAVE_DATA
     assert processes.for_tid(40).parent is None
+
+
+def test_an_exit_forgets_every_thread_of_the_process() -> None:
+    procfs, processes, exited = model()
+    procfs.add(10, 10, 1)
+    procfs.add(11, 10, 1)
+    p = processes.for_tid(10)
+    processes.for_tid(11)
+    processes._exited(p)
+    assert processes.by_tid == {} and processes.by_tgid == {}
+    processes._exited(p)
+    assert exited == [p]  # once
+
+
+def test_a_child_of_a_refused_chdir_inherits_the_state_before_it() -> None:
+    procfs, processes, _ = model()
+    procfs.add(10, 10, 1, cwd=((1, 1), b"/stage"))
+    p = processes.for_tid(10)
+    processes.chdir_master(p, 10, b"/usr/nope")
+    assert p.inheritable() == Inherited(b"/usr/nope", False, False)  # until read back
+    procfs.add(20, 20, 10)  # the kernel refused: its kernel cwd did not move
+    assert processes.for_tid(20).inheritable() == SLAVE_DATA
+
+
+def test_sealing_skips_known_children_and_records_the_rest() -> None:
+    procfs, processes, _ = model()
+    procfs.add(10, 10, 1)
+    p = processes.for_tid(10)
+    procfs.add(20, 20, 10)
+    processes.for_tid(20)  # a known process
+    procfs.add(21, 21, 10, start=7)
+    processes.seal(p)
+    assert processes.births == {21: (SLAVE_DATA, 7)}
+
+
+def test_the_default_initial_state_is_the_slaves_root() -> None:
+    assert Processes(FakeProc()).initial == Inherited(b"/", True, False)
+
+
+async def test_a_full_signal_queue_refuses_more() -> None:
+    procfs, processes, _ = model()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(processes.serve)
+        procfs.add(10, 10, 1)
+        p = processes.for_tid(10)
+        await trio.testing.wait_all_tasks_blocked()
+        # One goes straight to the waiting task, SIGNAL_QUEUE more are queued.
+        assert all(p.signal_nowait(signal.SIGHUP) for _ in range(SIGNAL_QUEUE + 1))
+        assert not p.signal_nowait(signal.SIGHUP)  # full: refused, not blocked on
+        await trio.testing.wait_all_tasks_blocked()
+        assert len(procfs.signals) == SIGNAL_QUEUE + 1
+        nursery.cancel_scope.cancel()
+
+
+async def test_processes_made_after_the_session_are_kept_waiting() -> None:
+    procfs, processes, _ = model()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(processes.serve)
+        nursery.cancel_scope.cancel()
+    procfs.add(10, 10, 1)
+    p = processes.for_tid(10)  # no nursery to serve it: queued, no crash
+    assert p.nursery is None and not p.closed
+
+
+async def test_procfs_without_a_pidfd_polls_until_the_process_is_gone() -> None:
+    procfs = ProcFS()
+    child = subprocess.Popen(["sleep", "30"])
+    done = trio.Event()
+
+    async def wait() -> None:
+        await procfs.wait_exit(-1, child.pid)
+        done.set()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(wait)
+        await trio.sleep(0.2)
+        assert not done.is_set()  # it is alive
+        child.kill()
+        child.wait()
+        with trio.fail_after(5):
+            await done.wait()

@@ -88,7 +88,7 @@ def _file(call: Trapped, i: int = 0) -> RemoteFile:
     return rf
 
 
-def _remote(call: Trapped, i: int = 0) -> Target:
+def _remote(call: Trapped, i: int) -> Target:
     target = call.targets[i]
     if not target.remote:
         raise Errno(errno.EXDEV)  # one side on the master, one on the slave
