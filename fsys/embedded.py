@@ -1,15 +1,19 @@
 """The embedded slave: ``fsys-master run`` without ``--slave``.
 
 The command-line face wires the two sides together here, so that neither side's
-core imports the other's: the slave's code is imported only in the forked child,
-which serves this machine's whole filesystem on one end of a socketpair. It is
-forked after fsys-master has loaded trio, so its start-up costs little.
+core imports the other's: the slave's code is imported by this module only, and
+runs in a forked child that serves this machine's whole filesystem on one end of a
+socketpair. The CLI imports this module after trio is loaded and forks at once, so
+the slave's start-up costs little.
 """
 
 from __future__ import annotations
 
 import os
 import socket
+
+# Loaded now, before the fork, so that the child starts serving at once.
+from fsys.slave.cli import serve_fds
 
 
 def fork_slave(theirs: socket.socket, ours: socket.socket) -> int:
@@ -21,8 +25,6 @@ def fork_slave(theirs: socket.socket, ours: socket.socket) -> int:
     try:
         ours.close()
         os.setpgid(0, 0)  # the terminal's Ctrl-C is the program's, not ours
-        from fsys.slave.cli import serve_fds
-
         fd = theirs.detach()
         status = serve_fds(fd, fd, "/")
     finally:

@@ -55,6 +55,8 @@ SECCOMP_IOCTL_NOTIF_SEND: Final = 0xC0182101
 SECCOMP_IOCTL_NOTIF_ID_VALID: Final = 0x40082102
 SECCOMP_IOCTL_NOTIF_ADDFD: Final = 0x40182103
 SECCOMP_IOCTL_NOTIF_SET_FLAGS: Final = 0x40082104
+#: SET_FLAGS: wake the supervisor on the trapping task's CPU (Linux 6.6).
+SECCOMP_USER_NOTIF_FD_SYNC_WAKE_UP: Final = 1
 
 #: The errno the kernel turns into a restart (SA_RESTART) or EINTR, as for a native call.
 ERESTARTSYS: Final = 512

@@ -113,17 +113,22 @@ class Syscall:
     note: str
     params: tuple[Param, ...] = ()
     signature_known: bool = False  # False: column 7 is ``?`` (params is then empty)
-    _positions: dict[str, int] = field(init=False, repr=False, compare=False, hash=False)
+    #: argument name -> its index (0..5); read it, never change it.
+    positions: dict[str, int] = field(init=False, repr=False, compare=False, hash=False)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "_positions", {p.name: i for i, p in enumerate(self.params)})
+        object.__setattr__(self, "positions", {p.name: i for i, p in enumerate(self.params)})
 
     def position(self, name: str) -> int:
         """The index (0..5) of the argument called ``name``; KeyError if there is none."""
         try:
-            return self._positions[name]
+            return self.positions[name]
         except KeyError:
             raise KeyError(f"{self.name} has no argument {name!r}") from None
+
+    def has(self, name: str) -> bool:
+        """Whether the call has an argument called ``name`` (no exception: hot path)."""
+        return name in self.positions
 
     def param(self, name: str) -> Param:
         """The argument called ``name``; KeyError if there is none."""
@@ -180,6 +185,10 @@ _TOKEN = re.compile(
 _PARAM_NAME = re.compile(r"[a-z_][a-z0-9_]*$")
 
 
+#: Parsed signature tokens: start-up parses the table each time fsys-master runs.
+_TOKENS: dict[str, Param] = {}
+
+
 def _parse_signature(text: str, where: str) -> tuple[tuple[Param, ...], bool]:
     """(params, signature_known) from column 7."""
     if text == "?":
@@ -191,6 +200,15 @@ def _parse_signature(text: str, where: str) -> tuple[tuple[Param, ...], bool]:
     params: list[Param] = []
     seen: set[str] = set()
     for token in text.split():
+        known = _TOKENS.get(token)  # most tokens recur (fd:fd, path:path, buf:ptr...)
+        if known is not None:
+            if known.name in seen:
+                raise TableError(
+                    f"{where}: duplicate argument name {known.name!r} in the signature"
+                )
+            seen.add(known.name)
+            params.append(known)
+            continue
         name, colon, kind_s = token.partition(":")
         if not colon or _PARAM_NAME.match(name) is None:
             raise TableError(f"{where}: bad signature token {token!r} (want name:kind)")
@@ -204,7 +222,7 @@ def _parse_signature(text: str, where: str) -> tuple[tuple[Param, ...], bool]:
         if name in seen:
             raise TableError(f"{where}: duplicate argument name {name!r} in the signature")
         seen.add(name)
-        params.append(Param(name, kind))
+        params.append(_TOKENS.setdefault(token, Param(name, kind)))
     if len(params) > MAX_PARAMS:
         raise TableError(
             f"{where}: {len(params)} arguments in the signature, a syscall has at most {MAX_PARAMS}"

@@ -92,6 +92,17 @@ class Listener:
         nid, tid, _flags, nr, _arch, _ip, *args = abi.NOTIF.unpack(buf)
         return Notification(nid, tid, nr, tuple(args))
 
+    def set_sync_wake_up(self) -> bool:
+        """Ask the kernel to wake fmhub on the CPU of the task that trapped (the task
+        then waits for the answer, so the two need not cross CPUs). False if the
+        kernel does not know the flag (before Linux 6.6)."""
+        try:
+            fcntl.ioctl(self.fd, abi.SECCOMP_IOCTL_NOTIF_SET_FLAGS,
+                        abi.SECCOMP_USER_NOTIF_FD_SYNC_WAKE_UP)  # fmt: skip
+        except OSError:
+            return False
+        return True
+
     def id_valid(self, nid: int) -> bool:
         try:
             fcntl.ioctl(self.fd, abi.SECCOMP_IOCTL_NOTIF_ID_VALID, nid.to_bytes(8, "little"))

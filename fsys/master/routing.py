@@ -88,25 +88,26 @@ class Trapped:
     def tid(self) -> int:
         return self.notif.tid
 
+    # Every call of a handler reads its arguments through these: one dict lookup each
+    # (KeyError for a name the call's signature lacks).
+
     def arg(self, name: str) -> int:
         """The argument the table names ``name``, as the raw 64-bit register."""
-        return self.notif.args[self.syscall.position(name)]
+        return self.notif.args[self.syscall.positions[name]]
 
     def arg_int(self, name: str) -> int:
         """The argument ``name`` as a C int (fds, flags, modes)."""
-        return self.notif.arg_int(self.syscall.position(name))
+        v = self.notif.args[self.syscall.positions[name]] & 0xFFFFFFFF
+        return v - (1 << 32) if v & 0x80000000 else v
 
     def arg_long(self, name: str) -> int:
         """The argument ``name`` as a C long (offsets, lengths), signed."""
-        return self.notif.arg_long(self.syscall.position(name))
+        v = self.notif.args[self.syscall.positions[name]]
+        return v - (1 << 64) if v & (1 << 63) else v
 
     def has(self, name: str) -> bool:
         """Whether this call has an argument named ``name``."""
-        try:
-            self.syscall.position(name)
-        except KeyError:
-            return False
-        return True
+        return name in self.syscall.positions
 
 
 def _join(cwd: bytes, path: bytes) -> bytes:

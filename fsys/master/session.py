@@ -87,6 +87,8 @@ async def _session(plan: Plan) -> int:
     transport = FdTransport(fd, fd)
     link = SlaveLink(transport)
     listener = Listener(launched.listener)
+    if os.environ.get("FSYS_SYNC_WAKE", "") == "1":
+        listener.set_sync_wake_up()
     tracer = Tracer(plan.trace, all=plan.trace_all) if plan.trace is not None else None
     hub = Hub(listener=listener, link=link, policy=plan.policy, table=load(),
               handlers=HANDLERS, tracer=tracer, stage=plan.stage,

@@ -55,8 +55,13 @@ def serve_fds(read_fd: int, write_fd: int, root: str) -> int:
 
     os.umask(0)  # the master applies the program's umask to every mode it sends
 
+    try:
+        spin_us = max(0.0, float(os.environ.get("FSYS_SLAVE_SPIN_US", "0")))
+    except ValueError:
+        spin_us = 0.0
+
     async def run() -> None:
-        await serve_transport(FdTransport(read_fd, write_fd), root)
+        await serve_transport(FdTransport(read_fd, write_fd), root, spin_us=spin_us)
 
     try:
         trio.run(run)

@@ -106,7 +106,8 @@ class _Shared:
 
 
 class SlaveSession:
-    def __init__(self, transport: FdTransport, executor: Executor) -> None:
+    def __init__(self, transport: FdTransport, executor: Executor, *, spin_us: float = 0.0) -> None:
+        self.spin = spin_us / 1e6
         self.transport = transport
         self.executor = executor
         self.conn = Connection(Role.SLAVE)
@@ -207,12 +208,32 @@ class SlaveSession:
             # keep coming (see fmhub._hot for why), back to trio after a quiet spell,
             # or at once when a worker thread or a stalled write needs trio.
             deadline = time.monotonic() + HOT_SLICE
-            while not self._threads and not self.transport.backlog and poller.poll(HOT_QUIET_MS):
+            while (
+                not self._threads
+                and not self.transport.backlog
+                and (self._spin(poller, self.spin) or poller.poll(HOT_QUIET_MS))
+            ):
                 more = self.transport.receive_nowait()
                 if more is not None and not self._feed(more, nursery):
                     return
                 if time.monotonic() > deadline:
                     break
+
+    @staticmethod
+    def _spin(poller: select.poll, seconds: float) -> bool:
+        """Poll without sleeping for up to ``seconds`` (FSYS_SLAVE_SPIN_US; 0: never).
+
+        A request that comes while the slave spins is served without a wake-up (a
+        forwarded stat 121 -> 102 us here), but the spin takes a CPU from the program
+        and fmhub (cat 256 MiB -5%, make -j2 +4%): off unless asked for.
+        """
+        if not seconds:
+            return False
+        until = time.monotonic() + seconds
+        while time.monotonic() < until:
+            if poller.poll(0):
+                return True
+        return False
 
     def _feed(self, data: memoryview, nursery: trio.Nursery) -> bool:
         """Perform what ``data`` completes; False when the session is over."""
@@ -259,9 +280,9 @@ class SlaveSession:
         return bool(data)
 
 
-async def serve_transport(transport: FdTransport, root: str = "/") -> None:
+async def serve_transport(transport: FdTransport, root: str = "/", *, spin_us: float = 0.0) -> None:
     executor = Executor(root)
-    session = SlaveSession(transport, executor)
+    session = SlaveSession(transport, executor, spin_us=spin_us)
     try:
         await session.serve()
     except LinkClosed:
