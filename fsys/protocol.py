@@ -132,6 +132,21 @@ _R = TypeVar("_R")
 
 
 _tuple_new = tuple.__new__
+_UNFINISHED: list[type] = []
+
+
+def _finish_records() -> None:
+    """Give each record declared so far a ``__new__`` taking its fields by name: one
+    compile for all of them (one each would cost start-up time)."""
+    source = []
+    for i, record in enumerate(_UNFINISHED):
+        names = ", ".join(record._fields)  # type: ignore[attr-defined]
+        source.append(f"def new_{i}(_cls, {names}):\n    return _new(_cls, ({names},))")
+    namespace: dict[str, Any] = {"_new": _tuple_new}
+    exec("\n".join(source), namespace)
+    for i, record in enumerate(_UNFINISHED):
+        record.__new__ = namespace[f"new_{i}"]  # type: ignore[method-assign]
+    _UNFINISHED.clear()
 
 
 @dataclass_transform()
@@ -140,8 +155,8 @@ class Record(tuple):  # type: ignore[type-arg]
 
     Like a NamedTuple, but made without typing.NamedTuple's machinery (36 of those
     cost fsys-master ~8 ms of start-up); each record gets a ``__new__`` of its own
-    fields, so making one costs what a NamedTuple costs. Records of different
-    operations never compare equal.
+    fields (``_finish_records``), so making one costs what a NamedTuple costs.
+    Records of different operations never compare equal.
     """
 
     __slots__ = ()
@@ -153,10 +168,7 @@ class Record(tuple):  # type: ignore[type-arg]
         cls._fields = fields
         for i, name in enumerate(fields):
             setattr(cls, name, property(itemgetter(i), doc=f"Field {i}: {name}"))
-        names = ", ".join(fields)
-        namespace: dict[str, Any] = {"_new": _tuple_new}
-        exec(f"def __new__(_cls, {names}):\n    return _new(_cls, ({names},))", namespace)
-        cls.__new__ = namespace["__new__"]  # type: ignore[method-assign]
+        _UNFINISHED.append(cls)  # its __new__ comes with the others' (_finish_records)
 
     @classmethod
     def _make(cls, values: Iterable[Any]) -> Self:
@@ -526,6 +538,8 @@ Operation = (
     | Sendfile | Getxattr | Setxattr | Listxattr | Removexattr | Chdir | HandlePath | Syncfs
 )  # fmt: skip
 """One operation the slave performs, with its arguments by name."""
+
+_finish_records()
 
 if len(SPECS) != len(Op):  # pragma: no cover - a declaration is missing
     raise TypeError(f"operations without a record: {set(Op) - set(_BY_CODE)}")
