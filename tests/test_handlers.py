@@ -789,31 +789,38 @@ def test_exec_of_a_slave_file(rig: Rig, proc: FakeProcess, box: Path, tmp_path: 
     assert proc.call("execve", b"/data/tool", argv, 0) == -errno.ENOEXEC
 
 
-def test_exec_of_a_slave_file_stages_it(box: Path, tmp_path: Path) -> None:
-    (box / "data" / "tool").write_bytes(b"\x7fELF not really")
-    (box / "data" / "tool").chmod(0o755)
+@pytest.fixture
+def staging(box: Path) -> Iterator[tuple[Rig, Stage]]:
+    """A session whose program started in a slave directory: its kernel cwd is the stage."""
     stage = Stage()
     rig = Rig(box, stage=stage)
+    rig.processes.initial = rig.processes.initial._replace(staged_cwd=True)
     try:
-        rig.processes.initial = rig.processes.initial._replace(staged_cwd=True)
-        p = rig.process()
-        name = p.mem.cstring(b"/data/tool")
-        argv = p.mem.alloc(struct.pack("=QQ", name, 0))
-        rig.procfs.arg_starts[p.tgid] = 0x5000
-        assert rig.call(p.tid, "execve", name, argv, 0) is CONTINUE
-        staged = Path(os.fsdecode(stage.cwd)) / ".data" / "tool"
-        assert staged.read_bytes() == b"\x7fELF not really"
-        assert p.mem.bytes_at(name, 10) == b".data/tool"  # made relative to the stage
-        process = rig.processes.by_tgid[p.tgid]
-        assert process.argv0_fix == (name, 0x5000) and process.exec_pending
-        new_argv0 = p.mem.alloc(16)  # a new image: its argument strings moved
-        rig.procfs.arg_starts[p.tgid] = new_argv0
-        assert p.call("getcwd", p.mem.alloc(64), 64) == 2  # its first call settles it
-        assert p.mem.bytes_at(new_argv0, 1) == b"/"
-        assert not process.exec_pending
+        yield rig, stage
     finally:
         rig.close()
         stage.close()
+
+
+def test_exec_of_a_slave_file_stages_it(box: Path, staging: tuple[Rig, Stage]) -> None:
+    (box / "data" / "tool").write_bytes(b"\x7fELF not really")
+    (box / "data" / "tool").chmod(0o755)
+    rig, stage = staging
+    p = rig.process()
+    name = p.mem.cstring(b"/data/tool")
+    argv = p.mem.alloc(struct.pack("=QQ", name, 0))
+    rig.procfs.arg_starts[p.tgid] = 0x5000
+    assert rig.call(p.tid, "execve", name, argv, 0) is CONTINUE
+    staged = Path(os.fsdecode(stage.cwd)) / ".data" / "tool"
+    assert staged.read_bytes() == b"\x7fELF not really"
+    assert p.mem.bytes_at(name, 10) == b".data/tool"  # made relative to the stage
+    process = rig.processes.by_tgid[p.tgid]
+    assert process.argv0_fix == (name, 0x5000) and process.exec_pending
+    new_argv0 = p.mem.alloc(16)  # a new image: its argument strings moved
+    rig.procfs.arg_starts[p.tgid] = new_argv0
+    assert p.call("getcwd", p.mem.alloc(64), 64) == 2  # its first call settles it
+    assert p.mem.bytes_at(new_argv0, 1) == b"/"
+    assert not process.exec_pending
 
 
 # --- a slave that misbehaves --------------------------------------------------------
@@ -1088,28 +1095,22 @@ def test_a_reply_without_a_file_type_still_opens(rig: Rig, proc: FakeProcess) ->
     assert remote is not None and remote.kind == 0
 
 
-def test_staging_reads_a_large_slave_file_whole(box: Path) -> None:
+def test_staging_reads_a_large_slave_file_whole(box: Path, staging: tuple[Rig, Stage]) -> None:
     content = b"\x7fELF" + bytes(range(256)) * (wire.MAX_IO // 256 + 10)
     (box / "data" / "big-tool").write_bytes(content)
     (box / "data" / "big-tool").chmod(0o755)
-    stage = Stage()
-    rig = Rig(box, stage=stage)
-    try:
-        rig.processes.initial = rig.processes.initial._replace(staged_cwd=True)
-        p = rig.process()
-        assert p.call("execve", b"big-tool", p.mem.alloc(16), 0) == -errno.ENOENT  # not in /
-        assert p.call("chdir", b"/data") == 0
-        assert p.call("execve", b"big-tool", p.mem.alloc(16), 0) is CONTINUE
-        staged = Path(os.fsdecode(stage.cwd)) / "big-tool"
-        assert staged.read_bytes() == content
-        ops = [op for op in rig.link.ops if isinstance(op, wire.Open | wire.Read)]
-        assert ops[-4:] == [
-            wire.Open(dir=0, flags=O_RDONLY, mode=0, resolve=0, path=b"/data/big-tool"),
-            wire.Read(handle=1, size=wire.MAX_IO, offset=-1, rwf=0),
-            wire.Read(handle=1, size=wire.MAX_IO, offset=-1, rwf=0),
-            wire.Read(handle=1, size=wire.MAX_IO, offset=-1, rwf=0),
-        ]
-        assert rig.link.ops[-1] == wire.Close(handle=1)  # its own handle, released
-    finally:
-        rig.close()
-        stage.close()
+    rig, stage = staging
+    p = rig.process()
+    assert p.call("execve", b"big-tool", p.mem.alloc(16), 0) == -errno.ENOENT  # not in /
+    assert p.call("chdir", b"/data") == 0
+    assert p.call("execve", b"big-tool", p.mem.alloc(16), 0) is CONTINUE
+    staged = Path(os.fsdecode(stage.cwd)) / "big-tool"
+    assert staged.read_bytes() == content
+    ops = [op for op in rig.link.ops if isinstance(op, wire.Open | wire.Read)]
+    assert ops[-4:] == [
+        wire.Open(dir=0, flags=O_RDONLY, mode=0, resolve=0, path=b"/data/big-tool"),
+        wire.Read(handle=1, size=wire.MAX_IO, offset=-1, rwf=0),
+        wire.Read(handle=1, size=wire.MAX_IO, offset=-1, rwf=0),
+        wire.Read(handle=1, size=wire.MAX_IO, offset=-1, rwf=0),
+    ]
+    assert rig.link.ops[-1] == wire.Close(handle=1)  # its own handle, released

@@ -8,6 +8,8 @@ import os
 import signal
 import subprocess
 import threading
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
@@ -20,6 +22,15 @@ from fsys.master.processes import SIGNAL_QUEUE, Inherited, Process, Processes, P
 from tests.fakes import FakeProc
 
 SLAVE_DATA = Inherited(b"/data", True, False)
+
+
+@asynccontextmanager
+async def served(processes: Processes) -> AsyncIterator[trio.Nursery]:
+    """The session's nursery, serving the pairings' task tree, cancelled at the end."""
+    async with trio.open_nursery() as nursery:
+        await nursery.start(processes.serve)
+        yield nursery
+        nursery.cancel_scope.cancel()
 
 
 def model(*, initial: Inherited = SLAVE_DATA) -> tuple[FakeProc, Processes, list[Process]]:
@@ -216,8 +227,7 @@ def test_old_birth_records_are_pruned() -> None:
 
 async def test_each_pairing_is_a_task_in_its_parents_nursery() -> None:
     procfs, processes, exited = model()
-    async with trio.open_nursery() as nursery:
-        await nursery.start(processes.serve)
+    async with served(processes):
         procfs.add(10, 10, 1)
         parent = processes.for_tid(10)
         procfs.add(20, 20, 10)
@@ -234,13 +244,11 @@ async def test_each_pairing_is_a_task_in_its_parents_nursery() -> None:
         procfs.exit(10)
         await trio.testing.wait_all_tasks_blocked()
         assert exited == [child, parent]
-        nursery.cancel_scope.cancel()
 
 
 async def test_an_orphan_is_adopted_and_lives_on() -> None:
     procfs, processes, exited = model()
-    async with trio.open_nursery() as nursery:
-        await nursery.start(processes.serve)
+    async with served(processes):
         procfs.add(10, 10, 1)
         parent = processes.for_tid(10)
         procfs.add(20, 20, 10)
@@ -257,13 +265,11 @@ async def test_an_orphan_is_adopted_and_lives_on() -> None:
         procfs.exit(30)
         await trio.testing.wait_all_tasks_blocked()
         assert set(map(id, exited)) == {id(parent), id(child), id(grandchild)}
-        nursery.cancel_scope.cancel()
 
 
 async def test_cancelling_a_pairing_ends_its_subtree() -> None:
     procfs, processes, exited = model()
-    async with trio.open_nursery() as nursery:
-        await nursery.start(processes.serve)
+    async with served(processes):
         procfs.add(10, 10, 1)
         procfs.add(20, 20, 10)
         procfs.add(30, 30, 1)
@@ -273,14 +279,12 @@ async def test_cancelling_a_pairing_ends_its_subtree() -> None:
         await trio.testing.wait_all_tasks_blocked()
         assert parent.closed and child.closed and not other.closed
         assert {id(p) for p in exited} == {id(parent), id(child)}
-        nursery.cancel_scope.cancel()
     assert other.closed  # the session's end ends every pairing
 
 
 async def test_signals_are_delivered_through_the_pidfd() -> None:
     procfs, processes, _ = model()
-    async with trio.open_nursery() as nursery:
-        await nursery.start(processes.serve)
+    async with served(processes):
         procfs.add(10, 10, 1)
         p = processes.for_tid(10)
         assert not p.signal_nowait(signal.SIGTERM)  # its task has not started yet
@@ -291,7 +295,6 @@ async def test_signals_are_delivered_through_the_pidfd() -> None:
         procfs.exit(10)
         await trio.testing.wait_all_tasks_blocked()
         assert not p.signal_nowait(signal.SIGTERM)  # gone: nothing is queued
-        nursery.cancel_scope.cancel()
 
 
 async def test_a_process_gone_before_its_task_ran_is_closed() -> None:
@@ -299,11 +302,9 @@ async def test_a_process_gone_before_its_task_ran_is_closed() -> None:
     procfs.add(10, 10, 1)
     p = processes.for_tid(10)  # no nursery yet: it waits for the session's
     procfs.exit(10)
-    async with trio.open_nursery() as nursery:
-        await nursery.start(processes.serve)
+    async with served(processes):
         await trio.testing.wait_all_tasks_blocked()
         assert exited == [p] and p.closed
-        nursery.cancel_scope.cancel()
 
 
 # --- the real /proc ---------------------------------------------------------------
@@ -392,15 +393,13 @@ async def test_children_waiting_for_a_parent_gone_before_its_task_ran_are_served
     child = processes.for_tid(20)  # its parent's task has not run: it waits on it
     assert parent.early == [child]
     procfs.exit(10)  # the parent is gone before its task opens its pidfd
-    async with trio.open_nursery() as nursery:
-        await nursery.start(processes.serve)
+    async with served(processes):
         await trio.testing.wait_all_tasks_blocked()
         assert exited == [parent] and child.parent is None
         assert child.pidfd == 10_020 and not child.closed  # served from the session
         procfs.exit(20)
         await trio.testing.wait_all_tasks_blocked()
         assert exited == [parent, child] and 20 not in processes.by_tgid
-        nursery.cancel_scope.cancel()
 
 
 def test_a_threads_later_calls_do_not_read_proc() -> None:
@@ -485,8 +484,7 @@ def test_the_default_initial_state_is_the_slaves_root() -> None:
 
 async def test_a_full_signal_queue_refuses_more() -> None:
     procfs, processes, _ = model()
-    async with trio.open_nursery() as nursery:
-        await nursery.start(processes.serve)
+    async with served(processes):
         procfs.add(10, 10, 1)
         p = processes.for_tid(10)
         await trio.testing.wait_all_tasks_blocked()
@@ -495,14 +493,12 @@ async def test_a_full_signal_queue_refuses_more() -> None:
         assert not p.signal_nowait(signal.SIGHUP)  # full: refused, not blocked on
         await trio.testing.wait_all_tasks_blocked()
         assert len(procfs.signals) == SIGNAL_QUEUE + 1
-        nursery.cancel_scope.cancel()
 
 
 async def test_processes_made_after_the_session_are_kept_waiting() -> None:
     procfs, processes, _ = model()
-    async with trio.open_nursery() as nursery:
-        await nursery.start(processes.serve)
-        nursery.cancel_scope.cancel()
+    async with served(processes):
+        pass
     procfs.add(10, 10, 1)
     p = processes.for_tid(10)  # no nursery to serve it: queued, no crash
     assert p.nursery is None and not p.closed
