@@ -64,9 +64,12 @@ class TargetMemory:
         return self._fd
 
     def forget(self) -> None:
+        """Close the descriptor (it is reopened at the next access). Idempotent."""
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
+
+    close = forget
 
     def read(self, addr: int, size: int) -> bytes:
         """Exactly ``size`` bytes at ``addr``, or Errno(EFAULT)."""
