@@ -130,13 +130,15 @@ class Router:
         """
         syscall = call.syscall
         notif = call.notif
+        remote = False
         if syscall.fds:
             lookup = self.placeholders.lookup
-            call.files = tuple(lookup(notif.tid, notif.arg_int(i)) for i in syscall.fds)
+            call.files = files = tuple([lookup(notif.tid, notif.arg_int(i)) for i in syscall.fds])
+            remote = files.count(None) != len(files)
         if syscall.paths:
-            call.targets = tuple(self._target(call, p) for p in syscall.paths)
-        remote = any(f is not None for f in call.files) or any(t.remote for t in call.targets)
-        if syscall.disposition is not Disposition.HUB and not remote:
+            call.targets = targets = tuple([self._target(call, p) for p in syscall.paths])
+            remote = remote or any([t.remote for t in targets])
+        if not remote and syscall.disposition is not Disposition.HUB:
             call.side = "master"
             return None
         handler = self.handlers.get(syscall.name)
