@@ -352,7 +352,7 @@ class Hub:
 
     def release(self, remote: RemoteFile) -> None:
         """The program holds no copy of ``remote`` any more: close the slave's handle."""
-        self.link.post(0, Close(remote.handle))
+        self.close_handle(remote.handle)
 
     def close_handle(self, handle: int) -> None:
         """Close a slave handle that fmhub opened for itself."""
