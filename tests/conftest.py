@@ -3,6 +3,7 @@
 Every end-to-end test runs the slave confined to a fresh directory (``--root``) and
 runs fsys-master from another fresh directory, so a call performed on the wrong
 side shows: the file appears in the master's tree, or is missing from the box.
+The in-process tests share ``rig`` and ``proc`` (tests/fakes.py).
 """
 
 from __future__ import annotations
@@ -12,12 +13,14 @@ import shlex
 import signal
 import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import trio
+
+from tests.fakes import FakeProcess, Rig
 
 PYTHON = sys.executable
 DEADLINE = 60.0
@@ -124,3 +127,16 @@ def static_binary(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def slave_fd_count(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+@pytest.fixture
+def rig(box: Path) -> Iterator[Rig]:
+    """An in-process session (tests/fakes.py) over the module's ``box`` fixture."""
+    rig = Rig(box)
+    yield rig
+    rig.close()
+
+
+@pytest.fixture
+def proc(rig: Rig) -> FakeProcess:
+    return rig.process()

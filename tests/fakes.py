@@ -12,6 +12,7 @@ or CONTINUE. Everything runs synchronously, in milliseconds.
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 import socket
 import struct
@@ -247,6 +248,31 @@ class FakeListener:
         self._answer(nid, number)
         return number
 
+    def place(self, nid: int, fd: int, number: int, *, cloexec: bool) -> int:
+        tid = self.callers[nid]
+        task = self.procfs.tasks.get(tid)
+        if task is None:
+            return -errno.ENOENT
+        table = self.procfs.fds[task.tgid]
+        old = self.kept.pop((task.tgid, number), None)
+        table[number] = os.readlink(f"/proc/self/fd/{fd}")
+        self.kept[(task.tgid, number)] = os.dup(fd)  # the program's copy
+        self.cloexec[(task.tgid, number)] = cloexec
+        if old is not None:
+            os.close(old)
+        return 0
+
+    def fd_info(self, tid: int, number: int) -> tuple[int, int] | None:
+        """(flags, inode) of the program's fd ``number``, as fdinfo gives them."""
+        task = self.procfs.tasks.get(tid)
+        kept = self.kept.get((task.tgid, number)) if task is not None else None
+        if kept is None:
+            return None
+        flags = fcntl.fcntl(kept, fcntl.F_GETFL) & ~os.O_CLOEXEC
+        if self.cloexec.get((task.tgid, number)):  # type: ignore[union-attr]
+            flags |= os.O_CLOEXEC
+        return flags, os.fstat(kept).st_ino
+
     def close_fd(self, tgid: int, number: int) -> None:
         """The program closes its fd ``number`` (natively, as close(2) is not trapped)."""
         del self.procfs.fds[tgid][number]
@@ -441,7 +467,7 @@ class Rig:
         self.link = WireLink(self.executor)
         self.listener = FakeListener(self.procfs)
         self.processes = Processes(self.procfs)
-        self.placeholders = Placeholders(self.procfs.fd_path)
+        self.placeholders = Placeholders(self.procfs.fd_path, self.listener.fd_info)
         self.hub = Hub(
             listener=self.listener,  # type: ignore[arg-type]
             link=self.link,  # type: ignore[arg-type]
@@ -472,7 +498,7 @@ class Rig:
         regs = tuple(a & 0xFFFFFFFFFFFFFFFF for a in (*args, *[0] * (6 - len(args))))
         self.hub.route(Notification(nid, tid, syscall.nr, regs))
         self.link.pump()
-        self.placeholders.reap(self.hub.release)  # as fmhub's loop does while it idles
+        self.hub.reap()  # as fmhub's loop does while it idles
         self.link.pump()
         return self.listener.answers.get(nid, NO_ANSWER)
 

@@ -193,7 +193,9 @@ os.mkdir("/d")
 open("/d/f", "w").write("content")
 os.mkdir("/empty")
 wfd = os.open("/w", os.O_WRONLY | os.O_CREAT, 0o644)
+os.write(wfd, bytes(4096))
 rfd = os.open("/d/f", os.O_RDONLY)
+dfd = os.open("/d", os.O_RDONLY)
 results = {
     "ENOENT": attempt(lambda: open("/missing")),
     "EISDIR": attempt(lambda: open("/d", "w")),
@@ -201,7 +203,8 @@ results = {
     "EEXIST": attempt(lambda: os.mkdir("/d")),
     "ENOTEMPTY": attempt(lambda: os.rmdir("/d")),
     "EBADF": attempt(lambda: os.read(wfd, 1)),
-    "ENODEV": attempt(lambda: mmap.mmap(rfd, 0, prot=mmap.PROT_READ)),
+    "ENODEV": attempt(lambda: mmap.mmap(dfd, 4096, prot=mmap.PROT_READ)),  # a directory
+    "EACCES-map": attempt(lambda: mmap.mmap(wfd, 4096, prot=mmap.PROT_READ)),  # write-only
     "EACCES": attempt(lambda: os.execv("/d/f", ["f"])),
     "rmdir-empty": attempt(lambda: os.rmdir("/empty")),
 }
@@ -215,6 +218,7 @@ async def test_errno_pass_through(session: Session) -> None:
     got = dict(item.split("=") for item in result.out.split())
     expected = {name: name for name in got if name.startswith("E")}
     expected["rmdir-empty"] = "ok"
+    expected["EACCES-map"] = "EACCES"
     # exec of a slave-only file: the kernel's answer for a non-executable is EACCES;
     # fsys checks it on the slave before it stages a copy to run.
     assert got == expected

@@ -37,18 +37,6 @@ def box(tmp_path: Path) -> Path:
     return box
 
 
-@pytest.fixture
-def rig(box: Path) -> Iterator[Rig]:
-    rig = Rig(box)
-    yield rig
-    rig.close()
-
-
-@pytest.fixture
-def proc(rig: Rig) -> FakeProcess:
-    return rig.process()
-
-
 def iovecs(p: FakeProcess, *sizes: int, fill: bytes = b"") -> tuple[int, list[int]]:
     bufs = [p.mem.alloc(fill * n if fill else n) for n in sizes]
     table = b"".join(IOVEC.pack(b, n) for b, n in zip(bufs, sizes, strict=True))

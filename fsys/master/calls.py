@@ -43,7 +43,7 @@ from fsys.linux import (
     UTIME_NOW,
     UTIME_OMIT,
 )
-from fsys.master import staging
+from fsys.master import pages, staging
 from fsys.master.fmhub import Hub
 from fsys.master.placeholders import RemoteFile
 from fsys.master.policy import normalize
@@ -202,8 +202,20 @@ def _write_from(
                 return done
             raise
         done += written
+        if rf.pages is not None and written:
+            yield from _written(rf, offset, done - written, chunk[:written])
         if done >= total or written < size:
             return done
+
+
+def _written(rf: RemoteFile, offset: int | None, at: int, data: bytes) -> Asks[None]:
+    """A write through a mapped handle: its pages get the same bytes."""
+    assert rf.pages is not None
+    if offset is None:  # at the file position (O_APPEND: the end): where it ended
+        end = (yield wire.Lseek(handle=rf.handle, offset=0, whence=os.SEEK_CUR)).result
+        rf.pages.written(end - len(data), data)
+    else:
+        rf.pages.written(offset + at, data)
 
 
 def _offset(value: int) -> int:
@@ -278,7 +290,8 @@ def _open(
         dir=target.dir, flags=flags, mode=mode, resolve=resolve, path=target.path
     )
     kind = reply.blob[0] << 12 if reply.blob else 0
-    return hub.install(call, reply.result, kind, cloexec=bool(flags & O_CLOEXEC))
+    access = flags & (linux.O_ACCMODE | linux.O_PATH)
+    return hub.install(call, reply.result, kind, cloexec=bool(flags & O_CLOEXEC), access=access)
 
 
 @handles("open", "openat")
@@ -437,7 +450,11 @@ def sys_truncate(hub: Hub, call: Trapped) -> Steps:
 
 @handles("ftruncate")
 def sys_ftruncate(hub: Hub, call: Trapped) -> Steps:
-    yield wire.Ftruncate(handle=_file(call).handle, length=_offset(call.arg_long("length")))
+    rf = _file(call)
+    length = _offset(call.arg_long("length"))
+    yield wire.Ftruncate(handle=rf.handle, length=length)
+    if rf.pages is not None:
+        rf.pages.truncated(length)
     return 0
 
 
@@ -613,6 +630,84 @@ def sys_sendfile(hub: Hub, call: Trapped) -> Steps:
 
 
 # --- extended attributes ----------------------------------------------------------
+
+
+# --- mappings ---------------------------------------------------------------------
+
+PROT_WRITE = 0x2
+MAP_TYPE = 0x0F
+MAP_SHARED = 0x01
+MAP_SHARED_VALIDATE = 0x03
+MS_SYNC = 0x4
+
+
+@handles("mmap")
+def sys_mmap(hub: Hub, call: Trapped) -> Steps:
+    """A remote file mapped: its pages, fetched or checked, then the native mmap of
+    them (see fsys.master.pages)."""
+    rf = _file(call)
+    if rf.access & linux.O_PATH:
+        raise Errno(errno.EBADF)
+    if not rf.is_regular:
+        raise Errno(errno.ENODEV)
+    mode = rf.access & linux.O_ACCMODE
+    if mode == os.O_WRONLY:
+        raise Errno(errno.EACCES)
+    shared = call.arg_int("flags") & MAP_TYPE in (MAP_SHARED, MAP_SHARED_VALIDATE)
+    pages = hub.placeholders.pages(rf)
+    yield from _refresh(rf)
+    # A shared mapping of a read-write handle may be written (now or after mprotect);
+    # any other is read-only in the file (the kernel refuses a shared writable one).
+    hub.map_pages(call, call.arg_int("fd"), rf, writable=shared and mode == os.O_RDWR)
+    call.note = f"pages of handle {rf.handle}, {pages.size} bytes"
+    return CONTINUE
+
+
+def _refresh(rf: RemoteFile) -> Asks[None]:
+    """Bring the pages up to date: what mappings wrote goes to the slave, and what
+    the slave changed since the last fetch is fetched again."""
+    pages = rf.pages
+    assert pages is not None
+    wrote = False
+    for op in pages.changes():
+        yield op
+        wrote = True
+    raw = yield from _statx(Target(True, rf.handle, b"", b""), AT_EMPTY_PATH, STATX_BASIC_STATS)
+    identity = linux.statx_identity(raw)
+    if wrote:  # the slave has what the pages hold: its new mtime is ours
+        pages.identity = identity
+    if pages.identity == identity:
+        return
+    size = linux.statx_size(raw)
+    pieces: list[tuple[int, bytes]] = []
+    at = 0
+    while at < size:
+        want = min(size - at, MAX_IO)
+        data = _blob((yield wire.Read(handle=rf.handle, size=want, offset=at, rwf=0)), want)
+        if not data:
+            break  # shorter than it was a moment ago
+        pieces.append((at, data))
+        at += len(data)
+    pages.load(at, pieces, identity)
+
+
+@handles("msync")
+def sys_msync(hub: Hub, call: Trapped) -> Steps:
+    """Write back what mappings of remote files changed in the range, then the native
+    msync (which checks the arguments as the kernel does)."""
+    start = call.arg("addr")
+    end = start + call.arg("length")
+    handles = hub.placeholders.paged()
+    mapped = pages.mapped_handles(call.process.tgid, start, end) if handles else set()
+    call.side = "master"
+    for rf in handles:
+        if rf.pages is not None and rf.handle in mapped:
+            changes = rf.pages.changes()
+            yield from changes
+            if changes and call.arg_int("flags") & MS_SYNC:
+                yield wire.Fsync(handle=rf.handle, datasync=1)
+            call.side = "slave"
+    return CONTINUE
 
 
 def _xattr_name(call: Trapped) -> bytes:

@@ -3,7 +3,8 @@
 Each trapped call arrives as a notification (RECV); fmhub answers it exactly once,
 with a value or errno (SEND), "run it natively" (CONTINUE), or a file descriptor
 installed into the caller that is also the call's result (ADDFD with SEND, one
-ioctl, so the fd cannot leak if the caller is interrupted in between).
+ioctl, so the fd cannot leak if the caller is interrupted in between). ADDFD with
+SETFD replaces one of the caller's fds before its call continues (see pages.py).
 
 RECV ignores O_NONBLOCK and blocks, so we wait for POLLIN first; POLLHUP without
 POLLIN means no task is left under the filter. A notification whose caller died
@@ -142,6 +143,17 @@ class Listener:
             return installed
         except OSError as exc:
             return -(exc.errno or errno.EIO)
+
+    def place(self, nid: int, fd: int, number: int, *, cloexec: bool) -> int:
+        """Put a copy of ``fd`` at the caller's fd ``number`` (closing what was there,
+        as dup2 does) without answering the call. Returns 0 or -errno."""
+        flags = os.O_CLOEXEC if cloexec else 0
+        req = bytearray(abi.NOTIF_ADDFD.pack(nid, abi.SECCOMP_ADDFD_FLAG_SETFD, fd, number, flags))
+        try:
+            fcntl.ioctl(self.fd, abi.SECCOMP_IOCTL_NOTIF_ADDFD, req, True)
+        except OSError as exc:
+            return -(exc.errno or errno.EIO)
+        return 0
 
     def close(self) -> None:
         if not self._closed:

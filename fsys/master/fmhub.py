@@ -36,6 +36,7 @@ import trio
 
 from fsys.errors import Errno, LinkClosed, LocalProtocolError
 from fsys.kmod.table import Table
+from fsys.linux import O_CLOEXEC
 from fsys.master.device import Listener, Notification
 from fsys.master.link import SlaveLink
 from fsys.master.placeholders import Placeholders, RemoteFile
@@ -112,6 +113,10 @@ class Hub:
                 self.route(notif)
                 if not self._hot(poller, link_fd):
                     break
+            # The program's last mappings went with its processes: write them back.
+            self.reap()
+            for remote in self.placeholders.paged():
+                self.write_back(remote)
             nursery.cancel_scope.cancel()
 
     def close(self) -> None:
@@ -134,7 +139,11 @@ class Hub:
         """Release remote handles whose last placeholder is gone, while fmhub idles."""
         while True:
             await trio.lowlevel.wait_readable(self.placeholders.fileno())
-            self.placeholders.reap(self.release)
+            self.reap()
+
+    def reap(self) -> None:
+        """Release what the program closed (placeholders, pages) since the last look."""
+        self.placeholders.reap(self.release, self.unmapped)
 
     def _hot(self, poller: select.poll, link_fd: int) -> bool:
         """Serve notifications and replies directly, while they keep coming.
@@ -168,7 +177,7 @@ class Hub:
                     if not self.link.alive:
                         poller.unregister(link_fd)
                 elif fd == closed_fd:
-                    self.placeholders.reap(self.release)
+                    self.reap()
                 elif mask & select.POLLIN:
                     notif = listener.receive_ready()
                     if notif is not None:
@@ -218,8 +227,11 @@ class Hub:
         self.forwarded += 1
         # A handle whose last placeholder was just closed is released first, as a
         # native close would have released it (a lock, say) before this call.
-        if self.placeholders.by_inode:
-            self.placeholders.reap(self.release)
+        placeholders = self.placeholders
+        if placeholders.by_inode or placeholders.by_memfd:
+            self.reap()
+            if placeholders.by_memfd:
+                self._settle_pages(call)
         call.start = time.perf_counter_ns()
         try:
             started = decision(self, call)
@@ -330,10 +342,15 @@ class Hub:
 
     # --- services for handlers ----------------------------------------------------
 
-    def install(self, call: Trapped, handle: int, kind: int, *, cloexec: bool) -> int:
-        """Give the program a placeholder for ``handle``; it is the call's answer."""
+    def install(
+        self, call: Trapped, handle: int, kind: int, *, cloexec: bool, access: int = 0
+    ) -> int:
+        """Give the program a placeholder for ``handle``; it is the call's answer.
+
+        ``access``: the open flags that decide what the fd allows (O_ACCMODE, O_PATH).
+        """
         try:
-            app_end, remote = self.placeholders.create(handle, kind)
+            app_end, remote = self.placeholders.create(handle, kind, access)
         except Errno:
             self.link.post(0, Close(handle))
             raise
@@ -351,8 +368,46 @@ class Hub:
         return fd
 
     def release(self, remote: RemoteFile) -> None:
-        """The program holds no copy of ``remote`` any more: close the slave's handle."""
+        """The program holds no copy of ``remote`` any more: close the slave's handle
+        (after writing back what its mappings changed)."""
+        self.write_back(remote)
         self.close_handle(remote.handle)
+
+    def unmapped(self, remote: RemoteFile) -> None:
+        """No fd or mapping holds ``remote``'s pages any more: write them back."""
+        self.write_back(remote)
+
+    def write_back(self, remote: RemoteFile) -> None:
+        """Send the slave what a shared mapping changed in ``remote``'s pages."""
+        if remote.pages is not None and self.link.alive:
+            for op in remote.pages.changes():
+                try:
+                    self.link.post(0, op)
+                except LinkClosed:
+                    return
+
+    def _settle_pages(self, call: Trapped) -> None:
+        """Before a call on a mapped remote file, the slave gets the mappings' writes
+        (so that read(2) sees them, as natively)."""
+        for remote in call.files:
+            if remote is not None and remote.pages is not None:
+                self.write_back(remote)
+
+    def map_pages(self, call: Trapped, number: int, remote: RemoteFile, *, writable: bool) -> None:
+        """Switch the program's fd ``number`` to a description of ``remote``'s pages
+        (same number, same close-on-exec flag), so that its mmap maps them."""
+        assert remote.pages is not None
+        info = self.placeholders.fd_info(call.tid, number)
+        if info is None:
+            raise Errno(errno.EBADF)
+        view = remote.pages.description(writable=writable)
+        try:
+            cloexec = bool(info[0] & O_CLOEXEC)
+            done = self.listener.place(call.notif.id, view, number, cloexec=cloexec)
+        finally:
+            os.close(view)
+        if done < 0:
+            raise Errno(-done)
 
     def close_handle(self, handle: int) -> None:
         """Close a slave handle that fmhub opened for itself."""

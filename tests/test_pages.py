@@ -1,0 +1,211 @@
+"""mmap of remote files, in-process: the pages, the switched fd, write-back and the
+remote handle's lifetime (fsys.master.pages), against a real executor and real
+memfds and inotify. The program's side is the fake fd table: a mapping holds the
+description that the switched fd names, as ``kept`` holds it here."""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import mmap as mmap_module
+import os
+from pathlib import Path
+
+import pytest
+
+from fsys import protocol as wire
+from fsys.master.routing import CONTINUE
+from tests.fakes import AT_FDCWD, FakeProcess, Rig
+
+PROT_READ, PROT_WRITE = 0x1, 0x2
+MAP_SHARED, MAP_PRIVATE = 0x01, 0x02
+MS_SYNC = 0x4
+O_PATH = 0o10000000
+
+
+@pytest.fixture
+def box(tmp_path: Path) -> Path:
+    box = tmp_path / "box"
+    box.mkdir()
+    (box / "f").write_bytes(b"0123456789")
+    (box / "d").mkdir()
+    return box
+
+
+def open_(p: FakeProcess, path: bytes, flags: int = os.O_RDONLY) -> int:
+    fd = p.call("openat", AT_FDCWD, path, flags, 0)
+    assert isinstance(fd, int) and fd >= 0, fd
+    return fd
+
+
+def mmap(p: FakeProcess, fd: int, flags: int = MAP_PRIVATE, prot: int = PROT_READ) -> object:
+    return p.call("mmap", 0, 4096, prot, flags, fd, 0)
+
+
+def view(rig: Rig, p: FakeProcess, fd: int) -> int:
+    """The program's description behind ``fd`` (what its mapping maps)."""
+    return rig.listener.kept[(p.tgid, fd)]
+
+
+def reads(rig: Rig) -> list[wire.Read]:
+    return [op for op in rig.link.ops if isinstance(op, wire.Read)]
+
+
+def test_mmap_switches_the_fd_to_pages_holding_the_content(rig: Rig, proc: FakeProcess) -> None:
+    fd = open_(proc, b"/f")
+    assert mmap(proc, fd) is CONTINUE  # the kernel then maps the pages natively
+    assert proc.fds[fd].startswith("/memfd:fsys:")
+    mapped = view(rig, proc, fd)
+    assert os.pread(mapped, 100, 0) == b"0123456789"
+    assert os.fstat(mapped).st_size == 10  # a page beyond the end: SIGBUS, as natively
+    assert fcntl.fcntl(mapped, fcntl.F_GETFL) & os.O_ACCMODE == os.O_RDONLY
+
+
+def test_the_switched_fd_still_names_the_remote_file(rig: Rig, proc: FakeProcess) -> None:
+    fd = open_(proc, b"/f")
+    mmap(proc, fd)
+    buf = proc.mem.alloc(4)
+    assert proc.call("read", fd, buf, 4) == 4
+    assert proc.mem.bytes_at(buf, 4) == b"0123"
+    assert proc.call("lseek", fd, 0, os.SEEK_CUR) == 4  # the remote file's position
+
+
+def test_close_on_exec_survives_the_switch(rig: Rig, proc: FakeProcess) -> None:
+    fd = open_(proc, b"/f", os.O_RDONLY | os.O_CLOEXEC)
+    plain = open_(proc, b"/f")
+    mmap(proc, fd)
+    mmap(proc, plain)
+    assert rig.listener.cloexec[(proc.tgid, fd)] is True
+    assert rig.listener.cloexec[(proc.tgid, plain)] is False
+
+
+def test_a_program_memfd_with_our_name_is_not_a_remote_file(rig: Rig, proc: FakeProcess) -> None:
+    real = open_(proc, b"/f")
+    mmap(proc, real)
+    fake = os.memfd_create(proc.fds[real].removeprefix("/memfd:").split(" ")[0])
+    rig.listener.kept[(proc.tgid, 9)] = fake
+    proc.fds[9] = os.readlink(f"/proc/self/fd/{fake}")
+    assert proc.fds[9] == proc.fds[real]
+    assert proc.call("read", 9, proc.mem.alloc(4), 4) is CONTINUE
+
+
+@pytest.mark.parametrize(
+    ("path", "flags", "map_flags", "prot", "expected"),
+    [
+        (b"/f", os.O_WRONLY, MAP_PRIVATE, PROT_READ, -errno.EACCES),
+        (b"/d", os.O_RDONLY, MAP_PRIVATE, PROT_READ, -errno.ENODEV),
+        (b"/f", O_PATH, MAP_PRIVATE, PROT_READ, -errno.EBADF),
+    ],
+)
+def test_what_cannot_be_mapped(
+    rig: Rig, proc: FakeProcess, path: bytes, flags: int, map_flags: int, prot: int, expected: int
+) -> None:
+    fd = open_(proc, path, flags)
+    assert mmap(proc, fd, map_flags, prot) == expected
+    assert proc.fds[fd].startswith("socket:")  # untouched
+
+
+def test_a_shared_mapping_of_a_read_only_fd_is_read_only(rig: Rig, proc: FakeProcess) -> None:
+    fd = open_(proc, b"/f")
+    assert mmap(proc, fd, MAP_SHARED, PROT_READ | PROT_WRITE) is CONTINUE
+    # The description is O_RDONLY: the kernel's own mmap answers EACCES.
+    with pytest.raises(PermissionError):
+        mmap_module.mmap(view(rig, proc, fd), 10, mmap_module.MAP_SHARED, PROT_READ | PROT_WRITE)
+    mmap_module.mmap(view(rig, proc, fd), 10, mmap_module.MAP_PRIVATE, PROT_READ | PROT_WRITE)
+
+
+def test_shared_writes_reach_the_slave_before_the_next_call(
+    rig: Rig, proc: FakeProcess, box: Path
+) -> None:
+    fd = open_(proc, b"/f", os.O_RDWR)
+    assert mmap(proc, fd, MAP_SHARED, PROT_READ | PROT_WRITE) is CONTINUE
+    os.pwrite(view(rig, proc, fd), b"AB", 3)  # the program writes through its mapping
+    buf = proc.mem.alloc(10)
+    assert proc.call("pread64", fd, buf, 10, 0) == 10  # read(2) sees it, as natively
+    assert proc.mem.bytes_at(buf, 10) == b"012AB56789"
+    assert (box / "f").read_bytes() == b"012AB56789"
+
+
+def test_only_the_changed_blocks_are_written_back(rig: Rig, proc: FakeProcess, box: Path) -> None:
+    (box / "big").write_bytes(bytes(300_000))
+    fd = open_(proc, b"/big", os.O_RDWR)
+    mmap(proc, fd, MAP_SHARED, PROT_READ | PROT_WRITE)
+    os.pwrite(view(rig, proc, fd), b"\1", 200_000)
+    rig.link.ops.clear()
+    proc.call("fsync", fd)
+    writes = [op for op in rig.link.ops if isinstance(op, wire.Write)]
+    assert [(w.offset, len(w.data)) for w in writes] == [(196_608, 65_536)]
+    assert (box / "big").read_bytes()[200_000] == 1
+    rig.link.ops.clear()
+    proc.call("fsync", fd)  # nothing new: nothing sent
+    assert not [op for op in rig.link.ops if isinstance(op, wire.Write)]
+
+
+def test_writes_through_the_fd_show_in_the_pages(rig: Rig, proc: FakeProcess) -> None:
+    fd = open_(proc, b"/f", os.O_RDWR)
+    mmap(proc, fd, MAP_SHARED, PROT_READ | PROT_WRITE)
+    data = proc.mem.alloc(b"xy")
+    assert proc.call("pwrite64", fd, data, 2, 8) == 2
+    assert proc.call("lseek", fd, 0, os.SEEK_END) == 10
+    assert proc.call("write", fd, data, 2) == 2  # at the position: the file grows
+    assert os.pread(view(rig, proc, fd), 100, 0) == b"01234567xyxy"
+    assert proc.call("ftruncate", fd, 4) == 0
+    assert os.fstat(view(rig, proc, fd)).st_size == 4
+
+
+def test_pages_are_fetched_again_only_when_the_slave_file_changed(
+    rig: Rig, proc: FakeProcess, box: Path
+) -> None:
+    fd = open_(proc, b"/f")
+    mmap(proc, fd)
+    before = len(reads(rig))
+    mmap(proc, fd)
+    assert len(reads(rig)) == before  # unchanged: the pages are reused
+    (box / "f").write_bytes(b"another content")  # another process on the slave
+    mmap(proc, fd)
+    assert len(reads(rig)) > before
+    assert os.pread(view(rig, proc, fd), 100, 0) == b"another content"
+
+
+def test_the_remote_handle_lives_while_mapped(rig: Rig, proc: FakeProcess, box: Path) -> None:
+    fd = open_(proc, b"/f", os.O_RDWR)
+    dup = os.dup(rig.listener.kept[(proc.tgid, fd)])  # a copy of the placeholder elsewhere
+    mmap(proc, fd, MAP_SHARED, PROT_READ | PROT_WRITE)
+    mapping = os.dup(view(rig, proc, fd))  # the mapping holds the description
+    handles = len(rig.executor.handles)
+    proc.close(fd)
+    os.close(dup)
+    rig.hub.reap()
+    assert len(rig.executor.handles) == handles  # still mapped: still open
+    os.pwrite(mapping, b"Z", 0)
+    os.close(mapping)  # munmap: the description is released
+    rig.hub.reap()
+    rig.link.pump()
+    assert len(rig.executor.handles) == handles - 1
+    assert (box / "f").read_bytes() == b"Z123456789"  # written back before the close
+    assert not rig.placeholders.by_memfd
+
+
+def test_unmapped_pages_are_written_back_while_the_fd_stays(
+    rig: Rig, proc: FakeProcess, box: Path
+) -> None:
+    fd = open_(proc, b"/f", os.O_RDWR)
+    copy = open_(proc, b"/f")
+    mmap(proc, fd, MAP_SHARED, PROT_READ | PROT_WRITE)
+    os.pwrite(view(rig, proc, fd), b"Q", 1)
+    # The program dup'ed the placeholder before mapping, then closes the mapped fd.
+    rig.listener.kept[(proc.tgid, 20)] = os.dup(rig.listener.kept[(proc.tgid, copy)])
+    proc.close(fd)
+    rig.hub.reap()
+    rig.link.pump()
+    assert (box / "f").read_bytes() == b"0Q23456789"
+
+
+def test_the_end_of_the_session_writes_back(rig: Rig, proc: FakeProcess, box: Path) -> None:
+    fd = open_(proc, b"/f", os.O_RDWR)
+    mmap(proc, fd, MAP_SHARED, PROT_READ | PROT_WRITE)
+    os.pwrite(view(rig, proc, fd), b"E", 9)
+    for remote in rig.placeholders.paged():
+        rig.hub.write_back(remote)
+    rig.link.pump()
+    assert (box / "f").read_bytes() == b"012345678E"
