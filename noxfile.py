@@ -48,6 +48,14 @@ def bench(session: nox.Session) -> None:
 
 
 @nox.session
+def compat(session: nox.Session) -> None:
+    """CPython's own regression tests natively and under fsys, side by side (several
+    minutes: not part of the default run). ``nox -s compat -- test_os test_io``."""
+    session.install(".")
+    session.run("python", "tests/compat.py", *session.posargs)
+
+
+@nox.session
 def docs(session: nox.Session) -> None:
     """Regenerate docs/syscalls.md from the table."""
     session.install(".")

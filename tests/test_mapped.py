@@ -39,6 +39,10 @@ m.flush()
 with open(p("/three"), "rb") as other:
     out.append(other.read(5).decode())
 m[4096:4101] = b"WORLD"
+m.flush()  # msync: another open sees it at once
+with open(p("/three"), "rb") as other:
+    out.append(other.read()[4096:4101].decode())
+m[4096:4101] = b"THERE"
 m.close()
 os.close(fd)
 with open(p("/three"), "rb") as other:

@@ -38,8 +38,11 @@ def open_(p: FakeProcess, path: bytes, flags: int = os.O_RDONLY) -> int:
     return fd
 
 
-def mmap(p: FakeProcess, fd: int, flags: int = MAP_PRIVATE, prot: int = PROT_READ) -> object:
-    return p.call("mmap", 0, 4096, prot, flags, fd, 0)
+def mmap(
+    p: FakeProcess, fd: int, flags: int = MAP_PRIVATE, prot: int = PROT_READ, *,
+    length: int = 4096, offset: int = 0,
+) -> object:  # fmt: skip
+    return p.call("mmap", 0, length, prot, flags, fd, offset)
 
 
 def view(rig: Rig, p: FakeProcess, fd: int) -> int:
@@ -129,7 +132,7 @@ def test_shared_writes_reach_the_slave_before_the_next_call(
 def test_only_the_changed_blocks_are_written_back(rig: Rig, proc: FakeProcess, box: Path) -> None:
     (box / "big").write_bytes(bytes(300_000))
     fd = open_(proc, b"/big", os.O_RDWR)
-    mmap(proc, fd, MAP_SHARED, PROT_READ | PROT_WRITE)
+    mmap(proc, fd, MAP_SHARED, PROT_READ | PROT_WRITE, length=300_000)
     os.pwrite(view(rig, proc, fd), b"\1", 200_000)
     rig.link.ops.clear()
     proc.call("fsync", fd)
@@ -139,6 +142,33 @@ def test_only_the_changed_blocks_are_written_back(rig: Rig, proc: FakeProcess, b
     rig.link.ops.clear()
     proc.call("fsync", fd)  # nothing new: nothing sent
     assert not [op for op in rig.link.ops if isinstance(op, wire.Write)]
+
+
+def test_only_the_mapped_range_is_fetched(rig: Rig, proc: FakeProcess, box: Path) -> None:
+    with open(box / "sparse", "wb") as f:
+        f.truncate(6 << 30)  # a 6 GiB file with one page of data at 5 GiB
+        f.seek(5 << 30)
+        f.write(b"deep")
+    fd = open_(proc, b"/sparse")
+    assert mmap(proc, fd, length=100, offset=5 << 30) is CONTINUE
+    assert [(op.offset, op.size) for op in reads(rig)] == [(5 << 30, 4096)]
+    mapped = view(rig, proc, fd)
+    assert os.fstat(mapped).st_size == 6 << 30
+    assert os.pread(mapped, 4, 5 << 30) == b"deep"
+    mmap(proc, fd, length=8192, offset=(5 << 30) - 4096)  # one page more, before it
+    assert [(op.offset, op.size) for op in reads(rig)][1:] == [((5 << 30) - 4096, 4096)]
+
+
+def test_a_new_mmap_first_writes_back_what_mappings_changed(
+    rig: Rig, proc: FakeProcess, box: Path
+) -> None:
+    fd = open_(proc, b"/f", os.O_RDWR)
+    mmap(proc, fd, MAP_SHARED, PROT_READ | PROT_WRITE)
+    os.pwrite(view(rig, proc, fd), b"M", 2)
+    reads_before = len(reads(rig))
+    assert mmap(proc, fd, MAP_SHARED, PROT_READ | PROT_WRITE) is CONTINUE
+    assert (box / "f").read_bytes() == b"01M3456789"
+    assert len(reads(rig)) == reads_before  # its own write-back: nothing to fetch again
 
 
 def test_writes_through_the_fd_show_in_the_pages(rig: Rig, proc: FakeProcess) -> None:

@@ -45,10 +45,11 @@ from fsys.linux import (
 )
 from fsys.master import pages, staging
 from fsys.master.fmhub import Hub
+from fsys.master.pages import SPARSE_SCAN, Pages
 from fsys.master.placeholders import RemoteFile
 from fsys.master.policy import normalize
-from fsys.master.routing import CONTINUE, Handler, Outcome, Steps, Target, Trapped
-from fsys.protocol import MAX_IO, Operation, Reply
+from fsys.master.routing import CONTINUE, NOFOLLOW, Handler, Outcome, Steps, Target, Trapped
+from fsys.protocol import MAX_IO, MAX_PATH, Operation, Reply
 
 HANDLERS: dict[str, Handler] = {}
 
@@ -67,9 +68,6 @@ _TIMESPEC2 = struct.Struct("=qqqq")
 _TIMEVAL2 = struct.Struct("=qqqq")
 _UTIMBUF = struct.Struct("=qq")
 _POINTER = struct.Struct("=Q")
-
-#: The variants that act on a final symlink itself rather than on what it names.
-NOFOLLOW = frozenset({"lstat", "lchown", "lgetxattr", "lsetxattr", "llistxattr", "lremovexattr"})
 
 
 def handles(*names: str) -> Callable[[Handler], Handler]:
@@ -112,9 +110,12 @@ def _object(call: Trapped, *, at_flags: bool = True) -> tuple[Target, int]:
     """
     if not call.targets:
         return _fd_target(call), AT_EMPTY_PATH
+    target = call.targets[0]
+    if target.whole:  # /proc/self/fd/N: the handle itself
+        return target, AT_EMPTY_PATH
     if call.syscall.name in NOFOLLOW:
-        return call.targets[0], AT_SYMLINK_NOFOLLOW
-    return call.targets[0], _flags(call) if at_flags else 0
+        return target, AT_SYMLINK_NOFOLLOW
+    return target, _flags(call) if at_flags else 0
 
 
 # --- read and write ---------------------------------------------------------------
@@ -341,7 +342,9 @@ def sys_stat(hub: Hub, call: Trapped) -> Steps:
 
 @handles("statx")
 def sys_statx(hub: Hub, call: Trapped) -> Steps:
-    raw = yield from _statx(call.targets[0], call.arg_int("flags"), call.arg_int("mask"))
+    target = call.targets[0]
+    flags = call.arg_int("flags") | (AT_EMPTY_PATH if target.whole else 0)
+    raw = yield from _statx(target, flags, call.arg_int("mask"))
     call.memory.write(call.arg("statxbuf"), raw)
     return 0
 
@@ -357,9 +360,8 @@ def sys_getdents64(hub: Hub, call: Trapped) -> Steps:
 @handles("access", "faccessat", "faccessat2")
 def sys_access(hub: Hub, call: Trapped) -> Steps:
     target = call.targets[0]
-    yield wire.Access(
-        dir=target.dir, mode=call.arg_int("mode"), flags=_flags(call), path=target.path
-    )
+    flags = _flags(call) | (AT_EMPTY_PATH if target.whole else 0)
+    yield wire.Access(dir=target.dir, mode=call.arg_int("mode"), flags=flags, path=target.path)
     return 0
 
 
@@ -369,6 +371,10 @@ def sys_readlink(hub: Hub, call: Trapped) -> Steps:
     if size <= 0:
         raise Errno(errno.EINVAL)
     target = call.targets[0]
+    if target.whole:  # /proc/self/fd/N of a remote file: its path on the slave
+        path = _blob((yield wire.HandlePath(handle=target.dir)), MAX_PATH)[:size]
+        call.memory.write(call.arg("buf"), path)
+        return len(path)
     reply = yield wire.Readlink(dir=target.dir, size=size, path=target.path)
     call.memory.write(call.arg("buf"), _blob(reply, size))
     return reply.result
@@ -501,7 +507,7 @@ def sys_utimens(hub: Hub, call: Trapped) -> Steps:
     flags = _flags(call)
     if flags & ~(AT_SYMLINK_NOFOLLOW | AT_EMPTY_PATH):
         raise Errno(errno.EINVAL)
-    if target.null:
+    if target.null or target.whole:
         flags |= AT_EMPTY_PATH
     yield wire.Utimens(dir=target.dir, flags=flags, asec=asec, ansec=ansec, msec=msec,
                   mnsec=mnsec, path=target.path)  # fmt: skip
@@ -655,7 +661,9 @@ def sys_mmap(hub: Hub, call: Trapped) -> Steps:
         raise Errno(errno.EACCES)
     shared = call.arg_int("flags") & MAP_TYPE in (MAP_SHARED, MAP_SHARED_VALIDATE)
     pages = hub.placeholders.pages(rf)
-    yield from _refresh(rf)
+    length = call.arg("length")
+    offset = call.arg("offset")
+    yield from _refresh(rf, offset, offset + length)
     # A shared mapping of a read-write handle may be written (now or after mprotect);
     # any other is read-only in the file (the kernel refuses a shared writable one).
     hub.map_pages(call, call.arg_int("fd"), rf, writable=shared and mode == os.O_RDWR)
@@ -663,32 +671,64 @@ def sys_mmap(hub: Hub, call: Trapped) -> Steps:
     return CONTINUE
 
 
-def _refresh(rf: RemoteFile) -> Asks[None]:
-    """Bring the pages up to date: what mappings wrote goes to the slave, and what
-    the slave changed since the last fetch is fetched again."""
+def _refresh(rf: RemoteFile, start: int, end: int) -> Asks[None]:
+    """Bring the pages of [start, end) up to date: what mappings wrote goes to the
+    slave, and what the slave changed since the last fetch is fetched again."""
     pages = rf.pages
     assert pages is not None
-    wrote = False
-    for op in pages.changes():
+    changes = pages.changes()
+    for op in changes:  # noqa: UP028 - a list has no send(): yield each
         yield op
-        wrote = True
     raw = yield from _statx(Target(True, rf.handle, b"", b""), AT_EMPTY_PATH, STATX_BASIC_STATS)
     identity = linux.statx_identity(raw)
-    if wrote:  # the slave has what the pages hold: its new mtime is ours
-        pages.identity = identity
-    if pages.identity == identity:
+    stale = pages.current(identity, linux.statx_size(raw))
+    for lo, hi in stale:  # live mappings show these: fetched again first
+        yield from _fetch(rf, pages, lo, hi)
+    for lo, hi in pages.missing(start, end):
+        yield from _fetch(rf, pages, lo, hi)
+
+
+def _fetch(rf: RemoteFile, pages: Pages, lo: int, hi: int) -> Asks[None]:
+    """Fetch [lo, hi) into the pages; a large range around the file's holes."""
+    if hi - lo < SPARSE_SCAN:
+        yield from _fetch_data(rf, pages, lo, hi)
         return
-    size = linux.statx_size(raw)
-    pieces: list[tuple[int, bytes]] = []
-    at = 0
-    while at < size:
-        want = min(size - at, MAX_IO)
+    # SEEK_DATA and SEEK_HOLE move the handle's position, which the program owns.
+    position = (yield wire.Lseek(handle=rf.handle, offset=0, whence=os.SEEK_CUR)).result
+    try:
+        yield from _fetch_sparse(rf, pages, lo, hi)
+    finally:  # not at a GeneratorExit: fmhub always drives a handler to its end
+        yield wire.Lseek(handle=rf.handle, offset=position, whence=os.SEEK_SET)
+
+
+def _fetch_sparse(rf: RemoteFile, pages: Pages, lo: int, hi: int) -> Asks[None]:
+    at = lo
+    while at < hi:
+        try:
+            data = (yield wire.Lseek(handle=rf.handle, offset=at, whence=os.SEEK_DATA)).result
+        except Errno as exc:
+            if exc.errno != errno.ENXIO:
+                raise
+            data = hi  # no data up to the end of the file
+        data = min(data, hi)
+        if data > at:
+            pages.hole(at, data)
+        if data >= hi:
+            break
+        end = (yield wire.Lseek(handle=rf.handle, offset=data, whence=os.SEEK_HOLE)).result
+        yield from _fetch_data(rf, pages, data, min(end, hi))
+        at = min(end, hi)
+
+
+def _fetch_data(rf: RemoteFile, pages: Pages, lo: int, hi: int) -> Asks[None]:
+    at = lo
+    while at < hi:
+        want = min(hi - at, MAX_IO)
         data = _blob((yield wire.Read(handle=rf.handle, size=want, offset=at, rwf=0)), want)
         if not data:
-            break  # shorter than it was a moment ago
-        pieces.append((at, data))
+            return  # shorter than it was a moment ago
+        pages.load(at, data)
         at += len(data)
-    pages.load(at, pieces, identity)
 
 
 @handles("msync")
@@ -703,7 +743,8 @@ def sys_msync(hub: Hub, call: Trapped) -> Steps:
     for rf in handles:
         if rf.pages is not None and rf.handle in mapped:
             changes = rf.pages.changes()
-            yield from changes
+            for op in changes:  # noqa: UP028 - a list has no send(): yield each
+                yield op
             if changes and call.arg_int("flags") & MS_SYNC:
                 yield wire.Fsync(handle=rf.handle, datasync=1)
             call.side = "slave"

@@ -20,12 +20,14 @@ sees:
   each description handed out (IN_CLOSE_*, once no fd and no mapping holds it), and
   the remote handle is closed when its placeholder copies and its memfd
   descriptions are all gone;
-- content: fetched at the first mmap, and fetched again at a later mmap only when
-  the slave's inode, size or mtime has changed (a cache per handle); the program's
+- content: the ranges that mappings ask for, fetched at their mmap (the rest of the
+  memfd is a hole of the file's size), and fetched again at a later mmap only when
+  the slave's inode, size or mtime has changed other than by the handle's own writes
+  (a cache per handle); the program's
   own writes and truncates through the handle are applied to the pages as well, so
   a mapping sees them at once; SIGBUS beyond the end of the file, as natively;
 - write-back: pages that a shared read-write mapping may change are compared with a
-  snapshot of what the slave holds, and the differences are written to the slave at
+  shadow memfd of what the slave holds, and the differences are written to the slave at
   msync, at fsync, before any other call on the handle (so read(2) sees what the
   mapping wrote), when the last mapping and fd are gone (munmap and close, or the
   process's exit), and at the end of the session.
@@ -45,6 +47,7 @@ import struct
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
+from fsys import linux
 from fsys import protocol as wire
 from fsys.errors import Errno
 from fsys.linux import O_CLOEXEC
@@ -100,9 +103,27 @@ class Watcher:
             self.fd = -1
 
 
+PAGE = 4096
+FALLOC_FL_KEEP_SIZE = 0x01
+FALLOC_FL_PUNCH_HOLE = 0x02
+#: A range at least this large is fetched around its holes (SEEK_DATA, SEEK_HOLE).
+SPARSE_SCAN = 1 << 20
+
+
+def _memfd(name: str) -> int:
+    try:
+        return os.memfd_create(name, os.MFD_CLOEXEC)
+    except OSError as exc:
+        raise Errno(exc.errno or errno.ENOMEM) from None
+
+
 @dataclass(eq=False)
 class Pages:
-    """One remote handle's content in a memfd of fmhub's."""
+    """One remote handle's content in a memfd of fmhub's.
+
+    Only the ranges that mappings asked for are fetched (``loaded``); the rest is a
+    hole of the right size, so a mapping of one page of a large file fetches one page.
+    """
 
     handle: int
     memfd: int
@@ -110,17 +131,19 @@ class Pages:
     wd: int
     #: The slave file's (dev, inode, size, mtime) when the pages last matched it.
     identity: tuple[int, ...] | None = None
+    #: The fetched ranges (start, end), sorted and disjoint.
+    loaded: list[tuple[int, int]] = field(default_factory=list)
+    #: The slave's mtime moved by fmhub's own writes since ``identity`` was taken.
+    ours: bool = False
     #: Descriptions of the memfd handed to the program and not yet released.
     views: int = 0
-    #: What the slave holds, kept once a shared read-write mapping may change the pages.
-    snapshot: bytearray | None = field(default=None, repr=False)
+    #: What the slave holds of the loaded ranges (a memfd), kept once a shared
+    #: read-write mapping may change the pages; -1 before.
+    shadow: int = -1
 
     @classmethod
     def create(cls, handle: int, watcher: Watcher) -> Pages:
-        try:
-            memfd = os.memfd_create(f"fsys:{handle}", os.MFD_CLOEXEC)
-        except OSError as exc:
-            raise Errno(exc.errno or errno.ENOMEM) from None
+        memfd = _memfd(f"fsys:{handle}")
         try:
             wd = watcher.watch(memfd)
         except OSError as exc:
@@ -132,84 +155,158 @@ class Pages:
     def size(self) -> int:
         return os.fstat(self.memfd).st_size
 
-    def load(self, size: int, pieces: list[tuple[int, bytes]], identity: tuple[int, ...]) -> None:
-        """The slave's content, fetched in ``pieces`` (offset, data), replaces the pages."""
-        os.ftruncate(self.memfd, size)
-        for offset, data in pieces:
-            os.pwrite(self.memfd, data, offset)
+    def current(self, identity: tuple[int, ...], size: int) -> list[tuple[int, int]]:
+        """The slave's file is ``identity`` now. If it changed since the pages were
+        fetched: the pages take its size, and what was fetched is to be fetched again
+        (the ranges returned), as live mappings may show it."""
+        if self.ours and size == self.size:  # the change is ours: the pages have it
+            self.identity = identity
+        self.ours = False
+        if identity == self.identity:
+            return []
+        stale = [(lo, min(hi, size)) for lo, hi in self.loaded if lo < size]
+        self.loaded = []
+        for fd in (self.memfd, self.shadow):
+            if fd >= 0:
+                os.ftruncate(fd, size)
         self.identity = identity
-        if self.snapshot is not None:
-            self.snapshot = bytearray(self._content())
+        return stale
 
-    def _content(self) -> bytes:
-        size = self.size
-        return os.pread(self.memfd, size, 0) if size else b""
+    def missing(self, start: int, end: int) -> list[tuple[int, int]]:
+        """The ranges of [start, end) (widened to pages, cut at the end of the file)
+        that are not fetched yet."""
+        start -= start % PAGE
+        end = min(-(-end // PAGE) * PAGE, self.size)
+        gaps: list[tuple[int, int]] = []
+        at = start
+        for lo, hi in self.loaded:
+            if hi <= at:
+                continue
+            if lo >= end:
+                break
+            if lo > at:
+                gaps.append((at, lo))
+            at = max(at, hi)
+        if at < end:
+            gaps.append((at, end))
+        return gaps
+
+    def load(self, offset: int, data: bytes) -> None:
+        """Bytes fetched from the slave at ``offset``."""
+        os.pwrite(self.memfd, data, offset)
+        if self.shadow >= 0:
+            os.pwrite(self.shadow, data, offset)
+        self._mark(offset, offset + len(data))
+
+    def hole(self, start: int, end: int) -> None:
+        """[start, end) is a hole in the slave's file: zeros, fetched without a read."""
+        for fd in (self.memfd, self.shadow):
+            if fd >= 0:
+                linux.fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, start, end - start)
+        self._mark(start, end)
+
+    def _mark(self, start: int, end: int) -> None:
+        spans = sorted([*self.loaded, (start, end)])
+        merged: list[tuple[int, int]] = []
+        for lo, hi in spans:
+            if merged and lo <= merged[-1][1]:
+                merged[-1] = (merged[-1][0], max(merged[-1][1], hi))
+            else:
+                merged.append((lo, hi))
+        self.loaded = merged
 
     def description(self, *, writable: bool) -> int:
         """A new description of the pages for the program (fmhub closes its copy once
         installed). Each one is counted until inotify reports its release."""
         flags = (os.O_RDWR if writable else os.O_RDONLY) | O_CLOEXEC
+        if writable and self.shadow < 0:
+            self.shadow = _memfd(f"fsys-shadow:{self.handle}")
+            os.ftruncate(self.shadow, self.size)
+            for lo, hi in self._data():
+                self._copy(self.memfd, self.shadow, lo, hi)
         try:
             fd = os.open(f"/proc/self/fd/{self.memfd}", flags)
         except OSError as exc:
             raise Errno(exc.errno or errno.ENOMEM) from None
         self.views += 1
-        if writable and self.snapshot is None:
-            self.snapshot = bytearray(self._content())
         return fd
+
+    def _data(self) -> Iterator[tuple[int, int]]:
+        """The loaded ranges where the memfd holds pages (its holes are zeros in the
+        shadow too, so they never differ)."""
+        for lo, hi in self.loaded:
+            at = lo
+            while at < hi:
+                try:
+                    start = os.lseek(self.memfd, at, os.SEEK_DATA)
+                except OSError:
+                    break  # ENXIO: nothing but holes to the end
+                if start >= hi:
+                    break
+                end = min(os.lseek(self.memfd, start, os.SEEK_HOLE), hi)
+                yield start, end
+                at = end
+
+    @staticmethod
+    def _copy(src: int, dst: int, lo: int, hi: int) -> None:
+        at = lo
+        while at < hi:
+            done = os.copy_file_range(src, dst, hi - at, at, at)
+            if done <= 0:
+                break
+            at += done
 
     def written(self, offset: int, data: bytes) -> None:
         """The program wrote ``data`` at ``offset`` through the handle (the slave has it)."""
-        os.pwrite(self.memfd, data, offset)
-        if self.snapshot is not None:
-            end = offset + len(data)
-            if len(self.snapshot) < end:
-                self.snapshot.extend(bytes(end - len(self.snapshot)))
-            self.snapshot[offset:end] = data
-        self.identity = None  # the slave's mtime moved: check again at the next mmap
+        for fd in (self.memfd, self.shadow):
+            if fd >= 0:
+                os.pwrite(fd, data, offset)
+        self._mark(offset, offset + len(data))
+        self.ours = True
 
     def truncated(self, length: int) -> None:
         """The handle's file was truncated (or extended) to ``length`` on the slave."""
-        os.ftruncate(self.memfd, length)
-        if self.snapshot is not None:
-            del self.snapshot[length:]
-            self.snapshot.extend(bytes(length - len(self.snapshot)))
-        self.identity = None
+        for fd in (self.memfd, self.shadow):
+            if fd >= 0:
+                os.ftruncate(fd, length)
+        self.loaded = [(lo, min(hi, length)) for lo, hi in self.loaded if lo < length]
+        self.ours = True
 
     def changes(self) -> list[wire.Write]:
         """The writes that bring the slave up to date with the pages (none unless a
-        shared read-write mapping was made); the snapshot then counts them as done."""
-        snapshot = self.snapshot
-        if snapshot is None:
+        shared read-write mapping was made); the shadow then counts them as done."""
+        if self.shadow < 0:
             return []
-        content = self._content()
         ops: list[wire.Write] = []
-        size = min(len(content), len(snapshot))
-        start = -1
-        for at in range(0, size, BLOCK):
-            differs = content[at : at + BLOCK] != snapshot[at : at + BLOCK]
-            if differs and start < 0:
-                start = at
-            elif not differs and start >= 0:
-                ops.extend(self._writes(content, start, at))
-                start = -1
-        if start >= 0:
-            ops.extend(self._writes(content, start, size))
+        for start, hi in list(self._data()):
+            for at in range(start - start % BLOCK, hi, BLOCK):
+                n = min(BLOCK, hi - at)
+                mine = os.pread(self.memfd, n, at)
+                if mine == os.pread(self.shadow, n, at):
+                    continue
+                os.pwrite(self.shadow, mine, at)
+                last = ops[-1] if ops else None
+                if (
+                    last
+                    and last.offset + len(last.data) == at
+                    and len(last.data) + n <= wire.MAX_IO
+                ):
+                    ops[-1] = wire.Write(handle=self.handle, offset=last.offset, rwf=0,
+                                         data=last.data + mine)  # fmt: skip
+                else:
+                    ops.append(wire.Write(handle=self.handle, offset=at, rwf=0, data=mine))
         if ops:
-            snapshot[:size] = content[:size]
-            self.identity = None
+            self.ours = True
         return ops
-
-    def _writes(self, content: bytes, start: int, end: int) -> Iterator[wire.Write]:
-        for at in range(start, end, wire.MAX_IO):
-            data = content[at : min(end, at + wire.MAX_IO)]
-            yield wire.Write(handle=self.handle, offset=at, rwf=0, data=data)
 
     def close(self, watcher: Watcher) -> None:
         if self.memfd >= 0:
             watcher.unwatch(self.wd)
             os.close(self.memfd)
             self.memfd = -1
+        if self.shadow >= 0:
+            os.close(self.shadow)
+            self.shadow = -1
 
 
 def mapped_handles(pid: int, start: int, end: int) -> set[int]:

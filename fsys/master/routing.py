@@ -18,13 +18,14 @@ no handler is answered with the table's errno for it.
 from __future__ import annotations
 
 import errno
+import re
 from collections.abc import Callable, Generator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from fsys.errors import Errno
 from fsys.kmod.table import Disposition, PathArg, Syscall
-from fsys.linux import AT_EMPTY_PATH, AT_FDCWD
+from fsys.linux import AT_EMPTY_PATH, AT_FDCWD, AT_SYMLINK_NOFOLLOW
 from fsys.master.device import Notification
 from fsys.master.memory import TargetMemory
 from fsys.master.placeholders import Placeholders, RemoteFile
@@ -64,6 +65,17 @@ class Target:
     path: bytes = b""  # remote: the path sent to the slave
     shown: bytes = b""  # as the program wrote it
     null: bool = False  # the program passed NULL (utimensat's "this fd")
+    whole: bool = False  # a /proc/self/fd/N link to a remote file: the handle ``dir`` itself
+
+
+#: The variants that act on a final symlink itself rather than on what it names.
+NOFOLLOW = frozenset({"lstat", "lchown", "lgetxattr", "lsetxattr", "llistxattr", "lremovexattr"})
+#: Links to a process's fds: /proc/self/fd/N, /proc/thread-self/fd/N, /proc/PID/fd/N,
+#: /proc/PID/task/TID/fd/N, /dev/fd/N (and /dev/stdin, /dev/stdout, /dev/stderr).
+_FD_LINK = re.compile(
+    rb"^/(?:proc/(self|thread-self|\d+)(?:/task/(\d+))?/fd|dev/fd)/(\d+)(?:/+(.*))?$", re.DOTALL
+)
+_STDIO = {b"/dev/stdin": 0, b"/dev/stdout": 1, b"/dev/stderr": 2}
 
 
 @dataclass(eq=False, slots=True)
@@ -149,6 +161,32 @@ class Router:
             return -syscall.errno
         return handler
 
+    def _fd_link(self, call: Trapped, path: bytes, flags: int) -> Target | None:
+        """A link to a program's fd that is a placeholder: the remote file itself (or,
+        with more after it, a path relative to it as a directory). A call on the link
+        itself (lstat, AT_SYMLINK_NOFOLLOW) stays the master's: the kernel answers it."""
+        number = _STDIO.get(path)
+        rest = b""
+        tid = call.tid
+        if number is None:
+            match = _FD_LINK.match(path)
+            if match is None:
+                return None
+            who, task, digits, more = match.groups()
+            number, rest = int(digits), more or b""
+            if task is not None:
+                tid = int(task)
+            elif who not in (None, b"self", b"thread-self"):
+                tid = int(who)
+        remote = self.placeholders.lookup(tid, number)
+        if remote is None:
+            return None
+        if rest:
+            return Target(True, remote.handle, rest, path)
+        if flags & AT_SYMLINK_NOFOLLOW or call.syscall.name in NOFOLLOW:
+            return Target(False, shown=path)
+        return Target(True, remote.handle, b"", path, whole=True)
+
     def _target(self, call: Trapped, arg: PathArg) -> Target:
         notif = call.notif
         process = call.process
@@ -158,6 +196,10 @@ class Router:
         null = addr == 0 and bool(flags & AT_EMPTY_PATH or call.syscall.name == "utimensat")
         path = b"" if null else process.memory.read_cstring(addr)
         if path.startswith(b"/"):
+            if path.startswith((b"/proc/", b"/dev/")):
+                linked = self._fd_link(call, path, flags)
+                if linked is not None:
+                    return linked
             remote = not self.policy.is_local(path)
             return Target(remote, 0, path, path)
         if not path:

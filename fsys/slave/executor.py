@@ -243,9 +243,15 @@ class Executor:
         return self.root_relative(real)
 
     def open_at(self, dir_id: int, path: bytes, flags: int, mode: int = 0, resolve: int = 0) -> int:
-        """openat2 from ``dir_id`` (0: the root) with the session's confinement."""
+        """openat2 from ``dir_id`` (0: the root) with the session's confinement.
+
+        An empty path with a handle reopens the handle's file, as an open of
+        /proc/self/fd/N does (the file is inside the root already).
+        """
         base = self._dir_fd(dir_id)
         flags |= O_CLOEXEC
+        if not path and dir_id:
+            return os.open(_proc_fd(base), flags, mode)
         if not self.confined:
             return _openat2(base, path, flags, mode, resolve)
         if dir_id == 0 or path.startswith(b"/"):

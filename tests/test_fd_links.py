@@ -1,0 +1,96 @@
+"""Paths that name a program's fds (/proc/self/fd/N, /dev/fd/N, /dev/stdin...) and
+what copies trees with their modes (tar x, rsync -a) does through them, end to end
+on a rooted slave, compared with the same script run natively."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import Session
+
+SYSTEM_PYTHON = "/usr/bin/python3"
+
+FD_LINKS = r"""
+import os, stat, sys
+root = sys.argv[1]
+os.makedirs(root + "/t/d")
+with open(root + "/t/f", "w") as f:
+    f.write("content")
+fd = os.open(root + "/t/f", os.O_RDONLY)
+link = f"/proc/self/fd/{fd}"
+out = [os.readlink(link).removeprefix(root), os.readlink(f"/dev/fd/{fd}").removeprefix(root)]
+os.chmod(link, 0o640)
+out.append(oct(os.stat(root + "/t/f").st_mode & 0o777))
+os.utime(link, (1_000_000, 2_000_000))
+out.append(str(os.stat(root + "/t/f").st_mtime))
+with open(link) as again:  # a new open file of the same file
+    out.append(again.read())
+out.append(str(os.access(link, os.R_OK)))
+out.append(str(os.stat(link).st_size))
+out.append(str(stat.S_ISLNK(os.lstat(link).st_mode)))  # the link itself: the master's
+# glibc's fchmodat(AT_SYMLINK_NOFOLLOW): an O_PATH open, then chmod of /proc/self/fd/N.
+os.chmod(root + "/t/f", 0o604, follow_symlinks=False)
+os.chmod(root + "/t/d", 0o715, follow_symlinks=False)
+out += [oct(os.stat(root + p).st_mode & 0o777) for p in ("/t/f", "/t/d")]
+dfd = os.open(root + "/t", os.O_RDONLY | os.O_DIRECTORY)
+out.append(open(f"/proc/self/fd/{dfd}/f").read())  # a path under a directory fd
+print(" ".join(out))
+"""
+
+
+def native(script: str, root: Path) -> str:
+    done = subprocess.run(
+        [SYSTEM_PYTHON, "-c", script, str(root)], check=False, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+async def test_fd_links_name_the_remote_file(session: Session, tmp_path: Path) -> None:
+    here = tmp_path / "native"
+    here.mkdir()
+    expected = native(FD_LINKS, here)
+    assert expected.startswith("/t/f /t/f 0o640 2000000.0 content True 7 True 0o604 0o715")
+    result = await session.run(SYSTEM_PYTHON, "-c", FD_LINKS, "")
+    assert (result.status, result.out) == (0, expected), result.err
+    session.master_untouched()
+
+
+def tree(root: Path) -> list[tuple[str, int, int]]:
+    """Each entry's path, mode and mtime."""
+    return sorted(
+        (str(p.relative_to(root)), p.lstat().st_mode, int(p.lstat().st_mtime))
+        for p in root.rglob("*")
+    )
+
+
+def source_tree(src: Path) -> None:
+    (src / "a" / "b").mkdir(parents=True)
+    (src / "a" / "b" / "f").write_text("hi\n")
+    (src / "a" / "x.sh").write_text("#!/bin/sh\n")
+    (src / "a" / "b" / "ln").symlink_to("f")
+    for path, mode in (("a/b/f", 0o640), ("a/x.sh", 0o751), ("a/b", 0o705), ("a", 0o711)):
+        (src / path).chmod(mode)
+    for path in ("a/b/f", "a/x.sh", "a/b", "a"):
+        subprocess.run(["touch", "-h", "-d", "2001-02-03", str(src / path)], check=True)
+
+
+async def test_tar_x_keeps_modes_and_times(session: Session, tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    source_tree(src)
+    subprocess.run(["tar", "cf", str(session.box / "t.tar"), "-C", str(src), "a"], check=True)
+    result = await session.sh("mkdir /out && tar xf /t.tar -C /out")
+    assert result.status == 0, result.err
+    assert tree(session.box / "out") == tree(src)
+
+
+@pytest.mark.skipif(shutil.which("rsync") is None, reason="rsync is not installed")
+async def test_rsync_a_keeps_modes_and_times(session: Session, tmp_path: Path) -> None:
+    source_tree(session.box / "src")
+    result = await session.run("rsync", "-a", "/src/", "/copy/")
+    assert result.status == 0, result.err
+    assert tree(session.box / "copy") == tree(session.box / "src")
