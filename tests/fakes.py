@@ -144,6 +144,7 @@ class FakeProc(ProcFS):
         self.arg_starts: dict[int, int] = {}
         self.closed_pidfds: list[int] = []
         self.status_reads = 0
+        self.identities: dict[bytes, tuple[int, int]] = {}  # master path -> (dev, ino)
 
     def add(self, tid: int, tgid: int, ppid: int, **kw: object) -> Task:
         task = Task(tgid, ppid, **kw)  # type: ignore[arg-type]
@@ -182,6 +183,9 @@ class FakeProc(ProcFS):
     def cwd(self, tid: int) -> tuple[tuple[int, int], bytes] | None:
         task = self.tasks.get(tid)
         return task.cwd if task is not None else None
+
+    def identity(self, tid: int, path: bytes) -> tuple[int, int] | None:
+        return self.identities.get(path)
 
     def fd_path(self, tid: int, fd: int) -> str | None:
         task = self.tasks.get(tid)

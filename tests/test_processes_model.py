@@ -151,6 +151,18 @@ def test_a_refused_master_chdir_restores_the_previous_state() -> None:
     assert p.pending_cwd is None and p.inheritable() == SLAVE_DATA
 
 
+def test_back_into_the_master_directory_the_kernel_never_left() -> None:
+    # cd /usr/bin; cd /data; cd /usr/bin: the kernel stayed in /usr/bin meanwhile.
+    procfs, processes, _ = model()
+    procfs.add(10, 10, 1, cwd=((5, 6), b"/usr/bin"))
+    procfs.identities[b"/usr/bin"] = (5, 6)
+    p = processes.for_tid(10)
+    processes.chdir_remote(p, b"/data")
+    processes.chdir_master(p, 10, b"/usr/bin")
+    processes.on_call(p, 10)  # unmoved, yet not refused
+    assert p.pending_cwd is None and p.inheritable() == Inherited(b"/usr/bin", False, False)
+
+
 def test_a_child_of_a_pending_chdir_settles_it_first() -> None:
     procfs, processes, _ = model()
     procfs.add(10, 10, 1, cwd=((1, 1), b"/"))

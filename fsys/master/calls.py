@@ -888,13 +888,17 @@ def sys_execve(hub: Hub, call: Trapped) -> Steps:
     # A file that lives only on the slave: answer what the kernel would for a file
     # that does not exist or cannot be executed; otherwise stage it (staging.py).
     flags = _flags(call) & AT_EMPTY_PATH
-    reply = yield wire.Stat(dir=target.dir, flags=flags, mask=STATX_BASIC_STATS, path=target.path)
-    raw = reply.blob
-    if not stat.S_ISREG(linux.statx_mode(raw)):
-        raise Errno(errno.EACCES)
-    yield wire.Access(
-        dir=target.dir, mode=os.X_OK, flags=flags | linux.AT_EACCESS, path=target.path
-    )
+    # A slave symlink to a master binary (a venv's python): the kernel checks that one.
+    master_binary = yield from _master_link(hub, target)
+    raw = b""
+    if master_binary is None:
+        op = wire.Stat(dir=target.dir, flags=flags, mask=STATX_BASIC_STATS, path=target.path)
+        raw = _blob((yield op), linux.STATX_SIZE, exact=True)
+        if not stat.S_ISREG(linux.statx_mode(raw)):
+            raise Errno(errno.EACCES)
+        yield wire.Access(
+            dir=target.dir, mode=os.X_OK, flags=flags | linux.AT_EACCESS, path=target.path
+        )
     name = target.shown
     if hub.stage is None or not name or not process.staged_cwd:
         call.note = "slave-only executable: not staged (the process left the slave's tree)"
@@ -909,15 +913,21 @@ def sys_execve(hub: Hub, call: Trapped) -> Steps:
     except Errno:
         call.note = "slave-only executable: its name climbs out of the stage"
         raise
-    identity = linux.statx_identity(raw)
-    if not hub.stage.current(staged, identity):
-        content = yield from _read_whole(hub, target)
-        script = staging.shebang(content) if absolute else None
-        if script is not None:
-            content = staging.wrapper(script[0], script[1], name)
-        hub.stage.write(staged, content, linux.statx_mode(raw), identity)
+    if master_binary is not None:
+        hub.stage.link(staged, master_binary)
+    else:
+        identity = linux.statx_identity(raw)
+        if not hub.stage.current(staged, identity):
+            content = yield from _read_whole(hub, target)
+            script = staging.shebang(content)
+            # The kernel finds a script's interpreter on the master: a wrapper runs it
+            # by its slave name when the script is named absolutely (the interpreter
+            # then reads it from the slave) or its interpreter is a slave file.
+            if script is not None and (absolute or not hub.policy.is_local(script[0])):
+                content = staging.wrapper(script[0], script[1], name)
+            hub.stage.write(staged, content, linux.statx_mode(raw), identity)
     names: frozenset[bytes] = frozenset()
-    if absolute and hub.stage.is_wrapper(staged):
+    if hub.stage.is_wrapper(staged):
         # The wrapper's /bin/sh opens it by the rewritten name: from the stage.
         names = frozenset({kernel_name})
     fix: tuple[int, int] | None = None
@@ -932,6 +942,30 @@ def sys_execve(hub: Hub, call: Trapped) -> Steps:
     call.side = "master"
     call.note = f"staged as {os.fsdecode(staged)}"
     return CONTINUE
+
+
+#: How many symlinks an exec follows (the kernel's MAXSYMLINKS).
+MAX_SYMLINKS = 40
+
+
+def _master_link(hub: Hub, target: Target) -> Asks[bytes | None]:
+    """The master path that ``target`` leads to through slave symlinks, if it does.
+
+    A symlink on the slave whose target the policy gives to the master names the
+    master's file, as every other path to it does.
+    """
+    if target.dir:
+        return None
+    path = target.path
+    for _ in range(MAX_SYMLINKS):
+        reply = yield wire.Stat(dir=0, flags=AT_SYMLINK_NOFOLLOW, mask=STATX_BASIC_STATS, path=path)
+        if not stat.S_ISLNK(linux.statx_mode(_blob(reply, linux.STATX_SIZE, exact=True))):
+            return None
+        link = _blob((yield wire.Readlink(dir=0, size=MAX_PATH, path=path)), MAX_PATH)
+        path = link if link.startswith(b"/") else normalize(os.path.dirname(path) + b"/" + link)
+        if hub.policy.is_local(path):
+            return path
+    return None
 
 
 def _read_whole(hub: Hub, target: Target) -> Asks[bytes]:

@@ -118,6 +118,14 @@ class ProcFS:
         except OSError:
             return None
 
+    def identity(self, tid: int, path: bytes) -> tuple[int, int] | None:
+        """(st_dev, st_ino) of ``path`` as ``tid`` sees it (its root), if it exists."""
+        try:
+            st = os.stat(b"/proc/%d/root" % tid + path)
+        except OSError:
+            return None
+        return st.st_dev, st.st_ino
+
     def fd_path(self, tid: int, fd: int) -> str | None:
         """What the program's ``fd`` names (readlink of /proc/<tid>/fd/N), if open."""
         try:
@@ -433,6 +441,11 @@ class Processes:
         self.seal(process)
         found = self.procfs.cwd(tid)
         if found is None:
+            return
+        if process.cwd_remote and found[0] == self.procfs.identity(tid, path):
+            # Back into the master directory that the kernel never left while the
+            # process was in slave directories: the chdir changes nothing to read back.
+            process.adopt(Inherited(found[1], False, False))
             return
         previous = process.inheritable()
         process.pending_cwd = PendingChdir(tid, found[0], previous)

@@ -18,8 +18,11 @@ name the program passed resolve, on the master, to a copy of the slave file:
   execs its interpreter on the original path, so the interpreter reads the script
   from the slave under its real name, as it would natively.
 
-A relative script needs no wrapper: the kernel hands the interpreter the name the
-program used, and that name, opened by the interpreter, goes to the slave. Copies
+A relative script whose interpreter is the master's needs no wrapper: the kernel
+hands the interpreter the name the program used, and that name, opened by the
+interpreter, goes to the slave; one whose interpreter is a slave file gets the
+wrapper too (its exec of the interpreter is staged in turn). A slave symlink that
+leads to a master path (a venv's ``bin/python``) is staged as a symlink to it. Copies
 are cached by the slave file's identity (device, inode, size, mtime).
 """
 
@@ -75,6 +78,17 @@ class Stage:
             self._wrappers.add(path)
         else:
             self._wrappers.discard(path)
+
+    def link(self, path: bytes, target: bytes) -> None:
+        """``path`` becomes a symlink to the master file ``target``."""
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        temp = path + b".fsys-tmp"
+        if os.path.lexists(temp):
+            os.unlink(temp)
+        os.symlink(target, temp)
+        os.rename(temp, path)
+        self._cache.pop(path, None)
+        self._wrappers.discard(path)
 
     def close(self) -> None:
         import shutil  # only at the end: start-up time
