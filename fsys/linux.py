@@ -27,6 +27,7 @@ SYS_FCHMODAT2: Final = 452
 SYS_FCHOWNAT: Final = 260
 SYS_FALLOCATE: Final = 285
 SYS_SYNCFS: Final = 306
+SYS_PIDFD_GETFD: Final = 438
 
 
 def _proto(*argtypes: type) -> Callable[..., int]:
@@ -51,6 +52,7 @@ _fchmodat2 = _proto(_c_int, _char_p, _c_uint, _c_int)
 _fchownat = _proto(_c_int, _char_p, _c_uint, _c_uint, _c_int)
 _fallocate = _proto(_c_int, _c_int, _c_long, _c_long)
 _syncfs = _proto(_c_int)
+_pidfd_getfd = _proto(_c_int, _c_int, _c_uint)
 
 
 def raise_fd_limit() -> tuple[int, int]:
@@ -114,6 +116,11 @@ def fchownat(dirfd: int, path: bytes, uid: int, gid: int, flags: int) -> None:
 
 def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
     _check(_fallocate(SYS_FALLOCATE, fd, mode, offset, length))
+
+
+def pidfd_getfd(pidfd: int, fd: int) -> int:
+    """A copy of another process's ``fd`` (the same open file description)."""
+    return _check(_pidfd_getfd(SYS_PIDFD_GETFD, pidfd, fd, 0))
 
 
 def syncfs(fd: int) -> None:

@@ -2,7 +2,8 @@
 
 Each module of the interpreter's ``test`` package runs twice with the same
 interpreter: natively in a fresh directory, and under fsys-master against a slave
-rooted in a fresh box, with the working directory and TMPDIR on the slave. Every
+rooted in a fresh box (holding a copy of /etc/passwd and /etc/group, as a slave
+machine has), with the working directory and TMPDIR on the slave. Every
 test that passes natively must pass under fsys, except the ones docs/limits.md
 names (its table "CPython's tests that differ under fsys", with a reason each).
 Prints one markdown table: module | native pass/fail/skip | fsys pass/fail/skip,
@@ -18,6 +19,7 @@ import json
 import os
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -138,8 +140,10 @@ def main() -> int:
         with tempfile.TemporaryDirectory(prefix="fsys-compat-") as scratch:
             here = Path(scratch) / "native"
             box = Path(scratch) / "box"
-            for d in (here / "tmp", box / "tmp", box / "work"):
+            for d in (here / "tmp", box / "tmp", box / "work", box / "etc"):
                 d.mkdir(parents=True)
+            for name in ("passwd", "group"):  # the slave machine's users, as a slave has
+                shutil.copy(f"/etc/{name}", box / "etc" / name)
             env = dict(os.environ, TMPDIR=str(here / "tmp"))
             start = time.monotonic()
             native, why_native = run([python, "-c", RUNNER, module], here, env, args.timeout)

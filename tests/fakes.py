@@ -145,6 +145,7 @@ class FakeProc(ProcFS):
         self.closed_pidfds: list[int] = []
         self.status_reads = 0
         self.identities: dict[bytes, tuple[int, int]] = {}  # master path -> (dev, ino)
+        self.files: dict[tuple[int, int], int] = {}  # (tgid, fd) -> a real master fd
 
     def add(self, tid: int, tgid: int, ppid: int, **kw: object) -> Task:
         task = Task(tgid, ppid, **kw)  # type: ignore[arg-type]
@@ -186,6 +187,12 @@ class FakeProc(ProcFS):
 
     def identity(self, tid: int, path: bytes) -> tuple[int, int] | None:
         return self.identities.get(path)
+
+    def take_fd(self, pid: int, pidfd: int, fd: int) -> int:
+        real = self.files.get((pid, fd))
+        if real is None:
+            raise OSError(errno.EBADF, "no such fd")
+        return os.dup(real)
 
     def fd_path(self, tid: int, fd: int) -> str | None:
         task = self.tasks.get(tid)

@@ -635,8 +635,39 @@ def test_sendfile(rig: Rig, proc: FakeProcess, box: Path) -> None:
     assert proc.call("sendfile", out, src, offset, 4) == 4
     assert LOFF.unpack(proc.mem.bytes_at(offset, 8))[0] == 7
     assert (box / "data" / "sent").read_bytes() == b"3456"
-    proc.fds[9] = "pipe:[1]"
-    assert proc.call("sendfile", 9, src, 0, 4) == -errno.EINVAL
+    r, w = os.pipe()
+    proc.fds[9] = "pipe:[1]"  # a master pipe: fmhub copies into it
+    rig.procfs.files[(proc.tgid, 9)] = w
+    assert proc.call("sendfile", 9, src, offset, 2) == 2
+    assert os.read(r, 10) == b"78"
+    assert LOFF.unpack(proc.mem.bytes_at(offset, 8))[0] == 9
+    assert proc.call("sendfile", 8, src, 0, 4) == -errno.EBADF  # no such master fd
+    dirfd = open_(proc, b"/data")
+    assert proc.call("sendfile", 9, dirfd, 0, 4) == -errno.EINVAL  # not a regular file
+    os.close(r)
+    os.close(w)
+
+
+def test_splice_between_a_slave_file_and_a_master_pipe(
+    rig: Rig, proc: FakeProcess, box: Path
+) -> None:
+    src = open_(proc, b"/data/f", O_RDWR)
+    r, w = os.pipe()
+    proc.fds[7], proc.fds[8] = "pipe:[2]", "pipe:[2]"
+    rig.procfs.files[(proc.tgid, 7)] = r
+    rig.procfs.files[(proc.tgid, 8)] = w
+    off = proc.mem.alloc(LOFF.pack(2))
+    assert proc.call("splice", src, off, 8, 0, 3, 0) == 3
+    assert os.read(r, 10) == b"234" and LOFF.unpack(proc.mem.bytes_at(off, 8))[0] == 5
+    assert proc.call("splice", src, 0, 8, off, 3, 0) == -errno.ESPIPE
+    os.write(w, b"AB")
+    assert proc.call("splice", 7, 0, src, 0, 10, 0) == 2  # at the file position: 0
+    assert (box / "data" / "f").read_bytes() == b"AB23456789"
+    # An empty pipe: a non-blocking splice says so (a blocking one waits in fmhub).
+    assert proc.call("splice", 7, 0, src, 0, 10, 0x02) == -errno.EAGAIN
+    assert proc.call("splice", src, 0, src, 0, 10, 0) == -errno.EINVAL  # no pipe at all
+    os.close(r)
+    os.close(w)
 
 
 # --- extended attributes ----------------------------------------------------------

@@ -23,9 +23,13 @@ written into the caller as each piece arrives.
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
+import select
+import socket
 import stat
 import struct
+import termios
 from collections.abc import Callable, Generator
 from typing import TypeVar
 
@@ -48,13 +52,23 @@ from fsys.master.fmhub import Hub
 from fsys.master.pages import SPARSE_SCAN, Pages
 from fsys.master.placeholders import RemoteFile
 from fsys.master.policy import normalize
-from fsys.master.routing import CONTINUE, NOFOLLOW, Handler, Outcome, Steps, Target, Trapped
-from fsys.protocol import MAX_IO, MAX_PATH, Operation, Reply
+from fsys.master.routing import (
+    CONTINUE,
+    NOFOLLOW,
+    Handler,
+    Outcome,
+    Ready,
+    Step,
+    Steps,
+    Target,
+    Trapped,
+)
+from fsys.protocol import MAX_IO, MAX_PATH, Reply
 
 HANDLERS: dict[str, Handler] = {}
 
 T = TypeVar("T")
-Asks = Generator[Operation, Reply, T]
+Asks = Generator[Step, Reply, T]
 """A helper (or handler) that asks the slave and returns a T."""
 
 MAX_RW_COUNT = 0x7FFFF000  # the kernel clamps every read and write to this
@@ -623,16 +637,140 @@ def sys_copy_file_range(hub: Hub, call: Trapped) -> Steps:
 
 
 @handles("sendfile")
-def sys_sendfile(hub: Hub, call: Trapped) -> Steps:
+def sys_sendfile(hub: Hub, call: Trapped) -> Asks[int]:
     out, src = call.files
-    if out is None or src is None:
-        raise Errno(errno.EINVAL)
     offset = _offset_in(call, call.arg("offset"))
     count = min(call.arg("count"), MAX_RW_COUNT)
-    n = (yield wire.Sendfile(out=out.handle, src=src.handle, offset=offset, size=count)).result
+    if out is not None and src is not None:
+        n = (yield wire.Sendfile(out=out.handle, src=src.handle, offset=offset, size=count)).result
+    elif src is not None:  # from a slave file to a master fd (a socket, a pipe...)
+        n = yield from _to_master(hub, call, src, offset, "out_fd", count, nonblock=False)
+    else:
+        assert out is not None  # to a slave file from a master file
+        n = yield from _from_master(hub, call, "in_fd", offset, out, -1, count, nonblock=False)
     if offset >= 0:
         call.memory.write_struct(call.arg("offset"), _LOFF, offset + n)
     return n
+
+
+SPLICE_F_NONBLOCK = 0x02
+
+
+@handles("splice")
+def sys_splice(hub: Hub, call: Trapped) -> Asks[int]:
+    """Between a slave file and a master pipe (one end of a splice is a pipe)."""
+    src, dst = call.files
+    if src is not None and dst is not None:
+        raise Errno(errno.EINVAL)  # two slave files: neither is a pipe
+    count = min(call.arg("len"), MAX_RW_COUNT)
+    nonblock = bool(call.arg_int("flags") & SPLICE_F_NONBLOCK)
+    if src is not None:
+        if call.arg("off_out"):
+            raise Errno(errno.ESPIPE)  # the pipe's side has no offset
+        offset = _offset_in(call, call.arg("off_in"))
+        n = yield from _to_master(hub, call, src, offset, "fd_out", count, nonblock=nonblock)
+        if offset >= 0:
+            call.memory.write_struct(call.arg("off_in"), _LOFF, offset + n)
+        return n
+    assert dst is not None
+    if call.arg("off_in"):
+        raise Errno(errno.ESPIPE)
+    offset = _offset_in(call, call.arg("off_out"))
+    n = yield from _from_master(hub, call, "fd_in", -1, dst, offset, count, nonblock=nonblock)
+    if offset >= 0:
+        call.memory.write_struct(call.arg("off_out"), _LOFF, offset + n)
+    return n
+
+
+def _master_fd(hub: Hub, call: Trapped, name: str) -> int:
+    """fmhub's own copy of the program's fd argument ``name`` (same description)."""
+    process = call.process
+    try:
+        return hub.processes.procfs.take_fd(process.tgid, process.pidfd, call.arg_int(name))
+    except OSError as exc:
+        raise Errno(exc.errno or errno.EBADF) from None
+
+
+def _await_ready(fd: int, *, writable: bool, nonblock: bool) -> Asks[None]:
+    """Until the master fd ``fd`` is ready, as the call would wait natively; EAGAIN
+    instead for a non-blocking one."""
+    poller = select.poll()
+    poller.register(fd, select.POLLOUT if writable else select.POLLIN)
+    if poller.poll(0):
+        return
+    if nonblock or not os.get_blocking(fd):
+        raise Errno(errno.EAGAIN)
+    yield Ready(fd, writable=writable)
+
+
+def _room(fd: int, count: int) -> int:
+    """How much can go into the master fd ``fd`` without blocking (a pipe's free space)."""
+    mode = os.fstat(fd).st_mode
+    if stat.S_ISFIFO(mode):
+        size = fcntl.fcntl(fd, F_GETPIPE_SZ)
+        queued: int = _INT.unpack(fcntl.ioctl(fd, termios.FIONREAD, bytes(_INT.size)))[0]
+        return max(min(count, size - queued), 1)
+    return count
+
+
+def _to_master(
+    hub: Hub, call: Trapped, src: RemoteFile, offset: int, name: str, count: int, *,
+    nonblock: bool,
+) -> Asks[int]:  # fmt: skip
+    """Copy from a slave file to the program's master fd ``name``: what fits now (a
+    partial count, as the kernel may give), after waiting for room as it would."""
+    if not src.is_regular:
+        raise Errno(errno.EINVAL)
+    fd = _master_fd(hub, call, name)
+    try:
+        yield from _await_ready(fd, writable=True, nonblock=nonblock)
+        want = min(_room(fd, count), MAX_IO)
+        reply = yield wire.Read(handle=src.handle, size=want, offset=offset, rwf=0)
+        data = _blob(reply, want)
+        try:
+            if stat.S_ISSOCK(os.fstat(fd).st_mode):
+                sock = socket.socket(fileno=fd)  # borrowed: detached below, not closed
+                try:
+                    written = sock.send(data, socket.MSG_DONTWAIT)
+                finally:
+                    sock.detach()
+            else:
+                written = os.write(fd, data)
+        except BlockingIOError:
+            written = 0
+        except OSError as exc:
+            raise Errno(exc.errno or errno.EIO) from None
+        if written < len(data) and offset < 0:  # give back what the master fd did not take
+            yield wire.Lseek(handle=src.handle, offset=written - len(data), whence=os.SEEK_CUR)
+        if not written and data:
+            raise Errno(errno.EAGAIN)
+        return written
+    finally:
+        os.close(fd)
+
+
+def _from_master(
+    hub: Hub, call: Trapped, name: str, offset: int, dst: RemoteFile, off_out: int, count: int,
+    *, nonblock: bool,
+) -> Asks[int]:  # fmt: skip
+    """Copy from the program's master fd ``name`` (at ``offset``, -1: its position) to
+    a slave file (at ``off_out``, -1: its position)."""
+    fd = _master_fd(hub, call, name)
+    try:
+        yield from _await_ready(fd, writable=False, nonblock=nonblock)
+        want = min(count, MAX_IO)
+        try:
+            data = os.read(fd, want) if offset < 0 else os.pread(fd, want, offset)
+        except BlockingIOError:
+            raise Errno(errno.EAGAIN) from None
+        except OSError as exc:
+            raise Errno(exc.errno or errno.EIO) from None
+        if not data:
+            return 0
+        reply = yield wire.Write(handle=dst.handle, offset=off_out, rwf=0, data=data)
+        return min(reply.result, len(data))
+    finally:
+        os.close(fd)
 
 
 # --- extended attributes ----------------------------------------------------------

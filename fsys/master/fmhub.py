@@ -42,7 +42,16 @@ from fsys.master.link import SlaveLink
 from fsys.master.placeholders import Placeholders, RemoteFile
 from fsys.master.policy import Policy
 from fsys.master.processes import Inherited, Process, Processes
-from fsys.master.routing import CONTINUE, Continue, Handler, Outcome, Router, Steps, Trapped
+from fsys.master.routing import (
+    CONTINUE,
+    Continue,
+    Handler,
+    Outcome,
+    Ready,
+    Router,
+    Steps,
+    Trapped,
+)
 from fsys.master.staging import Stage
 from fsys.master.trace import Tracer
 from fsys.protocol import (
@@ -62,6 +71,8 @@ HOT_SLICE = 0.010
 DEFAULT_SPIN_US = 300
 #: The largest errno a reply may carry (the kernel's MAX_ERRNO).
 MAX_ERRNO = 4095
+#: What a handler's Ready wait is resumed with.
+READY = Reply(0, 0, 0)
 
 
 class Hub:
@@ -92,12 +103,14 @@ class Hub:
         self.router = Router(policy=policy, placeholders=self.placeholders, handlers=handlers)
         self.trapped = 0
         self.forwarded = 0
+        self._nursery: trio.Nursery | None = None
 
     # --- the notification loop ----------------------------------------------------
 
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Route notifications until no task is left under the filter."""
         async with trio.open_nursery() as nursery:
+            self._nursery = nursery
             await nursery.start(self.processes.serve)
             task_status.started()
             poller = select.poll()
@@ -268,6 +281,9 @@ class Hub:
                 if process.closed:
                     sent = Errno(errno.ESRCH)  # the caller died: no more work for it
                     continue
+                if isinstance(op, Ready):
+                    self._wait_ready(call, steps, op)
+                    return
                 try:
                     check_call(op)
                 except LocalProtocolError:
@@ -280,6 +296,27 @@ class Hub:
                 return
             self._answer(call, outcome)
             return
+
+    def _wait_ready(self, call: Trapped, steps: Steps, ready: Ready) -> None:
+        """Resume ``call``'s handler once ``ready.fd`` is ready, from a task in the
+        caller's pairing (cancelled, and the handler closed, if the process ends)."""
+        nursery = call.process.nursery or self._nursery
+        if nursery is None:  # no task tree (in-process tests): look once, now
+            self._advance(call, steps, Errno(errno.EAGAIN))
+            return
+
+        async def wait() -> None:
+            try:
+                if ready.writable:
+                    await trio.lowlevel.wait_writable(ready.fd)
+                else:
+                    await trio.lowlevel.wait_readable(ready.fd)
+            except BaseException:
+                steps.close()
+                raise
+            self._advance(call, steps, READY)
+
+        nursery.start_soon(wait)
 
     def _resume(self, call: Trapped, steps: Steps, reply: Reply | LinkClosed) -> None:
         """The slave answered ``call``'s operation: go on with its handler."""

@@ -24,6 +24,7 @@ import resource
 import signal
 from dataclasses import dataclass
 
+from fsys import linux
 from fsys.errors import FsysError
 from fsys.kmod import abi
 
@@ -153,13 +154,12 @@ def launch(
         os.kill(pid, signal.SIGKILL)
         os.waitpid(pid, 0)
         raise LaunchError("the program's listener did not appear", 125)
-    listener = _libc.syscall(ctypes.c_long(abi.SYS_PIDFD_GETFD), ctypes.c_long(pidfd),
-                             ctypes.c_long(target), ctypes.c_long(0))  # fmt: skip
-    if listener < 0:
-        err = ctypes.get_errno()
+    try:
+        listener = linux.pidfd_getfd(pidfd, target)
+    except OSError as exc:
         os.kill(pid, signal.SIGKILL)
         os.waitpid(pid, 0)
-        raise LaunchError(f"cannot take the listener: {os.strerror(err)}", 125)
+        raise LaunchError(f"cannot take the listener: {exc.strerror}", 125) from None
     os.set_inheritable(listener, False)
     return Launched(pid, pidfd, listener)
 

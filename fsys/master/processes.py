@@ -40,6 +40,7 @@ from typing import NamedTuple
 
 import trio
 
+from fsys import linux
 from fsys.errors import Errno
 from fsys.master.memory import TargetMemory
 
@@ -117,6 +118,16 @@ class ProcFS:
             return (st.st_dev, st.st_ino), os.fsencode(os.readlink(f"/proc/{tid}/cwd"))
         except OSError:
             return None
+
+    def take_fd(self, pid: int, pidfd: int, fd: int) -> int:
+        """fmhub's own copy of ``pid``'s ``fd`` (the same open file description);
+        OSError if it has none. ``pidfd``: the process's, or -1."""
+        own = pidfd if pidfd >= 0 else os.pidfd_open(pid)
+        try:
+            return linux.pidfd_getfd(own, fd)
+        finally:
+            if own != pidfd:
+                os.close(own)
 
     def identity(self, tid: int, path: bytes) -> tuple[int, int] | None:
         """(st_dev, st_ino) of ``path`` as ``tid`` sees it (its root), if it exists."""

@@ -50,7 +50,20 @@ CONTINUE = Continue()
 
 Outcome = int | Continue
 """How a call ends: a result (>= 0), -errno, or CONTINUE."""
-Steps = Generator[Operation, Reply, Outcome]
+
+
+@dataclass(frozen=True, slots=True)
+class Ready:
+    """The one wait a handler may ask for besides the slave: resume it (with an empty
+    reply) once fmhub's own ``fd`` is readable, or writable. fmhub waits in the caller's
+    pairing task, so the wait ends with the process."""
+
+    fd: int
+    writable: bool = False
+
+
+Step = Operation | Ready
+Steps = Generator[Step, Reply, Outcome]
 """A handler that needs the slave: it yields each operation and is resumed with the
 successful reply (an errno reply is raised in it as Errno), then returns."""
 Handler = Callable[["Hub", "Trapped"], "Steps | Outcome"]
