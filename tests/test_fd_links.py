@@ -94,3 +94,65 @@ async def test_rsync_a_keeps_modes_and_times(session: Session, tmp_path: Path) -
     result = await session.run("rsync", "-a", "/src/", "/copy/")
     assert result.status == 0, result.err
     assert tree(session.box / "copy") == tree(session.box / "src")
+
+
+KERNEL_RULES = r"""
+import ctypes, errno, os, struct, sys
+root = sys.argv[1]
+libc = ctypes.CDLL(None, use_errno=True)
+def e(fn):
+    try:
+        r = fn()
+        return "ok" if r is None else repr(r)
+    except OSError as exc:
+        return errno.errorcode[exc.errno]
+def c(result):
+    return str(result) if result >= 0 else errno.errorcode[ctypes.get_errno()]
+os.makedirs(root + "/b")
+open(root + "/b/f", "w").write("x")
+os.symlink("f", root + "/b/l")
+out = []
+# O_PATH fds: fstat works, fchmod and read are EBADF; readlinkat(fd, "") reads the link.
+p = os.open(root + "/b/f", os.O_PATH)
+out += [e(lambda: os.chmod(p, 0o600)), e(lambda: os.stat(p).st_size), e(lambda: os.read(p, 1))]
+lp = os.open(root + "/b/l", os.O_PATH | os.O_NOFOLLOW)
+buf = ctypes.create_string_buffer(100)
+n = libc.readlinkat(lp, b"", buf, 100)
+out.append(buf.raw[:n].decode() if n >= 0 else c(n))
+# Unknown flag bits: EINVAL before any lookup.
+st = ctypes.create_string_buffer(256)
+name = (root + "/b/f").encode()
+out.append(c(libc.syscall(439, -100, name, 0, 0x10000)))  # faccessat2
+out.append(c(libc.fstatat(-100, name, st, 0x10000)))
+out.append(c(libc.statx(-100, name, 0x10000, 0xFFF, st)))
+out.append(c(libc.statx(-100, name, 0x6000, 0xFFF, st)))
+# listxattr follows a symlink, llistxattr does not.
+try:
+    os.setxattr(root + "/b/f", "user.k", b"1")
+    out += [e(lambda: os.listxattr(root + "/b/l")),
+            e(lambda: os.listxattr(root + "/b/l", follow_symlinks=False))]
+except OSError as exc:
+    out.append("no-xattrs")
+# /proc/self/cwd of a process in a slave directory.
+os.chdir(root + "/b")
+out.append(os.readlink("/proc/self/cwd").removeprefix(root))
+out.append(open("/proc/self/cwd/f").read())
+# openat2's RESOLVE_* flags apply from the working directory.
+def openat2(path, resolve):
+    how = struct.pack("QQQ", os.O_RDONLY, 0, resolve)
+    fd = libc.syscall(437, -100, path, how, 24)
+    return "fd" if fd >= 0 else c(fd)
+out += [openat2(b"f", 0x08), openat2(b"../b/f", 0x08), openat2(b"l", 0x04),
+        openat2((root + "/b/f").encode(), 0x08)]
+print(" ".join(out))
+"""
+
+
+async def test_kernel_rules_hold_for_slave_files(session: Session, tmp_path: Path) -> None:
+    here = tmp_path / "native"
+    here.mkdir()
+    expected = native(KERNEL_RULES, here)
+    assert expected.startswith("EBADF 1 EBADF f EINVAL EINVAL EINVAL EINVAL"), expected
+    assert expected.endswith("/b x fd EXDEV ELOOP EXDEV\n"), expected
+    result = await session.run(SYSTEM_PYTHON, "-c", KERNEL_RULES, "")
+    assert (result.status, result.out) == (0, expected), result.err

@@ -1035,12 +1035,41 @@ def test_iovec_limits(rig: Rig, proc: FakeProcess) -> None:
     assert proc.call("preadv", fd, too_much, 2, 6, 0) == -errno.EINVAL
 
 
-def test_statx_passes_only_the_flags_it_knows(rig: Rig, proc: FakeProcess) -> None:
+def test_statx_checks_its_flags_as_the_kernel_does(rig: Rig, proc: FakeProcess) -> None:
     buf = proc.mem.alloc(256)
     known = linux.AT_SYMLINK_NOFOLLOW | linux.AT_NO_AUTOMOUNT | 0x2000  # FORCE_SYNC
-    assert proc.call("statx", AT_FDCWD, b"/data/f", known | 0x1 | 0x200, 0x7FF, buf) == 0
+    assert proc.call("statx", AT_FDCWD, b"/data/f", known, 0x7FF, buf) == 0
     op = rig.link.ops[-1]
     assert isinstance(op, wire.Stat) and op.flags == known
+    sent = len(rig.link.ops)
+    for flags, mask in ((known | 0x1, 0x7FF), (known | 0x200, 0x7FF), (0x6000, 0x7FF),
+                        (0, 0x80000000)):  # fmt: skip
+        assert proc.call("statx", AT_FDCWD, b"/data/f", flags, mask, buf) == -errno.EINVAL
+    assert len(rig.link.ops) == sent  # refused before the slave is asked
+
+
+@pytest.mark.parametrize(
+    ("name", "args"),
+    [
+        ("newfstatat", (AT_FDCWD, b"/data/f", 0, 0x10000)),
+        ("faccessat2", (AT_FDCWD, b"/data/f", 0, 0x10000)),
+        ("fchownat", (AT_FDCWD, b"/data/f", 0, 0, 0x10000)),
+        ("linkat", (AT_FDCWD, b"/data/f", AT_FDCWD, b"/data/g", 0x10000)),
+    ],
+)
+def test_unknown_at_flags_are_einval(
+    rig: Rig, proc: FakeProcess, name: str, args: tuple[int | bytes, ...]
+) -> None:
+    values = [proc.mem.alloc(256) if name == "newfstatat" and i == 2 else a
+              for i, a in enumerate(args)]  # fmt: skip
+    assert proc.call(name, *values) == -errno.EINVAL
+
+
+def test_o_path_fds_allow_only_what_the_kernel_allows(rig: Rig, proc: FakeProcess) -> None:
+    fd = open_(proc, b"/data/f", linux.O_PATH)
+    assert proc.call("fchmod", fd, 0o600) == -errno.EBADF
+    assert proc.call("fchown", fd, 0, 0) == -errno.EBADF
+    assert proc.call("fstat", fd, proc.mem.alloc(144)) == 0
 
 
 def test_a_short_statx_from_the_slave_is_eio(rig: Rig, proc: FakeProcess) -> None:

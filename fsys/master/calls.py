@@ -301,9 +301,21 @@ def _open(
         mode = _create_mode(call, mode)
     elif not how:
         mode = 0
-    reply = yield wire.Open(
-        dir=target.dir, flags=flags, mode=mode, resolve=resolve, path=target.path
-    )
+    if resolve and not target.dir and not target.shown.startswith(b"/"):
+        # RESOLVE_* flags apply from the working directory, not from the root: open
+        # the slave cwd, then the name from it.
+        cwd = call.process.cwd
+        base = yield wire.Open(dir=0, flags=linux.O_PATH | linux.O_DIRECTORY, mode=0,
+                               resolve=0, path=cwd)  # fmt: skip
+        try:
+            reply = yield wire.Open(dir=base.result, flags=flags, mode=mode, resolve=resolve,
+                                    path=target.shown)  # fmt: skip
+        finally:
+            hub.close_handle(base.result)
+    else:
+        reply = yield wire.Open(
+            dir=target.dir, flags=flags, mode=mode, resolve=resolve, path=target.path
+        )
     kind = reply.blob[0] << 12 if reply.blob else 0
     access = flags & (linux.O_ACCMODE | linux.O_PATH)
     return hub.install(call, reply.result, kind, cloexec=bool(flags & O_CLOEXEC), access=access)
@@ -342,12 +354,37 @@ def _statx(target: Target, flags: int, mask: int) -> Asks[bytes]:
     return _blob(reply, linux.STATX_SIZE, exact=True)
 
 
+#: The fd forms that an O_PATH fd allows (open(2): fstat, fstatfs, fchdir...).
+O_PATH_CALLS = frozenset({"fstat", "newfstatat", "statx", "fstatfs", "fchdir"})
+
+
 def _fd_target(call: Trapped, i: int = 0) -> Target:
-    return Target(True, _file(call, i).handle, b"", b"")
+    rf = _file(call, i)
+    if rf.access & linux.O_PATH and call.syscall.name not in O_PATH_CALLS:
+        raise Errno(errno.EBADF)  # fchmod, fchown, fgetxattr... of an O_PATH fd
+    return Target(True, rf.handle, b"", b"")
+
+
+#: The AT_* flags each call accepts; any other bit is EINVAL, before any lookup.
+_VALID_AT = {
+    "newfstatat": AT_SYMLINK_NOFOLLOW | linux.AT_NO_AUTOMOUNT | AT_EMPTY_PATH,
+    "statx": AT_SYMLINK_NOFOLLOW | linux.AT_NO_AUTOMOUNT | AT_EMPTY_PATH | 0x6000,
+    "faccessat2": linux.AT_EACCESS | AT_SYMLINK_NOFOLLOW | AT_EMPTY_PATH,
+    "fchownat": AT_SYMLINK_NOFOLLOW | AT_EMPTY_PATH,
+    "linkat": linux.AT_SYMLINK_FOLLOW | AT_EMPTY_PATH,
+}
+STATX__RESERVED = 0x80000000
+
+
+def _check_flags(call: Trapped) -> None:
+    valid = _VALID_AT.get(call.syscall.name)
+    if valid is not None and call.arg_int("flags") & ~valid:
+        raise Errno(errno.EINVAL)
 
 
 @handles("stat", "lstat", "newfstatat", "fstat")
 def sys_stat(hub: Hub, call: Trapped) -> Steps:
+    _check_flags(call)
     target, flags = _object(call)
     raw = yield from _statx(target, flags, STATX_BASIC_STATS)
     call.memory.write(call.arg("statbuf"), linux.statx_to_stat(raw))
@@ -356,8 +393,12 @@ def sys_stat(hub: Hub, call: Trapped) -> Steps:
 
 @handles("statx")
 def sys_statx(hub: Hub, call: Trapped) -> Steps:
+    _check_flags(call)
+    flags = call.arg_int("flags")
+    if flags & 0x6000 == 0x6000 or call.arg_int("mask") & STATX__RESERVED:
+        raise Errno(errno.EINVAL)  # both sync types at once; a reserved mask bit
     target = call.targets[0]
-    flags = call.arg_int("flags") | (AT_EMPTY_PATH if target.whole else 0)
+    flags |= AT_EMPTY_PATH if target.whole else 0
     raw = yield from _statx(target, flags, call.arg_int("mask"))
     call.memory.write(call.arg("statxbuf"), raw)
     return 0
@@ -373,6 +414,7 @@ def sys_getdents64(hub: Hub, call: Trapped) -> Steps:
 
 @handles("access", "faccessat", "faccessat2")
 def sys_access(hub: Hub, call: Trapped) -> Steps:
+    _check_flags(call)
     target = call.targets[0]
     flags = _flags(call) | (AT_EMPTY_PATH if target.whole else 0)
     yield wire.Access(dir=target.dir, mode=call.arg_int("mode"), flags=flags, path=target.path)
@@ -385,6 +427,10 @@ def sys_readlink(hub: Hub, call: Trapped) -> Steps:
     if size <= 0:
         raise Errno(errno.EINVAL)
     target = call.targets[0]
+    if target.whole and not target.dir:  # /proc/self/cwd in a slave directory
+        path = target.path[:size]
+        call.memory.write(call.arg("buf"), path)
+        return len(path)
     if target.whole:  # /proc/self/fd/N of a remote file: its path on the slave
         path = _blob((yield wire.HandlePath(handle=target.dir)), MAX_PATH)[:size]
         call.memory.write(call.arg("buf"), path)
@@ -432,6 +478,7 @@ def sys_rename(hub: Hub, call: Trapped) -> Steps:
 
 @handles("link", "linkat")
 def sys_link(hub: Hub, call: Trapped) -> Steps:
+    _check_flags(call)
     old, new = _remote(call, 0), _remote(call, 1)
     yield wire.Link(olddir=old.dir, newdir=new.dir, flags=_flags(call), old=old.path, new=new.path)
     return 0
@@ -455,6 +502,7 @@ def sys_chmod(hub: Hub, call: Trapped) -> Steps:
 
 @handles("chown", "lchown", "fchown", "fchownat")
 def sys_chown(hub: Hub, call: Trapped) -> Steps:
+    _check_flags(call)
     target, flags = _object(call)
     uid, gid = call.arg_int("owner"), call.arg_int("group")
     yield wire.Chown(dir=target.dir, uid=uid, gid=gid, flags=flags, path=target.path)

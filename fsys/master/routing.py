@@ -78,7 +78,9 @@ class Target:
     path: bytes = b""  # remote: the path sent to the slave
     shown: bytes = b""  # as the program wrote it
     null: bool = False  # the program passed NULL (utimensat's "this fd")
-    whole: bool = False  # a /proc/self/fd/N link to a remote file: the handle ``dir`` itself
+    #: A link that names an object itself: /proc/self/fd/N of a remote file (the handle
+    #: ``dir``), or /proc/self/cwd of a slave directory (``dir`` 0, ``path`` the cwd).
+    whole: bool = False
 
 
 #: The variants that act on a final symlink itself rather than on what it names.
@@ -89,6 +91,7 @@ _FD_LINK = re.compile(
     rb"^/(?:proc/(self|thread-self|\d+)(?:/task/(\d+))?/fd|dev/fd)/(\d+)(?:/+(.*))?$", re.DOTALL
 )
 _STDIO = {b"/dev/stdin": 0, b"/dev/stdout": 1, b"/dev/stderr": 2}
+_CWD_LINK = re.compile(rb"^/proc/(self|thread-self|\d+)/cwd(?:/+(.*))?$", re.DOTALL)
 
 
 @dataclass(eq=False, slots=True)
@@ -178,6 +181,9 @@ class Router:
         """A link to a program's fd that is a placeholder: the remote file itself (or,
         with more after it, a path relative to it as a directory). A call on the link
         itself (lstat, AT_SYMLINK_NOFOLLOW) stays the master's: the kernel answers it."""
+        cwd = _CWD_LINK.match(path)
+        if cwd is not None:
+            return self._cwd_link(call, cwd.group(1), cwd.group(2) or b"")
         number = _STDIO.get(path)
         rest = b""
         tid = call.tid
@@ -200,6 +206,18 @@ class Router:
             return Target(False, shown=path)
         return Target(True, remote.handle, b"", path, whole=True)
 
+    def _cwd_link(self, call: Trapped, who: bytes, rest: bytes) -> Target | None:
+        """/proc/self/cwd of a process in a slave directory: that directory (readlink
+        gives its path)."""
+        process = call.process
+        if who not in (b"self", b"thread-self") and int(who) not in (process.tgid, call.tid):
+            return None  # another process's: the kernel's answer
+        if not process.cwd_remote:
+            return None
+        if rest:
+            return Target(True, 0, _join(process.cwd, rest), _join(b"/proc/self/cwd", rest))
+        return Target(True, 0, process.cwd, b"/proc/self/cwd", whole=True)
+
     def _target(self, call: Trapped, arg: PathArg) -> Target:
         notif = call.notif
         process = call.process
@@ -216,7 +234,8 @@ class Router:
             remote = not self.policy.is_local(path)
             return Target(remote, 0, path, path)
         if not path:
-            if not (null or flags & AT_EMPTY_PATH):
+            # readlinkat(fd, "") reads the link that an O_PATH fd names (no flag needed).
+            if not (null or flags & AT_EMPTY_PATH or call.syscall.name == "readlinkat"):
                 return Target(False, shown=path)  # the kernel answers ENOENT
             if dirfd == AT_FDCWD:  # the current directory itself
                 if process.cwd_remote:

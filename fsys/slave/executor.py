@@ -255,6 +255,9 @@ class Executor:
         if not self.confined:
             return _openat2(base, path, flags, mode, resolve)
         if dir_id == 0 or path.startswith(b"/"):
+            if resolve & RESOLVE_BENEATH and path.startswith(b"/"):
+                raise OSError(errno.EXDEV, "an absolute path is never beneath")
+            resolve &= ~RESOLVE_BENEATH  # beneath the root: what RESOLVE_IN_ROOT keeps
             return _openat2(self.root_fd, path, flags, mode, resolve | RESOLVE_IN_ROOT)
         if resolve & (RESOLVE_BENEATH | RESOLVE_IN_ROOT):
             return _openat2(base, path, flags, mode, resolve)  # stricter than our root
@@ -383,8 +386,11 @@ class Executor:
 
     def op_readlink(self, o: wire.Readlink) -> Result:
         dir_id, size, path = o
-        if not path:
-            raise OSError(errno.ENOENT, "empty path")
+        if not path:  # readlinkat(fd, ""): the link an O_PATH|O_NOFOLLOW handle names
+            if not dir_id:
+                raise OSError(errno.ENOENT, "empty path")
+            target = os.readlink(b"", dir_fd=self._dir_fd(dir_id))[: max(size, 0)]
+            return len(target), target
         parent, name = self._parent(dir_id, path)
         try:
             if path.endswith(b"/"):
