@@ -4,7 +4,10 @@ slave file, a slave symlink that leads to a master binary (a venv's bin/python).
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import os
+import zipfile
 from pathlib import Path
 
 from tests.conftest import Session
@@ -48,3 +51,36 @@ async def test_a_slave_symlink_to_a_master_binary(session: Session) -> None:
     assert (result.status, result.out) == (0, "/venv/bin/python\n/venv/bin/python\n127\n"), (
         result.err
     )
+
+
+def wheel(path: Path) -> None:
+    """A minimal pure-Python wheel: tinypkg 1.0."""
+    files = {
+        "tinypkg/__init__.py": "def hello():\n    return 'hi from tinypkg'\n",
+        "tinypkg-1.0.dist-info/METADATA": "Metadata-Version: 2.1\nName: tinypkg\nVersion: 1.0\n",
+        "tinypkg-1.0.dist-info/WHEEL": "Wheel-Version: 1.0\nGenerator: fsys-tests\n"
+        "Root-Is-Purelib: true\nTag: py3-none-any\n",
+    }
+    record = []
+    for name, text in files.items():
+        digest = base64.urlsafe_b64encode(hashlib.sha256(text.encode()).digest()).rstrip(b"=")
+        record.append(f"{name},sha256={digest.decode()},{len(text.encode())}")
+    record.append("tinypkg-1.0.dist-info/RECORD,,")
+    files["tinypkg-1.0.dist-info/RECORD"] = "\n".join(record) + "\n"
+    with zipfile.ZipFile(path, "w") as zf:
+        for name, text in files.items():
+            zf.writestr(name, text)
+
+
+async def test_a_venv_on_the_slave_and_pip_install_into_it(session: Session) -> None:
+    wheel(session.box / "tinypkg-1.0-py3-none-any.whl")
+    check = "import tinypkg; print(tinypkg.hello())"
+    result = await session.sh(
+        "/usr/bin/python3 -m venv /v && /v/bin/pip install -q --no-index"
+        f" /tinypkg-1.0-py3-none-any.whl && /v/bin/python -c '{check}'"
+        " && /v/bin/pip --version | cut -d' ' -f1"
+    )
+    assert (result.status, result.out) == (0, "hi from tinypkg\npip\n"), result.err
+    assert (session.box / "v" / "bin" / "python").is_symlink()
+    assert list((session.box / "v" / "lib").glob("python3*/site-packages/tinypkg/__init__.py"))
+    session.master_untouched()
