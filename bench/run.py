@@ -42,7 +42,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-BENCHES = ("start", "stat", "continued", "read", "fork", "make")
+BENCHES = ("start", "stat", "continued", "read", "fork", "make", "git")
 
 
 def timed(cmd: list[str], **kwargs: object) -> float:
@@ -198,6 +198,29 @@ def bench_make(fs: Fsys, work: Path, runs: int) -> dict[str, float]:
     return {"native_s": native, "fsys_s": under}
 
 
+def bench_git(fs: Fsys, work: Path, files: int, runs: int) -> dict[str, float]:
+    """git status in a repository of ``files`` committed files on the slave."""
+    box = work / "gitbox"
+    repo = box / "repo"
+    repo.mkdir(parents=True)
+    for i in range(files):
+        sub = repo / f"d{i % 20}"
+        sub.mkdir(exist_ok=True)
+        (sub / f"f{i}.txt").write_text(f"file {i}\n")
+    env = dict(os.environ, GIT_CONFIG_NOSYSTEM="1", HOME=str(box))
+    git = ["git", "-c", "user.name=bench", "-c", "user.email=bench@example.org"]
+    for args in (["init", "-q"], ["add", "."], ["commit", "-qm", "tree"]):
+        subprocess.run([*git, "-C", str(repo), *args], check=True, env=env)
+    (repo / "d3" / "f3.txt").write_text("changed\n")  # one modified file to report
+    slave = fs.rooted(box)
+    status = ["git", "status", "--short"]
+    timed(["git", "-C", str(repo), *status[1:]])  # warm the index and the page cache
+    native = median([timed(["git", "-C", str(repo), *status[1:]]) for _ in range(runs)])
+    under = median([timed(fs.run(*status[:1], "-C", "/repo", *status[1:], slave=slave))
+                    for _ in range(runs)])  # fmt: skip
+    return {"native_s": native, "fsys_s": under}
+
+
 def header() -> None:
     print("| measure | native | fsys | note |")
     print("| --- | --- | --- | --- |")
@@ -283,6 +306,15 @@ def main() -> int:
             steady_ratio = (make["fsys_s"] - start_s) / make["native_s"]
             row("make -j2", f"{make['native_s']:.2f} s", f"{make['fsys_s']:.2f} s",
                 f"x{whole:.1f}; x{steady_ratio:.1f} without session start")  # fmt: skip
+        if "git" in only:
+            git = bench_git(fs, work, 500 if args.quick else 2000, runs)
+            if start_s is None:
+                start_s = bench_start(fs, runs)["fsys_s"]
+            row("git status, 2,000 files" if not args.quick else "git status, 500 files",
+                f"{git['native_s'] * 1e3:.0f} ms", f"{git['fsys_s'] * 1e3:.0f} ms",
+                f"x{git['fsys_s'] / git['native_s']:.0f}; "
+                f"x{(git['fsys_s'] - start_s) / git['native_s']:.0f} without session start; "
+                "rooted slave")  # fmt: skip
     return 0
 
 
