@@ -28,6 +28,7 @@ from fsys.master.calls import HANDLERS
 from fsys.master.device import Notification
 from fsys.master.fmhub import Hub
 from fsys.master.memory import TargetMemory
+from fsys.master.pages import links_in_use
 from fsys.master.placeholders import Placeholders
 from fsys.master.policy import Policy
 from fsys.master.processes import Processes, ProcFS
@@ -479,6 +480,9 @@ class Rig:
         self.listener = FakeListener(self.procfs)
         self.processes = Processes(self.procfs)
         self.placeholders = Placeholders(self.procfs.fd_path, self.listener.fd_info)
+        # The program's fds and mappings of the pages' links are this process's own
+        # descriptors here (``kept``, and the dups a test holds as mappings).
+        self.placeholders.in_use = lambda store: links_in_use([os.getpid()], store)
         self.hub = Hub(
             listener=self.listener,  # type: ignore[arg-type]
             link=self.link,  # type: ignore[arg-type]

@@ -57,7 +57,7 @@ def reads(rig: Rig) -> list[wire.Read]:
 def test_mmap_switches_the_fd_to_pages_holding_the_content(rig: Rig, proc: FakeProcess) -> None:
     fd = open_(proc, b"/f")
     assert mmap(proc, fd) is CONTINUE  # the kernel then maps the pages natively
-    assert proc.fds[fd].startswith("/memfd:fsys:")
+    assert rig.placeholders.store.owns(proc.fds[fd])
     mapped = view(rig, proc, fd)
     assert os.pread(mapped, 100, 0) == b"0123456789"
     assert os.fstat(mapped).st_size == 10  # a page beyond the end: SIGBUS, as natively
@@ -82,14 +82,48 @@ def test_close_on_exec_survives_the_switch(rig: Rig, proc: FakeProcess) -> None:
     assert rig.listener.cloexec[(proc.tgid, plain)] is False
 
 
-def test_a_program_memfd_with_our_name_is_not_a_remote_file(rig: Rig, proc: FakeProcess) -> None:
+def test_a_program_file_of_another_inode_is_not_a_remote_file(
+    rig: Rig, proc: FakeProcess, box: Path
+) -> None:
     real = open_(proc, b"/f")
     mmap(proc, real)
-    fake = os.memfd_create(proc.fds[real].removeprefix("/memfd:").split(" ")[0])
-    rig.listener.kept[(proc.tgid, 9)] = fake
-    proc.fds[9] = os.readlink(f"/proc/self/fd/{fake}")
-    assert proc.fds[9] == proc.fds[real]
+    other = os.open(box / "f", os.O_RDONLY)  # any other file, shown under our link name
+    rig.listener.kept[(proc.tgid, 9)] = other
+    proc.fds[9] = proc.fds[real]
     assert proc.call("read", 9, proc.mem.alloc(4), 4) is CONTINUE
+
+
+def test_separate_opens_of_one_file_share_its_pages(rig: Rig, proc: FakeProcess, box: Path) -> None:
+    one = open_(proc, b"/f", os.O_RDWR)
+    two = open_(proc, b"/f", os.O_RDWR)
+    mmap(proc, one, MAP_SHARED, PROT_READ | PROT_WRITE)
+    mmap(proc, two, MAP_SHARED, PROT_READ | PROT_WRITE)
+    assert os.fstat(view(rig, proc, one)).st_ino == os.fstat(view(rig, proc, two)).st_ino
+    os.pwrite(view(rig, proc, one), b"S", 0)  # one process's shared mapping writes...
+    assert os.pread(view(rig, proc, two), 1, 0) == b"S"  # ...the other's shows it
+    data = proc.mem.alloc(b"W")
+    assert proc.call("pwrite64", two, data, 1, 1) == 1  # a write through either fd too
+    assert os.pread(view(rig, proc, one), 2, 0) == b"SW"
+    # Each fd still names its own open file: its own position.
+    assert proc.call("lseek", one, 3, os.SEEK_SET) == 3
+    assert proc.call("lseek", two, 0, os.SEEK_CUR) == 0
+
+
+def test_a_closed_open_is_released_while_another_open_maps_the_file(
+    rig: Rig, proc: FakeProcess, box: Path
+) -> None:
+    locker = open_(proc, b"/f", os.O_RDWR)
+    assert proc.call("flock", locker, 2) == 0  # LOCK_EX
+    mmap(proc, locker, MAP_SHARED, PROT_READ | PROT_WRITE)
+    keeper = open_(proc, b"/f")
+    mmap(proc, keeper)
+    handles = len(rig.executor.handles)
+    proc.close(locker)  # closed and unmapped: its open file goes, its lock with it
+    rig.hub.reap()
+    rig.link.pump()
+    assert len(rig.executor.handles) == handles - 1
+    other = open_(proc, b"/f")
+    assert proc.call("flock", other, 2 | 4) == 0  # LOCK_EX | LOCK_NB
 
 
 @pytest.mark.parametrize(
@@ -213,7 +247,7 @@ def test_the_remote_handle_lives_while_mapped(rig: Rig, proc: FakeProcess, box: 
     rig.link.pump()
     assert len(rig.executor.handles) == handles - 1
     assert (box / "f").read_bytes() == b"Z123456789"  # written back before the close
-    assert not rig.placeholders.by_memfd
+    assert not rig.placeholders.by_handle
 
 
 def test_unmapped_pages_are_written_back_while_the_fd_stays(

@@ -846,28 +846,28 @@ def sys_mmap(hub: Hub, call: Trapped) -> Steps:
     if mode == os.O_WRONLY:
         raise Errno(errno.EACCES)
     shared = call.arg_int("flags") & MAP_TYPE in (MAP_SHARED, MAP_SHARED_VALIDATE)
-    pages = hub.placeholders.pages(rf)
-    length = call.arg("length")
+    raw = yield from _statx(Target(True, rf.handle, b"", b""), AT_EMPTY_PATH, STATX_BASIC_STATS)
+    identity = linux.statx_identity(raw)
+    pages = hub.placeholders.pages(rf, identity[:3])
     offset = call.arg("offset")
-    yield from _refresh(rf, offset, offset + length)
+    yield from _refresh(rf, pages, identity, offset, offset + call.arg("length"))
     # A shared mapping of a read-write handle may be written (now or after mprotect);
     # any other is read-only in the file (the kernel refuses a shared writable one).
     hub.map_pages(call, call.arg_int("fd"), rf, writable=shared and mode == os.O_RDWR)
-    call.note = f"pages of handle {rf.handle}, {pages.size} bytes"
+    call.note = f"pages {pages.number} of handle {rf.handle}, {pages.size} bytes"
     return CONTINUE
 
 
-def _refresh(rf: RemoteFile, start: int, end: int) -> Asks[None]:
+def _refresh(
+    rf: RemoteFile, pages: Pages, identity: tuple[int, ...], start: int, end: int
+) -> Asks[None]:
     """Bring the pages of [start, end) up to date: what mappings wrote goes to the
-    slave, and what the slave changed since the last fetch is fetched again."""
-    pages = rf.pages
-    assert pages is not None
+    slave, and what the slave changed since the last fetch (``identity``: the file as
+    it is now) is fetched again, through ``rf``."""
     changes = pages.changes()
     for op in changes:  # noqa: UP028 - a list has no send(): yield each
         yield op
-    raw = yield from _statx(Target(True, rf.handle, b"", b""), AT_EMPTY_PATH, STATX_BASIC_STATS)
-    identity = linux.statx_identity(raw)
-    stale = pages.current(identity, linux.statx_size(raw))
+    stale = pages.current(identity, identity[3])
     for lo, hi in stale:  # live mappings show these: fetched again first
         yield from _fetch(rf, pages, lo, hi)
     for lo, hi in pages.missing(start, end):
@@ -923,17 +923,18 @@ def sys_msync(hub: Hub, call: Trapped) -> Steps:
     msync (which checks the arguments as the kernel does)."""
     start = call.arg("addr")
     end = start + call.arg("length")
-    handles = hub.placeholders.paged()
-    mapped = pages.mapped_handles(call.process.tgid, start, end) if handles else set()
+    placeholders = hub.placeholders
+    mapped = set()
+    if placeholders.by_handle:
+        mapped = pages.mapped_handles(call.process.tgid, start, end, placeholders.store)
     call.side = "master"
-    for rf in handles:
-        if rf.pages is not None and rf.handle in mapped:
-            changes = rf.pages.changes()
-            for op in changes:  # noqa: UP028 - a list has no send(): yield each
-                yield op
-            if changes and call.arg_int("flags") & MS_SYNC:
-                yield wire.Fsync(handle=rf.handle, datasync=1)
-            call.side = "slave"
+    for file in {rf.pages for h in mapped if (rf := placeholders.by_handle.get(h)) and rf.pages}:
+        changes = file.changes()
+        for op in changes:  # noqa: UP028 - a list has no send(): yield each
+            yield op
+        if changes and call.arg_int("flags") & MS_SYNC:
+            yield wire.Fsync(handle=changes[0].handle, datasync=1)
+        call.side = "slave"
     return CONTINUE
 
 

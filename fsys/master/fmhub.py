@@ -39,6 +39,7 @@ from fsys.kmod.table import Table
 from fsys.linux import O_CLOEXEC
 from fsys.master.device import Listener, Notification
 from fsys.master.link import SlaveLink
+from fsys.master.pages import Pages, Store, links_in_use
 from fsys.master.placeholders import Placeholders, RemoteFile
 from fsys.master.policy import Policy
 from fsys.master.processes import Inherited, Process, Processes
@@ -100,6 +101,8 @@ class Hub:
         self.placeholders = placeholders if placeholders is not None else Placeholders()
         self.processes = processes if processes is not None else Processes()
         self.processes.on_exit = self._closed
+        if placeholders is None:  # (tests give theirs, with a fake of the scan)
+            self.placeholders.in_use = self._links_in_use
         self.router = Router(policy=policy, placeholders=self.placeholders, handlers=handlers)
         self.trapped = 0
         self.forwarded = 0
@@ -128,8 +131,8 @@ class Hub:
                     break
             # The program's last mappings went with its processes: write them back.
             self.reap()
-            for remote in self.placeholders.paged():
-                self.write_back(remote)
+            for pages in self.placeholders.paged():
+                self.write_back(pages)
             nursery.cancel_scope.cancel()
 
     def close(self) -> None:
@@ -241,9 +244,9 @@ class Hub:
         # A handle whose last placeholder was just closed is released first, as a
         # native close would have released it (a lock, say) before this call.
         placeholders = self.placeholders
-        if placeholders.by_inode or placeholders.by_memfd:
+        if placeholders.by_inode or placeholders.by_handle:
             self.reap()
-            if placeholders.by_memfd:
+            if placeholders.by_handle:
                 self._settle_pages(call)
         call.start = time.perf_counter_ns()
         try:
@@ -406,29 +409,33 @@ class Hub:
 
     def release(self, remote: RemoteFile) -> None:
         """The program holds no copy of ``remote`` any more: close the slave's handle
-        (after writing back what its mappings changed)."""
-        self.write_back(remote)
+        (after writing back what mappings changed in its file's pages)."""
+        if remote.pages is not None:
+            self.write_back(remote.pages)
         self.close_handle(remote.handle)
 
-    def unmapped(self, remote: RemoteFile) -> None:
-        """No fd or mapping holds ``remote``'s pages any more: write them back."""
-        self.write_back(remote)
+    def unmapped(self, pages: Pages) -> None:
+        """Mappings of ``pages`` went (munmap and close, or exit): write them back."""
+        self.write_back(pages)
 
-    def write_back(self, remote: RemoteFile) -> None:
-        """Send the slave what a shared mapping changed in ``remote``'s pages."""
-        if remote.pages is not None and self.link.alive:
-            for op in remote.pages.changes():
+    def write_back(self, pages: Pages) -> None:
+        """Send the slave what shared mappings changed in ``pages``."""
+        if self.link.alive:
+            for op in pages.changes():
                 try:
                     self.link.post(0, op)
                 except LinkClosed:
                     return
+
+    def _links_in_use(self, store: Store) -> set[int]:
+        return links_in_use([process.tgid for process in self.processes], store)
 
     def _settle_pages(self, call: Trapped) -> None:
         """Before a call on a mapped remote file, the slave gets the mappings' writes
         (so that read(2) sees them, as natively)."""
         for remote in call.files:
             if remote is not None and remote.pages is not None:
-                self.write_back(remote)
+                self.write_back(remote.pages)
 
     def map_pages(self, call: Trapped, number: int, remote: RemoteFile, *, writable: bool) -> None:
         """Switch the program's fd ``number`` to a description of ``remote``'s pages
@@ -437,7 +444,7 @@ class Hub:
         info = self.placeholders.fd_info(call.tid, number)
         if info is None:
             raise Errno(errno.EBADF)
-        view = remote.pages.description(writable=writable)
+        view = remote.pages.description(remote.handle, writable=writable)
         try:
             cloexec = bool(info[0] & O_CLOEXEC)
             done = self.listener.place(call.notif.id, view, number, cloexec=cloexec)

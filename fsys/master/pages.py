@@ -43,14 +43,20 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
+import shutil
 import struct
-from collections.abc import Iterator
+import tempfile
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from fsys import linux
 from fsys import protocol as wire
 from fsys.errors import Errno
 from fsys.linux import O_CLOEXEC
+
+if TYPE_CHECKING:
+    from fsys.master.placeholders import RemoteFile
 
 #: inotify events that report the release of a description (close of its last fd
 #: and unmapping of its last mapping).
@@ -59,7 +65,6 @@ IN_IGNORED = 0x8000
 _EVENT = struct.Struct("=iIII")
 #: The unit of write-back: a block differs from its snapshot or not.
 BLOCK = 65536
-MEMFD_PREFIX = "/memfd:fsys:"
 
 _libc = ctypes.CDLL(None, use_errno=True)
 
@@ -117,39 +122,111 @@ def _memfd(name: str) -> int:
         raise Errno(exc.errno or errno.ENOMEM) from None
 
 
+class Store:
+    """A private directory of fmhub's for the pages' files (on /dev/shm when it is
+    there: memory, like a memfd), made at first use and removed at the end."""
+
+    def __init__(self) -> None:
+        self._path: bytes | None = None
+
+    @property
+    def path(self) -> bytes:
+        if self._path is None:
+            base = "/dev/shm" if os.path.isdir("/dev/shm") else None
+            try:
+                self._path = os.fsencode(tempfile.mkdtemp(prefix="fsys-pages-", dir=base))
+            except OSError as exc:
+                raise Errno(exc.errno or errno.ENOMEM) from None
+        return self._path
+
+    @property
+    def made(self) -> bool:
+        return self._path is not None
+
+    def owns(self, name: str) -> bool:
+        return self._path is not None and name.startswith(os.fsdecode(self._path) + "/h")
+
+    def handle_of(self, name: str) -> int | None:
+        """The handle that a link name (``DIR/h<handle>``, maybe `` (deleted)``) names."""
+        if not self.owns(name):
+            return None
+        assert self._path is not None
+        digits = name[len(os.fsdecode(self._path)) + 2 :].split(" ", 1)[0]
+        return int(digits) if digits.isdigit() else None
+
+    def close(self) -> None:
+        if self._path is not None:
+            shutil.rmtree(self._path, ignore_errors=True)
+            self._path = None
+
+
 @dataclass(eq=False)
 class Pages:
-    """One remote handle's content in a memfd of fmhub's.
+    """One slave file's content in a file of fmhub's, shared by every remote handle of
+    that slave file that is mapped (so that shared mappings through separate opens of
+    it are coherent, as on one machine).
 
-    Only the ranges that mappings asked for are fetched (``loaded``); the rest is a
-    hole of the right size, so a mapping of one page of a large file fetches one page.
+    Each handle reaches the content through a hard link of its own, ``DIR/h<handle>``:
+    what a program's fd or mapping holds then names its handle in /proc (fd links,
+    maps). Only the ranges that mappings asked for are fetched (``loaded``); the rest
+    is a hole of the right size, so a mapping of one page of a large file fetches one.
     """
 
-    handle: int
+    number: int
+    store: Store
     memfd: int
     inode: int
     wd: int
+    #: The slave file: (device major, minor, inode).
+    file: tuple[int, ...] = ()
+    #: The remote handles of this file that were mapped and are not closed yet.
+    handles: dict[int, RemoteFile] = field(default_factory=dict)
+    #: The handles whose descriptions the program may still hold (fds or mappings).
+    mapped: set[int] = field(default_factory=set)
     #: The slave file's (dev, inode, size, mtime) when the pages last matched it.
     identity: tuple[int, ...] | None = None
     #: The fetched ranges (start, end), sorted and disjoint.
     loaded: list[tuple[int, int]] = field(default_factory=list)
     #: The slave's mtime moved by fmhub's own writes since ``identity`` was taken.
     ours: bool = False
-    #: Descriptions of the memfd handed to the program and not yet released.
-    views: int = 0
     #: What the slave holds of the loaded ranges (a memfd), kept once a shared
     #: read-write mapping may change the pages; -1 before.
     shadow: int = -1
 
     @classmethod
-    def create(cls, handle: int, watcher: Watcher) -> Pages:
-        memfd = _memfd(f"fsys:{handle}")
+    def create(cls, number: int, store: Store, watcher: Watcher) -> Pages:
+        path = store.path + b"/f%d" % number
         try:
-            wd = watcher.watch(memfd)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | O_CLOEXEC, 0o600)
         except OSError as exc:
-            os.close(memfd)
             raise Errno(exc.errno or errno.ENOMEM) from None
-        return cls(handle, memfd, os.fstat(memfd).st_ino, wd)
+        try:
+            wd = watcher.watch(fd)
+        except OSError as exc:
+            os.close(fd)
+            os.unlink(path)
+            raise Errno(exc.errno or errno.ENOMEM) from None
+        return cls(number, store, fd, os.fstat(fd).st_ino, wd)
+
+    def link(self, handle: int) -> bytes:
+        """The name through which ``handle`` reaches the content (made on first use)."""
+        name = self.store.path + b"/h%d" % handle
+        if not os.path.lexists(name):
+            os.link(self.store.path + b"/f%d" % self.number, name)
+        return name
+
+    def unlink(self, handle: int) -> None:
+        try:
+            os.unlink(self.store.path + b"/h%d" % handle)
+        except FileNotFoundError:
+            pass
+
+    def writer(self) -> int:
+        """A handle that can write the file (what write-back goes through), or 0."""
+        for handle, remote in self.handles.items():
+            if remote.access & os.O_ACCMODE in (os.O_WRONLY, os.O_RDWR):
+                return handle
+        return 0
 
     @property
     def size(self) -> int:
@@ -215,20 +292,20 @@ class Pages:
                 merged.append((lo, hi))
         self.loaded = merged
 
-    def description(self, *, writable: bool) -> int:
-        """A new description of the pages for the program (fmhub closes its copy once
-        installed). Each one is counted until inotify reports its release."""
+    def description(self, handle: int, *, writable: bool) -> int:
+        """A new description of the pages for the program, through ``handle``'s link
+        (fmhub closes its copy once installed)."""
         flags = (os.O_RDWR if writable else os.O_RDONLY) | O_CLOEXEC
         if writable and self.shadow < 0:
-            self.shadow = _memfd(f"fsys-shadow:{self.handle}")
+            self.shadow = _memfd(f"fsys-shadow:{self.number}")
             os.ftruncate(self.shadow, self.size)
             for lo, hi in self._data():
                 self._copy(self.memfd, self.shadow, lo, hi)
         try:
-            fd = os.open(f"/proc/self/fd/{self.memfd}", flags)
+            fd = os.open(self.link(handle), flags)
         except OSError as exc:
             raise Errno(exc.errno or errno.ENOMEM) from None
-        self.views += 1
+        self.mapped.add(handle)
         return fd
 
     def _data(self) -> Iterator[tuple[int, int]]:
@@ -249,12 +326,8 @@ class Pages:
 
     @staticmethod
     def _copy(src: int, dst: int, lo: int, hi: int) -> None:
-        at = lo
-        while at < hi:
-            done = os.copy_file_range(src, dst, hi - at, at, at)
-            if done <= 0:
-                break
-            at += done
+        for at in range(lo, hi, BLOCK):
+            os.pwrite(dst, os.pread(src, min(BLOCK, hi - at), at), at)
 
     def written(self, offset: int, data: bytes) -> None:
         """The program wrote ``data`` at ``offset`` through the handle (the slave has it)."""
@@ -275,7 +348,8 @@ class Pages:
     def changes(self) -> list[wire.Write]:
         """The writes that bring the slave up to date with the pages (none unless a
         shared read-write mapping was made); the shadow then counts them as done."""
-        if self.shadow < 0:
+        writer = self.writer()
+        if self.shadow < 0 or not writer:
             return []
         ops: list[wire.Write] = []
         for start, hi in list(self._data()):
@@ -291,10 +365,10 @@ class Pages:
                     and last.offset + len(last.data) == at
                     and len(last.data) + n <= wire.MAX_IO
                 ):
-                    ops[-1] = wire.Write(handle=self.handle, offset=last.offset, rwf=0,
+                    ops[-1] = wire.Write(handle=writer, offset=last.offset, rwf=0,
                                          data=last.data + mine)  # fmt: skip
                 else:
-                    ops.append(wire.Write(handle=self.handle, offset=at, rwf=0, data=mine))
+                    ops.append(wire.Write(handle=writer, offset=at, rwf=0, data=mine))
         if ops:
             self.ours = True
         return ops
@@ -304,35 +378,56 @@ class Pages:
             watcher.unwatch(self.wd)
             os.close(self.memfd)
             self.memfd = -1
+            for handle in list(self.handles):
+                self.unlink(handle)
+            try:
+                os.unlink(self.store.path + b"/f%d" % self.number)
+            except FileNotFoundError:
+                pass
         if self.shadow >= 0:
             os.close(self.shadow)
             self.shadow = -1
 
 
-def mapped_handles(pid: int, start: int, end: int) -> set[int]:
-    """The handles whose pages ``pid`` maps somewhere in [start, end) (/proc/pid/maps)."""
+def links_in_use(pids: Iterable[int], store: Store) -> set[int]:
+    """The handles whose links (``store``'s ``h<handle>``) the processes ``pids`` hold,
+    as fds or mappings (/proc/PID/fd, /proc/PID/maps)."""
+    found: set[int] = set()
+    if not store.made:
+        return found
+    for pid in pids:
+        try:
+            names = os.listdir(f"/proc/{pid}/fd")
+        except OSError:
+            continue
+        for name in names:
+            try:
+                target = os.readlink(f"/proc/{pid}/fd/{name}")
+            except OSError:
+                continue
+            handle = store.handle_of(target)
+            if handle is not None:
+                found.add(handle)
+        found |= mapped_handles(pid, 0, 1 << 64, store)
+    return found
+
+
+def mapped_handles(pid: int, start: int, end: int, store: Store) -> set[int]:
+    """The handles whose links ``pid`` maps somewhere in [start, end) (/proc/pid/maps)."""
     found: set[int] = set()
     try:
         with open(f"/proc/{pid}/maps", "rb") as maps:
             lines = maps.read().splitlines()
     except OSError:
         return found
-    prefix = MEMFD_PREFIX.encode()
     for line in lines:
         fields = line.split(None, 5)
-        if len(fields) < 6 or not fields[5].startswith(prefix):
+        if len(fields) < 6:
+            continue
+        handle = store.handle_of(fields[5].decode(errors="replace"))
+        if handle is None:
             continue
         lo, hi = (int(x, 16) for x in fields[0].split(b"-"))
         if lo < end and start < hi:
-            handle = handle_of(fields[5].decode(errors="replace"))
-            if handle is not None:
-                found.add(handle)
+            found.add(handle)
     return found
-
-
-def handle_of(name: str) -> int | None:
-    """The handle a ``/memfd:fsys:<handle> (deleted)`` name carries, if it is one."""
-    if not name.startswith(MEMFD_PREFIX):
-        return None
-    digits = name[len(MEMFD_PREFIX) :].split(" ", 1)[0]
-    return int(digits) if digits.isdigit() else None

@@ -16,14 +16,16 @@ kernel keeping the table. fmhub keeps the other end (the *peer*):
   its receive queue, so poll/select/epoll_wait see it readable and writable, as a
   regular file always is.
 
-A remote file that the program maps has *pages* too (``fsys.master.pages``): fds
-switched to a memfd of its content name the same remote file, and the remote handle
-lives until the placeholder's copies and the pages' descriptions are all gone.
+A remote file that the program maps has *pages* too (``fsys.master.pages``), shared
+with every mapped handle of the same slave file: fds switched to a link to its
+content name the same remote file, and the remote handle lives until its
+placeholder's copies are gone and no fd or mapping holds its link.
 """
 
 from __future__ import annotations
 
 import errno
+import itertools
 import os
 import select
 import socket
@@ -31,7 +33,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from fsys.errors import Errno
-from fsys.master.pages import MEMFD_PREFIX, Pages, Watcher
+from fsys.master.pages import Pages, Store, Watcher
 
 _SOCKET_PREFIX = "socket:["
 
@@ -90,12 +92,19 @@ class Placeholders:
         self._by_peer: dict[int, RemoteFile] = {}
         self._closed = select.epoll()
         self._watcher: Watcher | None = None
-        #: Remote files with pages, by the memfd's inode and by inotify watch.
-        self.by_memfd: dict[int, RemoteFile] = {}
-        self._by_wd: dict[int, RemoteFile] = {}
+        self.store = Store()
+        #: Which handles the program's processes hold links of (set by fmhub: it knows
+        #: the processes; tests give a fake).
+        self.in_use: Callable[[Store], set[int]] = lambda store: set()
+        #: The pages of mapped slave files, by the file's (dev, inode) and by inotify
+        #: watch; the remote files that have pages, by handle.
+        self.by_file: dict[tuple[int, ...], Pages] = {}
+        self._by_wd: dict[int, Pages] = {}
+        self.by_handle: dict[int, RemoteFile] = {}
+        self._numbers = itertools.count(1)
 
     def __len__(self) -> int:
-        return len(self.by_inode) + sum(1 for remote in self.by_memfd.values() if remote.gone)
+        return len(self.by_inode) + sum(remote.gone for remote in self.by_handle.values())
 
     def fileno(self) -> int:
         """Readable when some placeholder has lost its last copy (see ``reap``)."""
@@ -121,38 +130,56 @@ class Placeholders:
 
     def lookup(self, tid: int, fd: int) -> RemoteFile | None:
         """The remote file behind the program's ``fd`` in thread ``tid``, if any."""
-        if fd < 0 or not (self.by_inode or self.by_memfd):  # none: no fd can be one (no /proc)
+        if fd < 0 or not (self.by_inode or self.by_handle):  # none: no fd can be one
             return None
         target = self._fd_path(tid, fd)
         if target is None:
             return None
         if target.startswith(_SOCKET_PREFIX):
             return self.by_inode.get(int(target[len(_SOCKET_PREFIX) : -1]))
-        if target.startswith(MEMFD_PREFIX) and self.by_memfd:
-            info = self.fd_info(tid, fd)  # the inode, so that no program's memfd passes
-            return self.by_memfd.get(info[1]) if info is not None else None
+        if self.by_handle:
+            remote = self.by_handle.get(self.store.handle_of(target) or 0)
+            if remote is not None and remote.pages is not None:
+                info = self.fd_info(tid, fd)  # the inode: only our pages' file passes
+                if info is not None and info[1] == remote.pages.inode:
+                    return remote
         return None
 
-    def pages(self, remote: RemoteFile) -> Pages:
-        """``remote``'s pages, created empty on first use."""
-        if remote.pages is None:
+    def pages(self, remote: RemoteFile, file: tuple[int, ...]) -> Pages:
+        """The pages of the slave file ``file`` (device, inode) that ``remote`` names,
+        created empty when no handle of it is mapped yet."""
+        if remote.pages is not None:
+            return remote.pages
+        pages = self.by_file.get(file)
+        if pages is None:
             if self._watcher is None:
                 self._watcher = Watcher()
                 self._closed.register(self._watcher.fd, select.EPOLLIN)
-            pages = Pages.create(remote.handle, self._watcher)
-            remote.pages = pages
-            self.by_memfd[pages.inode] = remote
-            self._by_wd[pages.wd] = remote
-        return remote.pages
+            pages = Pages.create(next(self._numbers), self.store, self._watcher)
+            pages.file = file
+            self.by_file[file] = pages
+            self._by_wd[pages.wd] = pages
+        pages.handles[remote.handle] = remote
+        remote.pages = pages
+        self.by_handle[remote.handle] = remote
+        return pages
 
-    def paged(self) -> list[RemoteFile]:
-        """The remote files that have pages."""
-        return list(self.by_memfd.values())
+    def paged(self) -> list[Pages]:
+        """The pages of every mapped slave file."""
+        return list(self.by_file.values())
 
-    def _drop_pages(self, remote: RemoteFile) -> None:
+    def _detach(self, remote: RemoteFile) -> None:
+        """``remote`` is closed: its file's pages go once no handle of it is left."""
         pages = remote.pages
-        if pages is not None and self._watcher is not None:
-            self.by_memfd.pop(pages.inode, None)
+        remote.pages = None
+        self.by_handle.pop(remote.handle, None)
+        if pages is None:
+            return
+        pages.handles.pop(remote.handle, None)
+        pages.mapped.discard(remote.handle)
+        pages.unlink(remote.handle)
+        if not pages.handles and self._watcher is not None:
+            self.by_file.pop(pages.file, None)
             self._by_wd.pop(pages.wd, None)
             pages.close(self._watcher)
 
@@ -166,11 +193,11 @@ class Placeholders:
     def reap(
         self,
         on_last_close: Callable[[RemoteFile], None],
-        on_unmapped: Callable[[RemoteFile], None] = lambda remote: None,
+        on_unmapped: Callable[[Pages], None] = lambda pages: None,
     ) -> None:
-        """Release every remote file whose placeholder copies and page descriptions
-        are all gone; ``on_unmapped`` for one whose pages no fd or mapping holds any
-        more while placeholder copies remain. Never blocks.
+        """Release every remote file whose placeholder copies are gone and whose link
+        to its pages no fd or mapping holds; ``on_unmapped`` for pages whose mappings
+        through some handle are all gone. Never blocks.
 
         ``on_last_close`` runs while the remote file still has its pages (if any).
         """
@@ -190,39 +217,45 @@ class Placeholders:
             if not data:  # EOF: the program holds no copy any more
                 self.discard(remote)
                 remote.gone = True
-                if remote.pages is None or not remote.pages.views:
+                if remote.pages is None or remote.handle not in remote.pages.mapped:
                     self._last_close(remote, on_last_close)
 
     def _released(
-        self, on_last_close: Callable[[RemoteFile], None], on_unmapped: Callable[[RemoteFile], None]
+        self, on_last_close: Callable[[RemoteFile], None], on_unmapped: Callable[[Pages], None]
     ) -> None:
+        """Some description of some pages was released: which handles' links are
+        still held is read from the processes themselves (inotify says only that one
+        of the file's descriptions went, not which)."""
         assert self._watcher is not None
-        for wd in self._watcher.releases():
-            remote = self._by_wd.get(wd)
-            if remote is None or remote.pages is None or remote.pages.views <= 0:
+        if not any(True for _ in self._watcher.releases()):
+            return
+        live = self.in_use(self.store)
+        for pages in self.paged():
+            gone = [handle for handle in pages.mapped if handle not in live]
+            if not gone:
                 continue
-            remote.pages.views -= 1
-            if remote.pages.views:
-                continue
-            if remote.gone:
-                self._last_close(remote, on_last_close)
-            else:
-                on_unmapped(remote)
+            pages.mapped.difference_update(gone)
+            on_unmapped(pages)
+            for handle in gone:
+                remote = pages.handles.get(handle)
+                if remote is not None and remote.gone:
+                    self._last_close(remote, on_last_close)
 
     def _last_close(self, remote: RemoteFile, on_last_close: Callable[[RemoteFile], None]) -> None:
         try:
             on_last_close(remote)
         finally:
-            self._drop_pages(remote)
+            self._detach(remote)
 
     def close(self) -> None:
-        """Drop every placeholder's peer end and the watcher. Idempotent."""
+        """Drop every placeholder's peer end, the pages and the watcher. Idempotent."""
         for remote in list(self.by_inode.values()):
             self.discard(remote)
-        for remote in self.paged():
-            self._drop_pages(remote)
+        for remote in list(self.by_handle.values()):
+            self._detach(remote)
         if self._watcher is not None:
             self._watcher.close()
+        self.store.close()
         if not self._closed.closed:
             self._closed.close()
 
