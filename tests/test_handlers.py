@@ -1055,6 +1055,9 @@ def test_statx_checks_its_flags_as_the_kernel_does(rig: Rig, proc: FakeProcess) 
         ("faccessat2", (AT_FDCWD, b"/data/f", 0, 0x10000)),
         ("fchownat", (AT_FDCWD, b"/data/f", 0, 0, 0x10000)),
         ("linkat", (AT_FDCWD, b"/data/f", AT_FDCWD, b"/data/g", 0x10000)),
+        ("fchmodat2", (AT_FDCWD, b"/data/f", 0o600, 0x10000)),
+        ("renameat2", (AT_FDCWD, b"/data/f", AT_FDCWD, b"/data/g", 0x10)),
+        ("execveat", (AT_FDCWD, b"/data/f", 0, 0, 0x10000)),
     ],
 )
 def test_unknown_at_flags_are_einval(

@@ -372,6 +372,9 @@ _VALID_AT = {
     "faccessat2": linux.AT_EACCESS | AT_SYMLINK_NOFOLLOW | AT_EMPTY_PATH,
     "fchownat": AT_SYMLINK_NOFOLLOW | AT_EMPTY_PATH,
     "linkat": linux.AT_SYMLINK_FOLLOW | AT_EMPTY_PATH,
+    "fchmodat2": AT_SYMLINK_NOFOLLOW | AT_EMPTY_PATH,
+    "renameat2": 0x1 | 0x2 | 0x4,  # RENAME_NOREPLACE, RENAME_EXCHANGE, RENAME_WHITEOUT
+    "execveat": AT_SYMLINK_NOFOLLOW | AT_EMPTY_PATH,
 }
 STATX__RESERVED = 0x80000000
 
@@ -469,6 +472,7 @@ def sys_unlink(hub: Hub, call: Trapped) -> Steps:
 
 @handles("rename", "renameat", "renameat2")
 def sys_rename(hub: Hub, call: Trapped) -> Steps:
+    _check_flags(call)
     old, new = _remote(call, 0), _remote(call, 1)
     yield wire.Rename(
         olddir=old.dir, newdir=new.dir, flags=_flags(call), old=old.path, new=new.path
@@ -494,6 +498,7 @@ def sys_symlink(hub: Hub, call: Trapped) -> Steps:
 
 @handles("chmod", "fchmod", "fchmodat", "fchmodat2")
 def sys_chmod(hub: Hub, call: Trapped) -> Steps:
+    _check_flags(call)
     target, flags = _object(call)
     mode = call.arg_int("mode") & 0o7777
     yield wire.Chmod(dir=target.dir, mode=mode, flags=flags, path=target.path)
@@ -1065,6 +1070,7 @@ def sys_exit(hub: Hub, call: Trapped) -> Outcome:
 
 @handles("execve", "execveat")
 def sys_execve(hub: Hub, call: Trapped) -> Steps:
+    _check_flags(call)
     target = call.targets[0]
     process = call.process
     hub.processes.exec_started(process)
