@@ -92,11 +92,18 @@ class Session:
     def slave(self) -> str:
         return slave_command(self.box)
 
-    async def run(self, *program: str, stdin: bytes = b"", extra: Sequence[str] = ()) -> Result:
+    async def run(
+        self,
+        *program: str,
+        stdin: bytes = b"",
+        extra: Sequence[str] = (),
+        deadline: float = DEADLINE,
+    ) -> Result:
         return await run_master(
             ["run", "--slave", self.slave, *extra, "--", *program],
             cwd=self.master_dir,
             stdin=stdin,
+            deadline=deadline,
         )
 
     async def sh(self, script: str, stdin: bytes = b"") -> Result:
