@@ -9,6 +9,8 @@ import errno
 import fcntl
 import mmap as mmap_module
 import os
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -171,7 +173,7 @@ def test_only_the_changed_blocks_are_written_back(rig: Rig, proc: FakeProcess, b
     rig.link.ops.clear()
     proc.call("fsync", fd)
     writes = [op for op in rig.link.ops if isinstance(op, wire.Write)]
-    assert [(w.offset, len(w.data)) for w in writes] == [(196_608, 65_536)]
+    assert [(w.offset, len(w.data)) for w in writes] == [(196_608, 4096)]  # its page
     assert (box / "big").read_bytes()[200_000] == 1
     rig.link.ops.clear()
     proc.call("fsync", fd)  # nothing new: nothing sent
@@ -273,3 +275,106 @@ def test_the_end_of_the_session_writes_back(rig: Rig, proc: FakeProcess, box: Pa
         rig.hub.write_back(remote)
     rig.link.pump()
     assert (box / "f").read_bytes() == b"012345678E"
+
+
+# --- write-back and sharing, at their edges ----------------------------------------
+
+
+def at_first(rig: Rig, kind: type, action: Callable[[], None]) -> None:
+    """Run ``action`` (then fmhub's reap) as the slave performs the first ``kind`` op."""
+    done: list[bool] = []
+
+    def hook(op: wire.Operation) -> None:
+        if isinstance(op, kind) and not done:
+            done.append(True)
+            action()
+            rig.hub.reap()
+
+    rig.link.on_perform = hook
+
+
+def test_write_back_never_sends_what_was_not_fetched(
+    rig: Rig, proc: FakeProcess, box: Path
+) -> None:
+    (box / "f").write_bytes(b"\xaa" * 200_000)
+    fd = open_(proc, b"/f", os.O_RDWR)
+    mmap(proc, fd, MAP_SHARED, PROT_READ | PROT_WRITE, length=4096, offset=69632)
+    os.pwrite(view(rig, proc, fd), b"X", 70000)
+    proc.call("fsync", fd)
+    data = (box / "f").read_bytes()
+    assert data[65536:69632] == b"\xaa" * 4096 and data[70000:70001] == b"X"
+
+
+def test_a_file_extended_then_written_through_the_mapping(
+    rig: Rig, proc: FakeProcess, box: Path
+) -> None:
+    (box / "f").write_bytes(b"a" * 4096)
+    fd = open_(proc, b"/f", os.O_RDWR)
+    mmap(proc, fd, MAP_SHARED, PROT_READ | PROT_WRITE, length=8192)
+    assert proc.call("ftruncate", fd, 8192) == 0
+    os.pwrite(view(rig, proc, fd), b"Y", 5000)  # the mapping writes the new page
+    proc.call("fsync", fd)
+    assert (box / "f").read_bytes()[5000:5001] == b"Y"
+
+
+def test_a_write_through_an_open_that_never_mapped(rig: Rig, proc: FakeProcess, box: Path) -> None:
+    fd = open_(proc, b"/f", os.O_RDWR)
+    other = open_(proc, b"/f", os.O_RDWR)
+    mmap(proc, fd, MAP_SHARED, PROT_READ | PROT_WRITE)
+    assert proc.call("pwrite64", other, proc.mem.alloc(b"B"), 1, 5) == 1
+    assert os.pread(view(rig, proc, fd), 10, 0) == b"01234B6789"  # the mapping shows it
+    os.pwrite(view(rig, proc, fd), b"M", 0)
+    buf = proc.mem.alloc(10)
+    assert proc.call("pread64", other, buf, 10, 0) == 10  # and its read sees the mapping's
+    assert proc.mem.bytes_at(buf, 10) == b"M1234B6789"
+    assert (box / "f").read_bytes() == b"M1234B6789"
+
+
+def test_write_back_is_not_split_by_the_close_of_its_handle(
+    rig: Rig, proc: FakeProcess, box: Path
+) -> None:
+    (box / "f").write_bytes(b"." * 300_000)
+    a = open_(proc, b"/f", os.O_RDWR)
+    mmap(proc, a, MAP_SHARED, PROT_READ | PROT_WRITE, length=300_000)
+    os.pwrite(view(rig, proc, a), b"1", 0)
+    os.pwrite(view(rig, proc, a), b"2", 200_000)
+    second = rig.process(200)
+    b = open_(second, b"/f", os.O_RDWR)
+    at_first(rig, wire.Write, lambda: proc.close(a))  # unmapped and closed meanwhile
+    assert mmap(second, b, MAP_SHARED, PROT_READ | PROT_WRITE, length=300_000) is CONTINUE
+    data = (box / "f").read_bytes()
+    assert data[0:1] == b"1" and data[200_000:200_001] == b"2"
+
+
+@pytest.mark.parametrize("same_handle", [True, False])
+def test_its_own_write_back_does_not_make_the_pages_stale(
+    rig: Rig, proc: FakeProcess, box: Path, same_handle: bool
+) -> None:
+    fd = open_(proc, b"/f", os.O_RDWR)
+    two = fd if same_handle else open_(proc, b"/f", os.O_RDWR)
+    mmap(proc, fd, MAP_SHARED, PROT_READ | PROT_WRITE)
+    time.sleep(0.02)  # so that the write-back moves the slave's mtime
+    os.pwrite(view(rig, proc, fd), b"M", 2)
+    mmap(proc, two, MAP_SHARED, PROT_READ | PROT_WRITE)  # writes back first
+    before = len(reads(rig))
+    mmap(proc, fd, MAP_SHARED, PROT_READ | PROT_WRITE)  # nothing changed since
+    assert len(reads(rig)) == before
+
+
+def test_an_fd_closed_during_its_mmap(rig: Rig, proc: FakeProcess) -> None:
+    fd = open_(proc, b"/f", os.O_RDWR)
+    at_first(rig, wire.Stat, lambda: proc.close(fd))  # another thread closes it meanwhile
+    assert mmap(proc, fd, MAP_SHARED, PROT_READ | PROT_WRITE) == -errno.EBADF
+    assert not rig.placeholders.by_handle  # nothing kept for a closed handle
+
+
+def test_write_back_never_goes_through_an_append_handle(
+    rig: Rig, proc: FakeProcess, box: Path
+) -> None:
+    appending = open_(proc, b"/f", os.O_RDWR | os.O_APPEND)
+    mmap(proc, appending, MAP_PRIVATE, PROT_READ)
+    rw = open_(proc, b"/f", os.O_RDWR)
+    mmap(proc, rw, MAP_SHARED, PROT_READ | PROT_WRITE)
+    os.pwrite(view(rig, proc, rw), b"Z", 0)
+    proc.call("fsync", rw)
+    assert (box / "f").read_bytes() == b"Z123456789"

@@ -255,14 +255,34 @@ def _transfer(call: Trapped) -> tuple[list[tuple[int, int]], int | None, int]:
     return iovs, _offset(offset), 0
 
 
+def _join_pages(hub: Hub, rf: RemoteFile) -> Asks[None]:
+    """A handle that never mapped a file that some other handle maps shares its pages
+    all the same: its reads first get the mappings' writes, its writes show in them."""
+    placeholders = hub.placeholders
+    if rf.pages is not None or not placeholders.by_file or not rf.is_regular:
+        return
+    if rf.file is None:
+        target = Target(True, rf.handle, b"", b"")
+        raw = yield from _statx(target, AT_EMPTY_PATH, STATX_BASIC_STATS)
+        rf.file = linux.statx_identity(raw)[:3]
+    pages = placeholders.by_file.get(rf.file)
+    if pages is not None:
+        placeholders.pages(rf, rf.file)
+        hub.write_back(pages)
+
+
 @handles("read", "pread64", "readv", "preadv", "preadv2")
 def sys_read(hub: Hub, call: Trapped) -> Asks[int]:
-    return _read_into(call, _file(call), *_transfer(call))
+    rf = _file(call)
+    yield from _join_pages(hub, rf)
+    return (yield from _read_into(call, rf, *_transfer(call)))
 
 
 @handles("write", "pwrite64", "writev", "pwritev", "pwritev2")
 def sys_write(hub: Hub, call: Trapped) -> Asks[int]:
-    return _write_from(call, _file(call), *_transfer(call))
+    rf = _file(call)
+    yield from _join_pages(hub, rf)
+    return (yield from _write_from(call, rf, *_transfer(call)))
 
 
 @handles("lseek")
@@ -317,7 +337,7 @@ def _open(
             dir=target.dir, flags=flags, mode=mode, resolve=resolve, path=target.path
         )
     kind = reply.blob[0] << 12 if reply.blob else 0
-    access = flags & (linux.O_ACCMODE | linux.O_PATH)
+    access = flags & (linux.O_ACCMODE | linux.O_PATH | linux.O_APPEND)
     return hub.install(call, reply.result, kind, cloexec=bool(flags & O_CLOEXEC), access=access)
 
 
@@ -525,6 +545,7 @@ def sys_truncate(hub: Hub, call: Trapped) -> Steps:
 def sys_ftruncate(hub: Hub, call: Trapped) -> Steps:
     rf = _file(call)
     length = _offset(call.arg_long("length"))
+    yield from _join_pages(hub, rf)
     yield wire.Ftruncate(handle=rf.handle, length=length)
     if rf.pages is not None:
         rf.pages.truncated(length)
@@ -851,11 +872,15 @@ def sys_mmap(hub: Hub, call: Trapped) -> Steps:
     if mode == os.O_WRONLY:
         raise Errno(errno.EACCES)
     shared = call.arg_int("flags") & MAP_TYPE in (MAP_SHARED, MAP_SHARED_VALIDATE)
+    if rf.pages is not None:
+        hub.write_back(rf.pages)  # before the statx: the file as the slave now has it
     raw = yield from _statx(Target(True, rf.handle, b"", b""), AT_EMPTY_PATH, STATX_BASIC_STATS)
-    identity = linux.statx_identity(raw)
-    pages = hub.placeholders.pages(rf, identity[:3])
+    pages = hub.placeholders.pages(rf, linux.statx_identity(raw)[:3])  # EBADF: closed
+    if hub.write_back(pages):  # other handles' mappings of the file had changed it
+        raw = yield from _statx(Target(True, rf.handle, b"", b""), AT_EMPTY_PATH, STATX_BASIC_STATS)
     offset = call.arg("offset")
-    yield from _refresh(rf, pages, identity, offset, offset + call.arg("length"))
+    identity = linux.statx_identity(raw)
+    yield from _refresh(hub, rf, pages, identity, offset, offset + call.arg("length"))
     # A shared mapping of a read-write handle may be written (now or after mprotect);
     # any other is read-only in the file (the kernel refuses a shared writable one).
     hub.map_pages(call, call.arg_int("fd"), rf, writable=shared and mode == os.O_RDWR)
@@ -864,39 +889,36 @@ def sys_mmap(hub: Hub, call: Trapped) -> Steps:
 
 
 def _refresh(
-    rf: RemoteFile, pages: Pages, identity: tuple[int, ...], start: int, end: int
+    hub: Hub, rf: RemoteFile, pages: Pages, identity: tuple[int, ...], start: int, end: int
 ) -> Asks[None]:
-    """Bring the pages of [start, end) up to date: what mappings wrote goes to the
-    slave, and what the slave changed since the last fetch (``identity``: the file as
-    it is now) is fetched again, through ``rf``."""
-    changes = pages.changes()
-    for op in changes:  # noqa: UP028 - a list has no send(): yield each
-        yield op
+    """Bring the pages of [start, end) up to date: what the slave changed since the
+    last fetch (``identity``: the file as it is now) is fetched again, through ``rf``."""
     stale = pages.current(identity, identity[3])
     for lo, hi in stale:  # live mappings show these: fetched again first
-        yield from _fetch(rf, pages, lo, hi)
+        yield from _fetch(hub, rf.handle, pages, lo, hi)
     for lo, hi in pages.missing(start, end):
-        yield from _fetch(rf, pages, lo, hi)
+        yield from _fetch(hub, rf.handle, pages, lo, hi)
 
 
-def _fetch(rf: RemoteFile, pages: Pages, lo: int, hi: int) -> Asks[None]:
+def _fetch(hub: Hub, handle: int, pages: Pages, lo: int, hi: int) -> Asks[None]:
     """Fetch [lo, hi) into the pages; a large range around the file's holes."""
     if hi - lo < SPARSE_SCAN:
-        yield from _fetch_data(rf, pages, lo, hi)
+        yield from _fetch_data(handle, pages, lo, hi)
         return
-    # SEEK_DATA and SEEK_HOLE move the handle's position, which the program owns.
-    position = (yield wire.Lseek(handle=rf.handle, offset=0, whence=os.SEEK_CUR)).result
+    # SEEK_DATA and SEEK_HOLE move a position: on a handle of fmhub's own (the slave
+    # reopens the file), not on the program's, which other threads may be using.
+    own = (yield wire.Open(dir=handle, flags=os.O_RDONLY, mode=0, resolve=0, path=b"")).result
     try:
-        yield from _fetch_sparse(rf, pages, lo, hi)
-    finally:  # not at a GeneratorExit: fmhub always drives a handler to its end
-        yield wire.Lseek(handle=rf.handle, offset=position, whence=os.SEEK_SET)
+        yield from _fetch_sparse(own, pages, lo, hi)
+    finally:
+        hub.close_handle(own)
 
 
-def _fetch_sparse(rf: RemoteFile, pages: Pages, lo: int, hi: int) -> Asks[None]:
+def _fetch_sparse(handle: int, pages: Pages, lo: int, hi: int) -> Asks[None]:
     at = lo
     while at < hi:
         try:
-            data = (yield wire.Lseek(handle=rf.handle, offset=at, whence=os.SEEK_DATA)).result
+            data = (yield wire.Lseek(handle=handle, offset=at, whence=os.SEEK_DATA)).result
         except Errno as exc:
             if exc.errno != errno.ENXIO:
                 raise
@@ -906,16 +928,16 @@ def _fetch_sparse(rf: RemoteFile, pages: Pages, lo: int, hi: int) -> Asks[None]:
             pages.hole(at, data)
         if data >= hi:
             break
-        end = (yield wire.Lseek(handle=rf.handle, offset=data, whence=os.SEEK_HOLE)).result
-        yield from _fetch_data(rf, pages, data, min(end, hi))
+        end = (yield wire.Lseek(handle=handle, offset=data, whence=os.SEEK_HOLE)).result
+        yield from _fetch_data(handle, pages, data, min(end, hi))
         at = min(end, hi)
 
 
-def _fetch_data(rf: RemoteFile, pages: Pages, lo: int, hi: int) -> Asks[None]:
+def _fetch_data(handle: int, pages: Pages, lo: int, hi: int) -> Asks[None]:
     at = lo
     while at < hi:
         want = min(hi - at, MAX_IO)
-        data = _blob((yield wire.Read(handle=rf.handle, size=want, offset=at, rwf=0)), want)
+        data = _blob((yield wire.Read(handle=handle, size=want, offset=at, rwf=0)), want)
         if not data:
             return  # shorter than it was a moment ago
         pages.load(at, data)
@@ -934,11 +956,10 @@ def sys_msync(hub: Hub, call: Trapped) -> Steps:
         mapped = pages.mapped_handles(call.process.tgid, start, end, placeholders.store)
     call.side = "master"
     for file in {rf.pages for h in mapped if (rf := placeholders.by_handle.get(h)) and rf.pages}:
-        changes = file.changes()
-        for op in changes:  # noqa: UP028 - a list has no send(): yield each
-            yield op
-        if changes and call.arg_int("flags") & MS_SYNC:
-            yield wire.Fsync(handle=changes[0].handle, datasync=1)
+        hub.write_back(file)
+        writer = file.writer()
+        if writer and call.arg_int("flags") & MS_SYNC:  # what earlier write-backs sent too
+            yield wire.Fsync(handle=writer, datasync=1)
         call.side = "slave"
     return CONTINUE
 

@@ -418,17 +418,28 @@ class Hub:
         """Mappings of ``pages`` went (munmap and close, or exit): write them back."""
         self.write_back(pages)
 
-    def write_back(self, pages: Pages) -> None:
-        """Send the slave what shared mappings changed in ``pages``."""
-        if self.link.alive:
-            for op in pages.changes():
-                try:
-                    self.link.post(0, op)
-                except LinkClosed:
-                    return
+    def write_back(self, pages: Pages) -> bool:
+        """Send the slave what shared mappings changed in ``pages``, all at once (so no
+        close of the handle they go through comes in between). True if anything went."""
+        ops = pages.changes() if self.link.alive else []
+        for op in ops:
+            try:
+                self.link.post(0, op)
+            except LinkClosed:
+                break
+        return bool(ops)
 
     def _links_in_use(self, store: Store) -> set[int]:
-        return links_in_use([process.tgid for process in self.processes], store)
+        """The handles whose page links the session's processes hold: every process
+        under the filter, including children that have not made a trapped call yet."""
+        seen: set[int] = set()
+        todo = [process.tgid for process in self.processes]
+        while todo:
+            pid = todo.pop()
+            if pid not in seen:
+                seen.add(pid)
+                todo.extend(self.processes.procfs.children(pid) or ())
+        return links_in_use(seen, store)
 
     def _settle_pages(self, call: Trapped) -> None:
         """Before a call on a mapped remote file, the slave gets the mappings' writes

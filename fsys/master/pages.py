@@ -2,40 +2,42 @@
 
 The kernel maps the pages of a file, and a placeholder is a socket, so mmap(2) of
 a placeholder cannot work as it is. When a program maps a remote regular file,
-fmhub fetches the file's content from the slave into a memfd of its own (one per
-remote handle: its *pages*) and switches the program's fd to a description of that
-memfd — ADDFD with SETFD at the same number and with the same close-on-exec flag —
-before the call continues; the kernel then maps the memfd natively. What a program
-sees:
+fmhub fetches the needed ranges of the file from the slave into a file of its own
+in a private directory on /dev/shm: the slave file's *pages*, one set per slave file
+(device, inode), shared by every handle of it that the program maps or writes. Each
+handle reaches the pages through a hard link of its own (``h<handle>``); the
+program's fd is switched to a description opened through that link — ADDFD with
+SETFD at the same number and with the same close-on-exec flag — before the call
+continues, and the kernel then maps the pages natively. What a program sees:
 
-- identity: the switched fd still names the same remote handle. It reads as
-  ``/memfd:fsys:<handle> (deleted)`` in /proc, and fmhub checks the memfd's inode
-  (fdinfo's ``ino``), so no program-made memfd passes for one; reads, writes, fstat,
-  locks and every other call on it are forwarded as on the placeholder;
+- identity: the switched fd still names its remote handle: its /proc link is the
+  handle's link, and fmhub checks the inode (fdinfo's ``ino``), so no other file
+  passes for one; reads, writes, fstat, locks and every other call on it are
+  forwarded as on the placeholder;
 - access: a description is opened read-only for a private mapping, read-write for a
   shared mapping of a read-write handle, so the kernel itself answers EACCES for a
   shared writable mapping of an O_RDONLY fd; EACCES for a write-only handle, ENODEV
   for anything but a regular file, EBADF for O_PATH (the kernel's answers);
-- lifetime: a native file stays open while mapped. inotify reports the release of
-  each description handed out (IN_CLOSE_*, once no fd and no mapping holds it), and
-  the remote handle is closed when its placeholder copies and its memfd
-  descriptions are all gone;
-- content: the ranges that mappings ask for, fetched at their mmap (the rest of the
-  memfd is a hole of the file's size), and fetched again at a later mmap only when
-  the slave's inode, size or mtime has changed other than by the handle's own writes
-  (a cache per handle); the program's
-  own writes and truncates through the handle are applied to the pages as well, so
-  a mapping sees them at once; SIGBUS beyond the end of the file, as natively;
+- coherence: shared mappings through separate opens of one file are one memory, as
+  on one machine (sqlite's ``-shm`` in each of its processes); writes and truncates
+  through any handle of the file show in the pages at once;
+- lifetime: a native file stays open while mapped. inotify (IN_CLOSE_*) says that a
+  description of the pages was released; which handles' links are still held is then
+  read from the session's processes (/proc/PID/fd and maps show the link), and a
+  handle whose placeholder copies are gone and whose link nothing holds is closed;
+- content: the ranges that mappings ask for, fetched at their mmap (the rest is a
+  hole of the file's size; large ranges around the slave file's own holes), and
+  fetched again at a later mmap only when the slave's inode, size or mtime has
+  changed other than by fmhub's own writes; SIGBUS beyond the end, as natively;
 - write-back: pages that a shared read-write mapping may change are compared with a
-  shadow memfd of what the slave holds, and the differences are written to the slave at
-  msync, at fsync, before any other call on the handle (so read(2) sees what the
-  mapping wrote), when the last mapping and fd are gone (munmap and close, or the
-  process's exit), and at the end of the session.
+  shadow of what the slave holds, and the pages that differ (the kernel's unit of
+  write-back too) are written to the slave, through a writable handle of the file
+  and all at once: at msync (MS_SYNC adds an fsync), before any other call on a
+  handle of the file (so read(2) sees what the mapping wrote), when a handle's last
+  mapping and fd are gone (munmap and close, or exit), and at the end of the session.
 
-Processes that share the handle (fork, dup, SCM_RIGHTS) share the pages; two
-separate opens of one slave file have separate pages, coherent only through the
-slave (at write-back and the next mmap). A slave-side process sees a mapping's
-writes once they are written back.
+A slave-side process sees a mapping's writes once they are written back; the pages
+see a slave-side change at the next mmap.
 """
 
 from __future__ import annotations
@@ -224,7 +226,10 @@ class Pages:
     def writer(self) -> int:
         """A handle that can write the file (what write-back goes through), or 0."""
         for handle, remote in self.handles.items():
-            if remote.access & os.O_ACCMODE in (os.O_WRONLY, os.O_RDWR):
+            # (an O_APPEND handle would write at the end, whatever the offset)
+            if remote.access & os.O_ACCMODE in (os.O_WRONLY, os.O_RDWR) and not (
+                remote.access & os.O_APPEND
+            ):
                 return handle
         return 0
 
@@ -330,19 +335,24 @@ class Pages:
             os.pwrite(dst, os.pread(src, min(BLOCK, hi - at), at), at)
 
     def written(self, offset: int, data: bytes) -> None:
-        """The program wrote ``data`` at ``offset`` through the handle (the slave has it)."""
+        """The program wrote ``data`` at ``offset`` through a handle (the slave has it).
+        A gap it leaves past the old end is zeros on the slave too: known, so loaded."""
+        old = self.size
         for fd in (self.memfd, self.shadow):
             if fd >= 0:
                 os.pwrite(fd, data, offset)
-        self._mark(offset, offset + len(data))
+        self._mark(min(offset, old), offset + len(data))
         self.ours = True
 
     def truncated(self, length: int) -> None:
         """The handle's file was truncated (or extended) to ``length`` on the slave."""
+        old = self.size
         for fd in (self.memfd, self.shadow):
             if fd >= 0:
                 os.ftruncate(fd, length)
         self.loaded = [(lo, min(hi, length)) for lo, hi in self.loaded if lo < length]
+        if length > old:  # extended: zeros on the slave as here
+            self._mark(old, length)
         self.ours = True
 
     def changes(self) -> list[wire.Write]:
@@ -353,24 +363,39 @@ class Pages:
             return []
         ops: list[wire.Write] = []
         for start, hi in list(self._data()):
-            for at in range(start - start % BLOCK, hi, BLOCK):
-                n = min(BLOCK, hi - at)
-                mine = os.pread(self.memfd, n, at)
-                if mine == os.pread(self.shadow, n, at):
+            for block in range(start, hi, BLOCK):  # compared a block at a time...
+                end = min(block + BLOCK, hi)
+                mine = os.pread(self.memfd, end - block, block)
+                theirs = os.pread(self.shadow, end - block, block)
+                if mine == theirs:
                     continue
-                os.pwrite(self.shadow, mine, at)
-                last = ops[-1] if ops else None
-                if (
-                    last
-                    and last.offset + len(last.data) == at
-                    and len(last.data) + n <= wire.MAX_IO
-                ):
-                    ops[-1] = wire.Write(handle=writer, offset=last.offset, rwf=0,
-                                         data=last.data + mine)  # fmt: skip
-                else:
-                    ops.append(wire.Write(handle=writer, offset=at, rwf=0, data=mine))
+                os.pwrite(self.shadow, mine, block)
+                ops = self._pages_of(ops, writer, block, mine, theirs)
         if ops:
             self.ours = True
+        return ops
+
+    @staticmethod
+    def _pages_of(
+        ops: list[wire.Write], writer: int, block: int, mine: bytes, theirs: bytes
+    ) -> list[wire.Write]:
+        """...and written a page at a time, as the kernel writes a mapping back: only
+        the pages that differ (another writer's bytes elsewhere are not overwritten)."""
+        for rel in range(0, len(mine), PAGE):
+            page = mine[rel : rel + PAGE]
+            if page == theirs[rel : rel + PAGE]:
+                continue
+            at = block + rel
+            last = ops[-1] if ops else None
+            if (
+                last
+                and last.offset + len(last.data) == at
+                and len(last.data) + len(page) <= wire.MAX_IO
+            ):
+                ops[-1] = wire.Write(handle=writer, offset=last.offset, rwf=0,
+                                     data=last.data + page)  # fmt: skip
+            else:
+                ops.append(wire.Write(handle=writer, offset=at, rwf=0, data=page))
         return ops
 
     def close(self, watcher: Watcher) -> None:

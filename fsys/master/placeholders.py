@@ -49,6 +49,8 @@ class RemoteFile:
     pages: Pages | None = None
     #: Every copy of the placeholder is closed (the pages may still be mapped).
     gone: bool = False
+    #: The slave file (device major, minor, inode), once fmhub has asked.
+    file: tuple[int, ...] | None = None
 
     @property
     def is_dir(self) -> bool:
@@ -150,6 +152,9 @@ class Placeholders:
         created empty when no handle of it is mapped yet."""
         if remote.pages is not None:
             return remote.pages
+        if remote.gone:  # closed while its call was on the slave
+            raise Errno(errno.EBADF)
+        remote.file = file
         pages = self.by_file.get(file)
         if pages is None:
             if self._watcher is None:
