@@ -70,6 +70,7 @@ def docs(session: nox.Session) -> None:
 # processes_model,routing}.py.
 MUTANT_SETS: dict[str, tuple[list[str], list[str]]] = {
     "protocol": (["fsys/protocol.py"], ["tests/test_protocol.py"]),
+    "pages": (["fsys/master/pages.py"], ["tests/test_pages.py"]),
 }
 
 # mutmut reads its configuration from pyproject.toml alone: this runs mutmut's command
