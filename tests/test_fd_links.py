@@ -156,3 +156,49 @@ async def test_kernel_rules_hold_for_slave_files(session: Session, tmp_path: Pat
     assert expected.endswith("/b x fd EXDEV ELOOP EXDEV\n"), expected
     result = await session.run(SYSTEM_PYTHON, "-c", KERNEL_RULES, "")
     assert (result.status, result.out) == (0, expected), result.err
+
+
+DNOTIFY = r"""
+import fcntl, os, signal, sys, time
+root, outside = sys.argv[1], sys.argv[2]  # outside: the same directory, not through fsys
+os.makedirs(root + "/watched")
+got = []
+signal.signal(signal.SIGIO, lambda *a: got.append(1))
+def wait():
+    deadline = time.monotonic() + 5
+    while not got and time.monotonic() < deadline:
+        time.sleep(0.01)
+    seen = bool(got)
+    got.clear()
+    return "signal" if seen else "none"
+fd = os.open(root + "/watched", os.O_RDONLY)
+fcntl.fcntl(fd, fcntl.F_NOTIFY, fcntl.DN_CREATE | fcntl.DN_DELETE | fcntl.DN_MULTISHOT)
+time.sleep(0.3)
+open(root + "/watched/new", "w").close()  # by the program itself
+out = [wait()]
+time.sleep(0.3)
+os.unlink(outside + "/watched/new")  # by another process of the slave's machine
+out.append(wait())
+fcntl.fcntl(fd, fcntl.F_NOTIFY, 0)  # no more
+try:
+    g = os.open(root + "/x", os.O_RDWR | os.O_CREAT, 0o644)
+    fcntl.fcntl(g, fcntl.F_NOTIFY, fcntl.DN_CREATE)  # not a directory
+except OSError as exc:
+    out.append(exc.strerror)
+print(" ".join(out))
+"""
+
+
+async def test_dnotify_on_a_slave_directory(session: Session, tmp_path: Path) -> None:
+    here = tmp_path / "native"
+    here.mkdir()
+    done = subprocess.run(
+        [SYSTEM_PYTHON, "-c", DNOTIFY, str(here), str(here)], check=False,
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert (done.returncode, done.stdout) == (0, "signal signal Not a directory\n"), done.stderr
+    # The program reaches the box directly too (--local): a change made outside fsys.
+    result = await session.run(
+        SYSTEM_PYTHON, "-c", DNOTIFY, "", str(session.box), extra=["--local", str(session.box)]
+    )
+    assert (result.status, result.out) == (0, done.stdout), result.err

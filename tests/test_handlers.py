@@ -1068,6 +1068,13 @@ def test_unknown_at_flags_are_einval(
     assert proc.call(name, *values) == -errno.EINVAL
 
 
+def test_f_notify_wants_a_directory(rig: Rig, proc: FakeProcess) -> None:
+    f_notify, dn_create = 1026, 0x4
+    assert proc.call("fcntl", open_(proc, b"/data/f"), f_notify, dn_create) == -errno.ENOTDIR
+    assert proc.call("fcntl", open_(proc, b"/data"), f_notify, dn_create) == 0
+    assert proc.call("fcntl", open_(proc, b"/data"), f_notify, 0) == 0
+
+
 def test_o_path_fds_allow_only_what_the_kernel_allows(rig: Rig, proc: FakeProcess) -> None:
     fd = open_(proc, b"/data/f", linux.O_PATH)
     assert proc.call("fchmod", fd, 0o600) == -errno.EBADF

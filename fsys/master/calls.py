@@ -612,7 +612,7 @@ def sys_statfs(hub: Hub, call: Trapped) -> Steps:
 
 # --- descriptors ------------------------------------------------------------------
 
-F_SETPIPE_SZ, F_GETPIPE_SZ, F_GETLEASE = 1031, 1032, 1025
+F_SETPIPE_SZ, F_GETPIPE_SZ, F_GETLEASE, F_NOTIFY = 1031, 1032, 1025, 1026
 _LOCK_COMMANDS = {linux.F_GETLK, linux.F_SETLK, linux.F_SETLKW,
                   linux.F_OFD_GETLK, linux.F_OFD_SETLK, linux.F_OFD_SETLKW}  # fmt: skip
 
@@ -628,6 +628,11 @@ def sys_fcntl(hub: Hub, call: Trapped) -> Steps:
         reply = yield wire.Lock(handle=rf.handle, cmd=cmd, flock=raw)
         if cmd in (linux.F_GETLK, linux.F_OFD_GETLK):
             call.memory.write(call.arg("arg"), _blob(reply, linux.FLOCK.size, exact=True))
+        return 0
+    if cmd == F_NOTIFY:
+        if not rf.is_dir:
+            raise Errno(errno.ENOTDIR)
+        hub.notify(call.process, rf, call.arg("arg") & 0xFFFFFFFF)
         return 0
     if cmd == F_GETLEASE:
         return 2  # F_UNLCK: no lease

@@ -26,6 +26,7 @@ import errno
 import functools
 import os
 import select
+import signal
 import sys
 import time
 import traceback
@@ -36,7 +37,7 @@ import trio
 
 from fsys.errors import Errno, LinkClosed, LocalProtocolError
 from fsys.kmod.table import Table
-from fsys.linux import O_CLOEXEC
+from fsys.linux import AT_EMPTY_PATH, O_CLOEXEC, STATX, STATX_BASIC_STATS
 from fsys.master.device import Listener, Notification
 from fsys.master.link import SlaveLink
 from fsys.master.pages import Pages, Store, links_in_use
@@ -63,6 +64,7 @@ from fsys.protocol import (
     Event,
     OpenPairing,
     Reply,
+    Stat,
     check_call,
 )
 
@@ -72,6 +74,9 @@ HOT_SLICE = 0.010
 DEFAULT_SPIN_US = 300
 #: The largest errno a reply may carry (the kernel's MAX_ERRNO).
 MAX_ERRNO = 4095
+#: How often a dnotify watch looks at its slave directory (seconds).
+NOTIFY_POLL = 0.1
+DN_MULTISHOT = 0x80000000
 #: What a handler's Ready wait is resumed with.
 READY = Reply(0, 0, 0)
 
@@ -107,6 +112,7 @@ class Hub:
         self.trapped = 0
         self.forwarded = 0
         self._nursery: trio.Nursery | None = None
+        self._notifies: dict[tuple[int, int], trio.CancelScope] = {}
 
     # --- the notification loop ----------------------------------------------------
 
@@ -409,7 +415,10 @@ class Hub:
 
     def release(self, remote: RemoteFile) -> None:
         """The program holds no copy of ``remote`` any more: close the slave's handle
-        (after writing back what mappings changed in its file's pages)."""
+        (after writing back what mappings changed in its file's pages; its dnotify
+        watches end with it)."""
+        for key in [k for k in self._notifies if k[1] == remote.handle]:
+            self._notifies.pop(key).cancel()
         if remote.pages is not None:
             self.write_back(remote.pages)
         self.close_handle(remote.handle)
@@ -463,6 +472,48 @@ class Hub:
             os.close(view)
         if done < 0:
             raise Errno(-done)
+
+    # --- dnotify on slave directories -------------------------------------------------
+
+    def notify(self, process: Process, remote: RemoteFile, mask: int) -> None:
+        """F_NOTIFY on the slave directory ``remote``: SIGIO to ``process`` when the
+        directory changes (mask 0: no more). The slave directory is looked at every
+        NOTIFY_POLL seconds, in a task of the process's pairing."""
+        key = (process.tgid, remote.handle)
+        previous = self._notifies.pop(key, None)
+        if previous is not None:
+            previous.cancel()
+        nursery = process.nursery or self._nursery
+        if not mask or nursery is None:
+            return
+        scope = trio.CancelScope()
+        self._notifies[key] = scope
+        nursery.start_soon(self._watch_directory, process, remote.handle, mask, scope)
+
+    async def _watch_directory(
+        self, process: Process, handle: int, mask: int, scope: trio.CancelScope
+    ) -> None:
+        op = Stat(dir=handle, flags=AT_EMPTY_PATH, mask=STATX_BASIC_STATS, path=b"")
+        before: tuple[int, ...] | None = None
+        with scope:
+            while True:
+                try:
+                    reply = await self.link.perform(0, op)
+                except LinkClosed:
+                    return
+                if reply.result < 0 or len(reply.blob) < STATX.size:
+                    return
+                f = STATX.unpack_from(reply.blob)
+                now = (f[3], f[8], f[15], f[16], f[17], f[18])  # nlink size ctime mtime
+                if before is not None and now != before:
+                    try:
+                        self.processes.procfs.send_signal(process.pidfd, signal.SIGIO)
+                    except OSError:
+                        return
+                    if not mask & DN_MULTISHOT:
+                        return
+                before = now
+                await trio.sleep(NOTIFY_POLL)
 
     def close_handle(self, handle: int) -> None:
         """Close a slave handle that fmhub opened for itself."""
