@@ -132,6 +132,21 @@ def static_binary(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
+#: A master binary whose stdlib is under /usr (a master prefix by the default policy).
+SYSTEM_PYTHON = "/usr/bin/python3"
+
+
+def native(script: str, root: Path, *args: str) -> str:
+    """What ``script`` prints run natively by SYSTEM_PYTHON with ``root`` as its argv[1]
+    (the same script runs under fsys with "" there: the slave's root)."""
+    done = subprocess.run(
+        [SYSTEM_PYTHON, "-c", script, str(root), *args], check=False, capture_output=True,
+        text=True,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
 def slave_fd_count(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
 

@@ -10,11 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import PYTHON, Session, run_master, slave_command
+from tests.conftest import PYTHON, SYSTEM_PYTHON, Session, run_master, slave_command
 
 pytestmark = pytest.mark.e2e
-
-SYSTEM_PYTHON = "/usr/bin/python3"  # a master binary: its stdlib is under /usr
 
 
 def populate(box: Path) -> None:

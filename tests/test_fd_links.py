@@ -10,9 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import Session
-
-SYSTEM_PYTHON = "/usr/bin/python3"
+from tests.conftest import SYSTEM_PYTHON, Session, native
 
 FD_LINKS = r"""
 import os, stat, sys
@@ -40,14 +38,6 @@ dfd = os.open(root + "/t", os.O_RDONLY | os.O_DIRECTORY)
 out.append(open(f"/proc/self/fd/{dfd}/f").read())  # a path under a directory fd
 print(" ".join(out))
 """
-
-
-def native(script: str, root: Path) -> str:
-    done = subprocess.run(
-        [SYSTEM_PYTHON, "-c", script, str(root)], check=False, capture_output=True, text=True
-    )
-    assert done.returncode == 0, done.stderr
-    return done.stdout
 
 
 async def test_fd_links_name_the_remote_file(session: Session, tmp_path: Path) -> None:

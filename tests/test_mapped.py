@@ -11,9 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import Session
-
-SYSTEM_PYTHON = "/usr/bin/python3"  # a master binary: its stdlib is under /usr
+from tests.conftest import SYSTEM_PYTHON, Session, native
 
 MAPPINGS = r"""
 import fcntl, mmap, os, sys
@@ -87,17 +85,6 @@ m = mmap.mmap(fd, 0, prot=mmap.PROT_READ)
 out.append(first.decode() + ">" + m[:5].decode())
 print(" ".join(out))
 """
-
-
-def native(script: str, root: Path, *args: str) -> str:
-    done = subprocess.run(
-        [SYSTEM_PYTHON, "-c", script, str(root), *args],
-        check=False,
-        capture_output=True,
-        text=True,
-    )
-    assert done.returncode == 0, done.stderr
-    return done.stdout
 
 
 async def test_mappings_behave_as_natively(session: Session, tmp_path: Path) -> None:

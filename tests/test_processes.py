@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import Session
-from tests.test_e2e import FIND_SLAVE, SYSTEM_PYTHON
+from tests.conftest import SYSTEM_PYTHON, Session
+from tests.test_e2e import FIND_SLAVE
 
 pytestmark = pytest.mark.e2e
 

@@ -9,8 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import PYTHON, Session, run_master
-from tests.test_e2e import SYSTEM_PYTHON
+from tests.conftest import PYTHON, SYSTEM_PYTHON, Session, run_master
 
 pytestmark = pytest.mark.e2e
 

@@ -4,12 +4,9 @@ partial counts, file positions, and a blocking wait for room in a full socket.""
 
 from __future__ import annotations
 
-import subprocess
 from pathlib import Path
 
-from tests.conftest import Session
-
-SYSTEM_PYTHON = "/usr/bin/python3"
+from tests.conftest import SYSTEM_PYTHON, Session, native
 
 TRANSFERS = r"""
 import os, socket, sys, threading, time
@@ -58,12 +55,9 @@ async def test_sendfile_and_splice_between_slave_files_and_master_fds(
 ) -> None:
     here = tmp_path / "native"
     here.mkdir()
-    native = subprocess.run(
-        [SYSTEM_PYTHON, "-c", TRANSFERS, str(here)], check=False, capture_output=True, text=True
-    )
-    assert native.returncode == 0, native.stderr
-    assert native.stdout.endswith(" 100 100 True\n")
+    expected = native(TRANSFERS, here)
+    assert expected.endswith(" 100 100 True\n")
     result = await session.run(SYSTEM_PYTHON, "-c", TRANSFERS, "")
-    assert (result.status, result.out) == (0, native.stdout), result.err
+    assert (result.status, result.out) == (0, expected), result.err
     assert (session.box / "copy").read_bytes() == Path("/usr/bin/true").read_bytes()[:100]
     session.master_untouched()

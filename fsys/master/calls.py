@@ -255,6 +255,11 @@ def _transfer(call: Trapped) -> tuple[list[tuple[int, int]], int | None, int]:
     return iovs, _offset(offset), 0
 
 
+def _fstatx(rf: RemoteFile) -> Asks[bytes]:
+    """The struct statx of the remote file ``rf`` names, as it is now."""
+    return (yield from _statx(Target(True, rf.handle, b"", b""), AT_EMPTY_PATH, STATX_BASIC_STATS))
+
+
 def _join_pages(hub: Hub, rf: RemoteFile) -> Asks[None]:
     """A handle that never mapped a file that some other handle maps shares its pages
     all the same: its reads first get the mappings' writes, its writes show in them."""
@@ -262,9 +267,7 @@ def _join_pages(hub: Hub, rf: RemoteFile) -> Asks[None]:
     if rf.pages is not None or not placeholders.by_file or not rf.is_regular:
         return
     if rf.file is None:
-        target = Target(True, rf.handle, b"", b"")
-        raw = yield from _statx(target, AT_EMPTY_PATH, STATX_BASIC_STATS)
-        rf.file = linux.statx_identity(raw)[:3]
+        rf.file = linux.statx_identity((yield from _fstatx(rf)))[:3]
     pages = placeholders.by_file.get(rf.file)
     if pages is not None:
         placeholders.pages(rf, rf.file)
@@ -879,10 +882,10 @@ def sys_mmap(hub: Hub, call: Trapped) -> Steps:
     shared = call.arg_int("flags") & MAP_TYPE in (MAP_SHARED, MAP_SHARED_VALIDATE)
     if rf.pages is not None:
         hub.write_back(rf.pages)  # before the statx: the file as the slave now has it
-    raw = yield from _statx(Target(True, rf.handle, b"", b""), AT_EMPTY_PATH, STATX_BASIC_STATS)
+    raw = yield from _fstatx(rf)
     pages = hub.placeholders.pages(rf, linux.statx_identity(raw)[:3])  # EBADF: closed
     if hub.write_back(pages):  # other handles' mappings of the file had changed it
-        raw = yield from _statx(Target(True, rf.handle, b"", b""), AT_EMPTY_PATH, STATX_BASIC_STATS)
+        raw = yield from _fstatx(rf)
     offset = call.arg("offset")
     identity = linux.statx_identity(raw)
     yield from _refresh(hub, rf, pages, identity, offset, offset + call.arg("length"))

@@ -165,7 +165,7 @@ class Hub:
 
     def reap(self) -> None:
         """Release what the program closed (placeholders, pages) since the last look."""
-        self.placeholders.reap(self.release, self.unmapped)
+        self.placeholders.reap(self.release, self.write_back)
 
     def _hot(self, poller: select.poll, link_fd: int) -> bool:
         """Serve notifications and replies directly, while they keep coming.
@@ -393,7 +393,7 @@ class Hub:
     ) -> int:
         """Give the program a placeholder for ``handle``; it is the call's answer.
 
-        ``access``: the open flags that decide what the fd allows (O_ACCMODE, O_PATH).
+        ``access``: the open flags that decide what the fd allows (RemoteFile.access).
         """
         try:
             app_end, remote = self.placeholders.create(handle, kind, access)
@@ -422,10 +422,6 @@ class Hub:
         if remote.pages is not None:
             self.write_back(remote.pages)
         self.close_handle(remote.handle)
-
-    def unmapped(self, pages: Pages) -> None:
-        """Mappings of ``pages`` went (munmap and close, or exit): write them back."""
-        self.write_back(pages)
 
     def write_back(self, pages: Pages) -> bool:
         """Send the slave what shared mappings changed in ``pages``, all at once (so no

@@ -44,7 +44,7 @@ class RemoteFile:
     kind: int  # S_IFMT bits
     inode: int
     peer: socket.socket
-    #: The open flags that decide access: O_ACCMODE and O_PATH.
+    #: The open flags that decide what the fd allows: O_ACCMODE, O_PATH, O_APPEND.
     access: int = 0
     pages: Pages | None = None
     #: Every copy of the placeholder is closed (the pages may still be mapped).
@@ -198,7 +198,7 @@ class Placeholders:
     def reap(
         self,
         on_last_close: Callable[[RemoteFile], None],
-        on_unmapped: Callable[[Pages], None] = lambda pages: None,
+        on_unmapped: Callable[[Pages], object] = lambda pages: None,
     ) -> None:
         """Release every remote file whose placeholder copies are gone and whose link
         to its pages no fd or mapping holds; ``on_unmapped`` for pages whose mappings
@@ -226,7 +226,7 @@ class Placeholders:
                     self._last_close(remote, on_last_close)
 
     def _released(
-        self, on_last_close: Callable[[RemoteFile], None], on_unmapped: Callable[[Pages], None]
+        self, on_last_close: Callable[[RemoteFile], None], on_unmapped: Callable[[Pages], object]
     ) -> None:
         """Some description of some pages was released: which handles' links are
         still held is read from the processes themselves (inotify says only that one
