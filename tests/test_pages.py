@@ -378,3 +378,26 @@ def test_write_back_never_goes_through_an_append_handle(
     os.pwrite(view(rig, proc, rw), b"Z", 0)
     proc.call("fsync", rw)
     assert (box / "f").read_bytes() == b"Z123456789"
+
+
+def test_a_large_range_is_fetched_around_the_files_holes(
+    rig: Rig, proc: FakeProcess, box: Path
+) -> None:
+    with open(box / "sparse", "wb") as f:
+        f.truncate(64 << 20)
+        f.seek(3 << 20)
+        f.write(b"A" * 5000)  # one data extent, in a 16 MiB range that is mostly holes
+        f.seek((8 << 20) - 10)
+        f.write(b"end")
+    fd = open_(proc, b"/sparse")
+    assert proc.call("lseek", fd, 1234, os.SEEK_SET) == 1234
+    assert mmap(proc, fd, length=16 << 20, offset=0) is CONTINUE
+    fetched = sum(op.size for op in reads(rig))
+    assert fetched < 64 << 10  # the data pages only, not 16 MiB
+    mapped = view(rig, proc, fd)
+    assert os.pread(mapped, 5000, 3 << 20) == b"A" * 5000
+    assert os.pread(mapped, 3, (8 << 20) - 10) == b"end"
+    assert os.pread(mapped, 4, 1 << 20) == bytes(4)  # a hole reads as zeros
+    assert proc.call("lseek", fd, 0, os.SEEK_CUR) == 1234  # the program's position kept
+    rig.link.pump()
+    assert list(rig.executor.handles) == list(rig.placeholders.by_handle)  # no reopen left

@@ -242,3 +242,81 @@ def test_a_joined_path_at_the_limit(rig: Rig) -> None:
     with pytest.raises(Errno) as caught:
         routed(rig, q, "stat", up + b"x", 0)
     assert caught.value.errno == errno.ENAMETOOLONG
+
+
+# --- links that name fds and the working directory ---------------------------------
+
+
+@pytest.mark.parametrize(
+    "link",
+    [b"/proc/self/fd/5", b"/proc/thread-self/fd/5", b"/proc/100/fd/5",
+     b"/proc/100/task/100/fd/5", b"/dev/fd/5"],
+)  # fmt: skip
+def test_an_fd_link_of_a_placeholder_is_its_remote_file(rig: Rig, link: bytes) -> None:
+    p = rig.process(100)
+    placeholder(rig, p, 5, handle=7, kind=0o100000)
+    decision, call = routed(rig, p, "chmod", link, 0o600)
+    assert decision is HANDLERS["chmod"]
+    assert call.targets == (Target(True, 7, b"", link, whole=True),)
+
+
+def test_an_fd_link_names_what_is_under_a_directory_fd(rig: Rig) -> None:
+    p = rig.process()
+    placeholder(rig, p, 5, handle=7)
+    _, call = routed(rig, p, "stat", b"/proc/self/fd/5//sub/f", 0)
+    assert call.targets == (Target(True, 7, b"sub/f", b"/proc/self/fd/5//sub/f"),)
+
+
+def test_the_stdio_links(rig: Rig) -> None:
+    p = rig.process()
+    placeholder(rig, p, 0, handle=3)
+    placeholder(rig, p, 2, handle=4)
+    _, call = routed(rig, p, "stat", b"/dev/stdin", 0)
+    assert call.targets[0] == Target(True, 3, b"", b"/dev/stdin", whole=True)
+    _, call = routed(rig, p, "stat", b"/dev/stderr", 0)
+    assert call.targets[0].dir == 4
+    decision, call = routed(rig, p, "stat", b"/dev/stdout", 0)  # fd 1 is the master's
+    assert decision is None and not call.targets[0].remote
+
+
+def test_a_call_on_the_link_itself_is_the_kernels(rig: Rig) -> None:
+    p = rig.process()
+    placeholder(rig, p, 5, handle=7)
+    decision, _ = routed(rig, p, "lstat", b"/proc/self/fd/5", 0)
+    assert decision is None
+    decision, _ = routed(rig, p, "newfstatat", AT_FDCWD, b"/proc/self/fd/5", 0,
+                         AT_SYMLINK_NOFOLLOW)  # fmt: skip
+    assert decision is None
+    decision, _ = routed(rig, p, "newfstatat", AT_FDCWD, b"/proc/self/fd/5", 0, 0)
+    assert decision is sys_stat
+
+
+def test_fd_links_that_are_not_placeholders_are_the_masters(rig: Rig) -> None:
+    p = rig.process()
+    placeholder(rig, p, 5, handle=7)
+    p.fds[6] = "pipe:[9]"
+    for link in (b"/proc/self/fd/6", b"/proc/self/fd/8", b"/proc/self/fdinfo/5",
+                 b"/dev/fdx/5", b"/proc/self/fd/"):  # fmt: skip
+        decision, call = routed(rig, p, "stat", link, 0)
+        assert decision is None and not call.targets[0].remote, link
+    other = rig.process(300)  # another process's fd 5 is not ours
+    decision, _ = routed(rig, other, "stat", b"/proc/self/fd/5", 0)
+    assert decision is None
+    decision, call = routed(rig, other, "stat", b"/proc/100/fd/5", 0)  # but by its pid: yes
+    assert decision is sys_stat and call.targets[0].dir == 7
+
+
+def test_proc_self_cwd_of_a_slave_directory(rig: Rig) -> None:
+    rig.processes.initial = Inherited(b"/home/u", True, False)
+    p = rig.process(100)
+    for link in (b"/proc/self/cwd", b"/proc/thread-self/cwd", b"/proc/100/cwd"):
+        _, call = routed(rig, p, "readlink", link, 0, 64)
+        assert call.targets == (Target(True, 0, b"/home/u", b"/proc/self/cwd", whole=True),)
+    _, call = routed(rig, p, "stat", b"/proc/self/cwd/src/a.c", 0)
+    assert call.targets == (Target(True, 0, b"/home/u/src/a.c", b"/proc/self/cwd/src/a.c"),)
+    decision, _ = routed(rig, p, "stat", b"/proc/1/cwd", 0)  # another process's
+    assert decision is None
+    rig.processes.initial = Inherited(b"/usr", False, False)
+    q = rig.process(200)
+    decision, _ = routed(rig, q, "stat", b"/proc/self/cwd", 0)  # a master cwd
+    assert decision is None
