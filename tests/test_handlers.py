@@ -161,6 +161,31 @@ def test_openat2(rig: Rig, proc: FakeProcess, box: Path) -> None:
     assert proc.call("openat2", AT_FDCWD, b"/data/o2", wide, 24) == -errno.EINVAL
 
 
+def test_openat2_resolve_flags_apply_from_the_slave_cwd(
+    rig: Rig, proc: FakeProcess, box: Path
+) -> None:
+    (box / "data" / "link").symlink_to("f")
+    assert proc.call("chdir", b"/data") == 0
+
+    def openat2(path: bytes, resolve: int, flags: int = os.O_RDONLY) -> int:
+        how = proc.mem.alloc(linux.OPEN_HOW.pack(flags, 0, resolve))
+        result = proc.call("openat2", AT_FDCWD, path, how, linux.OPEN_HOW.size)
+        assert isinstance(result, int)
+        return result
+
+    handles = len(rig.executor.handles)
+    fd = openat2(b"f", linux.RESOLVE_BENEATH)
+    assert fd >= 0 and len(rig.executor.handles) == handles + 1  # the cwd's is closed again
+    buf = proc.mem.alloc(4)
+    assert proc.call("read", fd, buf, 4) == 4 and proc.mem.bytes_at(buf, 4) == b"0123"
+    assert openat2(b"../data/f", linux.RESOLVE_BENEATH) == -errno.EXDEV
+    assert openat2(b"link", linux.RESOLVE_NO_SYMLINKS) == -errno.ELOOP
+    assert openat2(b"/data/f", linux.RESOLVE_BENEATH) == -errno.EXDEV  # absolute: never
+    made = openat2(b"new", linux.RESOLVE_BENEATH, os.O_WRONLY | O_CREAT)
+    assert made >= 0 and (box / "data" / "new").exists()  # created in the cwd, not the root
+    assert not (box / "new").exists()
+
+
 def test_read_and_file_position(rig: Rig, proc: FakeProcess) -> None:
     fd = open_(proc, b"/data/f")
     buf = proc.mem.alloc(16)
