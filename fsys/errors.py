@@ -38,6 +38,8 @@ class LinkClosed(FsysError):
 class Errno(FsysError):
     """A call's outcome is this errno; raised inside handlers, answered as -errno."""
 
-    def __init__(self, errno: int) -> None:
+    def __init__(self, errno: int, flags: int = 0) -> None:
         super().__init__(errno)
         self.errno = errno
+        #: The REPLY_* flags of the slave's reply that said so (0: not the slave's).
+        self.flags = flags

@@ -11,7 +11,7 @@ from __future__ import annotations
 import ctypes
 import os
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Final
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -118,6 +118,42 @@ def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
     _check(_fallocate(SYS_FALLOCATE, fd, mode, offset, length))
 
 
+# inotify(7): an event is ``INOTIFY_EVENT`` then ``len`` bytes of NUL-padded name.
+INOTIFY_EVENT: Final = struct.Struct("=iIII")
+IN_MODIFY, IN_ATTRIB, IN_CLOSE_WRITE, IN_CLOSE_NOWRITE = 0x2, 0x4, 0x8, 0x10
+IN_MOVED_FROM, IN_MOVED_TO, IN_CREATE, IN_DELETE = 0x40, 0x80, 0x100, 0x200
+IN_DELETE_SELF, IN_MOVE_SELF, IN_Q_OVERFLOW, IN_IGNORED = 0x400, 0x800, 0x4000, 0x8000
+IN_ONLYDIR = 0x01000000
+
+
+def inotify_init() -> int:
+    """A new inotify instance, non-blocking and close-on-exec."""
+    return _check(_libc.inotify_init1(os.O_NONBLOCK | O_CLOEXEC))
+
+
+def inotify_add_watch(fd: int, path: bytes, mask: int) -> int:
+    return _check(_libc.inotify_add_watch(fd, path, ctypes.c_uint32(mask)))
+
+
+def inotify_events(fd: int) -> Iterator[tuple[int, int, bytes]]:
+    """(watch descriptor, mask, name) of each event queued on the (non-blocking) ``fd``."""
+    while True:
+        try:
+            data = os.read(fd, 65536)
+        except BlockingIOError:
+            return
+        at = 0
+        while at + INOTIFY_EVENT.size <= len(data):
+            wd, mask, _cookie, size = INOTIFY_EVENT.unpack_from(data, at)
+            start = at + INOTIFY_EVENT.size
+            at = start + size
+            yield wd, mask, data[start:at].rstrip(b"\0")
+
+
+def inotify_rm_watch(fd: int, wd: int) -> None:
+    _libc.inotify_rm_watch(fd, wd)  # EINVAL: the kernel already dropped it (IN_IGNORED)
+
+
 def pidfd_getfd(pidfd: int, fd: int) -> int:
     """A copy of another process's ``fd`` (the same open file description)."""
     return _check(_pidfd_getfd(SYS_PIDFD_GETFD, pidfd, fd, 0))
@@ -137,6 +173,7 @@ AT_SYMLINK_FOLLOW: Final = 0x400
 AT_NO_AUTOMOUNT: Final = 0x800
 AT_EMPTY_PATH: Final = 0x1000
 AT_STATX_SYNC_TYPE: Final = 0x6000
+AT_STATX_FORCE_SYNC: Final = 0x2000
 
 O_ACCMODE: Final = 0o3
 O_CREAT: Final = 0o100
@@ -215,6 +252,11 @@ def statx_to_stat(raw: bytes) -> bytes:
 def statx_mode(raw: bytes) -> int:
     mode: int = STATX.unpack_from(raw)[6]
     return mode
+
+
+def statx_nlink(raw: bytes) -> int:
+    nlink: int = STATX.unpack_from(raw)[3]
+    return nlink
 
 
 def statx_identity(raw: bytes) -> tuple[int, ...]:

@@ -7,6 +7,11 @@ then the master sends CALLs and pairing changes, the slave answers each CALL wit
 REPLY carrying the same pairing and request id. Request id 0 means "no reply
 wanted" (closing a remote handle). GOODBYE ends a direction with a reason.
 
+Watched answers. The slave may mark a STAT reply REPLY_WATCHED: it watches the
+directories that the answer depends on (inotify), and until it sends an INVALIDATE
+naming the path or a prefix of it, the same STAT would get the same answer, so the
+master may answer it again itself. Both sides key such answers by ``watch_key``.
+
 A CALL carries one *operation*: a record (``Open``, ``Stat``...) whose fields are
 named once here and read by name on both sides. On the wire its body is the
 record's integer fields (signed 64-bit, little endian) followed by its byte strings
@@ -37,6 +42,9 @@ from fsys.errors import LocalProtocolError, RemoteProtocolError
 MAGIC: Final = b"FSYS"
 VERSION: Final = 1
 FEATURES: Final = 0
+FEATURE_WATCH: Final = 1
+"""In the master's HELLO: mark STAT replies REPLY_WATCHED where they can be, and send
+INVALIDATEs (the master keeps an attribute cache). Without it the slave watches nothing."""
 
 MAX_IO: Final = 4 << 20
 """Largest data string in one READ/WRITE; bigger requests are split by the master."""
@@ -60,6 +68,7 @@ class Kind(enum.IntEnum):
     OPEN_PAIRING = 4
     CLOSE_PAIRING = 5
     GOODBYE = 6
+    INVALIDATE = 7
 
 
 class Op(enum.IntEnum):
@@ -545,6 +554,19 @@ if len(SPECS) != len(Op):  # pragma: no cover - a declaration is missing
     raise TypeError(f"operations without a record: {set(Op) - set(_BY_CODE)}")
 
 
+def watch_key(path: bytes) -> bytes | None:
+    """The form of ``path`` that watched answers are keyed by on both sides: absolute,
+    with "//" and "/./" collapsed (they name the same thing). None for a path whose
+    meaning depends on more than the entries it names: relative, with "..", ending in
+    "/" or "/.", or the root itself."""
+    if not path.startswith(b"/") or path.endswith((b"/", b"/.")):
+        return None
+    parts = [p for p in path.split(b"/") if p and p != b"."]
+    if not parts or b".." in parts:
+        return None
+    return b"/" + b"/".join(parts)
+
+
 # --- events (named tuples: they are made for every frame, and are cheap to make) ----
 
 
@@ -565,6 +587,25 @@ class Reply(NamedTuple):
     request: int
     result: int
     blob: bytes = b""
+    #: REPLY_* bits (the frame header's flags byte).
+    flags: int = 0
+
+
+REPLY_WATCHED: Final = 1
+"""A STAT reply (result or errno) that the slave keeps watching: until an INVALIDATE
+names its path, or a prefix of it, the same STAT would get the same answer."""
+REPLY_NOT_LINK: Final = 2
+"""With REPLY_WATCHED: the path's last component is no symlink, so the answer holds
+whether or not the STAT follows one."""
+
+
+class Invalidate(NamedTuple):
+    """Slave -> master: what the answers marked REPLY_WATCHED about these paths, and
+    every path below them, may no longer be; b"/" is everything. The slave sends it
+    before the reply to any call of its own that caused the change, so the program
+    sees its own changes at once, and as soon as it reads the change otherwise."""
+
+    paths: tuple[bytes, ...]
 
 
 class OpenPairing(NamedTuple):
@@ -580,7 +621,7 @@ class Goodbye(NamedTuple):
     reason: bytes = b""
 
 
-Event = Hello | Call | Reply | OpenPairing | ClosePairing | Goodbye
+Event = Hello | Call | Reply | OpenPairing | ClosePairing | Goodbye | Invalidate
 
 
 class _Sentinel(enum.Enum):
@@ -616,6 +657,7 @@ TRANSITIONS: Final[dict[tuple[Role, State, type[Event]], State]] = {
     (Role.MASTER, State.OPEN, OpenPairing): State.OPEN,
     (Role.MASTER, State.OPEN, ClosePairing): State.OPEN,
     (Role.SLAVE, State.OPEN, Reply): State.OPEN,
+    (Role.SLAVE, State.OPEN, Invalidate): State.OPEN,
     (Role.MASTER, State.HANDSHAKE, Goodbye): State.DONE,
     (Role.SLAVE, State.HANDSHAKE, Goodbye): State.DONE,
     (Role.MASTER, State.OPEN, Goodbye): State.DONE,
@@ -734,8 +776,13 @@ def encode(event: Event) -> bytes:
         if len(blob) > MAX_IO:
             raise LocalProtocolError(f"reply of {len(blob)} bytes")
         _check_ids(event.pairing, event.request)
-        head = HEADER.pack(8 + len(blob), Kind.REPLY, 0, 0, event.pairing, event.request)
+        head = HEADER.pack(8 + len(blob), Kind.REPLY, event.flags, 0, event.pairing, event.request)
         return head + _I64.pack(event.result) + blob
+    if isinstance(event, Invalidate):
+        body = b"".join([_U32.pack(len(p)) + p for p in event.paths])
+        if len(body) > MAX_BODY or any(len(p) >= MAX_PATH for p in event.paths):
+            raise LocalProtocolError("INVALIDATE too long")
+        return HEADER.pack(len(body), Kind.INVALIDATE, 0, 0, 0, 0) + body
     if isinstance(event, Hello):
         if len(event.info) > MAX_SMALL:
             raise LocalProtocolError("hello info too long")
@@ -785,14 +832,36 @@ def _decode_call(op_value: int, pairing: int, request: int, body: memoryview) ->
     return Call(pairing, request, spec.record._make((*ints, *blobs)))
 
 
-def decode(kind_value: int, op: int, pairing: int, request: int, body: memoryview) -> Event:
+def _decode_invalidate(body: memoryview) -> Invalidate:
+    paths: list[bytes] = []
+    pos, end = 0, len(body)
+    while pos < end:
+        if end - pos < 4:
+            raise RemoteProtocolError("INVALIDATE: truncated path length")
+        (n,) = _U32.unpack_from(body, pos)
+        pos += 4
+        if not 0 < n < MAX_PATH or n > end - pos:
+            raise RemoteProtocolError(f"INVALIDATE: path of {n} bytes")
+        path = bytes(body[pos : pos + n])
+        if not path.startswith(b"/") or b"\0" in path:
+            raise RemoteProtocolError(f"INVALIDATE: not an absolute path: {path[:64]!r}")
+        paths.append(path)
+        pos += n
+    return Invalidate(tuple(paths))
+
+
+def decode(
+    kind_value: int, op: int, pairing: int, request: int, body: memoryview, flags: int = 0
+) -> Event:
     """One frame's event (header fields already split off). Raises RemoteProtocolError."""
     if kind_value == Kind.CALL:
         return _decode_call(op, pairing, request, body)
     if kind_value == Kind.REPLY:
         if len(body) < 8:
             raise RemoteProtocolError("truncated reply")
-        return Reply(pairing, request, _I64.unpack_from(body)[0], bytes(body[8:]))
+        return Reply(pairing, request, _I64.unpack_from(body)[0], bytes(body[8:]), flags)
+    if kind_value == Kind.INVALIDATE:
+        return _decode_invalidate(body)
     if kind_value == Kind.HELLO:
         if len(body) < _HELLO.size:
             raise RemoteProtocolError("truncated hello")
@@ -880,7 +949,7 @@ class Connection:
         available = len(buf) - pos
         if available < 16:
             return self._at_end(available)
-        length, kind, _flags, op, pairing, request = HEADER.unpack_from(buf, pos)
+        length, kind, flags, op, pairing, request = HEADER.unpack_from(buf, pos)
         try:
             if kind != Kind.HELLO and self.their_state is State.HANDSHAKE:
                 raise RemoteProtocolError(
@@ -895,7 +964,7 @@ class Connection:
                 return self._at_end(available)
             start = pos + 16
             with memoryview(buf) as view:
-                event = decode(kind, op, pairing, request, view[start : start + length])
+                event = decode(kind, op, pairing, request, view[start : start + length], flags)
             self._pos = start + length
             self._receive_transition(event)
         except RemoteProtocolError as exc:
@@ -927,7 +996,7 @@ class Connection:
         if isinstance(event, Call):
             if event.pairing not in self.pairings.open:
                 raise RemoteProtocolError(f"pairing {event.pairing} is not open")
-        elif not isinstance(event, Reply):
+        elif not isinstance(event, Reply | Invalidate):
             if isinstance(event, Hello):
                 if event.version != VERSION:
                     raise RemoteProtocolError(

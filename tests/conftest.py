@@ -11,15 +11,20 @@ from __future__ import annotations
 import os
 import shlex
 import signal
+import socket
 import subprocess
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import trio
 
+from fsys.iostream import FdTransport
+from fsys.master.link import SlaveLink
+from fsys.slave.fshub import serve_transport
 from tests.fakes import FakeProcess, Rig
 
 PYTHON = sys.executable
@@ -39,6 +44,26 @@ class Result:
     @property
     def err(self) -> str:
         return self.stderr.decode()
+
+
+@asynccontextmanager
+async def served_link(root: Path, features: int = 0) -> AsyncIterator[SlaveLink]:
+    """fmhub's link to a real fshub serving ``root``, over a socketpair, in this process."""
+    ours, theirs = socket.socketpair()
+    async with trio.open_nursery() as nursery:
+        fd = theirs.detach()
+        nursery.start_soon(serve_transport, FdTransport(fd, fd), str(root))
+        mine = ours.detach()
+        transport = FdTransport(mine, mine)
+        link = SlaveLink(transport)
+        await nursery.start(link.serve)
+        with trio.fail_after(10):
+            await link.handshake(features)
+        yield link
+        with trio.fail_after(10):
+            await link.goodbye()
+        nursery.cancel_scope.cancel()
+    transport.close()
 
 
 def slave_command(root: Path, *, prefix: Sequence[str] = ()) -> str:

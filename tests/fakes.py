@@ -24,6 +24,7 @@ import trio
 
 from fsys.errors import Errno, LinkClosed
 from fsys.kmod.table import load
+from fsys.master.cache import AttrCache
 from fsys.master.calls import HANDLERS
 from fsys.master.device import Notification
 from fsys.master.fmhub import Hub
@@ -35,18 +36,21 @@ from fsys.master.processes import Processes, ProcFS
 from fsys.master.routing import CONTINUE, Continue
 from fsys.master.staging import Stage
 from fsys.protocol import (
+    FEATURE_WATCH,
     NEED_DATA,
     Call,
     Connection,
     Event,
     Hello,
+    Invalidate,
     Operation,
     Reply,
     Role,
     _Sentinel,
 )
-from fsys.slave.executor import Executor
+from fsys.slave.executor import UNCHANGING, Executor
 from fsys.slave.fshub import perform
+from fsys.slave.watches import batches
 
 TABLE = load()
 AT_FDCWD = -100
@@ -305,13 +309,15 @@ class WireLink:
     a handler is resumed from the "reader", not from inside its own yield.
     """
 
-    def __init__(self, executor: Executor) -> None:
+    def __init__(self, executor: Executor, features: int = 0) -> None:
         self.executor = executor
         self.conn = Connection(Role.MASTER)
         self.slave = Connection(Role.SLAVE)
-        self.slave.receive_data(self.conn.send(Hello()))
+        self.slave.receive_data(self.conn.send(Hello(features=features)))
+        executor.hello(features)
         self.conn.receive_data(self.slave.send(Hello()))
-        assert self.slave.next_event() == Hello() and self.conn.next_event() == Hello()
+        assert self.slave.next_event() == Hello(features=features)
+        assert self.conn.next_event() == Hello()
         self.pending: list[tuple[Call, Callable[[Reply | LinkClosed], None] | None]] = []
         self.ops: list[Operation] = []  # every operation the slave performed, in order
         self.events: list[Event] = []  # pairing events the slave received
@@ -321,6 +327,7 @@ class WireLink:
         self._request = 0
         self.broken = False
         self.on_perform: Callable[[Operation], None] | None = None  # before each op
+        self.on_invalidate: Callable[[tuple[bytes, ...]], None] | None = None
 
     @property
     def waiting(self) -> bool:
@@ -390,6 +397,13 @@ class WireLink:
                     on_reply(LinkClosed("the slave went away"))
                 continue
             reply = perform(self.executor, call, blocking=self.executor.may_block(call.op))
+            if type(call.op) not in UNCHANGING:  # as fshub: what changed, before the reply
+                for paths in batches(self.executor.watches.changes()):
+                    self.conn.receive_data(self.slave.send(Invalidate(paths)))
+                    sent = self.conn.next_event()
+                    assert isinstance(sent, Invalidate)
+                    if self.on_invalidate is not None:
+                        self.on_invalidate(sent.paths)
             if on_reply is None:
                 continue
             self.conn.receive_data(self.slave.send(reply))
@@ -470,13 +484,14 @@ class Rig:
     procfs: FakeProc = field(default_factory=FakeProc)
     policy: Policy = field(default_factory=Policy.build)
     stage: Stage | None = None
+    cache: bool = False  # the hub keeps an attribute cache, the slave watches
 
     def __post_init__(self) -> None:
         # The slave runs with umask 0: the master applies the program's (fsys-slave's
         # serve_fds does the same).
         self._umask = os.umask(0)
         self.executor = Executor(str(self.box))
-        self.link = WireLink(self.executor)
+        self.link = WireLink(self.executor, FEATURE_WATCH if self.cache else 0)
         self.listener = FakeListener(self.procfs)
         self.processes = Processes(self.procfs)
         self.placeholders = Placeholders(self.procfs.fd_path, self.listener.fd_info)
@@ -492,6 +507,7 @@ class Rig:
             stage=self.stage,
             processes=self.processes,
             placeholders=self.placeholders,
+            cache=AttrCache() if self.cache else None,
         )
         self._nid = 0
 

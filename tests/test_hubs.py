@@ -26,25 +26,13 @@ from fsys.protocol import (
     encode,
 )
 from fsys.slave.fshub import serve_transport
+from tests.conftest import served_link
 
 
 @pytest.fixture
 async def link(tmp_path: Path) -> AsyncIterator[SlaveLink]:
-    ours, theirs = socket.socketpair()
-    async with trio.open_nursery() as nursery:
-        fd = theirs.detach()
-        nursery.start_soon(serve_transport, FdTransport(fd, fd), str(tmp_path))
-        mine = ours.detach()
-        transport = FdTransport(mine, mine)
-        slave_link = SlaveLink(transport)
-        await nursery.start(slave_link.serve)
-        with trio.fail_after(10):
-            await slave_link.handshake()
-        yield slave_link
-        with trio.fail_after(10):
-            await slave_link.goodbye()
-        nursery.cancel_scope.cancel()
-    transport.close()
+    async with served_link(tmp_path) as served:
+        yield served
 
 
 async def test_handshake_and_a_call(link: SlaveLink, tmp_path: Path) -> None:

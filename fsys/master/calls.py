@@ -48,6 +48,7 @@ from fsys.linux import (
     UTIME_OMIT,
 )
 from fsys.master import pages, staging
+from fsys.master.cache import AttrCache
 from fsys.master.fmhub import Hub
 from fsys.master.pages import SPARSE_SCAN, Pages
 from fsys.master.placeholders import RemoteFile
@@ -371,10 +372,41 @@ def sys_openat2(hub: Hub, call: Trapped) -> Asks[int]:
 # --- metadata ---------------------------------------------------------------------
 
 
-def _statx(target: Target, flags: int, mask: int) -> Asks[bytes]:
+def _statx(target: Target, flags: int, mask: int, cache: AttrCache | None = None) -> Asks[bytes]:
+    """The struct statx of ``target``: from ``cache`` if it holds a watched answer
+    (fsys.master.cache), else from the slave, kept in ``cache`` if it is watched."""
     flags &= AT_SYMLINK_NOFOLLOW | AT_EMPTY_PATH | linux.AT_NO_AUTOMOUNT | 0x6000
-    reply = yield wire.Stat(dir=target.dir, flags=flags, mask=mask, path=target.path)
-    return _blob(reply, linux.STATX_SIZE, exact=True)
+    path = target.path
+    key = None
+    follow = not flags & AT_SYMLINK_NOFOLLOW
+    if (
+        cache is not None
+        and not target.dir
+        and not target.whole
+        and not flags & (AT_EMPTY_PATH | linux.AT_STATX_FORCE_SYNC)
+    ):
+        key = wire.watch_key(path)
+        if key is not None:
+            path = key  # the form the slave watches
+            mask |= STATX_BASIC_STATS  # (what stat(2) wants: one answer serves both)
+            hit = cache.lookup(key, follow, mask)
+            if hit is not None:
+                result, raw = hit
+                if result:
+                    raise Errno(-result)
+                return raw
+    try:
+        reply = yield wire.Stat(dir=target.dir, flags=flags, mask=mask, path=path)
+    except Errno as exc:
+        if key is not None and exc.flags & wire.REPLY_WATCHED:
+            assert cache is not None
+            cache.store(key, follow, mask, -exc.errno, b"", exc.flags)
+        raise
+    raw = _blob(reply, linux.STATX_SIZE, exact=True)
+    if key is not None and reply.flags & wire.REPLY_WATCHED:
+        assert cache is not None
+        cache.store(key, follow, mask, 0, raw, reply.flags)
+    return raw
 
 
 #: The fd forms that an O_PATH fd allows (open(2): fstat, fstatfs, fchdir...).
@@ -412,7 +444,7 @@ def _check_flags(call: Trapped) -> None:
 def sys_stat(hub: Hub, call: Trapped) -> Steps:
     _check_flags(call)
     target, flags = _object(call)
-    raw = yield from _statx(target, flags, STATX_BASIC_STATS)
+    raw = yield from _statx(target, flags, STATX_BASIC_STATS, hub.cache)
     call.memory.write(call.arg("statbuf"), linux.statx_to_stat(raw))
     return 0
 
@@ -425,7 +457,7 @@ def sys_statx(hub: Hub, call: Trapped) -> Steps:
         raise Errno(errno.EINVAL)  # both sync types at once; a reserved mask bit
     target = call.targets[0]
     flags |= AT_EMPTY_PATH if target.whole else 0
-    raw = yield from _statx(target, flags, call.arg_int("mask"))
+    raw = yield from _statx(target, flags, call.arg_int("mask"), hub.cache)
     call.memory.write(call.arg("statxbuf"), raw)
     return 0
 

@@ -87,6 +87,11 @@ def _parser() -> argparse.ArgumentParser:
         "--trace-all", action="store_true", help="also print trapped calls run natively"
     )
     run.add_argument("--trace-file", metavar="FILE", help="write the trace to FILE")
+    run.add_argument(
+        "--no-cache", action="store_true",
+        help="send every stat to the slave (for slave files that change where inotify "
+        "cannot see: a network filesystem changed from elsewhere)",
+    )  # fmt: skip
     _policy_args(run)
     run.add_argument("program", nargs=argparse.REMAINDER, help="-- PROGRAM [ARGS...]")
 
@@ -262,7 +267,9 @@ def cmd_run(args: argparse.Namespace, *, nofile: tuple[int, int] | None = None) 
     signal.signal(signal.SIGQUIT, signal.SIG_IGN)
     status = SESSION_FAILED
     try:
-        plan = session.Plan(launched, slave, policy, trace, args.trace_all, stage, staged)
+        plan = session.Plan(
+            launched, slave, policy, trace, args.trace_all, stage, staged, not args.no_cache
+        )
         status = session.run(plan)
         return status
     finally:

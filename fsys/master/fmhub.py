@@ -38,6 +38,7 @@ import trio
 from fsys.errors import Errno, LinkClosed, LocalProtocolError
 from fsys.kmod.table import Table
 from fsys.linux import AT_EMPTY_PATH, O_CLOEXEC, STATX, STATX_BASIC_STATS
+from fsys.master.cache import AttrCache
 from fsys.master.device import Listener, Notification
 from fsys.master.link import SlaveLink
 from fsys.master.pages import Pages, Store, links_in_use
@@ -94,6 +95,7 @@ class Hub:
         stage: Stage | None = None,
         processes: Processes | None = None,
         placeholders: Placeholders | None = None,
+        cache: AttrCache | None = None,
         spin_us: float = DEFAULT_SPIN_US,
     ) -> None:
         self.listener = listener
@@ -104,6 +106,10 @@ class Hub:
         self.tracer = tracer
         self.spin = spin_us / 1e6
         self.placeholders = placeholders if placeholders is not None else Placeholders()
+        #: The slave's watched answers (None: every stat goes to the slave).
+        self.cache = cache
+        if cache is not None:
+            link.on_invalidate = cache.invalidate
         self.processes = processes if processes is not None else Processes()
         self.processes.on_exit = self._closed
         if placeholders is None:  # (tests give theirs, with a fake of the scan)
@@ -155,6 +161,7 @@ class Hub:
             "processes": self.processes.created,
             "open_remote_files": len(self.placeholders),
             "slave_calls": self.link.calls,
+            "cached_stats": self.cache.hits if self.cache is not None else 0,
         }
 
     async def _reap_closed(self) -> None:
@@ -334,7 +341,10 @@ class Hub:
             sent = reply
         elif reply.result < 0:
             # An errno out of the kernel's range is the slave's bug (or malice).
-            sent = Errno(-reply.result if reply.result >= -MAX_ERRNO else errno.EIO)
+            if reply.result >= -MAX_ERRNO:
+                sent = Errno(-reply.result, reply.flags)
+            else:
+                sent = Errno(errno.EIO)
         else:
             sent = reply
         self._advance(call, steps, sent)
@@ -432,6 +442,8 @@ class Hub:
                 self.link.post(0, op)
             except LinkClosed:
                 break
+        if ops and self.cache is not None:
+            self.cache.clear()  # a reply will bring no INVALIDATE before our next call
         return bool(ops)
 
     def _links_in_use(self, store: Store) -> set[int]:

@@ -28,6 +28,7 @@ from fsys.protocol import (
     Event,
     Goodbye,
     Hello,
+    Invalidate,
     Operation,
     Reply,
     Role,
@@ -49,6 +50,8 @@ class SlaveLink:
         self._done = trio.Event()
         self._closing = False
         self.calls = 0
+        #: Called with the paths of each INVALIDATE, in order with the replies.
+        self.on_invalidate: Callable[[tuple[bytes, ...]], None] | None = None
 
     # --- life cycle ---------------------------------------------------------------
 
@@ -88,6 +91,9 @@ class SlaveLink:
                     on_reply = self._pending.pop(event.request, None)
                     if on_reply is not None:
                         on_reply(event)
+                elif isinstance(event, Invalidate):
+                    if self.on_invalidate is not None:
+                        self.on_invalidate(event.paths)
                 elif isinstance(event, Hello):
                     self._hello.set()
                 elif isinstance(event, Goodbye):
@@ -145,9 +151,9 @@ class SlaveLink:
     def alive(self) -> bool:
         return not self._done.is_set()
 
-    async def handshake(self) -> Hello:
-        """Send our HELLO and wait for the slave's."""
-        self.send([Hello(info=b"fsys-master")])
+    async def handshake(self, features: int = 0) -> Hello:
+        """Send our HELLO (asking for ``features``) and wait for the slave's."""
+        self.send([Hello(features=features, info=b"fsys-master")])
         await self._hello.wait()
         if self.peer is None:
             raise LinkClosed(self.failure or "no HELLO from the slave")

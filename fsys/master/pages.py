@@ -42,11 +42,9 @@ see a slave-side change at the next mmap.
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import os
 import shutil
-import struct
 import tempfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -62,47 +60,28 @@ if TYPE_CHECKING:
 
 #: inotify events that report the release of a description (close of its last fd
 #: and unmapping of its last mapping).
-IN_CLOSE = 0x08 | 0x10  # IN_CLOSE_WRITE | IN_CLOSE_NOWRITE
-IN_IGNORED = 0x8000
-_EVENT = struct.Struct("=iIII")
+IN_CLOSE = linux.IN_CLOSE_WRITE | linux.IN_CLOSE_NOWRITE
 #: The unit of write-back: a block differs from its snapshot or not.
 BLOCK = 65536
-
-_libc = ctypes.CDLL(None, use_errno=True)
-
-
-def _check(result: int) -> int:
-    if result < 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err))
-    return result
 
 
 class Watcher:
     """One inotify instance: the release of each description of a memfd."""
 
     def __init__(self) -> None:
-        self.fd = _check(_libc.inotify_init1(os.O_NONBLOCK | O_CLOEXEC))
+        self.fd = linux.inotify_init()
 
     def watch(self, memfd: int) -> int:
-        return _check(_libc.inotify_add_watch(self.fd, f"/proc/self/fd/{memfd}".encode(), IN_CLOSE))
+        return linux.inotify_add_watch(self.fd, b"/proc/self/fd/%d" % memfd, IN_CLOSE)
 
     def unwatch(self, wd: int) -> None:
-        _libc.inotify_rm_watch(self.fd, wd)
+        linux.inotify_rm_watch(self.fd, wd)
 
     def releases(self) -> Iterator[int]:
         """The watch of each description released since the last call (one per release)."""
-        while True:
-            try:
-                data = os.read(self.fd, 65536)
-            except BlockingIOError:
-                return
-            at = 0
-            while at + _EVENT.size <= len(data):
-                wd, mask, _cookie, size = _EVENT.unpack_from(data, at)
-                at += _EVENT.size + size
-                if mask & IN_CLOSE:
-                    yield wd
+        for wd, mask, _name in linux.inotify_events(self.fd):
+            if mask & IN_CLOSE:
+                yield wd
 
     def close(self) -> None:
         if self.fd >= 0:

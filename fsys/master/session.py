@@ -17,6 +17,7 @@ import trio
 from fsys.errors import SESSION_FAILED, LinkClosed
 from fsys.iostream import FdTransport
 from fsys.kmod.table import load
+from fsys.master.cache import AttrCache
 from fsys.master.calls import HANDLERS
 from fsys.master.device import Listener
 from fsys.master.fmhub import DEFAULT_SPIN_US, Hub
@@ -25,6 +26,7 @@ from fsys.master.link import SlaveLink
 from fsys.master.policy import Policy
 from fsys.master.staging import Stage
 from fsys.master.trace import Tracer
+from fsys.protocol import FEATURE_WATCH
 
 if TYPE_CHECKING:
     from fsys.master.cli import Slave
@@ -79,6 +81,7 @@ class Plan:
     trace_all: bool
     stage: Stage
     staged: bool  # the program starts in the stage directory (staging.py)
+    cache: bool = True  # keep the slave's watched answers (fsys.master.cache)
 
 
 async def _session(plan: Plan) -> int:
@@ -90,13 +93,14 @@ async def _session(plan: Plan) -> int:
     if os.environ.get("FSYS_SYNC_WAKE", "") == "1":
         listener.set_sync_wake_up()
     tracer = Tracer(plan.trace, all=plan.trace_all) if plan.trace is not None else None
+    cache = AttrCache() if plan.cache else None
     hub = Hub(listener=listener, link=link, policy=plan.policy, table=load(),
-              handlers=HANDLERS, tracer=tracer, stage=plan.stage,
+              handlers=HANDLERS, tracer=tracer, stage=plan.stage, cache=cache,
               spin_us=_spin_us())  # fmt: skip
     async with trio.open_nursery() as nursery:
         await nursery.start(link.serve)
         try:
-            await link.handshake()
+            await link.handshake(FEATURE_WATCH if cache is not None else 0)
             await hub.set_initial_cwd(os.getcwd(), staged=plan.staged)
         except LinkClosed:
             os.kill(launched.pid, signal.SIGKILL)

@@ -52,7 +52,8 @@ from fsys.linux import (
     RESOLVE_BENEATH,
     RESOLVE_IN_ROOT,
 )
-from fsys.protocol import MAX_IO, SPECS, Operation
+from fsys.protocol import MAX_IO, REPLY_NOT_LINK, REPLY_WATCHED, SPECS, Operation, watch_key
+from fsys.slave.watches import Watches
 
 Result = tuple[int, bytes]
 
@@ -72,6 +73,13 @@ LOCK_UN = 8
 F_UNLCK = 2
 
 
+#: Operations that change nothing a watched answer depends on (``fsys.slave.watches``):
+#: after any other, fshub sends what changed before the reply.
+UNCHANGING: frozenset[type] = frozenset(
+    {wire.Stat, wire.Getdents, wire.Access, wire.Readlink, wire.Read, wire.Lseek,
+     wire.Statfs, wire.Getxattr, wire.Listxattr, wire.HandlePath, wire.Chdir, wire.Close,
+     wire.Lock, wire.Flock}
+)  # fmt: skip
 #: Operations on a handle that wait when the handle is a stream (pipe, socket, tty).
 _ON_STREAMS: frozenset[type] = frozenset(
     {wire.Read, wire.Write, wire.Getdents, wire.Ioctl, wire.Fcntl}
@@ -127,6 +135,7 @@ class Executor:
         self.root_fd = os.open(self.root, O_PATH | O_DIRECTORY | O_CLOEXEC)
         self.confined = self.root != "/"
         self.handles: dict[int, Handle] = {}
+        self.watches = Watches(self.root_fd, _openat2, confined=self.confined)
         self._ids = itertools.count(1)
         self._dispatch: dict[type, Callable[[Any], Result]] = {
             spec.record: getattr(self, "op_" + spec.op.name.lower())
@@ -137,9 +146,15 @@ class Executor:
     def close(self) -> None:
         for handle_id in list(self.handles):
             self.op_close_handle(handle_id)
+        self.watches.close()
         if self.root_fd >= 0:
             os.close(self.root_fd)
             self.root_fd = -1
+
+    def hello(self, features: int) -> None:
+        """The master's HELLO: without FEATURE_WATCH it keeps no cache, so watch nothing."""
+        if not features & wire.FEATURE_WATCH:
+            self.watches.close()
 
     # --- dispatch -------------------------------------------------------------------
 
@@ -351,6 +366,45 @@ class Executor:
 
     def op_lseek(self, o: wire.Lseek) -> Result:
         return os.lseek(self.fd(o.handle), o.offset, o.whence), b""
+
+    def stat(self, o: wire.Stat) -> tuple[int, bytes, int]:
+        """STAT, watched where it can be: (result or -errno, struct statx, REPLY_* flags).
+
+        A path in its ``watch_key`` form, from the root, whose directories can all be
+        watched (``fsys.slave.watches``) is looked up as one name in its watched
+        parent, so the answer depends on nothing unwatched: it is REPLY_WATCHED, and
+        REPLY_NOT_LINK unless the name is a symlink (a followed symlink's answer
+        depends on its target: not watched). A file with several hard links is not
+        watched either: a change through another of its names is not seen here.
+        """
+        dir_id, flags, mask, path = o
+        if (
+            dir_id
+            or flags & (AT_EMPTY_PATH | linux.AT_STATX_FORCE_SYNC)
+            or not self.watches.enabled
+            or watch_key(path) != path
+        ):
+            return (*self.execute(o), 0)
+        where = self.watches.parent(path)
+        if where is None:
+            return (*self.execute(o), 0)
+        parent, name = where
+        buf = ctypes.create_string_buffer(linux.STATX_SIZE)
+        try:
+            linux.statx(parent, name, flags | AT_SYMLINK_NOFOLLOW, mask, buf)
+        except OSError as exc:
+            if exc.errno in (errno.ENOENT, errno.ENOTDIR, errno.EACCES):
+                return -exc.errno, b"", REPLY_WATCHED | REPLY_NOT_LINK
+            raise
+        raw = buf.raw
+        kind = stat.S_IFMT(linux.statx_mode(raw))
+        if kind == stat.S_IFLNK:
+            if flags & AT_SYMLINK_NOFOLLOW:
+                return 0, raw, REPLY_WATCHED
+            return (*self.execute(o), 0)
+        if kind != stat.S_IFDIR and linux.statx_nlink(raw) > 1:
+            return 0, raw, 0
+        return 0, raw, REPLY_WATCHED | REPLY_NOT_LINK
 
     def op_stat(self, o: wire.Stat) -> Result:
         dir_id, flags, mask, path = o

@@ -36,12 +36,15 @@ from fsys.protocol import (
     Connection,
     Goodbye,
     Hello,
+    Invalidate,
     Open,
     OpenPairing,
     Reply,
     Role,
+    Stat,
 )
-from fsys.slave.executor import Executor, MustBlock
+from fsys.slave.executor import UNCHANGING, Executor, MustBlock
+from fsys.slave.watches import batches
 
 MAX_THREADS = 64
 HOT_QUIET_MS = 2
@@ -76,6 +79,9 @@ def perform(executor: Executor, call: Call, *, blocking: bool = False) -> Reply:
     is EINVAL, as the kernel would say; anything else is a bug, reported, and EIO.
     """
     try:
+        if type(call.op) is Stat:
+            result, blob, flags = executor.stat(call.op)
+            return Reply(call.pairing, call.request, result, blob, flags)
         if blocking:
             result, blob = executor.execute_blocking(call.op)
         else:
@@ -155,11 +161,36 @@ class SlaveSession:
                 self._undo(call, late)
             # Every call is answered once (link.py); nobody waits for this one now.
             reply = Reply(call.pairing, call.request, -errno.EINTR)
-        if call.request:
-            try:
-                self.transport.write(self.conn.send(reply))
-            except (LinkClosed, LocalProtocolError):
-                pass  # the master is gone, or has said goodbye: the session is over
+        try:
+            out = self._changes(bytearray(), call)
+            if call.request:
+                out += self.conn.send(reply)
+            if out:
+                self.transport.write(out)
+        except (LinkClosed, LocalProtocolError):
+            pass  # the master is gone, or has said goodbye: the session is over
+
+    def _changes(self, out: bytearray, call: Call | None = None) -> bytearray:
+        """Add to ``out`` an INVALIDATE of what changed since the last look, if anything
+        did: before the reply to ``call``, unless ``call`` changes nothing watched, so
+        that the master sees the effect of its own calls before their replies."""
+        if call is not None and type(call.op) in UNCHANGING:
+            return out
+        changes = self.executor.watches.changes()
+        for paths in batches(changes):
+            out += self.conn.send(Invalidate(paths))
+        return out
+
+    async def _watch_changes(self) -> None:
+        """Send what changed on the slave, by whoever, as soon as inotify says so."""
+        fd = self.executor.watches.fd
+        if fd < 0:
+            return
+        while True:
+            await trio.lowlevel.wait_readable(fd)
+            out = self._changes(bytearray())
+            if out:
+                self.transport.write(out)
 
     def _undo(self, call: Call, reply: Reply) -> None:
         """An abandoned call succeeded after all: release what it made (a handle)."""
@@ -173,6 +204,7 @@ class SlaveSession:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self.transport.serve_writer)
                 self.transport.write(self.conn.send(Hello(info=info)))
+                nursery.start_soon(self._watch_changes)
                 await self._read_loop(nursery)
                 with trio.move_on_after(5):
                     await self.transport.flush()
@@ -200,6 +232,9 @@ class SlaveSession:
     async def _serve_requests(self, nursery: trio.Nursery) -> None:
         poller = select.poll()
         poller.register(self.transport.read_fd, select.POLLIN)
+        watches = self.executor.watches.fd
+        if watches >= 0:
+            poller.register(watches, select.POLLIN)
         while True:
             data = await self.transport.receive()
             if not self._feed(data, nursery):
@@ -208,19 +243,24 @@ class SlaveSession:
             # keep coming (see fmhub._hot for why), back to trio after a quiet spell,
             # or at once when a worker thread or a stalled write needs trio.
             deadline = time.monotonic() + HOT_SLICE
-            while (
-                not self._threads
-                and not self.transport.backlog
-                and (self._spin(poller, self.spin) or poller.poll(HOT_QUIET_MS))
-            ):
-                more = self.transport.receive_nowait()
-                if more is not None and not self._feed(more, nursery):
-                    return
+            while not self._threads and not self.transport.backlog:
+                events = self._spin(poller, self.spin) or poller.poll(HOT_QUIET_MS)
+                if not events:
+                    break
+                for fd, _mask in events:
+                    if fd == watches:
+                        out = self._changes(bytearray())
+                        if out:
+                            self.transport.write(out)
+                    else:
+                        more = self.transport.receive_nowait()
+                        if more is not None and not self._feed(more, nursery):
+                            return
                 if time.monotonic() > deadline:
                     break
 
     @staticmethod
-    def _spin(poller: select.poll, seconds: float) -> bool:
+    def _spin(poller: select.poll, seconds: float) -> list[tuple[int, int]]:
         """Poll without sleeping for up to ``seconds`` (FSYS_SLAVE_SPIN_US; 0: never).
 
         A request that comes while the slave spins is served without a wake-up (a
@@ -228,12 +268,13 @@ class SlaveSession:
         and fmhub (cat 256 MiB -5%, make -j2 +4%): off unless asked for.
         """
         if not seconds:
-            return False
+            return []
         until = time.monotonic() + seconds
         while time.monotonic() < until:
-            if poller.poll(0):
-                return True
-        return False
+            events = poller.poll(0)
+            if events:
+                return events
+        return []
 
     def _feed(self, data: memoryview, nursery: trio.Nursery) -> bool:
         """Perform what ``data`` completes; False when the session is over."""
@@ -263,8 +304,11 @@ class SlaveSession:
                 except MustBlock:
                     self._start_threaded(nursery, event, context)
                     continue
+                self._changes(out, event)
                 if event.request:
                     out += conn.send(reply)
+            elif isinstance(event, Hello):
+                executor.hello(event.features)
             elif isinstance(event, OpenPairing):
                 self.pairings[event.pairing] = PairingContext(event.pairing, event.parent)
             elif isinstance(event, ClosePairing):

@@ -1,0 +1,122 @@
+"""The attribute cache: answers of the slave that fmhub may give again itself.
+
+Theory of operation. The slave marks a STAT reply REPLY_WATCHED when it watches
+every directory the answer depends on (``fsys.slave.watches``); from then until an
+INVALIDATE names the path or a prefix of it, the same STAT would get the same
+answer. fmhub keeps such answers here, by path (``protocol.watch_key``), and a
+stat, lstat, newfstatat or statx of a cached path is answered without the slave.
+
+Coherence rests on the link's order: the slave sends an INVALIDATE as soon as it
+reads the change from inotify, and before the reply to any call of ours that made
+it. So the program sees its own changes at once, and another process's within the
+time the slave takes to read the event and the link to carry it (docs/performance.md
+gives the figure). An INVALIDATE of ``/a/b`` drops ``/a/b`` and everything below it:
+entries are kept as a tree of directories, so that costs what it drops.
+
+An answer holds for the variant of the call that got it (following a final symlink
+or not), or for both when the reply says the last component is no symlink
+(REPLY_NOT_LINK). A statx asking for fields outside the mask the answer was got
+with goes to the slave. The cache holds at most ``limit`` paths: beyond, the oldest
+are dropped.
+"""
+
+from __future__ import annotations
+
+from fsys.protocol import REPLY_NOT_LINK
+
+#: (the statx mask asked for, result (0 or -errno), struct statx or b"")
+Answer = tuple[int, int, bytes]
+#: The most paths kept (each costs ~0.5 KiB): 64k paths, ~32 MiB.
+LIMIT = 65536
+
+
+def _parent(key: bytes) -> bytes:
+    return key[: key.rfind(b"/")] or b"/"
+
+
+class AttrCache:
+    """Watched STAT answers by path: [not following a final symlink, following it]."""
+
+    def __init__(self, limit: int = LIMIT) -> None:
+        self.limit = limit
+        self.entries: dict[bytes, list[Answer | None]] = {}
+        self._below: dict[bytes, set[bytes]] = {}  # directory key -> its cached children
+        self.hits = 0
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def lookup(self, key: bytes, follow: bool, mask: int) -> tuple[int, bytes] | None:
+        """(result, struct statx) of a watched answer that holds for this call, or None."""
+        entry = self.entries.get(key)
+        if entry is None:
+            return None
+        answer = entry[follow]
+        if answer is None:
+            return None
+        asked, result, raw = answer
+        if result == 0 and mask & ~asked:
+            return None  # fields the slave was not asked for
+        self.hits += 1
+        return result, raw
+
+    def store(
+        self, key: bytes, follow: bool, mask: int, result: int, raw: bytes, flags: int
+    ) -> None:
+        """Keep a REPLY_WATCHED answer (``flags`` are the reply's)."""
+        entry = self.entries.get(key)
+        if entry is None:
+            if len(self.entries) >= self.limit:
+                self._shrink()
+            entry = self.entries[key] = [None, None]
+            self._link(key)
+        answer = (mask, result, raw)
+        if flags & REPLY_NOT_LINK:
+            entry[0] = entry[1] = answer
+        else:
+            entry[follow] = answer
+
+    def _link(self, key: bytes) -> None:
+        """Make ``key`` reachable from each of its ancestors (an invalidation of any of
+        them must find it), up to one already linked."""
+        below = self._below
+        while key != b"/":
+            parent = _parent(key)
+            children = below.get(parent)
+            if children is None:
+                children = below[parent] = set()
+            elif key in children:
+                return
+            children.add(key)
+            key = parent
+
+    def invalidate(self, paths: tuple[bytes, ...] | list[bytes]) -> None:
+        """Drop each path and everything below it (b"/": everything)."""
+        for path in paths:
+            if path == b"/":
+                self.clear()
+                return
+            self._drop(path)
+            below = self._below.get(_parent(path))
+            if below is not None:
+                below.discard(path)
+
+    def _drop(self, key: bytes) -> None:
+        stack = [key]
+        entries, below = self.entries, self._below
+        while stack:
+            key = stack.pop()
+            entries.pop(key, None)
+            children = below.pop(key, None)
+            if children:
+                stack.extend(children)
+
+    def _shrink(self) -> None:
+        """Drop the oldest eighth of the paths."""
+        for key in list(self.entries)[: max(1, self.limit // 8)]:
+            if key in self.entries:
+                self.invalidate((key,))
+
+    def clear(self) -> None:
+        self.entries.clear()
+        self._below.clear()

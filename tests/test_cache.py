@@ -1,0 +1,537 @@
+"""The attribute cache: the slave's watches (inotify), its watched STAT answers, the
+INVALIDATEs before replies, the master's cache, and what a program sees end to end."""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+import stat
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+import trio
+
+from fsys import linux
+from fsys.iostream import FdTransport
+from fsys.linux import (
+    AT_FDCWD,
+    AT_SYMLINK_NOFOLLOW,
+    O_CLOEXEC,
+    O_DIRECTORY,
+    O_PATH,
+    STATX_BASIC_STATS,
+)
+from fsys.master.cache import AttrCache
+from fsys.master.link import SlaveLink
+from fsys.protocol import (
+    FEATURE_WATCH,
+    REPLY_NOT_LINK,
+    REPLY_WATCHED,
+    Chmod,
+    Connection,
+    Hello,
+    Invalidate,
+    Reply,
+    Role,
+    Stat,
+    watch_key,
+)
+from fsys.slave.executor import Executor
+from fsys.slave.fshub import serve_transport
+from fsys.slave.watches import MAX_DIRS, Watches, batches
+from tests.conftest import SYSTEM_PYTHON, Session, served_link
+from tests.fakes import FakeProcess, Rig
+
+BASIC = STATX_BASIC_STATS
+STATX_BTIME = 0x800
+
+# --- the key both sides use ------------------------------------------------------------
+
+
+def test_watch_key_collapses_what_names_the_same_and_refuses_the_rest() -> None:
+    assert watch_key(b"/a//b/./c") == b"/a/b/c"
+    assert watch_key(b"/./x") == b"/x"
+    for path in (b"a/b", b"/a/../b", b"/a/", b"/a/.", b"/", b"", b"/a/.."):
+        assert watch_key(path) is None, path
+
+
+# --- the master's cache ------------------------------------------------------------------
+
+
+def test_an_answer_about_no_symlink_holds_for_both_variants() -> None:
+    cache = AttrCache()
+    cache.store(b"/a/f", False, BASIC, 0, b"R", REPLY_WATCHED | REPLY_NOT_LINK)
+    assert cache.lookup(b"/a/f", True, BASIC) == (0, b"R")
+    assert cache.lookup(b"/a/f", False, BASIC) == (0, b"R")
+    assert cache.hits == 2
+
+
+def test_an_answer_about_a_symlink_holds_for_its_variant_only() -> None:
+    cache = AttrCache()
+    cache.store(b"/a/l", False, BASIC, 0, b"L", REPLY_WATCHED)
+    assert cache.lookup(b"/a/l", False, BASIC) == (0, b"L")
+    assert cache.lookup(b"/a/l", True, BASIC) is None
+
+
+def test_fields_the_slave_was_not_asked_for_go_to_the_slave() -> None:
+    cache = AttrCache()
+    cache.store(b"/f", True, BASIC, 0, b"R", REPLY_WATCHED | REPLY_NOT_LINK)
+    assert cache.lookup(b"/f", True, BASIC | STATX_BTIME) is None
+    assert cache.lookup(b"/f", True, 0x1) == (0, b"R")  # fewer: the answer has them
+    cache.store(b"/g", True, BASIC, -2, b"", REPLY_WATCHED | REPLY_NOT_LINK)
+    assert cache.lookup(b"/g", True, BASIC | STATX_BTIME) == (-2, b"")  # no file
+
+
+def test_an_invalidation_drops_the_path_and_everything_below_it() -> None:
+    cache = AttrCache()
+    flags = REPLY_WATCHED | REPLY_NOT_LINK
+    for key in (b"/a", b"/a/b/c/d", b"/a/bc", b"/x"):  # /a/b and /a/b/c never cached
+        cache.store(key, True, BASIC, 0, key, flags)
+    cache.invalidate((b"/a/b",))
+    assert sorted(cache.entries) == [b"/a", b"/a/bc", b"/x"]
+    cache.invalidate([b"/a"])
+    assert sorted(cache.entries) == [b"/x"]
+    cache.store(b"/a/b", True, BASIC, 0, b"again", flags)  # and may be cached again
+    assert cache.lookup(b"/a/b", True, BASIC) == (0, b"again")
+    cache.invalidate((b"/",))
+    assert len(cache) == 0
+
+
+def test_the_cache_holds_at_most_its_limit() -> None:
+    cache = AttrCache(limit=64)
+    for i in range(1000):
+        cache.store(b"/d/%d" % i, True, BASIC, 0, b"", REPLY_WATCHED | REPLY_NOT_LINK)
+    assert 0 < len(cache) <= 64
+    assert cache.lookup(b"/d/999", True, BASIC) is not None  # the newest are kept
+    assert cache.lookup(b"/d/0", True, BASIC) is None
+
+
+# --- the slave's watches -------------------------------------------------------------------
+
+
+@pytest.fixture
+def watches(tmp_path: Path) -> Iterator[Watches]:
+    root = os.open(tmp_path, O_PATH | O_DIRECTORY | O_CLOEXEC)
+    from fsys.slave.executor import _openat2
+
+    w = Watches(root, _openat2, confined=True)
+    yield w
+    w.close()
+    os.close(root)
+
+
+def test_every_directory_on_the_way_is_watched(watches: Watches, tmp_path: Path) -> None:
+    (tmp_path / "a/b").mkdir(parents=True)
+    where = watches.parent(b"/a/b/f")
+    assert where is not None and where[1] == b"f"
+    assert set(watches.dirs) == {b"/", b"/a", b"/a/b"}
+    assert os.path.samefile(f"/proc/self/fd/{where[0]}", tmp_path / "a/b")
+
+
+def test_a_symlink_on_the_way_is_not_watched(watches: Watches, tmp_path: Path) -> None:
+    (tmp_path / "real").mkdir()
+    (tmp_path / "link").symlink_to("real")
+    (tmp_path / "file").write_text("")
+    assert watches.parent(b"/link/f") is None
+    assert watches.parent(b"/file/f") is None
+    assert b"/link" not in watches.dirs and b"/file" not in watches.dirs
+    assert watches.parent(b"/gone/f") is None
+
+
+def test_changes_name_the_entries_that_changed(watches: Watches, tmp_path: Path) -> None:
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a/f").write_text("x")
+    assert watches.parent(b"/a/f") is not None
+    assert watches.changes() == []
+    os.chmod(tmp_path / "a/f", 0o600)
+    (tmp_path / "a/new").write_text("")
+    (tmp_path / "top").mkdir()
+    assert watches.changes() == [b"/a/f", b"/a/new", b"/top"]
+    with open(tmp_path / "a/f", "a") as f:
+        f.write("more")  # content: the size and mtime
+    os.unlink(tmp_path / "a/new")
+    assert watches.changes() == [b"/a/f", b"/a/new"]
+    os.chmod(tmp_path / "a", 0o700)  # the directory itself: all below it too
+    assert watches.changes() == [b"/a"]
+
+
+def test_a_renamed_directory_is_no_longer_watched_under_its_old_name(
+    watches: Watches, tmp_path: Path
+) -> None:
+    (tmp_path / "a/b").mkdir(parents=True)
+    assert watches.parent(b"/a/b/f") is not None
+    os.rename(tmp_path / "a", tmp_path / "z")
+    assert b"/a" in watches.changes()
+    assert set(watches.dirs) == {b"/"}  # /a and /a/b named what they name no more
+    (tmp_path / "z/b/f").write_text("")  # nothing reported under a name that is gone
+    assert watches.changes() == []
+    (tmp_path / "a").mkdir()
+    assert watches.changes() == [b"/a"]
+    assert watches.parent(b"/a/f") is not None  # the new /a is watched afresh
+    (tmp_path / "a/f").write_text("")
+    assert watches.changes() == [b"/a/f"]
+
+
+def test_a_removed_directory_is_forgotten(watches: Watches, tmp_path: Path) -> None:
+    (tmp_path / "a").mkdir()
+    assert watches.parent(b"/a/f") is not None
+    os.rmdir(tmp_path / "a")
+    assert watches.changes() == [b"/a"]
+    assert set(watches.dirs) == {b"/"}
+    assert not watches.keys.get(-1)
+
+
+def test_no_watch_left_means_no_watched_answer(watches: Watches, tmp_path: Path) -> None:
+    for i in range(3):
+        (tmp_path / str(i)).mkdir()
+    import fsys.slave.watches as module
+
+    saved = module.MAX_DIRS
+    module.MAX_DIRS = 2
+    try:
+        assert watches.parent(b"/0/f") is not None
+        assert watches.parent(b"/1/f") is None  # "/" and "/0" fill it
+        assert watches.full
+    finally:
+        module.MAX_DIRS = saved
+    assert saved == MAX_DIRS
+
+
+def test_invalidations_are_split_into_frames_of_bounded_size() -> None:
+    paths = [b"/" + b"x" * 1000 + b"%d" % i for i in range(200)]
+    frames = batches(paths)
+    assert [p for frame in frames for p in frame] == paths
+    assert len(frames) > 1
+    assert all(sum(4 + len(p) for p in frame) <= 65536 for frame in frames)
+
+
+# --- the executor's watched answers -----------------------------------------------------------
+
+
+@pytest.fixture
+def executor(tmp_path: Path) -> Iterator[Executor]:
+    ex = Executor(str(tmp_path))
+    yield ex
+    ex.close()
+
+
+def _stat(ex: Executor, path: bytes, flags: int = 0) -> tuple[int, bytes, int]:
+    return ex.stat(Stat(dir=0, flags=flags, mask=BASIC, path=path))
+
+
+def test_a_file_in_watched_directories_is_watched(executor: Executor, tmp_path: Path) -> None:
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d/f").write_text("12345")
+    result, raw, flags = _stat(executor, b"/d/f")
+    assert (result, flags) == (0, REPLY_WATCHED | REPLY_NOT_LINK)
+    assert linux.statx_size(raw) == 5
+    result, raw, flags = _stat(executor, b"/d")
+    assert (result, flags) == (0, REPLY_WATCHED | REPLY_NOT_LINK)
+    assert stat.S_ISDIR(linux.statx_mode(raw))
+
+
+def test_a_missing_file_is_a_watched_answer(executor: Executor, tmp_path: Path) -> None:
+    assert _stat(executor, b"/nothing") == (-2, b"", REPLY_WATCHED | REPLY_NOT_LINK)
+
+
+def test_symlinks_and_hard_links(executor: Executor, tmp_path: Path) -> None:
+    (tmp_path / "f").write_text("x")
+    (tmp_path / "l").symlink_to("f")
+    result, raw, flags = _stat(executor, b"/l", AT_SYMLINK_NOFOLLOW)
+    assert (result, flags) == (0, REPLY_WATCHED) and stat.S_ISLNK(linux.statx_mode(raw))
+    result, raw, flags = _stat(executor, b"/l")  # followed: depends on the target
+    assert (result, flags) == (0, 0) and stat.S_ISREG(linux.statx_mode(raw))
+    os.link(tmp_path / "f", tmp_path / "g")
+    result, raw, flags = _stat(executor, b"/g")
+    assert (result, flags) == (0, 0) and linux.statx_nlink(raw) == 2
+
+
+def test_paths_not_in_key_form_are_not_watched(executor: Executor, tmp_path: Path) -> None:
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d/f").write_text("x")
+    for path in (b"/d//f", b"/d/./f", b"/d/../d/f", b"/d/"):
+        assert _stat(executor, path)[::2] == (0, 0), path
+    (tmp_path / "real").mkdir()
+    (tmp_path / "link").symlink_to("real")
+    (tmp_path / "real/f").write_text("x")
+    assert _stat(executor, b"/link/f")[::2] == (0, 0)
+    assert _stat(executor, b"/d/f", linux.AT_STATX_FORCE_SYNC)[::2] == (0, 0)
+
+
+def test_a_confined_slave_never_answers_about_a_file_outside(tmp_path: Path) -> None:
+    box = tmp_path / "box"
+    (box / "d").mkdir(parents=True)
+    (tmp_path / "secret").write_text("outside")
+    os.symlink("/", box / "d/up")  # inside the box: its root
+    ex = Executor(str(box))
+    try:
+        assert ex.stat(Stat(dir=0, flags=0, mask=BASIC, path=b"/secret"))[0] == -2
+        with pytest.raises(FileNotFoundError):  # followed inside the box, not watched
+            ex.stat(Stat(dir=0, flags=0, mask=BASIC, path=b"/d/up/secret"))
+        assert b"/d/up" not in ex.watches.dirs
+    finally:
+        ex.close()
+
+
+# --- fshub: INVALIDATE before the reply ----------------------------------------------------
+
+
+@pytest.fixture
+async def link(tmp_path: Path) -> AsyncIterator[SlaveLink]:
+    async with served_link(tmp_path, FEATURE_WATCH) as served:
+        yield served
+
+
+async def test_our_own_change_is_invalidated_before_its_reply(
+    link: SlaveLink, tmp_path: Path
+) -> None:
+    (tmp_path / "f").write_text("x")
+    seen: list[object] = []
+    link.on_invalidate = seen.append
+    reply = await link.perform(0, Stat(dir=0, flags=0, mask=BASIC, path=b"/f"))
+    assert reply.flags == REPLY_WATCHED | REPLY_NOT_LINK
+    assert seen == []
+
+    done = trio.Event()
+
+    def on_reply(outcome: object) -> None:
+        seen.append(outcome)
+        done.set()
+
+    link.submit(0, Chmod(dir=0, mode=0o600, flags=0, path=b"/f"), on_reply)
+    with trio.fail_after(10):
+        await done.wait()
+    assert seen[0] == (b"/f",)  # before the reply
+    assert isinstance(seen[1], Reply) and seen[1].result == 0
+
+
+async def test_another_process_change_is_sent_when_inotify_reports_it(
+    link: SlaveLink, tmp_path: Path
+) -> None:
+    (tmp_path / "d").mkdir()
+    got = trio.Event()
+    seen: list[tuple[bytes, ...]] = []
+
+    def on_invalidate(paths: tuple[bytes, ...]) -> None:
+        seen.append(paths)
+        got.set()
+
+    link.on_invalidate = on_invalidate
+    reply = await link.perform(0, Stat(dir=0, flags=0, mask=BASIC, path=b"/d/f"))
+    assert (reply.result, reply.flags) == (-2, REPLY_WATCHED | REPLY_NOT_LINK)
+    await trio.sleep(0.05)  # the slave idles in trio now
+    (tmp_path / "d/f").write_text("made behind fsys's back")
+    with trio.fail_after(5):
+        await got.wait()
+    assert seen == [(b"/d/f",)]
+
+
+async def test_without_the_feature_the_slave_watches_nothing(tmp_path: Path) -> None:
+    (tmp_path / "f").write_text("x")
+    ours, theirs = socket.socketpair()
+    async with trio.open_nursery() as nursery:
+        fd = theirs.detach()
+        nursery.start_soon(serve_transport, FdTransport(fd, fd), str(tmp_path))
+        mine = ours.detach()
+        link = SlaveLink(FdTransport(mine, mine))
+        await nursery.start(link.serve)
+        with trio.fail_after(10):
+            await link.handshake()
+            reply = await link.perform(0, Stat(dir=0, flags=0, mask=BASIC, path=b"/f"))
+            assert (reply.result, reply.flags) == (0, 0)
+            await link.goodbye()
+        nursery.cancel_scope.cancel()
+    link.transport.close()
+
+
+def test_the_wire_carries_reply_flags_and_invalidations() -> None:
+    slave, master = Connection(Role.SLAVE), Connection(Role.MASTER)
+    master.send(Hello())
+    master.receive_data(slave.send(Hello()))
+    master.receive_data(slave.send(Invalidate((b"/a", b"/b/c"))))
+    master.receive_data(slave.send(Reply(0, 1, 0, b"x", REPLY_WATCHED)))
+    assert master.next_event() == Hello()
+    assert master.next_event() == Invalidate((b"/a", b"/b/c"))
+    assert master.next_event() == Reply(0, 1, 0, b"x", REPLY_WATCHED)
+
+
+@pytest.mark.parametrize("body", [b"\x05\x00\x00\x00/a", b"\x02\x00\x00\x00ab", b"\x00"])
+def test_a_malformed_invalidation_ends_the_session(body: bytes) -> None:
+    from fsys.errors import RemoteProtocolError
+    from fsys.protocol import HEADER, Kind
+
+    slave, master = Connection(Role.SLAVE), Connection(Role.MASTER)
+    master.send(Hello())
+    master.receive_data(slave.send(Hello()))
+    master.next_event()
+    master.receive_data(HEADER.pack(len(body), Kind.INVALIDATE, 0, 0, 0, 0) + body)
+    with pytest.raises(RemoteProtocolError, match="INVALIDATE"):
+        master.next_event()
+
+
+# --- end to end --------------------------------------------------------------------------------
+
+WATCH = r"""
+import os, sys, time
+os.makedirs("/t/d")
+open("/t/d/f", "w").close()
+os.chmod("/t/d/f", 0o644)
+# Our own changes are seen at once, each time.
+for i in range(50):
+    mode = 0o600 if i % 2 else 0o640
+    os.chmod("/t/d/f", mode)
+    assert os.stat("/t/d/f").st_mode & 0o777 == mode, i
+    assert os.lstat("/t/d/f").st_mode & 0o777 == mode, i
+os.chmod("/t/d/f", 0o644)
+for _ in range(100):
+    os.stat("/t/d/f")
+open("/t/go", "w").close()  # the test changes /t/d/f now, behind our back
+while os.stat("/t/d/f").st_mode & 0o777 == 0o644:
+    pass
+seen = time.monotonic()
+while os.path.exists("/t/d/f"):  # then renames /t/d away
+    pass
+gone = time.monotonic()
+print(seen, gone)
+"""
+
+
+async def test_changes_are_seen_at_once_or_within_the_bound(session: Session) -> None:
+    box = session.box
+    bounds: list[float] = []
+
+    async def meddle() -> None:
+        with trio.fail_after(60):
+            while not (box / "t/go").exists():
+                await trio.sleep(0.01)
+        await trio.sleep(0.2)
+        bounds.append(time.monotonic())
+        os.chmod(box / "t/d/f", 0o600)
+        await trio.sleep(0.2)
+        bounds.append(time.monotonic())
+        os.rename(box / "t/d", box / "t/e")
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(meddle)
+        result = await session.run(SYSTEM_PYTHON, "-c", WATCH, extra=["--trace-file", "/dev/null"])
+    assert result.status == 0, result.err
+    seen, gone = map(float, result.out.split())
+    assert 0 <= seen - bounds[0] < 1.0
+    assert 0 <= gone - bounds[1] < 1.0
+
+
+async def test_a_stat_loop_is_answered_from_the_cache(session: Session, tmp_path: Path) -> None:
+    (session.box / "f").write_text("x")
+    script = "import os\nfor _ in range(500): os.stat('/f')\n"
+    trace = tmp_path / "trace"
+    for extra, cached in (
+        (["--trace-file", str(trace)], True),
+        (["--no-cache", "--trace-file", str(trace)], False),
+    ):
+        result = await session.run(SYSTEM_PYTHON, "-c", script, extra=extra)
+        assert result.status == 0, result.err
+        summary = trace.read_text().splitlines()[-1]
+        hits = int(summary.split(" cached stats")[0].rsplit(", ", 1)[1])
+        assert (hits >= 490) if cached else (hits == 0), summary
+
+
+# --- the handlers, in-process, with a cache ------------------------------------------------
+
+
+@pytest.fixture
+def cached(tmp_path: Path) -> Iterator[Rig]:
+    box = tmp_path / "box"
+    (box / "data").mkdir(parents=True)
+    (box / "data/f").write_text("0123456789")
+    rig = Rig(box, cache=True)
+    yield rig
+    rig.close()
+
+
+def _slave_stats(rig: Rig) -> int:
+    return sum(isinstance(op, Stat) for op in rig.link.ops)
+
+
+def test_a_second_stat_is_answered_by_fmhub(cached: Rig) -> None:
+    proc = cached.process()
+    buf = proc.mem.alloc(144)
+    assert proc.call("stat", b"/data//./f", buf) == 0
+    op = cached.link.ops[-1]
+    assert isinstance(op, Stat) and op.path == b"/data/f"  # sent in its key form
+    for name, args in (("stat", ()), ("lstat", ()), ("newfstatat", (0,))):
+        buf2 = proc.mem.alloc(144)
+        call_args = (
+            (AT_FDCWD, b"/data/f", buf2, *args) if name == "newfstatat" else (b"/data/f", buf2)
+        )
+        assert proc.call(name, *call_args) == 0
+        assert proc.mem.bytes_at(buf2, 144) == proc.mem.bytes_at(buf, 144)
+    assert _slave_stats(cached) == 1
+    sx = proc.mem.alloc(256)
+    assert proc.call("statx", AT_FDCWD, b"/data/f", 0, linux.STATX_BASIC_STATS, sx) == 0
+    assert linux.statx_size(proc.mem.bytes_at(sx, 256)) == 10
+    assert _slave_stats(cached) == 1
+    assert proc.call("statx", AT_FDCWD, b"/data/f", 0, STATX_BTIME, sx) == 0
+    assert _slave_stats(cached) == 2  # a field not asked for before
+    assert proc.call("statx", AT_FDCWD, b"/data/f", linux.AT_STATX_FORCE_SYNC, 1, sx) == 0
+    assert _slave_stats(cached) == 3  # the program wants it from the file system
+    assert cached.hub.statistics()["cached_stats"] == 4
+
+
+def test_a_missing_file_stays_missing_until_it_is_made(cached: Rig) -> None:
+    proc = cached.process()
+    buf = proc.mem.alloc(144)
+    assert proc.call("stat", b"/data/new", buf) == -errno.ENOENT
+    assert proc.call("stat", b"/data/new", buf) == -errno.ENOENT
+    assert _slave_stats(cached) == 1
+    fd = proc.call("openat", AT_FDCWD, b"/data/new", os.O_CREAT | os.O_WRONLY, 0o600)
+    assert isinstance(fd, int) and fd >= 0
+    assert proc.call("stat", b"/data/new", buf) == 0
+    assert proc.stat_at(buf).mode & 0o777 == 0o600
+
+
+def test_our_own_changes_are_seen_by_the_next_stat(cached: Rig) -> None:
+    proc = cached.process()
+    buf = proc.mem.alloc(144)
+    assert proc.call("stat", b"/data/f", buf) == 0
+    assert proc.call("chmod", b"/data/f", 0o604) == 0
+    assert proc.call("stat", b"/data/f", buf) == 0
+    assert proc.stat_at(buf).mode & 0o777 == 0o604
+    fd = proc.call("openat", AT_FDCWD, b"/data/f", os.O_WRONLY | os.O_APPEND, 0)
+    assert isinstance(fd, int)
+    data = proc.mem.alloc(b"abcde")
+    assert proc.call("write", fd, data, 5) == 5
+    assert proc.call("stat", b"/data/f", buf) == 0
+    assert proc.stat_at(buf).size == 15
+    assert proc.call("rename", b"/data", b"/moved") == 0
+    assert proc.call("stat", b"/data/f", buf) == -errno.ENOENT
+    assert proc.call("stat", b"/moved/f", buf) == 0
+
+
+def test_a_symlink_is_followed_by_the_slave_each_time(cached: Rig, tmp_path: Path) -> None:
+    (cached.box / "data/l").symlink_to("f")
+    proc = cached.process()
+    buf = proc.mem.alloc(144)
+    assert proc.call("lstat", b"/data/l", buf) == 0
+    assert stat.S_ISLNK(proc.stat_at(buf).mode)
+    assert proc.call("lstat", b"/data/l", buf) == 0
+    assert _slave_stats(cached) == 1
+    for _ in range(2):
+        assert proc.call("stat", b"/data/l", buf) == 0
+        assert stat.S_ISREG(proc.stat_at(buf).mode)
+    assert _slave_stats(cached) == 3
+
+
+def test_no_cache_without_the_feature(tmp_path: Path) -> None:
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data/f").write_text("x")
+    rig = Rig(tmp_path)
+    proc: FakeProcess = rig.process()
+    buf = proc.mem.alloc(144)
+    for _ in range(3):
+        assert proc.call("stat", b"/data/f", buf) == 0
+    assert _slave_stats(rig) == 3
+    assert rig.executor.watches.dirs == {}
+    rig.close()
