@@ -13,6 +13,14 @@
 - fork:   1,000 fork+exec of /bin/true by one shell inside one session, against
           the same shell run natively;
 - make:   `make -j2` of a small C project stored on the slave, against native.
+- git:    `git status` in a repository of 2,000 files on the slave.
+- tree:   metadata-heavy commands on a 5,000-file tree (ls -lR, find, du, tar, grep
+          -r, Python reading 1,000 files) on a rooted slave, against native and
+          against sshfs (default options) through a loopback sshd the bench starts
+          itself (bench/sshfs.py; skipped, with the reason, without sshd or sshfs).
+
+With sshfs available, the stat row has its figure too. fsys answers a repeated stat
+from its attribute cache; the stat row also gives a forwarded stat (`--no-cache`).
 
 The slave is embedded (this machine's filesystem) for start, continued and read, and
 both embedded and rooted (`--root`) for stat. The C loops time themselves
@@ -38,11 +46,15 @@ import subprocess
 import sys
 import tempfile
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from sshfs import mounted  # (bench/sshfs.py, next to this file)
+
 HERE = Path(__file__).resolve().parent
-BENCHES = ("start", "stat", "continued", "read", "fork", "make", "git")
+BENCHES = ("start", "stat", "continued", "read", "fork", "make", "git", "tree")
 
 
 def timed(cmd: list[str], **kwargs: object) -> float:
@@ -96,7 +108,9 @@ def bench_start(fs: Fsys, runs: int) -> dict[str, float]:
     return {"native_s": native, "fsys_s": under}
 
 
-def bench_stat(fs: Fsys, work: Path, count: int, runs: int) -> dict[str, float]:
+def bench_stat(fs: Fsys, work: Path, count: int, runs: int, sshfs: Path | None) -> dict[str, float]:
+    """stat(2) of one slave file in a C loop: from fsys's cache (embedded and rooted
+    slave), forwarded each time (--no-cache), and through sshfs."""
     binary = build(work, "statloop")
     box = work / "box"
     box.mkdir()
@@ -104,11 +118,67 @@ def bench_stat(fs: Fsys, work: Path, count: int, runs: int) -> dict[str, float]:
     target.write_text("x")
     native = median([c_loop([str(binary), str(target), str(count * 20)]) for _ in range(runs)])
     embedded = median([c_loop(fs.run(str(binary), str(target), str(count))) for _ in range(runs)])
+    forwarded = median(
+        [c_loop(fs.run("--no-cache", str(binary), str(target), str(count))) for _ in range(runs)]
+    )
     slave = fs.rooted(box)
     rooted = median(
         [c_loop(fs.run(str(binary), "/file", str(count), slave=slave)) for _ in range(runs)]
     )
-    return {"native_us": native, "fsys_us": embedded, "fsys_rooted_us": rooted}
+    out = {"native_us": native, "fsys_us": embedded, "fsys_forwarded_us": forwarded,
+           "fsys_rooted_us": rooted}  # fmt: skip
+    if sshfs is not None:
+        probe = sshfs / "box" / "file"
+        out["sshfs_us"] = median(
+            [c_loop([str(binary), str(probe), str(count)]) for _ in range(runs)]
+        )
+    return out
+
+
+#: The tree bench's commands, run by /bin/sh with ROOT the directory holding tree/.
+TREE = {
+    "ls -lR": "ls -lR ROOT/tree",
+    "find -type f": "find ROOT/tree -type f",
+    "du -s": "du -s ROOT/tree",
+    "tar cf - tree": "tar cf - -C ROOT tree | wc -c",
+    "grep -r": "grep -rl needle ROOT/tree",
+    "python reads 1,000 files": (
+        "python3 -c 'import os, sys; r = sys.argv[1]; "
+        '[open(os.path.join(d, f), "rb").read() for d, _, fs in sorted(os.walk(r))[:100] '
+        "for f in fs]' ROOT/tree"
+    ),
+}
+
+
+def make_tree(root: Path, dirs: int = 50, subdirs: int = 10, files: int = 10) -> None:
+    """dirs x subdirs x files small files (5,000 by default), one holding "needle"."""
+    for d in range(dirs):
+        for s in range(subdirs):
+            sub = root / f"d{d}" / f"s{s}"
+            sub.mkdir(parents=True)
+            for f in range(files):
+                (sub / f"f{f}").write_text(f"{d} {s} {f}\n" * (f + 1))
+    (root / "d7" / "s3" / "f5").write_text("a needle here\n")
+
+
+def bench_tree(fs: Fsys, work: Path, runs: int, sshfs: Path | None) -> dict[str, dict[str, float]]:
+    box = work / "treebox"
+    make_tree(box / "tree")
+    slave = fs.rooted(box)
+    out: dict[str, dict[str, float]] = {}
+    for name, script in TREE.items():
+        native = ["/bin/sh", "-c", script.replace("ROOT", str(box))]
+        under = fs.run("/bin/sh", "-c", script.replace("ROOT", ""), slave=slave)
+        timed(native)
+        timed(under)  # warm the page cache, and the slave's
+        fig = {"native_s": median([timed(native) for _ in range(runs)]),
+               "fsys_s": median([timed(under) for _ in range(runs)])}  # fmt: skip
+        if sshfs is not None:
+            remote = ["/bin/sh", "-c", script.replace("ROOT", str(sshfs / "treebox"))]
+            timed(remote)
+            fig["sshfs_s"] = median([timed(remote) for _ in range(runs)])
+        out[name] = fig
+    return out
 
 
 def bench_continued(fs: Fsys, work: Path, count: int, runs: int) -> dict[str, dict[str, float]]:
@@ -222,12 +292,16 @@ def bench_git(fs: Fsys, work: Path, files: int, runs: int) -> dict[str, float]:
 
 
 def header() -> None:
-    print("| measure | native | fsys | note |")
-    print("| --- | --- | --- | --- |")
+    print("| measure | native | sshfs | fsys | note |")
+    print("| --- | --- | --- | --- | --- |")
 
 
-def row(name: str, native: str, under: str, note: str) -> None:
-    print(f"| {name} | {native} | {under} | {note} |", flush=True)
+def row(name: str, native: str, under: str, note: str, sshfs: str = "") -> None:
+    print(f"| {name} | {native} | {sshfs} | {under} | {note} |", flush=True)
+
+
+def seconds(value: float) -> str:
+    return f"{value * 1e3:.0f} ms" if value < 1 else f"{value:.2f} s"
 
 
 def selection(text: str) -> list[str]:
@@ -249,6 +323,7 @@ def main() -> int:
                         help=f"comma-separated benches to run, of: {choices}")  # fmt: skip
     parser.add_argument("--python", default=sys.executable, help="interpreter for fsys")
     parser.add_argument("--master", help="command of the master (default: PY -m fsys.master)")
+    parser.add_argument("--no-sshfs", action="store_true", help="do not measure sshfs")
     args = parser.parse_args()
     only: list[str] = args.only
     if shutil.which("gcc") is None and {"stat", "continued"} & set(only):
@@ -266,8 +341,11 @@ def main() -> int:
           f"{os.cpu_count()} CPUs, fsys on Python {version} ({shlex.join(master)})")  # fmt: skip
     print()
     header()
-    with tempfile.TemporaryDirectory(prefix="fsys-bench-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="fsys-bench-") as tmp, ExitStack() as stack:
         work = Path(tmp)
+        sshfs: Path | None = None
+        if not args.no_sshfs and {"stat", "tree"} & set(only):
+            sshfs = stack.enter_context(mounted(work, work / "mnt"))
         start_s: float | None = None
         if "start" in only:
             start = bench_start(fs, runs * 2)
@@ -275,10 +353,12 @@ def main() -> int:
             row("start /bin/true", f"{start['native_s'] * 1e3:.1f} ms", f"{start_s * 1e3:.0f} ms",
                 "whole session")  # fmt: skip
         if "stat" in only:
-            stat = bench_stat(fs, work, 5000 if args.quick else 20000, runs)
-            note = (f"forwarded, embedded slave; rooted slave {stat['fsys_rooted_us']:.1f} us; "
+            stat = bench_stat(fs, work, 5000 if args.quick else 20000, runs, sshfs)
+            note = (f"from fsys's cache, embedded slave; rooted slave {stat['fsys_rooted_us']:.1f}"
+                    f" us; forwarded (--no-cache) {stat['fsys_forwarded_us']:.1f} us; "
                     "timed in the loop")  # fmt: skip
-            row("stat (C loop)", f"{stat['native_us']:.2f} us", f"{stat['fsys_us']:.1f} us", note)
+            row("stat (C loop)", f"{stat['native_us']:.2f} us", f"{stat['fsys_us']:.1f} us", note,
+                f"{stat['sshfs_us']:.1f} us" if "sshfs_us" in stat else "")  # fmt: skip
         if "continued" in only:
             count = 20000 if args.quick else 100000
             cont = bench_continued(fs, work, count, runs)
@@ -315,6 +395,14 @@ def main() -> int:
                 f"x{git['fsys_s'] / git['native_s']:.0f}; "
                 f"x{(git['fsys_s'] - start_s) / git['native_s']:.0f} without session start; "
                 "rooted slave")  # fmt: skip
+        if "tree" in only:
+            tree = bench_tree(fs, work, runs, sshfs)
+            for name, fig in tree.items():
+                versus = (f"; x{fig['fsys_s'] / fig['sshfs_s']:.1f} sshfs"
+                          if "sshfs_s" in fig else "")  # fmt: skip
+                row(f"{name}, 5,000 files", seconds(fig["native_s"]), seconds(fig["fsys_s"]),
+                    f"x{fig['fsys_s'] / fig['native_s']:.1f} native{versus}; rooted slave",
+                    seconds(fig["sshfs_s"]) if "sshfs_s" in fig else "")  # fmt: skip
     return 0
 
 

@@ -126,6 +126,22 @@ IN_DELETE_SELF, IN_MOVE_SELF, IN_Q_OVERFLOW, IN_IGNORED = 0x400, 0x800, 0x4000, 
 IN_ONLYDIR = 0x01000000
 
 
+_DIRENT = struct.Struct("=QqHB")  # d_ino, d_off, d_reclen, d_type; then the name
+
+
+def dirent_names(data: bytes) -> Iterator[bytes]:
+    """The names in a buffer of linux_dirent64 records (what getdents64 wrote)."""
+    at, end = 0, len(data)
+    size = _DIRENT.size
+    while at + size <= end:
+        reclen = _DIRENT.unpack_from(data, at)[2]
+        if reclen < size:
+            return
+        stop = data.find(b"\0", at + size, at + reclen)
+        yield data[at + size : stop if stop >= 0 else at + reclen]
+        at += reclen
+
+
 def inotify_init() -> int:
     """A new inotify instance, non-blocking and close-on-exec."""
     return _check(_libc.inotify_init1(os.O_NONBLOCK | O_CLOEXEC))

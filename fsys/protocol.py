@@ -59,6 +59,8 @@ HEADER: Final = struct.Struct("<IBBHII")
 _I64: Final = struct.Struct("<q")
 _U32: Final = struct.Struct("<I")
 _HELLO: Final = struct.Struct("<4sHHQ")
+_ATTR: Final = struct.Struct("<IqII")  # path length, result, flags, statx length
+STATX_BYTES: Final = 256
 
 
 class Kind(enum.IntEnum):
@@ -69,6 +71,7 @@ class Kind(enum.IntEnum):
     CLOSE_PAIRING = 5
     GOODBYE = 6
     INVALIDATE = 7
+    ATTRS = 8
 
 
 class Op(enum.IntEnum):
@@ -599,6 +602,28 @@ REPLY_NOT_LINK: Final = 2
 whether or not the STAT follows one."""
 
 
+REPLY_NO_XATTRS: Final = 4
+"""In an ATTRS entry: the file has no extended attributes (getxattr: ENODATA)."""
+
+
+class Attr(NamedTuple):
+    """One watched answer about one path: as a REPLY_WATCHED STAT reply for a STAT
+    of ``path`` not following a final symlink, with the mask of its ATTRS."""
+
+    path: bytes
+    result: int  # 0 or -errno
+    flags: int  # REPLY_* bits, REPLY_WATCHED among them
+    statx: bytes = b""  # struct statx when result is 0
+
+
+class Attrs(NamedTuple):
+    """Slave -> master: watched answers the master did not ask for yet: the entries
+    of a directory it is reading (NFS's READDIRPLUS), sent before the GETDENTS reply."""
+
+    mask: int
+    entries: tuple[Attr, ...]
+
+
 class Invalidate(NamedTuple):
     """Slave -> master: what the answers marked REPLY_WATCHED about these paths, and
     every path below them, may no longer be; b"/" is everything. The slave sends it
@@ -621,7 +646,7 @@ class Goodbye(NamedTuple):
     reason: bytes = b""
 
 
-Event = Hello | Call | Reply | OpenPairing | ClosePairing | Goodbye | Invalidate
+Event = Hello | Call | Reply | OpenPairing | ClosePairing | Goodbye | Invalidate | Attrs
 
 
 class _Sentinel(enum.Enum):
@@ -658,6 +683,7 @@ TRANSITIONS: Final[dict[tuple[Role, State, type[Event]], State]] = {
     (Role.MASTER, State.OPEN, ClosePairing): State.OPEN,
     (Role.SLAVE, State.OPEN, Reply): State.OPEN,
     (Role.SLAVE, State.OPEN, Invalidate): State.OPEN,
+    (Role.SLAVE, State.OPEN, Attrs): State.OPEN,
     (Role.MASTER, State.HANDSHAKE, Goodbye): State.DONE,
     (Role.SLAVE, State.HANDSHAKE, Goodbye): State.DONE,
     (Role.MASTER, State.OPEN, Goodbye): State.DONE,
@@ -783,6 +809,16 @@ def encode(event: Event) -> bytes:
         if len(body) > MAX_BODY or any(len(p) >= MAX_PATH for p in event.paths):
             raise LocalProtocolError("INVALIDATE too long")
         return HEADER.pack(len(body), Kind.INVALIDATE, 0, 0, 0, 0) + body
+    if isinstance(event, Attrs):
+        parts = [_U32.pack(event.mask)]
+        for path, result, flags, raw in event.entries:
+            if not 0 < len(path) < MAX_PATH or len(raw) not in (0, STATX_BYTES):
+                raise LocalProtocolError("ATTRS entry of a bad size")
+            parts.append(_ATTR.pack(len(path), result, flags, len(raw)) + path + raw)
+        body = b"".join(parts)
+        if len(body) > MAX_BODY:
+            raise LocalProtocolError("ATTRS too long")
+        return HEADER.pack(len(body), Kind.ATTRS, 0, 0, 0, 0) + body
     if isinstance(event, Hello):
         if len(event.info) > MAX_SMALL:
             raise LocalProtocolError("hello info too long")
@@ -850,6 +886,27 @@ def _decode_invalidate(body: memoryview) -> Invalidate:
     return Invalidate(tuple(paths))
 
 
+def _decode_attrs(body: memoryview) -> Attrs:
+    if len(body) < 4:
+        raise RemoteProtocolError("ATTRS: truncated")
+    (mask,) = _U32.unpack_from(body)
+    entries: list[Attr] = []
+    pos, end = 4, len(body)
+    while pos < end:
+        if end - pos < _ATTR.size:
+            raise RemoteProtocolError("ATTRS: truncated entry")
+        n, result, flags, size = _ATTR.unpack_from(body, pos)
+        pos += _ATTR.size
+        if not 0 < n < MAX_PATH or size not in (0, STATX_BYTES) or n + size > end - pos:
+            raise RemoteProtocolError(f"ATTRS: entry of {n} + {size} bytes")
+        path = bytes(body[pos : pos + n])
+        if not path.startswith(b"/") or b"\0" in path:
+            raise RemoteProtocolError(f"ATTRS: not an absolute path: {path[:64]!r}")
+        entries.append(Attr(path, result, flags, bytes(body[pos + n : pos + n + size])))
+        pos += n + size
+    return Attrs(mask, tuple(entries))
+
+
 def decode(
     kind_value: int, op: int, pairing: int, request: int, body: memoryview, flags: int = 0
 ) -> Event:
@@ -862,6 +919,8 @@ def decode(
         return Reply(pairing, request, _I64.unpack_from(body)[0], bytes(body[8:]), flags)
     if kind_value == Kind.INVALIDATE:
         return _decode_invalidate(body)
+    if kind_value == Kind.ATTRS:
+        return _decode_attrs(body)
     if kind_value == Kind.HELLO:
         if len(body) < _HELLO.size:
             raise RemoteProtocolError("truncated hello")
@@ -996,7 +1055,7 @@ class Connection:
         if isinstance(event, Call):
             if event.pairing not in self.pairings.open:
                 raise RemoteProtocolError(f"pairing {event.pairing} is not open")
-        elif not isinstance(event, Reply | Invalidate):
+        elif not isinstance(event, Reply | Invalidate | Attrs):
             if isinstance(event, Hello):
                 if event.version != VERSION:
                     raise RemoteProtocolError(

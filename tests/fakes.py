@@ -38,6 +38,7 @@ from fsys.master.staging import Stage
 from fsys.protocol import (
     FEATURE_WATCH,
     NEED_DATA,
+    Attrs,
     Call,
     Connection,
     Event,
@@ -48,9 +49,8 @@ from fsys.protocol import (
     Role,
     _Sentinel,
 )
-from fsys.slave.executor import UNCHANGING, Executor
-from fsys.slave.fshub import perform
-from fsys.slave.watches import batches
+from fsys.slave.executor import Executor
+from fsys.slave.fshub import before_reply, perform
 
 TABLE = load()
 AT_FDCWD = -100
@@ -328,6 +328,7 @@ class WireLink:
         self.broken = False
         self.on_perform: Callable[[Operation], None] | None = None  # before each op
         self.on_invalidate: Callable[[tuple[bytes, ...]], None] | None = None
+        self.on_attrs: Callable[[Attrs], None] | None = None
 
     @property
     def waiting(self) -> bool:
@@ -397,13 +398,17 @@ class WireLink:
                     on_reply(LinkClosed("the slave went away"))
                 continue
             reply = perform(self.executor, call, blocking=self.executor.may_block(call.op))
-            if type(call.op) not in UNCHANGING:  # as fshub: what changed, before the reply
-                for paths in batches(self.executor.watches.changes()):
-                    self.conn.receive_data(self.slave.send(Invalidate(paths)))
-                    sent = self.conn.next_event()
-                    assert isinstance(sent, Invalidate)
-                    if self.on_invalidate is not None:
-                        self.on_invalidate(sent.paths)
+            extra = before_reply(self.executor, self.slave, call.op)
+            if extra:
+                self.conn.receive_data(extra)
+            while extra:  # the ATTRS and INVALIDATEs that fshub sends before the reply
+                sent = self.conn.next_event()
+                if sent is NEED_DATA:
+                    break
+                if isinstance(sent, Invalidate) and self.on_invalidate is not None:
+                    self.on_invalidate(sent.paths)
+                elif isinstance(sent, Attrs) and self.on_attrs is not None:
+                    self.on_attrs(sent)
             if on_reply is None:
                 continue
             self.conn.receive_data(self.slave.send(reply))

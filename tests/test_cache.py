@@ -28,6 +28,7 @@ from fsys.master.cache import AttrCache
 from fsys.master.link import SlaveLink
 from fsys.protocol import (
     FEATURE_WATCH,
+    REPLY_NO_XATTRS,
     REPLY_NOT_LINK,
     REPLY_WATCHED,
     Chmod,
@@ -535,3 +536,123 @@ def test_no_cache_without_the_feature(tmp_path: Path) -> None:
     assert _slave_stats(rig) == 3
     assert rig.executor.watches.dirs == {}
     rig.close()
+
+
+# --- a directory's entries come with their answers (ATTRS) ----------------------------------
+
+
+def test_the_entries_of_a_listed_directory_come_with_their_answers(
+    executor: Executor, tmp_path: Path
+) -> None:
+    from fsys.protocol import Getdents, Open
+
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d/f").write_text("123")
+    (tmp_path / "d/sub").mkdir()
+    (tmp_path / "d/l").symlink_to("f")
+    (tmp_path / "d/x").write_text("")
+    os.setxattr(tmp_path / "d/x", "user.k", b"v")
+    os.link(tmp_path / "d/f", tmp_path / "d/hard")  # f and hard: not watched
+    (tmp_path / "other").mkdir()
+    handle, _ = executor.execute(
+        Open(dir=0, flags=os.O_RDONLY | os.O_DIRECTORY, mode=0, resolve=0, path=b"/d")
+    )
+    n, _raw = executor.execute(Getdents(handle=handle, size=65536))
+    assert n > 0
+    attrs = {a.path: a for a in executor.take_attrs()}
+    assert executor.take_attrs() == []
+    assert set(attrs) == {b"/d/sub", b"/d/l", b"/d/x"}
+    assert attrs[b"/d/sub"].flags == REPLY_WATCHED | REPLY_NOT_LINK | REPLY_NO_XATTRS
+    assert stat.S_ISDIR(linux.statx_mode(attrs[b"/d/sub"].statx))
+    assert attrs[b"/d/l"].flags & (REPLY_WATCHED | REPLY_NOT_LINK) == REPLY_WATCHED
+    assert attrs[b"/d/x"].flags == REPLY_WATCHED | REPLY_NOT_LINK  # it has an xattr
+    # Opened relative to a handle, or by a path not in its key form: no answers.
+    for path in (b"/d/", b"//d"):
+        other, _ = executor.execute(
+            Open(dir=0, flags=os.O_RDONLY | os.O_DIRECTORY, mode=0, resolve=0, path=path)
+        )
+        executor.execute(Getdents(handle=other, size=65536))
+        assert executor.take_attrs() == []
+    sub, _ = executor.execute(
+        Open(dir=handle, flags=os.O_RDONLY | os.O_DIRECTORY, mode=0, resolve=0, path=b"sub")
+    )
+    (tmp_path / "d/sub/y").write_text("")
+    executor.execute(Getdents(handle=sub, size=65536))
+    assert executor.take_attrs() == []
+
+
+def test_ls_l_is_answered_from_the_listing(cached: Rig) -> None:
+    for i in range(5):
+        (cached.box / f"data/f{i}").write_text("x" * i)
+    proc = cached.process()
+    fd = proc.call("openat", AT_FDCWD, b"/data", os.O_RDONLY | os.O_DIRECTORY, 0)
+    assert isinstance(fd, int) and fd >= 0
+    dents = proc.mem.alloc(65536)
+    assert isinstance(proc.call("getdents64", fd, dents, 65536), int)
+    before = len(cached.link.ops)
+    buf = proc.mem.alloc(144)
+    value = proc.mem.alloc(64)
+    for i in range(5):
+        path = b"/data/f%d" % i
+        assert proc.call("lstat", path, buf) == 0
+        assert proc.stat_at(buf).size == i
+        assert proc.call("lgetxattr", path, b"security.selinux", value, 64) == -errno.ENODATA
+        assert proc.call("getxattr", path, b"system.posix_acl_access", value, 64) == -errno.ENODATA
+        assert proc.call("llistxattr", path, value, 64) == 0
+    assert len(cached.link.ops) == before  # not one of them went to the slave
+    os.setxattr(cached.box / "data/f1", "user.k", b"v")  # behind our back: no event read yet
+    assert proc.call("setxattr", b"/data/f2", b"user.k", b"w", 1, 0) == 0  # ours: seen at once
+    assert proc.call("getxattr", b"/data/f2", b"user.k", value, 64) == 1
+    assert proc.mem.bytes_at(value, 1) == b"w"
+    assert proc.call("llistxattr", b"/data/f1", value, 64) == len(b"user.k\0")  # read with ours
+
+
+def test_the_wire_carries_attrs() -> None:
+    from fsys.protocol import Attr, Attrs
+
+    slave, master = Connection(Role.SLAVE), Connection(Role.MASTER)
+    master.send(Hello())
+    master.receive_data(slave.send(Hello()))
+    attrs = Attrs(0x7FF, (Attr(b"/a", 0, 3, b"s" * 256), Attr(b"/b", -2, 3)))
+    master.receive_data(slave.send(attrs))
+    assert master.next_event() == Hello()
+    assert master.next_event() == attrs
+
+
+@pytest.mark.parametrize(
+    "body",
+    [b"\x01\x00", b"\xff\x07\x00\x00" + b"\x02\x00\x00\x00" + b"\x00" * 16 + b"/",
+     b"\xff\x07\x00\x00\x02\x00\x00\x00" + b"\x00" * 8 + b"\x03\x00\x00\x00\x05\x00\x00\x00/a12345",
+     b"\xff\x07\x00\x00" + b"\x01\x00\x00\x00" + b"\x00" * 16 + b"a"],
+)  # fmt: skip
+def test_malformed_attrs_end_the_session(body: bytes) -> None:
+    from fsys.errors import RemoteProtocolError
+    from fsys.protocol import HEADER, Kind
+
+    slave, master = Connection(Role.SLAVE), Connection(Role.MASTER)
+    master.send(Hello())
+    master.receive_data(slave.send(Hello()))
+    master.next_event()
+    master.receive_data(HEADER.pack(len(body), Kind.ATTRS, 0, 0, 0, 0) + body)
+    with pytest.raises(RemoteProtocolError, match="ATTRS"):
+        master.next_event()
+
+
+def test_a_primed_answer_that_is_not_watched_is_not_kept() -> None:
+    from fsys.protocol import Attr, Attrs
+
+    cache = AttrCache()
+    cache.prime(
+        Attrs(
+            BASIC,
+            (
+                Attr(b"/a", 0, 0, b"s"),
+                Attr(b"/b//c", 0, REPLY_WATCHED, b"s"),
+                Attr(b"/d", 0, REPLY_WATCHED | REPLY_NOT_LINK, b"d"),
+            ),
+        )
+    )
+    assert sorted(cache.entries) == [b"/d"]
+    assert not cache.no_xattrs(b"/d", True)
+    cache.prime(Attrs(BASIC, (Attr(b"/e", 0, REPLY_WATCHED | REPLY_NO_XATTRS, b"e"),)))
+    assert cache.no_xattrs(b"/e", False) and not cache.no_xattrs(b"/e", True)

@@ -13,6 +13,13 @@ time the slave takes to read the event and the link to carry it (docs/performanc
 gives the figure). An INVALIDATE of ``/a/b`` drops ``/a/b`` and everything below it:
 entries are kept as a tree of directories, so that costs what it drops.
 
+When the program reads a directory that it opened by such a path, the slave sends
+the watched answers about its entries along, before the GETDENTS reply (ATTRS, as
+NFS's READDIRPLUS): the stat that ``ls -l``, ``git status`` or a tree walk makes
+next of each entry is then answered here too, and so is a getxattr or listxattr
+of an entry that the slave found to have no extended attribute at all (ENODATA,
+an empty list).
+
 An answer holds for the variant of the call that got it (following a final symlink
 or not), or for both when the reply says the last component is no symlink
 (REPLY_NOT_LINK). A statx asking for fields outside the mask the answer was got
@@ -22,10 +29,10 @@ are dropped.
 
 from __future__ import annotations
 
-from fsys.protocol import REPLY_NOT_LINK
+from fsys.protocol import REPLY_NO_XATTRS, REPLY_NOT_LINK, REPLY_WATCHED, Attrs, watch_key
 
-#: (the statx mask asked for, result (0 or -errno), struct statx or b"")
-Answer = tuple[int, int, bytes]
+#: (the statx mask asked for, result (0 or -errno), struct statx or b"", REPLY_* flags)
+Answer = tuple[int, int, bytes, int]
 #: The most paths kept (each costs ~0.5 KiB): 64k paths, ~32 MiB.
 LIMIT = 65536
 
@@ -54,7 +61,7 @@ class AttrCache:
         answer = entry[follow]
         if answer is None:
             return None
-        asked, result, raw = answer
+        asked, result, raw, _flags = answer
         if result == 0 and mask & ~asked:
             return None  # fields the slave was not asked for
         self.hits += 1
@@ -70,11 +77,29 @@ class AttrCache:
                 self._shrink()
             entry = self.entries[key] = [None, None]
             self._link(key)
-        answer = (mask, result, raw)
+        answer = (mask, result, raw, flags)
         if flags & REPLY_NOT_LINK:
             entry[0] = entry[1] = answer
         else:
             entry[follow] = answer
+
+    def prime(self, attrs: Attrs) -> None:
+        """Keep the answers of an ATTRS (a directory's entries, as the slave read them)."""
+        store = self.store
+        for path, result, flags, raw in attrs.entries:
+            if flags & REPLY_WATCHED and watch_key(path) == path:
+                store(path, False, attrs.mask, result, raw, flags)
+
+    def no_xattrs(self, key: bytes, follow: bool) -> bool:
+        """Whether a watched answer says that ``key`` has no extended attributes."""
+        entry = self.entries.get(key)
+        if entry is None:
+            return False
+        answer = entry[follow]
+        if answer is None or not answer[3] & REPLY_NO_XATTRS:
+            return False
+        self.hits += 1
+        return True
 
     def _link(self, key: bytes) -> None:
         """Make ``key`` reachable from each of its ancestors (an invalidation of any of

@@ -372,9 +372,16 @@ def sys_openat2(hub: Hub, call: Trapped) -> Asks[int]:
 # --- metadata ---------------------------------------------------------------------
 
 
-def _statx(target: Target, flags: int, mask: int, cache: AttrCache | None = None) -> Asks[bytes]:
+def _statx(
+    target: Target,
+    flags: int,
+    mask: int,
+    cache: AttrCache | None = None,
+    call: Trapped | None = None,
+) -> Asks[bytes]:
     """The struct statx of ``target``: from ``cache`` if it holds a watched answer
-    (fsys.master.cache), else from the slave, kept in ``cache`` if it is watched."""
+    (fsys.master.cache; the trace then says so of ``call``), else from the slave,
+    kept in ``cache`` if it is watched."""
     flags &= AT_SYMLINK_NOFOLLOW | AT_EMPTY_PATH | linux.AT_NO_AUTOMOUNT | 0x6000
     path = target.path
     key = None
@@ -391,6 +398,8 @@ def _statx(target: Target, flags: int, mask: int, cache: AttrCache | None = None
             mask |= STATX_BASIC_STATS  # (what stat(2) wants: one answer serves both)
             hit = cache.lookup(key, follow, mask)
             if hit is not None:
+                if call is not None:
+                    call.side = "cache"
                 result, raw = hit
                 if result:
                     raise Errno(-result)
@@ -444,7 +453,7 @@ def _check_flags(call: Trapped) -> None:
 def sys_stat(hub: Hub, call: Trapped) -> Steps:
     _check_flags(call)
     target, flags = _object(call)
-    raw = yield from _statx(target, flags, STATX_BASIC_STATS, hub.cache)
+    raw = yield from _statx(target, flags, STATX_BASIC_STATS, hub.cache, call)
     call.memory.write(call.arg("statbuf"), linux.statx_to_stat(raw))
     return 0
 
@@ -457,7 +466,7 @@ def sys_statx(hub: Hub, call: Trapped) -> Steps:
         raise Errno(errno.EINVAL)  # both sync types at once; a reserved mask bit
     target = call.targets[0]
     flags |= AT_EMPTY_PATH if target.whole else 0
-    raw = yield from _statx(target, flags, call.arg_int("mask"), hub.cache)
+    raw = yield from _statx(target, flags, call.arg_int("mask"), hub.cache, call)
     call.memory.write(call.arg("statxbuf"), raw)
     return 0
 
@@ -1014,10 +1023,21 @@ def _xattr_name(call: Trapped) -> bytes:
     return name
 
 
+def _no_xattrs(hub: Hub, target: Target, flags: int) -> bool:
+    """A watched answer says that the file ``target`` names has no extended attribute."""
+    if hub.cache is None or target.dir or target.whole:
+        return False
+    key = wire.watch_key(target.path)
+    return key is not None and hub.cache.no_xattrs(key, not flags & AT_SYMLINK_NOFOLLOW)
+
+
 @handles("getxattr", "lgetxattr", "fgetxattr")
 def sys_getxattr(hub: Hub, call: Trapped) -> Steps:
     target, flags = _object(call, at_flags=False)
     attr = _xattr_name(call)
+    if _no_xattrs(hub, target, flags):
+        call.side = "cache"
+        raise Errno(errno.ENODATA)
     size = min(call.arg("size"), XATTR_SIZE_MAX)
     reply = yield wire.Getxattr(dir=target.dir, flags=flags, size=size, path=target.path, name=attr)
     if size:
@@ -1041,6 +1061,9 @@ def sys_setxattr(hub: Hub, call: Trapped) -> Steps:
 @handles("listxattr", "llistxattr", "flistxattr")
 def sys_listxattr(hub: Hub, call: Trapped) -> Steps:
     target, flags = _object(call, at_flags=False)
+    if _no_xattrs(hub, target, flags):
+        call.side = "cache"
+        return 0
     size = min(call.arg("size"), XATTR_SIZE_MAX)
     reply = yield wire.Listxattr(dir=target.dir, flags=flags, size=size, path=target.path)
     if size:

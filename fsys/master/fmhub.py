@@ -110,6 +110,7 @@ class Hub:
         self.cache = cache
         if cache is not None:
             link.on_invalidate = cache.invalidate
+            link.on_attrs = cache.prime
         self.processes = processes if processes is not None else Processes()
         self.processes.on_exit = self._closed
         if placeholders is None:  # (tests give theirs, with a fake of the scan)

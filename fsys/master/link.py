@@ -23,6 +23,7 @@ from fsys.iostream import FdTransport
 from fsys.protocol import (
     CLOSED,
     NEED_DATA,
+    Attrs,
     Call,
     Connection,
     Event,
@@ -52,6 +53,8 @@ class SlaveLink:
         self.calls = 0
         #: Called with the paths of each INVALIDATE, in order with the replies.
         self.on_invalidate: Callable[[tuple[bytes, ...]], None] | None = None
+        #: Called with each ATTRS (watched answers not asked for), in order too.
+        self.on_attrs: Callable[[Attrs], None] | None = None
 
     # --- life cycle ---------------------------------------------------------------
 
@@ -94,6 +97,9 @@ class SlaveLink:
                 elif isinstance(event, Invalidate):
                     if self.on_invalidate is not None:
                         self.on_invalidate(event.paths)
+                elif isinstance(event, Attrs):
+                    if self.on_attrs is not None:
+                        self.on_attrs(event)
                 elif isinstance(event, Hello):
                     self._hello.set()
                 elif isinstance(event, Goodbye):

@@ -4,8 +4,9 @@
 
 pid (the caller's tid), the call with its decoded arguments, the result or
 ``-1 ERRNO (message)``, the side that performed it (``slave``; ``hub`` for calls
-fmhub answered itself; ``master`` for calls continued natively, shown only with
-``--trace-all``), and the microseconds fmhub spent on it.
+fmhub answered itself; ``cache`` for an answer from the attribute cache;
+``master`` for calls continued natively, shown only with ``--trace-all``), and the
+microseconds fmhub spent on it.
 """
 
 from __future__ import annotations

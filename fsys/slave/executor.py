@@ -52,7 +52,15 @@ from fsys.linux import (
     RESOLVE_BENEATH,
     RESOLVE_IN_ROOT,
 )
-from fsys.protocol import MAX_IO, REPLY_NOT_LINK, REPLY_WATCHED, SPECS, Operation, watch_key
+from fsys.protocol import (
+    MAX_IO,
+    REPLY_NO_XATTRS,
+    REPLY_NOT_LINK,
+    REPLY_WATCHED,
+    SPECS,
+    Operation,
+    watch_key,
+)
 from fsys.slave.watches import Watches
 
 Result = tuple[int, bytes]
@@ -100,6 +108,9 @@ class Handle:
     kind: int  # S_IFMT bits of the open file
     busy: int = 0
     closing: bool = False
+    #: A directory opened by its ``watch_key`` path: its entries' answers are sent
+    #: along with what GETDENTS reads of it (Attrs).
+    key: bytes | None = None
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     @property
@@ -121,6 +132,46 @@ def _openat2(dirfd: int, path: bytes, flags: int, mode: int = 0, resolve: int = 
     return linux.openat2(dirfd, path, how)
 
 
+#: The fields of the answers sent with a directory's entries.
+PRIMED_MASK = linux.STATX_BASIC_STATS
+
+
+def _watched_stat(
+    parent: int,
+    name: bytes,
+    flags: int,
+    mask: int,
+    buf: ctypes.Array[ctypes.c_char] | None = None,
+) -> tuple[int, bytes, int] | None:
+    """STAT of ``name`` in the watched directory ``parent``: (result, struct statx,
+    REPLY_* flags), or None for a symlink that the call follows (not watched).
+    A file with several hard links is not watched: a change through another of its
+    names is not reported to this directory."""
+    if buf is None:
+        buf = ctypes.create_string_buffer(linux.STATX_SIZE)
+    try:
+        linux.statx(parent, name, flags | AT_SYMLINK_NOFOLLOW, mask, buf)
+    except OSError as exc:
+        if exc.errno in (errno.ENOENT, errno.ENOTDIR, errno.EACCES):
+            return -exc.errno, b"", REPLY_WATCHED | REPLY_NOT_LINK
+        raise
+    raw = buf.raw
+    kind = stat.S_IFMT(linux.statx_mode(raw))
+    if kind == stat.S_IFLNK:
+        return (0, raw, REPLY_WATCHED) if flags & AT_SYMLINK_NOFOLLOW else None
+    if kind != stat.S_IFDIR and linux.statx_nlink(raw) > 1:
+        return 0, raw, 0
+    return 0, raw, REPLY_WATCHED | REPLY_NOT_LINK
+
+
+def _no_xattrs(parent: int, name: bytes) -> bool:
+    """Whether ``name`` in the directory ``parent`` has no extended attribute."""
+    try:
+        return not os.listxattr(b"/proc/self/fd/%d/%s" % (parent, name), follow_symlinks=False)
+    except OSError:
+        return False
+
+
 def _proc_fd(fd: int) -> bytes:
     return b"/proc/self/fd/%d" % fd
 
@@ -136,6 +187,8 @@ class Executor:
         self.confined = self.root != "/"
         self.handles: dict[int, Handle] = {}
         self.watches = Watches(self.root_fd, _openat2, confined=self.confined)
+        #: Watched answers about directory entries read since the last ``take_attrs``.
+        self.attrs: list[wire.Attr] = []
         self._ids = itertools.count(1)
         self._dispatch: dict[type, Callable[[Any], Result]] = {
             spec.record: getattr(self, "op_" + spec.op.name.lower())
@@ -343,7 +396,10 @@ class Executor:
         except BaseException:
             os.close(fd)
             raise
-        return handle_id, bytes([self.handles[handle_id].kind >> 12])
+        handle = self.handles[handle_id]
+        if handle.kind == stat.S_IFDIR and not dir_id and self.watches.enabled:
+            handle.key = path if watch_key(path) == path else None
+        return handle_id, bytes([handle.kind >> 12])
 
     def op_read(self, o: wire.Read) -> Result:
         handle_id, count, offset, rwf = o
@@ -388,23 +444,10 @@ class Executor:
         where = self.watches.parent(path)
         if where is None:
             return (*self.execute(o), 0)
-        parent, name = where
-        buf = ctypes.create_string_buffer(linux.STATX_SIZE)
-        try:
-            linux.statx(parent, name, flags | AT_SYMLINK_NOFOLLOW, mask, buf)
-        except OSError as exc:
-            if exc.errno in (errno.ENOENT, errno.ENOTDIR, errno.EACCES):
-                return -exc.errno, b"", REPLY_WATCHED | REPLY_NOT_LINK
-            raise
-        raw = buf.raw
-        kind = stat.S_IFMT(linux.statx_mode(raw))
-        if kind == stat.S_IFLNK:
-            if flags & AT_SYMLINK_NOFOLLOW:
-                return 0, raw, REPLY_WATCHED
+        answer = _watched_stat(*where, flags, mask)
+        if answer is None:  # a symlink, followed: its answer depends on its target
             return (*self.execute(o), 0)
-        if kind != stat.S_IFDIR and linux.statx_nlink(raw) > 1:
-            return 0, raw, 0
-        return 0, raw, REPLY_WATCHED | REPLY_NOT_LINK
+        return answer
 
     def op_stat(self, o: wire.Stat) -> Result:
         dir_id, flags, mask, path = o
@@ -425,8 +468,37 @@ class Executor:
         handle_id, count = o
         count = max(0, min(count, MAX_IO))
         buf = ctypes.create_string_buffer(count)
+        handle = self.handles.get(handle_id)
         n = linux.getdents64(self.fd(handle_id), buf, count)
-        return n, buf.raw[:n]
+        raw = buf.raw[:n]
+        if handle is not None and handle.key is not None and n:
+            self._prime(handle.key, raw)
+        return n, raw
+
+    def _prime(self, key: bytes, entries: bytes) -> None:
+        """The watched answers about the entries just read of the directory ``key``
+        (what a program that lists a directory asks next: ls -l, git status...)."""
+        where = self.watches.parent(key + b"/.")
+        if where is None:
+            return
+        parent = where[0]
+        base = key if key != b"/" else b""
+        attrs = self.attrs
+        buf = ctypes.create_string_buffer(linux.STATX_SIZE)
+        for name in linux.dirent_names(entries):
+            if name in (b".", b".."):
+                continue
+            answer = _watched_stat(parent, name, AT_SYMLINK_NOFOLLOW, PRIMED_MASK, buf)
+            if answer is None or not answer[2]:
+                continue
+            result, raw, flags = answer
+            if not result and _no_xattrs(parent, name):
+                flags |= REPLY_NO_XATTRS
+            attrs.append(wire.Attr(base + b"/" + name, result, flags, raw))
+
+    def take_attrs(self) -> list[wire.Attr]:
+        attrs, self.attrs = self.attrs, []
+        return attrs
 
     def op_access(self, o: wire.Access) -> Result:
         dir_id, mode, flags, path = o

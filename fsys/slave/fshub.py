@@ -31,22 +31,27 @@ from fsys.iostream import FdTransport
 from fsys.protocol import (
     CLOSED,
     NEED_DATA,
+    Attrs,
     Call,
     ClosePairing,
     Connection,
+    Getdents,
     Goodbye,
     Hello,
     Invalidate,
     Open,
     OpenPairing,
+    Operation,
     Reply,
     Role,
     Stat,
 )
-from fsys.slave.executor import UNCHANGING, Executor, MustBlock
+from fsys.slave.executor import PRIMED_MASK, UNCHANGING, Executor, MustBlock
 from fsys.slave.watches import batches
 
 MAX_THREADS = 64
+#: Entries per ATTRS frame (~300 bytes each: well under a frame's limit).
+ATTRS_BATCH = 2048
 HOT_QUIET_MS = 2
 HOT_SLICE = 0.010
 
@@ -97,6 +102,23 @@ def perform(executor: Executor, call: Call, *, blocking: bool = False) -> Reply:
         traceback.print_exc()
         return Reply(call.pairing, call.request, -errno.EIO)
     return Reply(call.pairing, call.request, result, blob)
+
+
+def before_reply(executor: Executor, conn: Connection, op: Operation | None) -> bytes:
+    """The frames that go out before the reply to ``op``: the watched answers about
+    the entries a GETDENTS read (ATTRS), and an INVALIDATE of what changed, unless
+    ``op`` changes nothing watched, so that the master sees the effect of its own
+    calls before their replies. ``op`` None: just the INVALIDATE."""
+    out = bytearray()
+    if op is not None and type(op) in UNCHANGING:
+        if type(op) is Getdents:
+            attrs = executor.take_attrs()
+            for at in range(0, len(attrs), ATTRS_BATCH):
+                out += conn.send(Attrs(PRIMED_MASK, tuple(attrs[at : at + ATTRS_BATCH])))
+        return bytes(out)
+    for paths in batches(executor.watches.changes()):
+        out += conn.send(Invalidate(paths))
+    return bytes(out)
 
 
 class _Shared:
@@ -171,14 +193,9 @@ class SlaveSession:
             pass  # the master is gone, or has said goodbye: the session is over
 
     def _changes(self, out: bytearray, call: Call | None = None) -> bytearray:
-        """Add to ``out`` an INVALIDATE of what changed since the last look, if anything
-        did: before the reply to ``call``, unless ``call`` changes nothing watched, so
-        that the master sees the effect of its own calls before their replies."""
-        if call is not None and type(call.op) in UNCHANGING:
-            return out
-        changes = self.executor.watches.changes()
-        for paths in batches(changes):
-            out += self.conn.send(Invalidate(paths))
+        """Add to ``out`` what goes before the reply to ``call`` (``before_reply``), or
+        with no call, an INVALIDATE of what changed since the last look."""
+        out += before_reply(self.executor, self.conn, call.op if call is not None else None)
         return out
 
     async def _watch_changes(self) -> None:
