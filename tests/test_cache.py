@@ -359,8 +359,8 @@ def test_the_wire_carries_reply_flags_and_invalidations() -> None:
     assert master.next_event() == Reply(0, 1, 0, b"x", REPLY_WATCHED)
 
 
-@pytest.mark.parametrize("body", [b"\x05\x00\x00\x00/a", b"\x02\x00\x00\x00ab", b"\x00"])
-def test_a_malformed_invalidation_ends_the_session(body: bytes) -> None:
+def _frame_from_the_slave(kind: int, body: bytes) -> None:
+    """A frame of ``kind`` with ``body`` after the handshake: it must end the session."""
     from fsys.errors import RemoteProtocolError
     from fsys.protocol import HEADER, Kind
 
@@ -368,9 +368,14 @@ def test_a_malformed_invalidation_ends_the_session(body: bytes) -> None:
     master.send(Hello())
     master.receive_data(slave.send(Hello()))
     master.next_event()
-    master.receive_data(HEADER.pack(len(body), Kind.INVALIDATE, 0, 0, 0, 0) + body)
-    with pytest.raises(RemoteProtocolError, match="INVALIDATE"):
+    master.receive_data(HEADER.pack(len(body), kind, 0, 0, 0, 0) + body)
+    with pytest.raises(RemoteProtocolError, match=Kind(kind).name):
         master.next_event()
+
+
+@pytest.mark.parametrize("body", [b"\x05\x00\x00\x00/a", b"\x02\x00\x00\x00ab", b"\x00"])
+def test_a_malformed_invalidation_ends_the_session(body: bytes) -> None:
+    _frame_from_the_slave(7, body)
 
 
 # --- end to end --------------------------------------------------------------------------------
@@ -626,16 +631,7 @@ def test_the_wire_carries_attrs() -> None:
      b"\xff\x07\x00\x00" + b"\x01\x00\x00\x00" + b"\x00" * 16 + b"a"],
 )  # fmt: skip
 def test_malformed_attrs_end_the_session(body: bytes) -> None:
-    from fsys.errors import RemoteProtocolError
-    from fsys.protocol import HEADER, Kind
-
-    slave, master = Connection(Role.SLAVE), Connection(Role.MASTER)
-    master.send(Hello())
-    master.receive_data(slave.send(Hello()))
-    master.next_event()
-    master.receive_data(HEADER.pack(len(body), Kind.ATTRS, 0, 0, 0, 0) + body)
-    with pytest.raises(RemoteProtocolError, match="ATTRS"):
-        master.next_event()
+    _frame_from_the_slave(8, body)
 
 
 def test_a_primed_answer_that_is_not_watched_is_not_kept() -> None:
