@@ -74,8 +74,8 @@ class Fsys:
     python: str
     master: tuple[str, ...]
 
-    def run(self, *args: str, slave: str | None = None) -> list[str]:
-        cmd = [*self.master, "run"]
+    def run(self, *args: str, slave: str | None = None, options: tuple[str, ...] = ()) -> list[str]:
+        cmd = [*self.master, "run", *options]
         if slave:
             cmd += ["--slave", slave]
         return [*cmd, "--", *args]
@@ -119,7 +119,10 @@ def bench_stat(fs: Fsys, work: Path, count: int, runs: int, sshfs: Path | None) 
     native = median([c_loop([str(binary), str(target), str(count * 20)]) for _ in range(runs)])
     embedded = median([c_loop(fs.run(str(binary), str(target), str(count))) for _ in range(runs)])
     forwarded = median(
-        [c_loop(fs.run("--no-cache", str(binary), str(target), str(count))) for _ in range(runs)]
+        [
+            c_loop(fs.run(str(binary), str(target), str(count), options=("--no-cache",)))
+            for _ in range(runs)
+        ]
     )
     slave = fs.rooted(box)
     rooted = median(
@@ -140,7 +143,7 @@ TREE = {
     "ls -lR": "ls -lR ROOT/tree",
     "find -type f": "find ROOT/tree -type f",
     "du -s": "du -s ROOT/tree",
-    "tar cf - tree": "tar cf - -C ROOT tree | wc -c",
+    "tar cf - tree": "tar cf - -C ROOT/ tree | wc -c",
     "grep -r": "grep -rl needle ROOT/tree",
     "python reads 1,000 files": (
         "python3 -c 'import os, sys; r = sys.argv[1]; "

@@ -35,6 +35,7 @@ from fsys.protocol import (
     Connection,
     Hello,
     Invalidate,
+    Open,
     Reply,
     Role,
     Stat,
@@ -652,3 +653,83 @@ def test_a_primed_answer_that_is_not_watched_is_not_kept() -> None:
     assert not cache.no_xattrs(b"/d", True)
     cache.prime(Attrs(BASIC, (Attr(b"/e", 0, REPLY_WATCHED | REPLY_NO_XATTRS, b"e"),)))
     assert cache.no_xattrs(b"/e", False) and not cache.no_xattrs(b"/e", True)
+
+
+# --- paths from a directory handle ----------------------------------------------------------
+
+
+def test_a_walk_by_directory_fds_is_cached(cached: Rig) -> None:
+    (cached.box / "data/sub").mkdir()
+    (cached.box / "data/sub/g").write_text("g")
+    proc = cached.process()
+    flags = os.O_RDONLY | os.O_DIRECTORY
+    top = proc.call("openat", AT_FDCWD, b"/data", flags, 0)
+    assert isinstance(top, int)
+    sub = proc.call("openat", top, b"sub", flags, 0)  # sent by its key path
+    assert isinstance(sub, int)
+    op = cached.link.ops[-1]
+    assert isinstance(op, Open) and (op.dir, op.path) == (0, b"/data/sub")
+    dents = proc.mem.alloc(4096)
+    for fd in (top, sub):  # each listed: its entries' answers come along
+        assert isinstance(proc.call("getdents64", fd, dents, 4096), int)
+    before = len(cached.link.ops)
+    buf = proc.mem.alloc(144)
+    assert proc.call("newfstatat", sub, b"g", buf, AT_SYMLINK_NOFOLLOW) == 0
+    assert proc.stat_at(buf).size == 1
+    assert proc.call("fstat", sub, buf) == 0  # the handle itself: by its key
+    assert stat.S_ISDIR(proc.stat_at(buf).mode)
+    assert proc.call("newfstatat", top, b"sub/g", buf, 0) == 0
+    assert len(cached.link.ops) == before
+    # Renamed: the handles name their directories still, their keys do not.
+    assert proc.call("rename", b"/data", b"/moved") == 0
+    assert proc.call("newfstatat", sub, b"g", buf, AT_SYMLINK_NOFOLLOW) == 0
+    op = cached.link.ops[-1]
+    assert isinstance(op, Stat) and op.dir != 0 and op.path == b"g"  # by the handle
+    assert proc.call("stat", b"/data/sub/g", buf) == -errno.ENOENT
+    assert cached.hub.cache is not None and cached.hub.cache.dirs == {}
+
+
+def test_an_open_that_writes_is_sent_as_the_program_made_it(cached: Rig) -> None:
+    proc = cached.process()
+    top = proc.call("openat", AT_FDCWD, b"/data", os.O_RDONLY | os.O_DIRECTORY, 0)
+    assert isinstance(top, int)
+    for flags in (os.O_WRONLY, os.O_RDWR | os.O_CREAT, os.O_RDONLY | os.O_TRUNC):
+        fd = proc.call("openat", top, b"f", flags, 0o600)
+        assert isinstance(fd, int) and fd >= 0
+        op = cached.link.ops[-1]
+        assert isinstance(op, Open) and op.dir != 0 and op.path == b"f", flags
+    fd = proc.call("openat", top, b"f", os.O_RDONLY, 0)
+    op = cached.link.ops[-1]
+    assert isinstance(op, Open) and (op.dir, op.path) == (0, b"/data/f")
+
+
+def test_a_closed_directory_handle_has_no_key(cached: Rig) -> None:
+    proc = cached.process()
+    top = proc.call("openat", AT_FDCWD, b"/data", os.O_RDONLY | os.O_DIRECTORY, 0)
+    assert isinstance(top, int)
+    cache = cached.hub.cache
+    assert cache is not None and list(cache.dirs.values()) == [b"/data"]
+    proc.close(top)
+    cached.hub.reap()
+    assert cache.dirs == {}
+
+
+def test_fstat_of_a_directory_handle_is_of_the_directory(cached: Rig) -> None:
+    (cached.box / "data/real").mkdir()
+    (cached.box / "data/link").symlink_to("real")
+    proc = cached.process()
+    flags = os.O_RDONLY | os.O_DIRECTORY
+    buf = proc.mem.alloc(144)
+    top = proc.call("openat", AT_FDCWD, b"/data", flags, 0)
+    assert isinstance(top, int)
+    assert isinstance(proc.call("getdents64", top, proc.mem.alloc(4096), 4096), int)
+    link = proc.call("openat", AT_FDCWD, b"/data/link", flags, 0)  # through the symlink
+    assert isinstance(link, int)
+    assert proc.call("lstat", b"/data/link", buf) == 0 and stat.S_ISLNK(proc.stat_at(buf).mode)
+    assert proc.call("fstat", link, buf) == 0
+    real = (cached.box / "data/real").stat()
+    assert stat.S_ISDIR(proc.stat_at(buf).mode) and proc.stat_at(buf).ino == real.st_ino
+    root = proc.call("openat", AT_FDCWD, b"/", flags, 0)  # no key: sent as it is
+    assert isinstance(root, int)
+    assert proc.call("fstat", root, buf) == 0
+    assert proc.stat_at(buf).ino == cached.box.stat().st_ino

@@ -20,6 +20,11 @@ next of each entry is then answered here too, and so is a getxattr or listxattr
 of an entry that the slave found to have no extended attribute at all (ENODATA,
 an empty list).
 
+A path relative to a directory handle has a key too while the handle's directory
+is known by one: the one it was opened by, until an INVALIDATE of it or above it
+(``dirs``). fmhub then sends such a stat, or a read-only open, by that path from
+the root, so that a tree walk by directory fds (find, du, rm -r: fts) is cached too.
+
 An answer holds for the variant of the call that got it (following a final symlink
 or not), or for both when the reply says the last component is no symlink
 (REPLY_NOT_LINK). A statx asking for fields outside the mask the answer was got
@@ -48,22 +53,44 @@ class AttrCache:
         self.limit = limit
         self.entries: dict[bytes, list[Answer | None]] = {}
         self._below: dict[bytes, set[bytes]] = {}  # directory key -> its cached children
+        #: Directory handles opened by a key path, while no INVALIDATE said otherwise.
+        self.dirs: dict[int, bytes] = {}
         self.hits = 0
 
     def __len__(self) -> int:
         return len(self.entries)
 
-    def lookup(self, key: bytes, follow: bool, mask: int) -> tuple[int, bytes] | None:
-        """(result, struct statx) of a watched answer that holds for this call, or None."""
+    def key_of(self, dir_handle: int, path: bytes) -> bytes | None:
+        """The key of a path from the root (``dir_handle`` 0) or from a directory
+        handle opened by a key path that still names it; None if it has none."""
+        if not dir_handle:
+            return watch_key(path)
+        base = self.dirs.get(dir_handle)
+        if base is None or not path or path.startswith(b"/"):
+            return None
+        return watch_key(base + b"/" + path)
+
+    def opened(self, handle: int, key: bytes) -> None:
+        """The directory handle ``handle`` was opened by the path ``key``."""
+        self.dirs[handle] = key
+
+    def closed(self, handle: int) -> None:
+        self.dirs.pop(handle, None)
+
+    def lookup(
+        self, key: bytes, follow: bool, mask: int, *, itself: bool = False
+    ) -> tuple[int, bytes] | None:
+        """(result, struct statx) of a watched answer that holds for this call, or None.
+        ``itself``: only an answer about no symlink (what an open of ``key`` opened)."""
         entry = self.entries.get(key)
         if entry is None:
             return None
         answer = entry[follow]
         if answer is None:
             return None
-        asked, result, raw, _flags = answer
-        if result == 0 and mask & ~asked:
-            return None  # fields the slave was not asked for
+        asked, result, raw, flags = answer
+        if (result == 0 and mask & ~asked) or (itself and not flags & REPLY_NOT_LINK):
+            return None  # fields the slave was not asked for; a symlink's own answer
         self.hits += 1
         return result, raw
 
@@ -117,11 +144,16 @@ class AttrCache:
 
     def invalidate(self, paths: tuple[bytes, ...] | list[bytes]) -> None:
         """Drop each path and everything below it (b"/": everything)."""
+        dirs = self.dirs
         for path in paths:
             if path == b"/":
                 self.clear()
                 return
             self._drop(path)
+            if dirs:  # a directory handle's key may name another directory now
+                prefix = path + b"/"
+                for handle in [h for h, k in dirs.items() if k == path or k.startswith(prefix)]:
+                    del dirs[handle]
             below = self._below.get(_parent(path))
             if below is not None:
                 below.discard(path)
@@ -145,3 +177,4 @@ class AttrCache:
     def clear(self) -> None:
         self.entries.clear()
         self._below.clear()
+        self.dirs.clear()

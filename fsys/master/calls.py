@@ -337,12 +337,23 @@ def _open(
         finally:
             hub.close_handle(base.result)
     else:
-        reply = yield wire.Open(
-            dir=target.dir, flags=flags, mode=mode, resolve=resolve, path=target.path
-        )
+        where, path = target.dir, target.path
+        key = None
+        if hub.cache is not None and not target.whole and not resolve:
+            key = hub.cache.key_of(where, path)
+            if where and key is not None and not creates and not flags & _WRITES:
+                where, path = 0, key  # by its key: the slave reads it with its entries
+        reply = yield wire.Open(dir=where, flags=flags, mode=mode, resolve=resolve, path=path)
+        if key is not None and not where and reply.blob[:1] == b"\x04":  # S_IFDIR >> 12
+            assert hub.cache is not None
+            hub.cache.opened(reply.result, key)
     kind = reply.blob[0] << 12 if reply.blob else 0
     access = flags & (linux.O_ACCMODE | linux.O_PATH | linux.O_APPEND)
     return hub.install(call, reply.result, kind, cloexec=bool(flags & O_CLOEXEC), access=access)
+
+
+#: Open flags of an open that may change what it opens: never sent by another path.
+_WRITES = linux.O_ACCMODE | linux.O_TRUNC | linux.O_APPEND
 
 
 @handles("open", "openat")
@@ -372,6 +383,16 @@ def sys_openat2(hub: Hub, call: Trapped) -> Asks[int]:
 # --- metadata ---------------------------------------------------------------------
 
 
+def _cached(hit: tuple[int, bytes], call: Trapped | None) -> bytes:
+    """A struct statx from the attribute cache (the trace says so of ``call``)."""
+    if call is not None:
+        call.side = "cache"
+    result, raw = hit
+    if result:
+        raise Errno(-result)
+    return raw
+
+
 def _statx(
     target: Target,
     flags: int,
@@ -386,26 +407,26 @@ def _statx(
     path = target.path
     key = None
     follow = not flags & AT_SYMLINK_NOFOLLOW
-    if (
-        cache is not None
-        and not target.dir
-        and not target.whole
-        and not flags & (AT_EMPTY_PATH | linux.AT_STATX_FORCE_SYNC)
-    ):
-        key = wire.watch_key(path)
+    where = target.dir
+    if cache is not None and not target.whole and not flags & linux.AT_STATX_FORCE_SYNC:
+        if not flags & AT_EMPTY_PATH:
+            key = cache.key_of(where, path)
+        elif where and not path:
+            # fstat of a directory handle: the answer about its key, if that is about
+            # no symlink (else the handle's own stat goes to the slave, as it is).
+            handle_key = cache.dirs.get(where)
+            mask |= STATX_BASIC_STATS
+            hit = None if handle_key is None else cache.lookup(handle_key, False, mask, itself=True)
+            if hit is not None:
+                return _cached(hit, call)
         if key is not None:
-            path = key  # the form the slave watches
+            where, path = 0, key  # the form the slave watches
             mask |= STATX_BASIC_STATS  # (what stat(2) wants: one answer serves both)
             hit = cache.lookup(key, follow, mask)
             if hit is not None:
-                if call is not None:
-                    call.side = "cache"
-                result, raw = hit
-                if result:
-                    raise Errno(-result)
-                return raw
+                return _cached(hit, call)
     try:
-        reply = yield wire.Stat(dir=target.dir, flags=flags, mask=mask, path=path)
+        reply = yield wire.Stat(dir=where, flags=flags, mask=mask, path=path)
     except Errno as exc:
         if key is not None and exc.flags & wire.REPLY_WATCHED:
             assert cache is not None

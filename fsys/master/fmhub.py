@@ -432,6 +432,8 @@ class Hub:
             self._notifies.pop(key).cancel()
         if remote.pages is not None:
             self.write_back(remote.pages)
+        if self.cache is not None:
+            self.cache.closed(remote.handle)
         self.close_handle(remote.handle)
 
     def write_back(self, pages: Pages) -> bool:
