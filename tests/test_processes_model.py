@@ -340,6 +340,43 @@ def test_procfs_reads_the_kernels_view_of_this_process(tmp_path: Path) -> None:
     assert procfs.exists(pid) and isinstance(procfs.memory(pid), TargetMemory)
 
 
+def test_procfs_takes_a_copy_of_a_process_fd(tmp_path: Path) -> None:
+    """pidfd_getfd: the same open file description, through the process's pidfd or one
+    opened (and closed) for the call; the process's own pidfd is left open."""
+    procfs = ProcFS()
+    pid = os.getpid()
+    fd = os.open(tmp_path / "f", os.O_RDWR | os.O_CREAT, 0o600)
+    pidfd = procfs.pidfd(pid)
+    try:
+        for given in (pidfd, -1):
+            before = sorted(os.listdir("/proc/self/fd"))
+            copy = procfs.take_fd(pid, given, fd)
+            try:
+                assert copy != fd
+                os.lseek(copy, 5, os.SEEK_SET)  # one description: one file position
+                assert os.lseek(fd, 0, os.SEEK_CUR) == 5
+                os.lseek(fd, 0, os.SEEK_SET)
+            finally:
+                os.close(copy)
+            assert sorted(os.listdir("/proc/self/fd")) == before  # no pidfd left behind
+            os.fstat(pidfd)  # still open
+        with pytest.raises(OSError) as failure:
+            procfs.take_fd(pid, pidfd, 99999)
+        assert failure.value.errno == errno.EBADF
+    finally:
+        os.close(pidfd)
+        os.close(fd)
+
+
+def test_procfs_identity_is_the_file_as_the_process_sees_it(tmp_path: Path) -> None:
+    procfs = ProcFS()
+    (tmp_path / "f").write_bytes(b"")
+    st = os.stat(tmp_path / "f")
+    path = os.fsencode(tmp_path / "f")
+    assert procfs.identity(os.getpid(), path) == (st.st_dev, st.st_ino)
+    assert procfs.identity(os.getpid(), path + b"-none") is None
+
+
 def test_procfs_on_a_task_that_is_gone() -> None:
     procfs = ProcFS()
     child = subprocess.Popen(["true"])
