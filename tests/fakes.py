@@ -191,7 +191,7 @@ class FakeProc(ProcFS):
 
     def take_fd(self, pid: int, pidfd: int, fd: int) -> int:
         real = self.files.get((pid, fd))
-        if real is None:
+        if real is None or pidfd not in (-1, 10_000 + pid):  # pidfd_getfd: EBADF for both
             raise OSError(errno.EBADF, "no such fd")
         return os.dup(real)
 
@@ -441,6 +441,12 @@ class FakeProcess:
     def close(self, fd: int) -> None:
         self.rig.listener.close_fd(self.tgid, fd)
 
+    def own(self, number: int, fd: int) -> None:
+        """The program's fd ``number`` is the master fd ``fd`` (a pipe, socket or file
+        of its own, which fmhub takes a copy of as pidfd_getfd would)."""
+        self.fds[number] = os.readlink(f"/proc/self/fd/{fd}")
+        self.rig.procfs.files[(self.tgid, number)] = fd
+
     def fork(self, tid: int) -> FakeProcess:
         """A child forked now (it makes no trapped call until asked)."""
         task = self.rig.procfs.tasks[self.tid]
@@ -516,6 +522,16 @@ class Rig:
         self.hub.reap()  # as fmhub's loop does while it idles
         self.link.pump()
         return self.listener.answers.get(nid, NO_ANSWER)
+
+    async def wait_answer(self) -> int | Continue:
+        """The answer to the last call, once it is given: after a wait fmhub runs in
+        the caller's pairing (its ``Process.nursery``), for a master fd to be ready."""
+        nid = self._nid
+        with trio.fail_after(5):
+            while nid not in self.listener.answers:
+                await trio.sleep(0.001)
+                self.link.pump()
+        return self.listener.answers[nid]
 
 
 class _NoAnswer(int):
