@@ -147,6 +147,7 @@ class FakeProc(ProcFS):
         self.status_reads = 0
         self.identities: dict[bytes, tuple[int, int]] = {}  # master path -> (dev, ino)
         self.files: dict[tuple[int, int], int] = {}  # (tgid, fd) -> a real master fd
+        self.no_pidfd: set[int] = set()  # pids whose pidfd cannot be had (EMFILE)
 
     def add(self, tid: int, tgid: int, ppid: int, **kw: object) -> Task:
         task = Task(tgid, ppid, **kw)  # type: ignore[arg-type]
@@ -207,12 +208,15 @@ class FakeProc(ProcFS):
     def pidfd(self, pid: int) -> int:
         if pid not in self.tasks:
             raise ProcessLookupError(pid)
+        if pid in self.no_pidfd:
+            raise OSError(errno.EMFILE, "too many open files")
         return 10_000 + pid
 
     def exists(self, pid: int) -> bool:
         return pid in self.tasks
 
     async def wait_exit(self, pidfd: int, pid: int) -> None:
+        assert pidfd in (-1, 10_000 + pid), f"watching {pid} through pidfd {pidfd}"
         await self.exited[pid].wait()
 
     def send_signal(self, pidfd: int, signum: int) -> None:

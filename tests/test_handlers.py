@@ -415,6 +415,10 @@ def test_readlink(rig: Rig, proc: FakeProcess, box: Path) -> None:
     assert proc.mem.bytes_at(buf, 4) == b"some"
     assert proc.call("readlink", b"/data/l", buf, 0) == -errno.EINVAL
     assert proc.call("readlink", b"/data/f", buf, 64) == -errno.EINVAL
+    # readlinkat(fd, "") reads the link an O_PATH fd names, with no flag to say so.
+    link = open_(proc, b"/data/l", linux.O_PATH | os.O_NOFOLLOW)
+    assert proc.call("readlinkat", link, b"", buf, 64) == 11
+    assert proc.mem.bytes_at(buf, 11) == b"some/target"
 
 
 def test_mkdir_keeps_the_sticky_bit_and_applies_the_umask(rig: Rig, box: Path) -> None:
@@ -1028,6 +1032,11 @@ def test_chdir_into_the_slave_and_getcwd(rig: Rig, proc: FakeProcess, box: Path)
     assert proc.mem.bytes_at(buf, 10) == b"/data/sub\0"
     assert proc.call("chdir", b"/data/f") == -errno.ENOTDIR
     assert proc.call("chdir", b"/data/none") == -errno.ENOENT
+    (box / "data" / "sub" / "X").mkdir()  # only the cwd's trailing "/" goes when joined
+    (box / "data" / "sub" / "X" / "f").write_bytes(b"in X")
+    assert proc.call("chdir", b"X/") == 0
+    fd = open_(proc, b"f")
+    assert proc.call("read", fd, buf, 64) == 4 and proc.mem.bytes_at(buf, 4) == b"in X"
 
 
 def test_chdir_into_a_master_directory_is_read_back(rig: Rig, proc: FakeProcess) -> None:
