@@ -3,6 +3,7 @@ read-back, exec, exits, and the pairings' task tree."""
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import os
 import signal
@@ -449,6 +450,16 @@ def test_procfs_identity_is_the_file_as_the_process_sees_it(tmp_path: Path) -> N
     assert procfs.identity(os.getpid(), path + b"-none") is None
 
 
+def test_closing_the_model_releases_every_memory_descriptor() -> None:
+    processes = Processes(ProcFS())
+    p = processes.for_tid(os.getpid())
+    buf = ctypes.create_string_buffer(b"fsys")
+    assert p.memory.read(ctypes.addressof(buf), 4) == b"fsys"  # its /proc/<pid>/mem open
+    before = len(os.listdir("/proc/self/fd"))
+    processes.close()
+    assert len(os.listdir("/proc/self/fd")) == before - 1
+
+
 def test_procfs_on_a_task_that_is_gone() -> None:
     procfs = ProcFS()
     child = subprocess.Popen(["true"])
@@ -534,6 +545,21 @@ def test_a_threads_later_calls_do_not_read_proc() -> None:
         assert processes.for_tid(tid) is p
     assert procfs.status_reads == reads
     assert processes.by_tid[11] is p and processes.by_tid[10] is p
+
+
+def test_a_leader_calling_after_its_thread_needs_no_proc_read() -> None:
+    """A thread made the process; the leader's first call (its id is the tgid, as is the
+    exec'ing thread's after an execve) joins it without reading /proc."""
+    procfs, processes, _ = model()
+    procfs.add(10, 10, 1)
+    procfs.add(11, 10, 1)
+    p = processes.for_tid(11)
+    reads = procfs.status_reads
+    assert processes.for_tid(10) is p
+    assert procfs.status_reads == reads
+    assert p.tids == {10, 11} and processes.by_tid[10] is p
+    processes.thread_exit(10)
+    assert p.tids == {11} and 10 not in processes.by_tid
 
 
 def test_a_closed_process_is_not_returned_for_its_tids() -> None:
