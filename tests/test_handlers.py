@@ -816,6 +816,41 @@ def test_a_master_socket_filled_meanwhile_gives_eagain(
     assert set(drain(b.fileno())) == {ord("z")}
 
 
+def test_a_non_blocking_master_pipe_filled_meanwhile_gives_eagain(
+    rig: Rig, proc: FakeProcess, pipe: tuple[int, int]
+) -> None:
+    r, w = pipe
+    os.set_blocking(w, False)
+    proc.own(9, w)
+    src = open_(proc, b"/data/f")
+    rig.link.on_perform = lambda op: fill(w) if isinstance(op, wire.Read) else None
+    assert proc.call("sendfile", 9, src, 0, 4) == -errno.EAGAIN
+    rig.link.on_perform = None
+    assert position(proc, src) == 0
+    assert set(drain(r)) == {ord("z")}
+
+
+async def test_a_blocking_master_pipe_filled_meanwhile_is_waited_for_again(
+    rig: Rig, proc: FakeProcess, pipe: tuple[int, int]
+) -> None:
+    """Another writer fills the pipe while the slave reads: fmhub's write must not
+    block it (every process's calls go through it); the call waits for room again."""
+    r, w = pipe
+    proc.own(9, w)
+    src = open_(proc, b"/data/f")
+    off = proc.mem.alloc(LOFF.pack(1))
+    async with trio.open_nursery() as nursery:
+        rig.processes.by_tgid[proc.tgid].nursery = nursery
+        rig.link.on_perform = lambda op: fill(w) if isinstance(op, wire.Read) else None
+        assert proc.call("sendfile", 9, src, off, 4) is NO_ANSWER
+        rig.link.on_perform = None
+        await trio.testing.wait_all_tasks_blocked()
+        assert loff(proc, off) == 1
+        assert set(drain(r)) == {ord("z")}
+        assert await rig.wait_answer() == 4
+        assert os.read(r, 10) == b"1234" and loff(proc, off) == 5
+
+
 def test_sendfile_into_a_master_pipe_reads_only_what_fits(
     rig: Rig, proc: FakeProcess, box: Path, pipe: tuple[int, int]
 ) -> None:
@@ -1501,13 +1536,21 @@ def test_a_large_positioned_write_advances_its_offset(
     assert proc.call("preadv", fd, iov, 2, 10, 0) == wire.MAX_IO + 100  # to EOF
     assert proc.mem.bytes_at(a, wire.MAX_IO - 10) == data[: wire.MAX_IO - 10]
     assert proc.mem.bytes_at(b, 110) == data[wire.MAX_IO - 10 :]  # across both pieces
+    # The second piece fills two buffers, from the middle of the first one.
+    iov, (a, b, c) = iovecs(proc, wire.MAX_IO - 10, 50, 200)
+    assert proc.call("preadv", fd, iov, 3, 10, 0) == wire.MAX_IO + 100
+    assert proc.mem.bytes_at(a, wire.MAX_IO - 10) == data[: wire.MAX_IO - 10]
+    assert proc.mem.bytes_at(b, 50) == data[wire.MAX_IO - 10 : wire.MAX_IO + 40]
+    assert proc.mem.bytes_at(c, 60) == data[wire.MAX_IO + 40 :]
 
 
 def test_xattr_name_limits(rig: Rig, proc: FakeProcess) -> None:
     buf = proc.mem.alloc(16)
     longest = b"user." + b"n" * 250  # XATTR_NAME_MAX: 255 bytes
     assert proc.call("getxattr", b"/data/f", longest, buf, 16) == -errno.ENODATA
+    before = len(rig.link.ops)
     assert proc.call("getxattr", b"/data/f", longest + b"n", buf, 16) == -errno.ERANGE
+    assert rig.link.ops[before:] == []  # refused as it is read, as the kernel does
     assert rig.call(proc.tid, "getxattr", proc.mem.cstring(b"/data/f"), 0xBAD000, buf, 16) == (
         -errno.EFAULT
     )

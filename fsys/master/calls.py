@@ -789,9 +789,15 @@ def _await_ready(fd: int, *, writable: bool, nonblock: bool) -> Asks[None]:
     poller.register(fd, select.POLLOUT if writable else select.POLLIN)
     if poller.poll(0):
         return
-    if nonblock or not os.get_blocking(fd):
+    if _nonblocking(fd, nonblock):
         raise Errno(errno.EAGAIN)
     yield Ready(fd, writable=writable)
+
+
+def _nonblocking(fd: int, nonblock: bool) -> bool:
+    """Whether the call on the master fd ``fd`` gives EAGAIN rather than wait: its own
+    flag (SPLICE_F_NONBLOCK), or O_NONBLOCK on the fd."""
+    return nonblock or not os.get_blocking(fd)
 
 
 def _room(fd: int, count: int) -> int:
@@ -814,29 +820,39 @@ def _to_master(
         raise Errno(errno.EINVAL)
     fd = _master_fd(hub, call, name, writing=True)
     try:
-        yield from _await_ready(fd, writable=True, nonblock=nonblock)
-        want = min(_room(fd, count), MAX_IO)
-        reply = yield wire.Read(handle=src.handle, size=want, offset=offset, rwf=0)
-        data = _blob(reply, want)
-        error = 0
-        try:
-            if stat.S_ISSOCK(os.fstat(fd).st_mode):
-                sock = socket.socket(fileno=fd)  # borrowed: detached below, not closed
-                try:
-                    written = sock.send(data, socket.MSG_DONTWAIT)
-                finally:
-                    sock.detach()
-            else:
-                written = os.write(fd, data)
-        except OSError as exc:  # EAGAIN (filled meanwhile), EPIPE...: nothing went
-            written, error = 0, exc.errno or errno.EIO
-        if written < len(data) and offset < 0:  # give back what the master fd did not take
-            yield wire.Lseek(handle=src.handle, offset=written - len(data), whence=os.SEEK_CUR)
-        if error:
-            raise Errno(error)
-        return written
+        while True:
+            yield from _await_ready(fd, writable=True, nonblock=nonblock)
+            want = min(_room(fd, count), MAX_IO)
+            reply = yield wire.Read(handle=src.handle, size=want, offset=offset, rwf=0)
+            data = _blob(reply, want)
+            written, error = _put(fd, data)
+            if written < len(data) and offset < 0:  # give back what the fd did not take
+                yield wire.Lseek(handle=src.handle, offset=written - len(data), whence=os.SEEK_CUR)
+            if error == errno.EAGAIN and not _nonblocking(fd, nonblock):
+                continue  # filled by another writer while the slave read: wait again
+            if error:
+                raise Errno(error)
+            return written
     finally:
         os.close(fd)
+
+
+def _put(fd: int, data: bytes) -> tuple[int, int]:
+    """(bytes written, errno) of one write into the master fd ``fd`` that never blocks
+    fmhub: a socket or pipe may have filled since it was found ready."""
+    try:
+        mode = os.fstat(fd).st_mode
+        if stat.S_ISSOCK(mode):
+            sock = socket.socket(fileno=fd)  # borrowed: detached below, not closed
+            try:
+                return sock.send(data, socket.MSG_DONTWAIT), 0
+            finally:
+                sock.detach()
+        if stat.S_ISFIFO(mode):
+            return os.pwritev(fd, [data], -1, os.RWF_NOWAIT), 0
+        return os.write(fd, data), 0
+    except OSError as exc:  # EAGAIN (filled meanwhile), EPIPE...: nothing went
+        return 0, exc.errno or errno.EIO
 
 
 def _from_master(
