@@ -381,9 +381,17 @@ class WireLink:
             raise outcome
         return outcome
 
+    #: More operations than this in one pump (the suite needs under a hundred): a
+    #: handler that never stops asking the slave, failed rather than left to spin.
+    RUNAWAY = 1_000
+
     def pump(self) -> None:
         """Perform every queued operation, answering each through the codec."""
+        performed = 0
         while self.pending:
+            performed += 1
+            if performed > self.RUNAWAY:
+                raise AssertionError(f"over {self.RUNAWAY} operations: a runaway handler")
             call, on_reply = self.pending.pop(0)
             self.ops.append(call.op)
             if self.on_perform is not None:

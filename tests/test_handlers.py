@@ -12,7 +12,9 @@ import select
 import socket
 import stat
 import struct
+import threading
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -760,6 +762,20 @@ def fill(fd: int) -> None:
         os.set_blocking(fd, blocking)
 
 
+@contextmanager
+def watchdog(fd: int) -> Iterator[None]:
+    """fmhub must never block on the program's pipe or socket: if it does, drain the
+    other end after a second, so that the test fails where it would hang."""
+    done = threading.Event()
+    thread = threading.Thread(target=lambda: done.wait(1.0) or drain(fd))
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join()
+
+
 def test_sendfile_into_a_master_socket(
     rig: Rig, proc: FakeProcess, sockets: tuple[socket.socket, socket.socket]
 ) -> None:
@@ -842,13 +858,33 @@ async def test_a_blocking_master_pipe_filled_meanwhile_is_waited_for_again(
     async with trio.open_nursery() as nursery:
         rig.processes.by_tgid[proc.tgid].nursery = nursery
         rig.link.on_perform = lambda op: fill(w) if isinstance(op, wire.Read) else None
-        assert proc.call("sendfile", 9, src, off, 4) is NO_ANSWER
+        with watchdog(r):
+            assert proc.call("sendfile", 9, src, off, 4) is NO_ANSWER
         rig.link.on_perform = None
         await trio.testing.wait_all_tasks_blocked()
         assert loff(proc, off) == 1
         assert set(drain(r)) == {ord("z")}
         assert await rig.wait_answer() == 4
         assert os.read(r, 10) == b"1234" and loff(proc, off) == 5
+
+
+async def test_a_blocking_master_socket_filled_meanwhile_is_waited_for_again(
+    rig: Rig, proc: FakeProcess, sockets: tuple[socket.socket, socket.socket]
+) -> None:
+    a, b = sockets
+    a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    proc.own(9, a.fileno())
+    src = open_(proc, b"/data/f")
+    async with trio.open_nursery() as nursery:
+        rig.processes.by_tgid[proc.tgid].nursery = nursery
+        rig.link.on_perform = lambda op: fill(a.fileno()) if isinstance(op, wire.Read) else None
+        with watchdog(b.fileno()):
+            assert proc.call("sendfile", 9, src, 0, 4) is NO_ANSWER
+        rig.link.on_perform = None
+        await trio.testing.wait_all_tasks_blocked()
+        assert set(drain(b.fileno())) == {ord("z")}
+        assert await rig.wait_answer() == 4
+        assert b.recv(10) == b"0123" and position(proc, src) == 4
 
 
 def test_sendfile_into_a_master_pipe_reads_only_what_fits(
