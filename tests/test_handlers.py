@@ -813,6 +813,21 @@ def test_sendfile_into_a_full_master_socket_takes_what_fits(
     assert loff(proc, off) == m and position(proc, src) == n  # at an offset: it stays
 
 
+def test_sendfile_into_a_master_file(rig: Rig, proc: FakeProcess, tmp_path: Path) -> None:
+    (tmp_path / "m").write_bytes(b"master")
+    master = os.open(tmp_path / "m", O_RDWR)
+    try:
+        os.lseek(master, 2, os.SEEK_SET)
+        proc.own(5, master)
+        src = open_(proc, b"/data/f")
+        off = proc.mem.alloc(LOFF.pack(6))
+        assert proc.call("sendfile", 5, src, off, 3) == 3  # at the master file's position
+        assert (tmp_path / "m").read_bytes() == b"ma678r"
+        assert os.lseek(master, 0, os.SEEK_CUR) == 5 and loff(proc, off) == 9
+    finally:
+        os.close(master)
+
+
 def test_a_master_socket_filled_meanwhile_gives_eagain(
     rig: Rig, proc: FakeProcess, sockets: tuple[socket.socket, socket.socket]
 ) -> None:
@@ -858,6 +873,10 @@ async def test_a_blocking_master_pipe_filled_meanwhile_is_waited_for_again(
     async with trio.open_nursery() as nursery:
         rig.processes.by_tgid[proc.tgid].nursery = nursery
         rig.link.on_perform = lambda op: fill(w) if isinstance(op, wire.Read) else None
+        # SPLICE_F_NONBLOCK: EAGAIN, not a wait, and the bytes go back.
+        assert proc.call("splice", src, 0, 9, 0, 4, SPLICE_F_NONBLOCK) == -errno.EAGAIN
+        assert position(proc, src) == 0
+        drain(r)
         with watchdog(r):
             assert proc.call("sendfile", 9, src, off, 4) is NO_ANSWER
         rig.link.on_perform = None
@@ -1564,7 +1583,7 @@ def test_a_large_positioned_write_advances_its_offset(
     rig: Rig, proc: FakeProcess, box: Path
 ) -> None:
     size = wire.MAX_IO + 100
-    data = bytes(range(251)) * (size // 251) + bytes(size % 251)
+    data = (bytes(range(1, 252)) * (size // 251 + 1))[:size]  # no zeros: none to miss
     fd = open_(proc, b"/data/big", O_RDWR | O_CREAT, 0o644)
     assert proc.call("pwrite64", fd, proc.mem.alloc(data), size, 10) == size
     assert (box / "data" / "big").read_bytes() == bytes(10) + data
