@@ -13,7 +13,7 @@ import socket
 import stat
 import struct
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -697,7 +697,8 @@ def test_splice_between_a_slave_file_and_a_master_pipe(
     assert proc.call("splice", 7, 0, src, 0, 10, 0) == 2  # at the file position: 0
     assert (box / "data" / "f").read_bytes() == b"AB23456789"
     # An empty pipe: a non-blocking splice says so (a blocking one waits in fmhub).
-    assert proc.call("splice", 7, 0, src, 0, 10, 0x02) == -errno.EAGAIN
+    with watchdog(lambda: os.write(w, b"!")):
+        assert proc.call("splice", 7, 0, src, 0, 10, 0x02) == -errno.EAGAIN
     assert proc.call("splice", src, 0, src, 0, 10, 0) == -errno.EINVAL  # no pipe at all
     os.close(r)
     os.close(w)
@@ -763,11 +764,18 @@ def fill(fd: int) -> None:
 
 
 @contextmanager
-def watchdog(fd: int) -> Iterator[None]:
-    """fmhub must never block on the program's pipe or socket: if it does, drain the
-    other end after a second, so that the test fails where it would hang."""
+def watchdog(unblock: Callable[[], object]) -> Iterator[None]:
+    """fmhub must never block on the program's pipe or socket: if it does, ``unblock``
+    it (drain the pipe, or feed it) after a second, and keep at it, so that the test
+    fails where it would hang."""
     done = threading.Event()
-    thread = threading.Thread(target=lambda: done.wait(1.0) or drain(fd))
+
+    def watch() -> None:
+        if not done.wait(1.0):
+            while not done.wait(0.01):
+                unblock()
+
+    thread = threading.Thread(target=watch)
     thread.start()
     try:
         yield
@@ -802,12 +810,14 @@ def test_sendfile_into_a_full_master_socket_takes_what_fits(
     a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
     proc.own(9, a.fileno())
     src = open_(proc, b"/data/big")
-    n = proc.call("sendfile", 9, src, 0, len(BIG))
+    with watchdog(lambda: drain(b.fileno())):
+        n = proc.call("sendfile", 9, src, 0, len(BIG))
     assert isinstance(n, int) and 0 < n < len(BIG)  # a partial count, as the kernel's
     assert drain(b.fileno()) == BIG[:n]
     assert position(proc, src) == n  # what the socket did not take went back to the file
     off = proc.mem.alloc(LOFF.pack(0))
-    m = proc.call("sendfile", 9, src, off, len(BIG))
+    with watchdog(lambda: drain(b.fileno())):
+        m = proc.call("sendfile", 9, src, off, len(BIG))
     assert isinstance(m, int) and 0 < m < len(BIG)
     assert drain(b.fileno()) == BIG[:m]
     assert loff(proc, off) == m and position(proc, src) == n  # at an offset: it stays
@@ -877,7 +887,7 @@ async def test_a_blocking_master_pipe_filled_meanwhile_is_waited_for_again(
         assert proc.call("splice", src, 0, 9, 0, 4, SPLICE_F_NONBLOCK) == -errno.EAGAIN
         assert position(proc, src) == 0
         drain(r)
-        with watchdog(r):
+        with watchdog(lambda: drain(r)):
             assert proc.call("sendfile", 9, src, off, 4) is NO_ANSWER
         rig.link.on_perform = None
         await trio.testing.wait_all_tasks_blocked()
@@ -897,7 +907,7 @@ async def test_a_blocking_master_socket_filled_meanwhile_is_waited_for_again(
     async with trio.open_nursery() as nursery:
         rig.processes.by_tgid[proc.tgid].nursery = nursery
         rig.link.on_perform = lambda op: fill(a.fileno()) if isinstance(op, wire.Read) else None
-        with watchdog(b.fileno()):
+        with watchdog(lambda: drain(b.fileno())):
             assert proc.call("sendfile", 9, src, 0, 4) is NO_ANSWER
         rig.link.on_perform = None
         await trio.testing.wait_all_tasks_blocked()
@@ -1022,19 +1032,23 @@ async def test_a_blocking_transfer_waits_for_the_master_pipe(
         rig.processes.by_tgid[proc.tgid].nursery = nursery  # its pairing's task tree
         fill(w)
         # Non-blocking (SPLICE_F_NONBLOCK, or O_NONBLOCK on the pipe): EAGAIN at once.
-        assert proc.call("splice", src, off, 8, 0, 3, SPLICE_F_NONBLOCK) == -errno.EAGAIN
-        os.set_blocking(w, False)
-        assert proc.call("sendfile", 8, src, off, 3) == -errno.EAGAIN
-        os.set_blocking(w, True)
-        assert proc.call("sendfile", 8, src, off, 3) is NO_ANSWER  # it waits for room
+        with watchdog(lambda: drain(r)):
+            assert proc.call("splice", src, off, 8, 0, 3, SPLICE_F_NONBLOCK) == -errno.EAGAIN
+            os.set_blocking(w, False)
+            assert proc.call("sendfile", 8, src, off, 3) == -errno.EAGAIN
+            os.set_blocking(w, True)
+        with watchdog(lambda: drain(r)):
+            assert proc.call("sendfile", 8, src, off, 3) is NO_ANSWER  # it waits for room
         await trio.testing.wait_all_tasks_blocked()
         assert rig.link.pending == [] and loff(proc, off) == 2
         assert set(drain(r)) == {ord("z")}
         assert await rig.wait_answer() == 3
         assert os.read(r, 10) == b"234" and loff(proc, off) == 5
         # The other way: an empty pipe, until there is something to read.
-        assert proc.call("splice", 7, 0, src, 0, 10, SPLICE_F_NONBLOCK) == -errno.EAGAIN
-        assert proc.call("splice", 7, 0, src, 0, 10, 0) is NO_ANSWER
+        with watchdog(lambda: os.write(w, b"!")):
+            assert proc.call("splice", 7, 0, src, 0, 10, SPLICE_F_NONBLOCK) == -errno.EAGAIN
+        with watchdog(lambda: os.write(w, b"!")):
+            assert proc.call("splice", 7, 0, src, 0, 10, 0) is NO_ANSWER
         await trio.testing.wait_all_tasks_blocked()
         assert (box / "data" / "f").read_bytes() == b"0123456789"
         os.write(w, b"AB")
@@ -1053,7 +1067,8 @@ async def test_a_blocking_sendfile_waits_for_room_in_a_master_socket(
         rig.processes.by_tgid[proc.tgid].nursery = nursery
         fill(a.fileno())
         b.send(b"in")  # readable, and still full: it waits for room, not for data
-        assert proc.call("sendfile", 9, src, 0, 2) is NO_ANSWER
+        with watchdog(lambda: drain(b.fileno())):
+            assert proc.call("sendfile", 9, src, 0, 2) is NO_ANSWER
         await trio.testing.wait_all_tasks_blocked()
         assert set(drain(b.fileno())) == {ord("z")}
         assert await rig.wait_answer() == 2
