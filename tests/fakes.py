@@ -151,6 +151,7 @@ class FakeProc(ProcFS):
         self.status_reads = 0
         self.identities: dict[bytes, tuple[int, int]] = {}  # master path -> (dev, ino)
         self.files: dict[tuple[int, int], int] = {}  # (tgid, fd) -> a real master fd
+        self.no_pidfd: set[int] = set()  # pids whose pidfd cannot be had (EMFILE)
 
     def add(self, tid: int, tgid: int, ppid: int, **kw: object) -> Task:
         task = Task(tgid, ppid, **kw)  # type: ignore[arg-type]
@@ -195,7 +196,7 @@ class FakeProc(ProcFS):
 
     def take_fd(self, pid: int, pidfd: int, fd: int) -> int:
         real = self.files.get((pid, fd))
-        if real is None:
+        if real is None or pidfd not in (-1, 10_000 + pid):  # pidfd_getfd: EBADF for both
             raise OSError(errno.EBADF, "no such fd")
         return os.dup(real)
 
@@ -211,12 +212,15 @@ class FakeProc(ProcFS):
     def pidfd(self, pid: int) -> int:
         if pid not in self.tasks:
             raise ProcessLookupError(pid)
+        if pid in self.no_pidfd:
+            raise OSError(errno.EMFILE, "too many open files")
         return 10_000 + pid
 
     def exists(self, pid: int) -> bool:
         return pid in self.tasks
 
     async def wait_exit(self, pidfd: int, pid: int) -> None:
+        assert pidfd in (-1, 10_000 + pid), f"watching {pid} through pidfd {pidfd}"
         await self.exited[pid].wait()
 
     def send_signal(self, pidfd: int, signum: int) -> None:
@@ -385,9 +389,17 @@ class WireLink:
             raise outcome
         return outcome
 
+    #: More operations than this in one pump (the suite needs under a hundred): a
+    #: handler that never stops asking the slave, failed rather than left to spin.
+    RUNAWAY = 1_000
+
     def pump(self) -> None:
         """Perform every queued operation, answering each through the codec."""
+        performed = 0
         while self.pending:
+            performed += 1
+            if performed > self.RUNAWAY:
+                raise AssertionError(f"over {self.RUNAWAY} operations: a runaway handler")
             call, on_reply = self.pending.pop(0)
             self.ops.append(call.op)
             if self.on_perform is not None:
@@ -459,6 +471,12 @@ class FakeProcess:
 
     def close(self, fd: int) -> None:
         self.rig.listener.close_fd(self.tgid, fd)
+
+    def own(self, number: int, fd: int) -> None:
+        """The program's fd ``number`` is the master fd ``fd`` (a pipe, socket or file
+        of its own, which fmhub takes a copy of as pidfd_getfd would)."""
+        self.fds[number] = os.readlink(f"/proc/self/fd/{fd}")
+        self.rig.procfs.files[(self.tgid, number)] = fd
 
     def fork(self, tid: int) -> FakeProcess:
         """A child forked now (it makes no trapped call until asked)."""
@@ -537,6 +555,16 @@ class Rig:
         self.hub.reap()  # as fmhub's loop does while it idles
         self.link.pump()
         return self.listener.answers.get(nid, NO_ANSWER)
+
+    async def wait_answer(self) -> int | Continue:
+        """The answer to the last call, once it is given: after a wait fmhub runs in
+        the caller's pairing (its ``Process.nursery``), for a master fd to be ready."""
+        nid = self._nid
+        with trio.fail_after(5):
+            while nid not in self.listener.answers:
+                await trio.sleep(0.001)
+                self.link.pump()
+        return self.listener.answers[nid]
 
 
 class _NoAnswer(int):

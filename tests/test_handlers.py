@@ -8,12 +8,18 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+import select
+import socket
 import stat
 import struct
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+import trio
+import trio.testing
 
 from fsys import linux
 from fsys import protocol as wire
@@ -411,6 +417,10 @@ def test_readlink(rig: Rig, proc: FakeProcess, box: Path) -> None:
     assert proc.mem.bytes_at(buf, 4) == b"some"
     assert proc.call("readlink", b"/data/l", buf, 0) == -errno.EINVAL
     assert proc.call("readlink", b"/data/f", buf, 64) == -errno.EINVAL
+    # readlinkat(fd, "") reads the link an O_PATH fd names, with no flag to say so.
+    link = open_(proc, b"/data/l", linux.O_PATH | os.O_NOFOLLOW)
+    assert proc.call("readlinkat", link, b"", buf, 64) == 11
+    assert proc.mem.bytes_at(buf, 11) == b"some/target"
 
 
 def test_mkdir_keeps_the_sticky_bit_and_applies_the_umask(rig: Rig, box: Path) -> None:
@@ -661,8 +671,7 @@ def test_sendfile(rig: Rig, proc: FakeProcess, box: Path) -> None:
     assert LOFF.unpack(proc.mem.bytes_at(offset, 8))[0] == 7
     assert (box / "data" / "sent").read_bytes() == b"3456"
     r, w = os.pipe()
-    proc.fds[9] = "pipe:[1]"  # a master pipe: fmhub copies into it
-    rig.procfs.files[(proc.tgid, 9)] = w
+    proc.own(9, w)  # a master pipe: fmhub copies into it
     assert proc.call("sendfile", 9, src, offset, 2) == 2
     assert os.read(r, 10) == b"78"
     assert LOFF.unpack(proc.mem.bytes_at(offset, 8))[0] == 9
@@ -678,9 +687,8 @@ def test_splice_between_a_slave_file_and_a_master_pipe(
 ) -> None:
     src = open_(proc, b"/data/f", O_RDWR)
     r, w = os.pipe()
-    proc.fds[7], proc.fds[8] = "pipe:[2]", "pipe:[2]"
-    rig.procfs.files[(proc.tgid, 7)] = r
-    rig.procfs.files[(proc.tgid, 8)] = w
+    proc.own(7, r)
+    proc.own(8, w)
     off = proc.mem.alloc(LOFF.pack(2))
     assert proc.call("splice", src, off, 8, 0, 3, 0) == 3
     assert os.read(r, 10) == b"234" and LOFF.unpack(proc.mem.bytes_at(off, 8))[0] == 5
@@ -689,10 +697,383 @@ def test_splice_between_a_slave_file_and_a_master_pipe(
     assert proc.call("splice", 7, 0, src, 0, 10, 0) == 2  # at the file position: 0
     assert (box / "data" / "f").read_bytes() == b"AB23456789"
     # An empty pipe: a non-blocking splice says so (a blocking one waits in fmhub).
-    assert proc.call("splice", 7, 0, src, 0, 10, 0x02) == -errno.EAGAIN
+    with watchdog(lambda: os.write(w, b"!")):
+        assert proc.call("splice", 7, 0, src, 0, 10, 0x02) == -errno.EAGAIN
     assert proc.call("splice", src, 0, src, 0, 10, 0) == -errno.EINVAL  # no pipe at all
     os.close(r)
     os.close(w)
+
+
+# --- sendfile and splice with a master fd -------------------------------------------
+# The program's own pipe, socket or file (fmhub writes into, or reads from, its copy of
+# it): what fits now, waiting for readiness as the kernel would, and the kernel's errors.
+
+BIG = bytes(range(256)) * 400
+SPLICE_F_NONBLOCK = 0x02
+F_GETPIPE_SZ = 1032
+
+
+@pytest.fixture
+def pipe() -> Iterator[tuple[int, int]]:
+    r, w = os.pipe()
+    yield r, w
+    os.close(r)
+    os.close(w)
+
+
+@pytest.fixture
+def sockets() -> Iterator[tuple[socket.socket, socket.socket]]:
+    a, b = socket.socketpair()
+    with a, b:
+        yield a, b
+
+
+def loff(p: FakeProcess, addr: int) -> int:
+    value: int = LOFF.unpack(p.mem.bytes_at(addr, LOFF.size))[0]
+    return value
+
+
+def position(p: FakeProcess, fd: int) -> int:
+    pos = p.call("lseek", fd, 0, os.SEEK_CUR)
+    assert isinstance(pos, int) and pos >= 0, pos
+    return pos
+
+
+def drain(fd: int) -> bytes:
+    """Everything queued in a pipe or socket, read without blocking."""
+    out = bytearray()
+    while select.select([fd], [], [], 0)[0]:
+        chunk = os.read(fd, 1 << 20)
+        if not chunk:
+            break
+        out += chunk
+    return bytes(out)
+
+
+def fill(fd: int) -> None:
+    """Write into a pipe or socket until one more byte would block."""
+    blocking = os.get_blocking(fd)
+    os.set_blocking(fd, False)
+    try:
+        while True:
+            os.write(fd, b"z" * 4096)
+    except BlockingIOError:
+        pass
+    finally:
+        os.set_blocking(fd, blocking)
+
+
+@contextmanager
+def watchdog(unblock: Callable[[], object]) -> Iterator[None]:
+    """fmhub must never block on the program's pipe or socket: if it does, ``unblock``
+    it (drain the pipe, or feed it) after a second, and keep at it, so that the test
+    fails where it would hang."""
+    done = threading.Event()
+
+    def watch() -> None:
+        if not done.wait(1.0):
+            while not done.wait(0.01):
+                unblock()
+
+    thread = threading.Thread(target=watch)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join()
+
+
+def test_sendfile_into_a_master_socket(
+    rig: Rig, proc: FakeProcess, sockets: tuple[socket.socket, socket.socket]
+) -> None:
+    a, b = sockets
+    proc.own(9, a.fileno())
+    src = open_(proc, b"/data/f")
+    off = proc.mem.alloc(LOFF.pack(2))
+    before = len(rig.link.ops)
+    assert proc.call("sendfile", 9, src, off, 5) == 5
+    assert b.recv(100) == b"23456" and loff(proc, off) == 7
+    # All of it fit: one plain read of the slave file, nothing given back.
+    (read,) = rig.link.ops[before:]
+    assert isinstance(read, wire.Read) and (read.size, read.offset, read.rwf) == (5, 2, 0)
+    assert position(proc, src) == 0
+    assert proc.call("sendfile", 9, src, 0, 3) == 3  # at the file position, which moves
+    assert b.recv(100) == b"012" and position(proc, src) == 3
+
+
+def test_sendfile_into_a_full_master_socket_takes_what_fits(
+    rig: Rig, proc: FakeProcess, box: Path, sockets: tuple[socket.socket, socket.socket]
+) -> None:
+    (box / "data" / "big").write_bytes(BIG)
+    a, b = sockets
+    a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    proc.own(9, a.fileno())
+    src = open_(proc, b"/data/big")
+    with watchdog(lambda: drain(b.fileno())):
+        n = proc.call("sendfile", 9, src, 0, len(BIG))
+    assert isinstance(n, int) and 0 < n < len(BIG)  # a partial count, as the kernel's
+    assert drain(b.fileno()) == BIG[:n]
+    assert position(proc, src) == n  # what the socket did not take went back to the file
+    off = proc.mem.alloc(LOFF.pack(0))
+    with watchdog(lambda: drain(b.fileno())):
+        m = proc.call("sendfile", 9, src, off, len(BIG))
+    assert isinstance(m, int) and 0 < m < len(BIG)
+    assert drain(b.fileno()) == BIG[:m]
+    assert loff(proc, off) == m and position(proc, src) == n  # at an offset: it stays
+
+
+def test_sendfile_into_a_master_file(rig: Rig, proc: FakeProcess, tmp_path: Path) -> None:
+    (tmp_path / "m").write_bytes(b"master")
+    master = os.open(tmp_path / "m", O_RDWR)
+    try:
+        os.lseek(master, 2, os.SEEK_SET)
+        proc.own(5, master)
+        src = open_(proc, b"/data/f")
+        off = proc.mem.alloc(LOFF.pack(6))
+        assert proc.call("sendfile", 5, src, off, 3) == 3  # at the master file's position
+        assert (tmp_path / "m").read_bytes() == b"ma678r"
+        assert os.lseek(master, 0, os.SEEK_CUR) == 5 and loff(proc, off) == 9
+    finally:
+        os.close(master)
+
+
+def test_a_master_socket_filled_meanwhile_gives_eagain(
+    rig: Rig, proc: FakeProcess, sockets: tuple[socket.socket, socket.socket]
+) -> None:
+    a, b = sockets
+    a.setblocking(False)  # O_NONBLOCK: the program asks for EAGAIN, not a wait
+    proc.own(9, a.fileno())
+    src = open_(proc, b"/data/f")
+
+    def another_writer(op: wire.Operation) -> None:  # between fmhub's look and its write
+        if isinstance(op, wire.Read):
+            fill(a.fileno())
+
+    rig.link.on_perform = another_writer
+    assert proc.call("sendfile", 9, src, 0, 4) == -errno.EAGAIN
+    rig.link.on_perform = None
+    assert position(proc, src) == 0  # the bytes read for it went back
+    assert set(drain(b.fileno())) == {ord("z")}
+
+
+def test_a_non_blocking_master_pipe_filled_meanwhile_gives_eagain(
+    rig: Rig, proc: FakeProcess, pipe: tuple[int, int]
+) -> None:
+    r, w = pipe
+    os.set_blocking(w, False)
+    proc.own(9, w)
+    src = open_(proc, b"/data/f")
+    rig.link.on_perform = lambda op: fill(w) if isinstance(op, wire.Read) else None
+    assert proc.call("sendfile", 9, src, 0, 4) == -errno.EAGAIN
+    rig.link.on_perform = None
+    assert position(proc, src) == 0
+    assert set(drain(r)) == {ord("z")}
+
+
+async def test_a_blocking_master_pipe_filled_meanwhile_is_waited_for_again(
+    rig: Rig, proc: FakeProcess, pipe: tuple[int, int]
+) -> None:
+    """Another writer fills the pipe while the slave reads: fmhub's write must not
+    block it (every process's calls go through it); the call waits for room again."""
+    r, w = pipe
+    proc.own(9, w)
+    src = open_(proc, b"/data/f")
+    off = proc.mem.alloc(LOFF.pack(1))
+    async with trio.open_nursery() as nursery:
+        rig.processes.by_tgid[proc.tgid].nursery = nursery
+        rig.link.on_perform = lambda op: fill(w) if isinstance(op, wire.Read) else None
+        # SPLICE_F_NONBLOCK: EAGAIN, not a wait, and the bytes go back.
+        with watchdog(lambda: drain(r)):
+            assert proc.call("splice", src, 0, 9, 0, 4, SPLICE_F_NONBLOCK) == -errno.EAGAIN
+        assert position(proc, src) == 0
+        drain(r)
+        with watchdog(lambda: drain(r)):
+            assert proc.call("sendfile", 9, src, off, 4) is NO_ANSWER
+        rig.link.on_perform = None
+        await trio.testing.wait_all_tasks_blocked()
+        assert loff(proc, off) == 1
+        assert set(drain(r)) == {ord("z")}
+        assert await rig.wait_answer() == 4
+        assert os.read(r, 10) == b"1234" and loff(proc, off) == 5
+
+
+async def test_a_blocking_master_socket_filled_meanwhile_is_waited_for_again(
+    rig: Rig, proc: FakeProcess, sockets: tuple[socket.socket, socket.socket]
+) -> None:
+    a, b = sockets
+    a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    proc.own(9, a.fileno())
+    src = open_(proc, b"/data/f")
+    async with trio.open_nursery() as nursery:
+        rig.processes.by_tgid[proc.tgid].nursery = nursery
+        rig.link.on_perform = lambda op: fill(a.fileno()) if isinstance(op, wire.Read) else None
+        with watchdog(lambda: drain(b.fileno())):
+            assert proc.call("sendfile", 9, src, 0, 4) is NO_ANSWER
+        rig.link.on_perform = None
+        await trio.testing.wait_all_tasks_blocked()
+        assert set(drain(b.fileno())) == {ord("z")}
+        assert await rig.wait_answer() == 4
+        assert b.recv(10) == b"0123" and position(proc, src) == 4
+
+
+def test_sendfile_into_a_master_pipe_reads_only_what_fits(
+    rig: Rig, proc: FakeProcess, box: Path, pipe: tuple[int, int]
+) -> None:
+    (box / "data" / "big").write_bytes(BIG)
+    r, w = pipe
+    os.set_blocking(w, False)  # a wrong count makes a short write here, not a hang
+    os.write(w, b"q" * 40000)
+    room = fcntl.fcntl(w, F_GETPIPE_SZ) - 40000
+    proc.own(9, w)
+    src = open_(proc, b"/data/big")
+    before = len(rig.link.ops)
+    assert proc.call("sendfile", 9, src, 0, len(BIG)) == room
+    (read,) = rig.link.ops[before:]  # no more read than fits: nothing to give back
+    assert isinstance(read, wire.Read) and (read.size, read.offset) == (room, -1)
+    assert drain(r) == b"q" * 40000 + BIG[:room]
+    assert position(proc, src) == room
+    assert proc.call("sendfile", 9, src, 0, 1) == 1  # a count smaller than the room
+    assert drain(r) == BIG[room : room + 1]
+
+
+def test_sendfile_and_splice_of_nothing(rig: Rig, proc: FakeProcess, pipe: tuple[int, int]) -> None:
+    """A count of 0 and a read at the end of the file: 0, nothing moved (as natively)."""
+    r, w = pipe
+    proc.own(9, w)
+    src = open_(proc, b"/data/f")
+    off = proc.mem.alloc(LOFF.pack(3))
+    assert proc.call("sendfile", 9, src, off, 0) == 0 and loff(proc, off) == 3
+    assert proc.call("splice", src, off, 9, 0, 0, 0) == 0 and loff(proc, off) == 3
+    end = proc.mem.alloc(LOFF.pack(10))
+    assert proc.call("sendfile", 9, src, end, 5) == 0 and loff(proc, end) == 10
+    assert proc.call("lseek", src, 10, os.SEEK_SET) == 10
+    assert proc.call("sendfile", 9, src, 0, 5) == 0 and position(proc, src) == 10
+    assert drain(r) == b""
+    fill(w)
+    # splice(2) answers a length of 0 before it looks at anything else.
+    assert proc.call("splice", src, 0, 9, 0, 0, SPLICE_F_NONBLOCK) == 0
+    assert proc.call("splice", src, 0, src, 0, 0, 0) == 0
+
+
+def test_transfers_check_the_master_fd_as_the_kernel_does(
+    rig: Rig, proc: FakeProcess, pipe: tuple[int, int], tmp_path: Path
+) -> None:
+    r, w = pipe
+    proc.own(7, r)
+    proc.own(8, w)
+    src = open_(proc, b"/data/f", O_RDWR)
+    # A pipe's read end takes nothing in, its write end gives nothing out: EBADF at once.
+    assert proc.call("sendfile", 7, src, 0, 4) == -errno.EBADF
+    assert proc.call("splice", src, 0, 7, 0, 4, 0) == -errno.EBADF
+    os.write(w, b"xy")
+    assert proc.call("splice", 8, 0, src, 0, 4, 0) == -errno.EBADF
+    assert drain(r) == b"xy"
+    (tmp_path / "m").write_bytes(b"master")
+    path_fd = os.open(tmp_path / "m", os.O_PATH)
+    try:
+        proc.own(5, path_fd)  # an O_PATH fd neither reads nor writes
+        assert proc.call("sendfile", src, 5, 0, 4) == -errno.EBADF
+        assert proc.call("sendfile", 5, src, 0, 4) == -errno.EBADF
+    finally:
+        os.close(path_fd)
+    negative = proc.mem.alloc(LOFF.pack(-1))
+    assert proc.call("sendfile", 8, src, negative, 4) == -errno.EINVAL
+    assert proc.call("splice", src, negative, 8, 0, 4, 0) == -errno.EINVAL
+    closed_r, closed_w = os.pipe()
+    os.close(closed_r)
+    try:
+        proc.own(6, closed_w)  # nobody reads it: EPIPE, and the file position stays
+        assert proc.call("sendfile", 6, src, 0, 4) == -errno.EPIPE
+        assert proc.call("splice", src, 0, 6, 0, 4, 0) == -errno.EPIPE
+        assert position(proc, src) == 0
+    finally:
+        os.close(closed_w)
+    assert drain(r) == b""
+
+
+def test_sendfile_from_a_master_file_to_a_slave_file(
+    rig: Rig, proc: FakeProcess, box: Path, tmp_path: Path
+) -> None:
+    (tmp_path / "m").write_bytes(b"abcdefghij")
+    master = os.open(tmp_path / "m", O_RDWR)
+    try:
+        os.lseek(master, 3, os.SEEK_SET)
+        proc.own(5, master)
+        out = open_(proc, b"/data/out", O_WRONLY | O_CREAT, 0o644)
+        off = proc.mem.alloc(LOFF.pack(0))
+        before = len(rig.link.ops)
+        assert proc.call("sendfile", out, 5, off, 4) == 4  # at offset 0: its position stays
+        (write,) = rig.link.ops[before:]
+        assert isinstance(write, wire.Write) and (write.offset, write.rwf) == (-1, 0)
+        assert (box / "data" / "out").read_bytes() == b"abcd" and loff(proc, off) == 4
+        assert os.lseek(master, 0, os.SEEK_CUR) == 3
+        assert proc.call("sendfile", out, 5, 0, 4) == 4  # at its position, which moves
+        assert (box / "data" / "out").read_bytes() == b"abcddefg"
+        assert os.lseek(master, 0, os.SEEK_CUR) == 7
+        tail = proc.mem.alloc(LOFF.pack(8))
+        assert proc.call("sendfile", out, 5, tail, 4) == 2 and loff(proc, tail) == 10
+        before = len(rig.link.ops)
+        assert proc.call("sendfile", out, 5, tail, 4) == 0 and loff(proc, tail) == 10
+        assert rig.link.ops[before:] == []  # at its end: nothing to ask the slave
+        assert (box / "data" / "out").read_bytes() == b"abcddefgij"
+    finally:
+        os.close(master)
+
+
+async def test_a_blocking_transfer_waits_for_the_master_pipe(
+    rig: Rig, proc: FakeProcess, box: Path, pipe: tuple[int, int]
+) -> None:
+    r, w = pipe
+    proc.own(7, r)
+    proc.own(8, w)
+    src = open_(proc, b"/data/f", O_RDWR)
+    off = proc.mem.alloc(LOFF.pack(2))
+    async with trio.open_nursery() as nursery:
+        rig.processes.by_tgid[proc.tgid].nursery = nursery  # its pairing's task tree
+        fill(w)
+        # Non-blocking (SPLICE_F_NONBLOCK, or O_NONBLOCK on the pipe): EAGAIN at once.
+        with watchdog(lambda: drain(r)):
+            assert proc.call("splice", src, off, 8, 0, 3, SPLICE_F_NONBLOCK) == -errno.EAGAIN
+            os.set_blocking(w, False)
+            assert proc.call("sendfile", 8, src, off, 3) == -errno.EAGAIN
+            os.set_blocking(w, True)
+        with watchdog(lambda: drain(r)):
+            assert proc.call("sendfile", 8, src, off, 3) is NO_ANSWER  # it waits for room
+        await trio.testing.wait_all_tasks_blocked()
+        assert rig.link.pending == [] and loff(proc, off) == 2
+        assert set(drain(r)) == {ord("z")}
+        assert await rig.wait_answer() == 3
+        assert os.read(r, 10) == b"234" and loff(proc, off) == 5
+        # The other way: an empty pipe, until there is something to read.
+        with watchdog(lambda: os.write(w, b"!")):
+            assert proc.call("splice", 7, 0, src, 0, 10, SPLICE_F_NONBLOCK) == -errno.EAGAIN
+        with watchdog(lambda: os.write(w, b"!")):
+            assert proc.call("splice", 7, 0, src, 0, 10, 0) is NO_ANSWER
+        await trio.testing.wait_all_tasks_blocked()
+        assert (box / "data" / "f").read_bytes() == b"0123456789"
+        os.write(w, b"AB")
+        assert await rig.wait_answer() == 2
+        assert (box / "data" / "f").read_bytes() == b"AB23456789"
+
+
+async def test_a_blocking_sendfile_waits_for_room_in_a_master_socket(
+    rig: Rig, proc: FakeProcess, sockets: tuple[socket.socket, socket.socket]
+) -> None:
+    a, b = sockets
+    a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    proc.own(9, a.fileno())
+    src = open_(proc, b"/data/f")
+    async with trio.open_nursery() as nursery:
+        rig.processes.by_tgid[proc.tgid].nursery = nursery
+        fill(a.fileno())
+        b.send(b"in")  # readable, and still full: it waits for room, not for data
+        with watchdog(lambda: drain(b.fileno())):
+            assert proc.call("sendfile", 9, src, 0, 2) is NO_ANSWER
+        await trio.testing.wait_all_tasks_blocked()
+        assert set(drain(b.fileno())) == {ord("z")}
+        assert await rig.wait_answer() == 2
+        assert b.recv(10) == b"01" and position(proc, src) == 2
 
 
 # --- extended attributes ----------------------------------------------------------
@@ -757,6 +1138,11 @@ def test_chdir_into_the_slave_and_getcwd(rig: Rig, proc: FakeProcess, box: Path)
     assert proc.mem.bytes_at(buf, 10) == b"/data/sub\0"
     assert proc.call("chdir", b"/data/f") == -errno.ENOTDIR
     assert proc.call("chdir", b"/data/none") == -errno.ENOENT
+    (box / "data" / "sub" / "X").mkdir()  # only the cwd's trailing "/" goes when joined
+    (box / "data" / "sub" / "X" / "f").write_bytes(b"in X")
+    assert proc.call("chdir", b"X/") == 0
+    fd = open_(proc, b"f")
+    assert proc.call("read", fd, buf, 64) == 4 and proc.mem.bytes_at(buf, 4) == b"in X"
 
 
 def test_chdir_into_a_master_directory_is_read_back(rig: Rig, proc: FakeProcess) -> None:
@@ -865,6 +1251,70 @@ def test_exec_of_a_slave_file_stages_it(box: Path, staging: tuple[Rig, Stage]) -
     assert p.call("getcwd", p.mem.alloc(64), 64) == 2  # its first call settles it
     assert p.mem.bytes_at(new_argv0, 1) == b"/"
     assert not process.exec_pending
+
+
+def exec_staged(rig: Rig, p: FakeProcess, path: bytes) -> int | object:
+    """execve(path, [path]) from ``p``, whose kernel cwd is the stage."""
+    name = p.mem.cstring(path)
+    return rig.call(p.tid, "execve", name, p.mem.alloc(struct.pack("=QQ", name, 0)), 0)
+
+
+def test_exec_of_a_slave_symlink_to_a_master_binary_stages_a_link(
+    box: Path, staging: tuple[Rig, Stage]
+) -> None:
+    """A venv's bin/python: the kernel runs the master binary the slave link names,
+    followed through relative links as the kernel follows them."""
+    rig, stage = staging
+    bin_ = box / "data" / "venv" / "bin"
+    bin_.mkdir(parents=True)
+    (bin_ / "python").symlink_to("/usr/bin/true")
+    (bin_ / "py").symlink_to("../lib/py3")  # relative, to another link
+    (box / "data" / "venv" / "lib").mkdir()
+    (box / "data" / "venv" / "lib" / "py3").symlink_to("../../../usr/bin/env")
+    p = rig.process()
+    assert exec_staged(rig, p, b"/data/venv/bin/python") is CONTINUE
+    staged = Path(os.fsdecode(stage.cwd)) / ".data" / "venv" / "bin"
+    assert os.readlink(staged / "python") == "/usr/bin/true"
+    assert exec_staged(rig, p, b"/data/venv/bin/py") is CONTINUE
+    assert os.readlink(staged / "py") == "/usr/bin/env"  # /data/venv/bin/../lib/py3, then
+    # /data/venv/lib/../../../usr/bin/env: the master's /usr/bin/env
+    readlinks = [op for op in rig.link.ops if isinstance(op, wire.Readlink)]
+    assert readlinks[-2:] == [
+        wire.Readlink(dir=0, size=wire.MAX_PATH, path=b"/data/venv/bin/py"),
+        wire.Readlink(dir=0, size=wire.MAX_PATH, path=b"/data/venv/lib/py3"),
+    ]
+
+
+def test_exec_of_a_slave_symlink_to_a_slave_file_stages_the_file(
+    box: Path, staging: tuple[Rig, Stage]
+) -> None:
+    rig, stage = staging
+    (box / "data" / "tool").write_bytes(b"\x7fELF not really")
+    (box / "data" / "tool").chmod(0o755)
+    (box / "data" / "link").symlink_to("tool")
+    (box / "data" / "loop").symlink_to("loop")
+    p = rig.process()
+    assert exec_staged(rig, p, b"/data/link") is CONTINUE
+    staged = Path(os.fsdecode(stage.cwd)) / ".data" / "link"
+    assert not staged.is_symlink() and staged.read_bytes() == b"\x7fELF not really"
+    assert exec_staged(rig, p, b"/data/loop") == -errno.ELOOP  # as the kernel's exec
+
+
+def test_a_short_statx_of_an_exec_symlink_is_eio(
+    box: Path, staging: tuple[Rig, Stage], capsys: pytest.CaptureFixture[str]
+) -> None:
+    rig, _ = staging
+    (box / "data" / "python").symlink_to("/usr/bin/true")
+    original = rig.executor.execute
+
+    def hostile(op: wire.Operation) -> tuple[int, bytes]:
+        if isinstance(op, wire.Stat):
+            return 0, original(op)[1][:-1]
+        return original(op)
+
+    rig.executor.execute = hostile  # type: ignore[method-assign]
+    assert exec_staged(rig, rig.process(), b"/data/python") == -errno.EIO
+    assert "internal error" not in capsys.readouterr().err  # refused, not crashed on
 
 
 # --- a slave that misbehaves --------------------------------------------------------
@@ -1004,8 +1454,10 @@ def test_utimensat_checks_each_nanosecond_field(
 ) -> None:
     for times in ((5, nsec, 6, 0), (5, 0, 6, nsec)):
         addr = proc.mem.alloc(struct.pack("=qqqq", *times))
+        before = len(rig.link.ops)
         answer = proc.call("utimensat", AT_FDCWD, b"/data/f", addr, 0)
         assert answer == (0 if valid else -errno.EINVAL), times
+        assert valid or rig.link.ops[before:] == []  # refused by fmhub, as by the kernel
         if valid:
             op = rig.link.ops[-1]
             assert isinstance(op, wire.Utimens)
@@ -1020,7 +1472,9 @@ def test_utimes_checks_each_microsecond_field(
 ) -> None:
     for times in ((5, usec, 6, 0), (5, 0, 6, usec)):
         addr = proc.mem.alloc(struct.pack("=qqqq", *times))
+        before = len(rig.link.ops)
         assert proc.call("utimes", b"/data/f", addr) == (0 if valid else -errno.EINVAL)
+        assert valid or rig.link.ops[before:] == []  # refused by fmhub, as by the kernel
         if valid:
             op = rig.link.ops[-1]
             assert isinstance(op, wire.Utimens)
@@ -1145,7 +1599,7 @@ def test_a_large_positioned_write_advances_its_offset(
     rig: Rig, proc: FakeProcess, box: Path
 ) -> None:
     size = wire.MAX_IO + 100
-    data = bytes(range(251)) * (size // 251) + bytes(size % 251)
+    data = (bytes(range(1, 252)) * (size // 251 + 1))[:size]  # no zeros: none to miss
     fd = open_(proc, b"/data/big", O_RDWR | O_CREAT, 0o644)
     assert proc.call("pwrite64", fd, proc.mem.alloc(data), size, 10) == size
     assert (box / "data" / "big").read_bytes() == bytes(10) + data
@@ -1153,13 +1607,21 @@ def test_a_large_positioned_write_advances_its_offset(
     assert proc.call("preadv", fd, iov, 2, 10, 0) == wire.MAX_IO + 100  # to EOF
     assert proc.mem.bytes_at(a, wire.MAX_IO - 10) == data[: wire.MAX_IO - 10]
     assert proc.mem.bytes_at(b, 110) == data[wire.MAX_IO - 10 :]  # across both pieces
+    # The second piece fills two buffers, from the middle of the first one.
+    iov, (a, b, c) = iovecs(proc, wire.MAX_IO - 10, 50, 200)
+    assert proc.call("preadv", fd, iov, 3, 10, 0) == wire.MAX_IO + 100
+    assert proc.mem.bytes_at(a, wire.MAX_IO - 10) == data[: wire.MAX_IO - 10]
+    assert proc.mem.bytes_at(b, 50) == data[wire.MAX_IO - 10 : wire.MAX_IO + 40]
+    assert proc.mem.bytes_at(c, 60) == data[wire.MAX_IO + 40 :]
 
 
 def test_xattr_name_limits(rig: Rig, proc: FakeProcess) -> None:
     buf = proc.mem.alloc(16)
     longest = b"user." + b"n" * 250  # XATTR_NAME_MAX: 255 bytes
     assert proc.call("getxattr", b"/data/f", longest, buf, 16) == -errno.ENODATA
+    before = len(rig.link.ops)
     assert proc.call("getxattr", b"/data/f", longest + b"n", buf, 16) == -errno.ERANGE
+    assert rig.link.ops[before:] == []  # refused as it is read, as the kernel does
     assert rig.call(proc.tid, "getxattr", proc.mem.cstring(b"/data/f"), 0xBAD000, buf, 16) == (
         -errno.EFAULT
     )

@@ -219,6 +219,18 @@ def test_writes_through_the_fd_show_in_the_pages(rig: Rig, proc: FakeProcess) ->
     assert os.fstat(view(rig, proc, fd)).st_size == 4
 
 
+def test_a_large_positioned_write_through_the_fd_shows_in_the_pages(
+    rig: Rig, proc: FakeProcess
+) -> None:
+    """Split in MAX_IO pieces: each piece lands in the pages where it went in the file."""
+    fd = open_(proc, b"/f", os.O_RDWR)
+    mmap(proc, fd, MAP_SHARED, PROT_READ | PROT_WRITE)
+    size = wire.MAX_IO + 100
+    data = bytes(range(251)) * (size // 251) + bytes(size % 251)
+    assert proc.call("pwrite64", fd, proc.mem.alloc(data), size, 4) == size
+    assert os.pread(view(rig, proc, fd), size + 10, 0) == b"0123" + data
+
+
 def test_pages_are_fetched_again_only_when_the_slave_file_changed(
     rig: Rig, proc: FakeProcess, box: Path
 ) -> None:

@@ -3,11 +3,13 @@ read-back, exec, exits, and the pairings' task tree."""
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import os
 import signal
 import subprocess
 import threading
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -309,6 +311,37 @@ async def test_signals_are_delivered_through_the_pidfd() -> None:
         assert not p.signal_nowait(signal.SIGTERM)  # gone: nothing is queued
 
 
+async def test_a_process_without_a_pidfd_is_watched_and_gets_no_signals() -> None:
+    """Out of descriptors: its exit is still seen (ProcFS polls for it); a signal for it
+    is not sent through any descriptor, and none is closed for it."""
+    procfs, processes, exited = model()
+    procfs.no_pidfd.add(10)
+    async with served(processes):
+        procfs.add(10, 10, 1)
+        p = processes.for_tid(10)
+        await trio.testing.wait_all_tasks_blocked()
+        assert p.pidfd == -1 and not p.closed
+        assert p.signal_nowait(signal.SIGTERM)
+        await trio.testing.wait_all_tasks_blocked()
+        assert procfs.signals == []
+        procfs.exit(10)
+        await trio.testing.wait_all_tasks_blocked()
+        assert exited == [p] and p.closed and p.pidfd == -1
+        assert procfs.closed_pidfds == []
+
+
+async def test_a_pidfd_is_closed_once_its_process_ends() -> None:
+    procfs, processes, exited = model()
+    async with served(processes):
+        procfs.add(10, 10, 1)
+        p = processes.for_tid(10)
+        await trio.testing.wait_all_tasks_blocked()
+        assert p.pidfd == 10_010
+        procfs.exit(10)
+        await trio.testing.wait_all_tasks_blocked()
+        assert exited == [p] and p.pidfd == -1 and procfs.closed_pidfds == [10_010]
+
+
 async def test_a_process_gone_before_its_task_ran_is_closed() -> None:
     procfs, processes, exited = model()
     procfs.add(10, 10, 1)
@@ -338,6 +371,93 @@ def test_procfs_reads_the_kernels_view_of_this_process(tmp_path: Path) -> None:
         assert procfs.fd_path(pid, f.fileno()) == str(tmp_path / "f")
     assert procfs.fd_path(pid, 99999) is None
     assert procfs.exists(pid) and isinstance(procfs.memory(pid), TargetMemory)
+    # arg_start: where the argument strings start, as /proc/<pid>/cmdline gives them.
+    with open(f"/proc/{pid}/cmdline", "rb") as f:
+        cmdline = f.read()
+    assert procfs.memory(pid).read(procfs.arg_start(pid), len(cmdline)) == cmdline
+    # start_time: clock ticks since boot, not long before now for a process just started.
+    child = subprocess.Popen(["sleep", "30"])
+    try:
+        with open("/proc/uptime") as f:
+            now = float(f.read().split()[0]) * os.sysconf("SC_CLK_TCK")
+        assert now - 5 * os.sysconf("SC_CLK_TCK") < procfs.start_time(child.pid) <= now + 1
+    finally:
+        child.kill()
+        child.wait()
+
+
+def test_procfs_reads_stat_fields_after_a_command_name_with_parentheses(
+    tmp_path: Path,
+) -> None:
+    """/proc/<pid>/stat's fields follow the last ")": the command name may hold others."""
+    procfs = ProcFS()
+    odd = tmp_path / "a) 1 2 (x) 3"  # the command name is the file's, up to 15 bytes
+    odd.symlink_to("/bin/sleep")
+    child = subprocess.Popen([str(odd), "30"])
+    plain = subprocess.Popen(["sleep", "30"])
+    try:
+        for _ in range(100):  # until both have exec'd
+            names = [Path(f"/proc/{p.pid}/comm").read_text() for p in (child, plain)]
+            if names == ["a) 1 2 (x) 3\n", "sleep\n"]:
+                break
+            time.sleep(0.01)
+        ticks = os.sysconf("SC_CLK_TCK")
+        assert abs(procfs.start_time(child.pid) - procfs.start_time(plain.pid)) < 5 * ticks
+        assert procfs.arg_start(child.pid) > 0x1000
+        assert procfs.memory(child.pid).read(procfs.arg_start(child.pid), len(str(odd))) == (
+            os.fsencode(odd)
+        )
+    finally:
+        for p in (child, plain):
+            p.kill()
+            p.wait()
+
+
+def test_procfs_takes_a_copy_of_a_process_fd(tmp_path: Path) -> None:
+    """pidfd_getfd: the same open file description, through the process's pidfd or one
+    opened (and closed) for the call; the process's own pidfd is left open."""
+    procfs = ProcFS()
+    pid = os.getpid()
+    fd = os.open(tmp_path / "f", os.O_RDWR | os.O_CREAT, 0o600)
+    pidfd = procfs.pidfd(pid)
+    try:
+        for given in (pidfd, -1):
+            before = sorted(os.listdir("/proc/self/fd"))
+            copy = procfs.take_fd(pid, given, fd)
+            try:
+                assert copy != fd
+                os.lseek(copy, 5, os.SEEK_SET)  # one description: one file position
+                assert os.lseek(fd, 0, os.SEEK_CUR) == 5
+                os.lseek(fd, 0, os.SEEK_SET)
+            finally:
+                os.close(copy)
+            assert sorted(os.listdir("/proc/self/fd")) == before  # no pidfd left behind
+            os.fstat(pidfd)  # still open
+        with pytest.raises(OSError) as failure:
+            procfs.take_fd(pid, pidfd, 99999)
+        assert failure.value.errno == errno.EBADF
+    finally:
+        os.close(pidfd)
+        os.close(fd)
+
+
+def test_procfs_identity_is_the_file_as_the_process_sees_it(tmp_path: Path) -> None:
+    procfs = ProcFS()
+    (tmp_path / "f").write_bytes(b"")
+    st = os.stat(tmp_path / "f")
+    path = os.fsencode(tmp_path / "f")
+    assert procfs.identity(os.getpid(), path) == (st.st_dev, st.st_ino)
+    assert procfs.identity(os.getpid(), path + b"-none") is None
+
+
+def test_closing_the_model_releases_every_memory_descriptor() -> None:
+    processes = Processes(ProcFS())
+    p = processes.for_tid(os.getpid())
+    buf = ctypes.create_string_buffer(b"fsys")
+    assert p.memory.read(ctypes.addressof(buf), 4) == b"fsys"  # its /proc/<pid>/mem open
+    before = len(os.listdir("/proc/self/fd"))
+    processes.close()
+    assert len(os.listdir("/proc/self/fd")) == before - 1
 
 
 def test_procfs_on_a_task_that_is_gone() -> None:
@@ -425,6 +545,21 @@ def test_a_threads_later_calls_do_not_read_proc() -> None:
         assert processes.for_tid(tid) is p
     assert procfs.status_reads == reads
     assert processes.by_tid[11] is p and processes.by_tid[10] is p
+
+
+def test_a_leader_calling_after_its_thread_needs_no_proc_read() -> None:
+    """A thread made the process; the leader's first call (its id is the tgid, as is the
+    exec'ing thread's after an execve) joins it without reading /proc."""
+    procfs, processes, _ = model()
+    procfs.add(10, 10, 1)
+    procfs.add(11, 10, 1)
+    p = processes.for_tid(11)
+    reads = procfs.status_reads
+    assert processes.for_tid(10) is p
+    assert procfs.status_reads == reads
+    assert p.tids == {10, 11} and processes.by_tid[10] is p
+    processes.thread_exit(10)
+    assert p.tids == {11} and 10 not in processes.by_tid
 
 
 def test_a_closed_process_is_not_returned_for_its_tids() -> None:

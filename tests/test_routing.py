@@ -16,7 +16,7 @@ from fsys.linux import AT_EMPTY_PATH, AT_SYMLINK_NOFOLLOW
 from fsys.master.calls import HANDLERS, sys_stat
 from fsys.master.device import Notification
 from fsys.master.processes import Inherited
-from fsys.master.routing import Router, Target, Trapped
+from fsys.master.routing import CONTINUE, Router, Target, Trapped
 from tests.fakes import AT_FDCWD, FakeProcess, Rig
 
 TABLE = load()
@@ -320,3 +320,7 @@ def test_proc_self_cwd_of_a_slave_directory(rig: Rig) -> None:
     q = rig.process(200)
     decision, _ = routed(rig, q, "stat", b"/proc/self/cwd", 0)  # a master cwd
     assert decision is None
+
+
+def test_continue_shows_as_its_name() -> None:
+    assert repr(CONTINUE) == "CONTINUE"  # in traces and test failures

@@ -803,6 +803,8 @@ SPLICE_F_NONBLOCK = 0x02
 @handles("splice")
 def sys_splice(hub: Hub, call: Trapped) -> Asks[int]:
     """Between a slave file and a master pipe (one end of a splice is a pipe)."""
+    if not call.arg("len"):
+        return 0  # the kernel answers a length of 0 before it looks at anything else
     src, dst = call.files
     if src is not None and dst is not None:
         raise Errno(errno.EINVAL)  # two slave files: neither is a pipe
@@ -826,13 +828,20 @@ def sys_splice(hub: Hub, call: Trapped) -> Asks[int]:
     return n
 
 
-def _master_fd(hub: Hub, call: Trapped, name: str) -> int:
-    """fmhub's own copy of the program's fd argument ``name`` (same description)."""
+def _master_fd(hub: Hub, call: Trapped, name: str, *, writing: bool) -> int:
+    """fmhub's own copy of the program's fd argument ``name`` (same description);
+    EBADF, as the kernel checks first, if it is not open for writing (or reading): a
+    pipe's other end would never be ready."""
     process = call.process
     try:
-        return hub.processes.procfs.take_fd(process.tgid, process.pidfd, call.arg_int(name))
+        fd = hub.processes.procfs.take_fd(process.tgid, process.pidfd, call.arg_int(name))
     except OSError as exc:
         raise Errno(exc.errno or errno.EBADF) from None
+    access = fcntl.fcntl(fd, fcntl.F_GETFL) & (os.O_ACCMODE | linux.O_PATH)
+    if access not in ((os.O_WRONLY, os.O_RDWR) if writing else (os.O_RDONLY, os.O_RDWR)):
+        os.close(fd)
+        raise Errno(errno.EBADF)
+    return fd
 
 
 def _await_ready(fd: int, *, writable: bool, nonblock: bool) -> Asks[None]:
@@ -842,9 +851,15 @@ def _await_ready(fd: int, *, writable: bool, nonblock: bool) -> Asks[None]:
     poller.register(fd, select.POLLOUT if writable else select.POLLIN)
     if poller.poll(0):
         return
-    if nonblock or not os.get_blocking(fd):
+    if _nonblocking(fd, nonblock):
         raise Errno(errno.EAGAIN)
     yield Ready(fd, writable=writable)
+
+
+def _nonblocking(fd: int, nonblock: bool) -> bool:
+    """Whether the call on the master fd ``fd`` gives EAGAIN rather than wait: its own
+    flag (SPLICE_F_NONBLOCK), or O_NONBLOCK on the fd."""
+    return nonblock or not os.get_blocking(fd)
 
 
 def _room(fd: int, count: int) -> int:
@@ -853,7 +868,7 @@ def _room(fd: int, count: int) -> int:
     if stat.S_ISFIFO(mode):
         size = fcntl.fcntl(fd, F_GETPIPE_SZ)
         queued: int = _INT.unpack(fcntl.ioctl(fd, termios.FIONREAD, bytes(_INT.size)))[0]
-        return max(min(count, size - queued), 1)
+        return min(count, max(size - queued, 1))
     return count
 
 
@@ -865,32 +880,41 @@ def _to_master(
     partial count, as the kernel may give), after waiting for room as it would."""
     if not src.is_regular:
         raise Errno(errno.EINVAL)
-    fd = _master_fd(hub, call, name)
+    fd = _master_fd(hub, call, name, writing=True)
     try:
-        yield from _await_ready(fd, writable=True, nonblock=nonblock)
-        want = min(_room(fd, count), MAX_IO)
-        reply = yield wire.Read(handle=src.handle, size=want, offset=offset, rwf=0)
-        data = _blob(reply, want)
-        try:
-            if stat.S_ISSOCK(os.fstat(fd).st_mode):
-                sock = socket.socket(fileno=fd)  # borrowed: detached below, not closed
-                try:
-                    written = sock.send(data, socket.MSG_DONTWAIT)
-                finally:
-                    sock.detach()
-            else:
-                written = os.write(fd, data)
-        except BlockingIOError:
-            written = 0
-        except OSError as exc:
-            raise Errno(exc.errno or errno.EIO) from None
-        if written < len(data) and offset < 0:  # give back what the master fd did not take
-            yield wire.Lseek(handle=src.handle, offset=written - len(data), whence=os.SEEK_CUR)
-        if not written and data:
-            raise Errno(errno.EAGAIN)
-        return written
+        while True:
+            yield from _await_ready(fd, writable=True, nonblock=nonblock)
+            want = min(_room(fd, count), MAX_IO)
+            reply = yield wire.Read(handle=src.handle, size=want, offset=offset, rwf=0)
+            data = _blob(reply, want)
+            written, error = _put(fd, data)
+            if written < len(data) and offset < 0:  # give back what the fd did not take
+                yield wire.Lseek(handle=src.handle, offset=written - len(data), whence=os.SEEK_CUR)
+            if error == errno.EAGAIN and not _nonblocking(fd, nonblock):
+                continue  # filled by another writer while the slave read: wait again
+            if error:
+                raise Errno(error)
+            return written
     finally:
         os.close(fd)
+
+
+def _put(fd: int, data: bytes) -> tuple[int, int]:
+    """(bytes written, errno) of one write into the master fd ``fd`` that never blocks
+    fmhub: a socket or pipe may have filled since it was found ready."""
+    try:
+        mode = os.fstat(fd).st_mode
+        if stat.S_ISSOCK(mode):
+            sock = socket.socket(fileno=fd)  # borrowed: detached below, not closed
+            try:
+                return sock.send(data, socket.MSG_DONTWAIT), 0
+            finally:
+                sock.detach()
+        if stat.S_ISFIFO(mode):
+            return os.pwritev(fd, [data], -1, os.RWF_NOWAIT), 0
+        return os.write(fd, data), 0
+    except OSError as exc:  # EAGAIN (filled meanwhile), EPIPE...: nothing went
+        return 0, exc.errno or errno.EIO
 
 
 def _from_master(
@@ -899,7 +923,7 @@ def _from_master(
 ) -> Asks[int]:  # fmt: skip
     """Copy from the program's master fd ``name`` (at ``offset``, -1: its position) to
     a slave file (at ``off_out``, -1: its position)."""
-    fd = _master_fd(hub, call, name)
+    fd = _master_fd(hub, call, name, writing=False)
     try:
         yield from _await_ready(fd, writable=False, nonblock=nonblock)
         want = min(count, MAX_IO)
