@@ -686,7 +686,7 @@ def test_a_walk_by_directory_fds_is_cached(cached: Rig) -> None:
     op = cached.link.ops[-1]
     assert isinstance(op, Stat) and op.dir != 0 and op.path == b"g"  # by the handle
     assert proc.call("stat", b"/data/sub/g", buf) == -errno.ENOENT
-    assert cached.hub.cache is not None and cached.hub.cache.dirs == {}
+    assert cached.hub.cache is not None and cached.hub.cache.handles == {}
 
 
 def test_an_open_that_writes_is_sent_as_the_program_made_it(cached: Rig) -> None:
@@ -708,10 +708,10 @@ def test_a_closed_directory_handle_has_no_key(cached: Rig) -> None:
     top = proc.call("openat", AT_FDCWD, b"/data", os.O_RDONLY | os.O_DIRECTORY, 0)
     assert isinstance(top, int)
     cache = cached.hub.cache
-    assert cache is not None and list(cache.dirs.values()) == [b"/data"]
+    assert cache is not None and list(cache.handles.values()) == [b"/data"]
     proc.close(top)
     cached.hub.reap()
-    assert cache.dirs == {}
+    assert cache.handles == {}
 
 
 def test_fstat_of_a_directory_handle_is_of_the_directory(cached: Rig) -> None:
@@ -733,3 +733,52 @@ def test_fstat_of_a_directory_handle_is_of_the_directory(cached: Rig) -> None:
     assert isinstance(root, int)
     assert proc.call("fstat", root, buf) == 0
     assert proc.stat_at(buf).ino == cached.box.stat().st_ino
+
+
+def test_a_path_under_a_missing_directory_is_a_watched_answer(
+    executor: Executor, tmp_path: Path
+) -> None:
+    assert _stat(executor, b"/etc/nsswitch.conf") == (-2, b"", REPLY_WATCHED | REPLY_NOT_LINK)
+    (tmp_path / "file").write_text("")
+    assert _stat(executor, b"/file/x") == (-20, b"", REPLY_WATCHED | REPLY_NOT_LINK)
+    (tmp_path / "link").symlink_to("/")
+    with pytest.raises(FileNotFoundError):  # through a symlink: not watched
+        executor.stat(Stat(dir=0, flags=0, mask=BASIC, path=b"/link/nothing/x"))
+    (tmp_path / "etc").mkdir()
+    assert b"/etc" in executor.watches.changes()
+
+
+def test_an_open_of_nothing_is_remembered_until_something_is_made(cached: Rig) -> None:
+    proc = cached.process()
+    for _ in range(3):
+        assert proc.call("openat", AT_FDCWD, b"/etc/passwd", os.O_RDONLY, 0) == -errno.ENOENT
+    assert sum(isinstance(op, Open) for op in cached.link.ops) == 1
+    assert proc.call("mkdir", b"/etc", 0o755) == 0
+    fd = proc.call("openat", AT_FDCWD, b"/etc/passwd", os.O_WRONLY | os.O_CREAT, 0o644)
+    assert isinstance(fd, int) and fd >= 0
+    fd = proc.call("openat", AT_FDCWD, b"/etc/passwd", os.O_RDONLY, 0)
+    assert isinstance(fd, int) and fd >= 0
+    (cached.box / "data/dangling").symlink_to("nowhere")
+    for _ in range(2):  # ENOENT through a dangling symlink: the slave's each time
+        assert proc.call("openat", AT_FDCWD, b"/data/dangling", os.O_RDONLY, 0) == -errno.ENOENT
+    assert [op.path for op in cached.link.ops if isinstance(op, Open)][-2:] == [
+        b"/data/dangling"
+    ] * 2
+
+
+def test_fstat_of_a_file_handle_follows_its_changes(cached: Rig) -> None:
+    proc = cached.process()
+    top = proc.call("openat", AT_FDCWD, b"/data", os.O_RDONLY | os.O_DIRECTORY, 0)
+    assert isinstance(top, int)
+    assert isinstance(proc.call("getdents64", top, proc.mem.alloc(4096), 4096), int)
+    fd = proc.call("openat", AT_FDCWD, b"/data/f", os.O_RDWR, 0)
+    assert isinstance(fd, int)
+    buf = proc.mem.alloc(144)
+    before = len(cached.link.ops)
+    assert proc.call("fstat", fd, buf) == 0 and proc.stat_at(buf).size == 10
+    assert len(cached.link.ops) == before
+    assert proc.call("write", fd, proc.mem.alloc(b"x" * 20), 20) == 20
+    assert proc.call("fstat", fd, buf) == 0 and proc.stat_at(buf).size == 20
+    assert proc.call("rename", b"/data/f", b"/data/g") == 0
+    (cached.box / "data/f").write_text("another")
+    assert proc.call("fstat", fd, buf) == 0 and proc.stat_at(buf).size == 20  # still ours

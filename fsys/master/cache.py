@@ -20,10 +20,11 @@ next of each entry is then answered here too, and so is a getxattr or listxattr
 of an entry that the slave found to have no extended attribute at all (ENODATA,
 an empty list).
 
-A path relative to a directory handle has a key too while the handle's directory
-is known by one: the one it was opened by, until an INVALIDATE of it or above it
-(``dirs``). fmhub then sends such a stat, or a read-only open, by that path from
-the root, so that a tree walk by directory fds (find, du, rm -r: fts) is cached too.
+A handle opened by a key keeps it until an INVALIDATE of it or above it
+(``handles``): its fstat is the key's answer (if that is about no symlink), and a
+path relative to it (a directory) has a key too, so fmhub sends such a stat, or a
+read-only open, by that path from the root: a tree walk by directory fds (find, du,
+rm -r: fts) and the fstat after each open are cached too.
 
 An answer holds for the variant of the call that got it (following a final symlink
 or not), or for both when the reply says the last component is no symlink
@@ -53,8 +54,8 @@ class AttrCache:
         self.limit = limit
         self.entries: dict[bytes, list[Answer | None]] = {}
         self._below: dict[bytes, set[bytes]] = {}  # directory key -> its cached children
-        #: Directory handles opened by a key path, while no INVALIDATE said otherwise.
-        self.dirs: dict[int, bytes] = {}
+        #: Handles opened by a key path, while no INVALIDATE said otherwise.
+        self.handles: dict[int, bytes] = {}
         self.hits = 0
 
     def __len__(self) -> int:
@@ -62,20 +63,22 @@ class AttrCache:
 
     def key_of(self, dir_handle: int, path: bytes) -> bytes | None:
         """The key of a path from the root (``dir_handle`` 0) or from a directory
-        handle opened by a key path that still names it; None if it has none."""
+        handle opened by a key path that still names it; None if it has none. The
+        root's own key is "/" (it has no answer of its own: nothing watches its
+        entry; its handle's key makes the paths below it keys)."""
         if not dir_handle:
-            return watch_key(path)
-        base = self.dirs.get(dir_handle)
+            return b"/" if path == b"/" else watch_key(path)
+        base = self.handles.get(dir_handle)
         if base is None or not path or path.startswith(b"/"):
             return None
         return watch_key(base + b"/" + path)
 
     def opened(self, handle: int, key: bytes) -> None:
-        """The directory handle ``handle`` was opened by the path ``key``."""
-        self.dirs[handle] = key
+        """The handle ``handle`` was opened by the path ``key``."""
+        self.handles[handle] = key
 
     def closed(self, handle: int) -> None:
-        self.dirs.pop(handle, None)
+        self.handles.pop(handle, None)
 
     def lookup(
         self, key: bytes, follow: bool, mask: int, *, itself: bool = False
@@ -144,16 +147,16 @@ class AttrCache:
 
     def invalidate(self, paths: tuple[bytes, ...] | list[bytes]) -> None:
         """Drop each path and everything below it (b"/": everything)."""
-        dirs = self.dirs
+        handles = self.handles
         for path in paths:
             if path == b"/":
                 self.clear()
                 return
             self._drop(path)
-            if dirs:  # a directory handle's key may name another directory now
+            if handles:  # a handle's key may name another file now
                 prefix = path + b"/"
-                for handle in [h for h, k in dirs.items() if k == path or k.startswith(prefix)]:
-                    del dirs[handle]
+                for handle in [h for h, k in handles.items() if k == path or k.startswith(prefix)]:
+                    del handles[handle]
             below = self._below.get(_parent(path))
             if below is not None:
                 below.discard(path)
@@ -177,4 +180,4 @@ class AttrCache:
     def clear(self) -> None:
         self.entries.clear()
         self._below.clear()
-        self.dirs.clear()
+        self.handles.clear()

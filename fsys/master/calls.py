@@ -343,8 +343,20 @@ def _open(
             key = hub.cache.key_of(where, path)
             if where and key is not None and not creates and not flags & _WRITES:
                 where, path = 0, key  # by its key: the slave reads it with its entries
-        reply = yield wire.Open(dir=where, flags=flags, mode=mode, resolve=resolve, path=path)
-        if key is not None and not where and reply.blob[:1] == b"\x04":  # S_IFDIR >> 12
+        if key is not None and not where and not creates:
+            assert hub.cache is not None
+            missing = hub.cache.lookup(key, True, 0)
+            if missing is not None and missing[0] == -errno.ENOENT:
+                call.side = "cache"
+                raise Errno(errno.ENOENT)  # a watched answer: nothing by that name
+        try:
+            reply = yield wire.Open(dir=where, flags=flags, mode=mode, resolve=resolve, path=path)
+        except Errno as exc:
+            if key is not None and exc.flags & wire.REPLY_WATCHED:
+                assert hub.cache is not None
+                hub.cache.store(key, False, 0, -exc.errno, b"", exc.flags)
+            raise
+        if key is not None and not where:
             assert hub.cache is not None
             hub.cache.opened(reply.result, key)
     kind = reply.blob[0] << 12 if reply.blob else 0
@@ -412,9 +424,9 @@ def _statx(
         if not flags & AT_EMPTY_PATH:
             key = cache.key_of(where, path)
         elif where and not path:
-            # fstat of a directory handle: the answer about its key, if that is about
-            # no symlink (else the handle's own stat goes to the slave, as it is).
-            handle_key = cache.dirs.get(where)
+            # fstat of a handle: the answer about its key, if that is about no
+            # symlink (else the handle's own stat goes to the slave, as it is).
+            handle_key = cache.handles.get(where)
             mask |= STATX_BASIC_STATS
             hit = None if handle_key is None else cache.lookup(handle_key, False, mask, itself=True)
             if hit is not None:

@@ -98,6 +98,14 @@ _SLOW: frozenset[type] = frozenset(
 )
 
 
+class Watched(OSError):
+    """An errno that is a watched answer: its reply carries ``flags`` (REPLY_*)."""
+
+    def __init__(self, code: int, flags: int) -> None:
+        super().__init__(code, os.strerror(code))
+        self.flags = flags
+
+
 class MustBlock(FsysError):
     """Raised by an inline attempt that would block; fshub reruns it in a thread."""
 
@@ -371,6 +379,22 @@ class Executor:
     # --- operations -----------------------------------------------------------------
 
     def op_open(self, o: wire.Open, *, blocking: bool = False) -> Result:
+        try:
+            return self._open(o, blocking=blocking)
+        except FileNotFoundError as exc:
+            if o.dir or o.resolve or o.flags & linux.O_CREAT or not self.watches.enabled:
+                raise
+            # Nothing by that name, and nothing will be unless a watched entry changes:
+            # as a watched STAT would say (the master keeps that answer).
+            try:
+                answer = self.stat(wire.Stat(dir=0, flags=AT_SYMLINK_NOFOLLOW, mask=0, path=o.path))
+            except OSError:
+                raise exc from None
+            if answer[0] == -errno.ENOENT and answer[2] & REPLY_WATCHED:
+                raise Watched(errno.ENOENT, answer[2]) from exc
+            raise
+
+    def _open(self, o: wire.Open, *, blocking: bool = False) -> Result:
         dir_id, flags, mode, resolve, path = o
         flags &= ~O_CLOEXEC
         if not flags & O_PATH:
@@ -398,7 +422,7 @@ class Executor:
             raise
         handle = self.handles[handle_id]
         if handle.kind == stat.S_IFDIR and not dir_id and self.watches.enabled:
-            handle.key = path if watch_key(path) == path else None
+            handle.key = path if path == b"/" or watch_key(path) == path else None
         return handle_id, bytes([handle.kind >> 12])
 
     def op_read(self, o: wire.Read) -> Result:
@@ -443,6 +467,8 @@ class Executor:
             return (*self.execute(o), 0)
         where = self.watches.parent(path)
         if where is None:
+            if self.watches.missing:  # a directory on the way is not there
+                return -self.watches.missing, b"", REPLY_WATCHED | REPLY_NOT_LINK
             return (*self.execute(o), 0)
         answer = _watched_stat(*where, flags, mask)
         if answer is None:  # a symlink, followed: its answer depends on its target

@@ -46,7 +46,7 @@ from fsys.protocol import (
     Role,
     Stat,
 )
-from fsys.slave.executor import PRIMED_MASK, UNCHANGING, Executor, MustBlock
+from fsys.slave.executor import PRIMED_MASK, UNCHANGING, Executor, MustBlock, Watched
 from fsys.slave.watches import batches
 
 MAX_THREADS = 64
@@ -91,6 +91,8 @@ def perform(executor: Executor, call: Call, *, blocking: bool = False) -> Reply:
             result, blob = executor.execute_blocking(call.op)
         else:
             result, blob = executor.execute(call.op)
+    except Watched as exc:
+        return Reply(call.pairing, call.request, -(exc.errno or errno.EIO), b"", exc.flags)
     except OSError as exc:
         return Reply(call.pairing, call.request, -(exc.errno or errno.EIO))
     except (ValueError, OverflowError, struct.error):

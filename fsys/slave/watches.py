@@ -70,6 +70,7 @@ class Watches:
         self.dirs: dict[bytes, tuple[int, int]] = {}
         self.keys: dict[int, set[bytes]] = {}  # watch descriptor -> directory keys
         self.full = False  # no watch left (max_user_watches, MAX_DIRS)
+        self.missing = 0  # see parent()
 
     def close(self) -> None:
         for _wd, fd in self.dirs.values():
@@ -87,43 +88,51 @@ class Watches:
     def parent(self, key: bytes) -> tuple[int, bytes] | None:
         """Watch every directory on the way to ``key`` (a ``watch_key``): the parent
         directory's fd and the last component; None if one cannot be watched (a
-        symlink on the way, not a directory, no watch left)."""
+        symlink on the way, not a directory, no watch left). When the way ends at a
+        watched directory that lacks the next one (or has a non-directory by its
+        name), ``missing`` is that errno (ENOENT, ENOTDIR), else 0: an answer that
+        depends only on watched entries too."""
+        self.missing = 0
         cut = key.rfind(b"/")
         parent, name = key[:cut] or b"/", key[cut + 1 :]
         known = self.dirs.get(parent)
         if known is not None:
             return known[1], name
-        if self.fd < 0 or self.full or not self._watch(b"/"):
+        if self.fd < 0 or self.full or self._watch(b"/"):
             return None
         at = 0
         while at < len(parent):
             at = parent.find(b"/", at + 1)
             if at < 0:
                 at = len(parent)
-            if not self._watch(parent[:at]):
+            failed = self._watch(parent[:at])
+            if failed:
+                if failed in (errno.ENOENT, errno.ENOTDIR):
+                    self.missing = failed
                 return None
         return self.dirs[parent][1], name
 
-    def _watch(self, key: bytes) -> bool:
+    def _watch(self, key: bytes) -> int:
+        """Watch the directory ``key`` (its parent is watched): 0, or why not."""
         if key in self.dirs:
-            return True
+            return 0
         if len(self.dirs) >= MAX_DIRS:
             self.full = True
-            return False
+            return errno.ENOSPC
         try:
             fd = self._open(self.root_fd, key, O_PATH | O_DIRECTORY | O_CLOEXEC, 0, self.resolve)
-        except OSError:
-            return False  # a symlink (ELOOP, EXDEV), not a directory, or gone
+        except OSError as exc:
+            return exc.errno or errno.EIO  # a symlink (ELOOP, EXDEV), not a directory, gone
         try:
             wd = linux.inotify_add_watch(self.fd, b"/proc/self/fd/%d" % fd, MASK)
         except OSError as exc:
             os.close(fd)
             if exc.errno == errno.ENOSPC:
                 self.full = True
-            return False
+            return exc.errno or errno.EIO
         self.dirs[key] = (wd, fd)
         self.keys.setdefault(wd, set()).add(key)
-        return True
+        return 0
 
     def changes(self) -> list[bytes]:
         """The paths made stale by the events queued since the last call."""
