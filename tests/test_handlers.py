@@ -567,6 +567,11 @@ def test_utimensat_and_friends(rig: Rig, proc: FakeProcess, box: Path) -> None:
         linux.UTIME_NOW,
         linux.UTIME_NOW,
     )
+    # NULL with AT_FDCWD names nothing: EFAULT, as natively, in a slave cwd too.
+    assert proc.call("chdir", b"/data") == 0
+    before = len(rig.link.ops)
+    assert proc.call("utimensat", AT_FDCWD, 0, 0, 0) == -errno.EFAULT
+    assert len(rig.link.ops) == before
 
 
 def test_statfs(rig: Rig, proc: FakeProcess) -> None:
@@ -702,6 +707,36 @@ def test_splice_between_a_slave_file_and_a_master_pipe(
     assert proc.call("splice", src, 0, src, 0, 10, 0) == -errno.EINVAL  # no pipe at all
     os.close(r)
     os.close(w)
+
+
+def test_splice_and_sendfile_refuse_what_the_kernel_refuses(
+    rig: Rig, proc: FakeProcess, box: Path, tmp_path: Path
+) -> None:
+    """As natively (checked on this kernel): splice wants a pipe at one end and known
+    flags; sendfile reads only from a file that supports mmap-like reads."""
+    src = open_(proc, b"/data/f", O_RDWR)
+    a, b = socket.socketpair()
+    proc.own(9, a.fileno())
+    r, w = os.pipe()
+    proc.own(7, r)
+    proc.own(8, w)
+    (tmp_path / "m").write_bytes(b"master file")
+    m = os.open(tmp_path / "m", os.O_RDONLY)
+    proc.own(6, m)
+    assert proc.call("splice", src, 0, 9, 0, 3, 0) == -errno.EINVAL  # into a socket
+    assert proc.call("splice", 6, 0, src, 0, 3, 0) == -errno.EINVAL  # from a master file
+    assert proc.call("splice", src, 0, 8, 0, 3, 0x100) == -errno.EINVAL  # unknown flag
+    assert proc.call("splice", src, 0, 8, 0, 3, 0x04) == 3  # SPLICE_F_MORE is known
+    os.write(w, b"xyz")
+    assert proc.call("sendfile", src, 7, 0, 3) == -errno.EINVAL  # from a pipe
+    b.send(b"q")
+    assert proc.call("sendfile", src, 9, 0, 1) == -errno.EINVAL  # from a socket
+    assert proc.call("sendfile", src, 6, 0, 6) == 6  # from a master file
+    assert (box / "data" / "f").read_bytes()[:9] == b"012master"  # at its position
+    for fd in (r, w, m):
+        os.close(fd)
+    a.close()
+    b.close()
 
 
 # --- sendfile and splice with a master fd -------------------------------------------

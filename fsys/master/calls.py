@@ -803,13 +803,19 @@ def sys_sendfile(hub: Hub, call: Trapped) -> Asks[int]:
         n = yield from _to_master(hub, call, src, offset, "out_fd", count, nonblock=False)
     else:
         assert out is not None  # to a slave file from a master file
-        n = yield from _from_master(hub, call, "in_fd", offset, out, -1, count, nonblock=False)
+        n = yield from _from_master(hub, call, "in_fd", offset, out, -1, count, nonblock=False,
+                                    kinds=_SENDFILE_FROM)  # fmt: skip
     if offset >= 0:
         call.memory.write_struct(call.arg("offset"), _LOFF, offset + n)
     return n
 
 
 SPLICE_F_NONBLOCK = 0x02
+SPLICE_F_ALL = 0x0F  # MOVE, NONBLOCK, MORE, GIFT
+#: What sendfile(2) reads from: a file that supports mmap-like reads (no pipe, socket
+#: or directory: EINVAL).
+_SENDFILE_FROM = (stat.S_IFREG, stat.S_IFBLK)
+_PIPE = (stat.S_IFIFO,)
 
 
 @handles("splice")
@@ -817,6 +823,8 @@ def sys_splice(hub: Hub, call: Trapped) -> Asks[int]:
     """Between a slave file and a master pipe (one end of a splice is a pipe)."""
     if not call.arg("len"):
         return 0  # the kernel answers a length of 0 before it looks at anything else
+    if call.arg_int("flags") & ~SPLICE_F_ALL:
+        raise Errno(errno.EINVAL)
     src, dst = call.files
     if src is not None and dst is not None:
         raise Errno(errno.EINVAL)  # two slave files: neither is a pipe
@@ -826,7 +834,8 @@ def sys_splice(hub: Hub, call: Trapped) -> Asks[int]:
         if call.arg("off_out"):
             raise Errno(errno.ESPIPE)  # the pipe's side has no offset
         offset = _offset_in(call, call.arg("off_in"))
-        n = yield from _to_master(hub, call, src, offset, "fd_out", count, nonblock=nonblock)
+        n = yield from _to_master(hub, call, src, offset, "fd_out", count, nonblock=nonblock,
+                                  kinds=_PIPE)  # fmt: skip
         if offset >= 0:
             call.memory.write_struct(call.arg("off_in"), _LOFF, offset + n)
         return n
@@ -834,16 +843,20 @@ def sys_splice(hub: Hub, call: Trapped) -> Asks[int]:
     if call.arg("off_in"):
         raise Errno(errno.ESPIPE)
     offset = _offset_in(call, call.arg("off_out"))
-    n = yield from _from_master(hub, call, "fd_in", -1, dst, offset, count, nonblock=nonblock)
+    n = yield from _from_master(hub, call, "fd_in", -1, dst, offset, count, nonblock=nonblock,
+                                kinds=_PIPE)  # fmt: skip
     if offset >= 0:
         call.memory.write_struct(call.arg("off_out"), _LOFF, offset + n)
     return n
 
 
-def _master_fd(hub: Hub, call: Trapped, name: str, *, writing: bool) -> int:
+def _master_fd(
+    hub: Hub, call: Trapped, name: str, *, writing: bool, kinds: tuple[int, ...] = ()
+) -> int:
     """fmhub's own copy of the program's fd argument ``name`` (same description);
     EBADF, as the kernel checks first, if it is not open for writing (or reading): a
-    pipe's other end would never be ready."""
+    pipe's other end would never be ready. EINVAL if ``kinds`` (S_IFMT values) are
+    given and it is none of them (splice: a pipe; sendfile's input: a file)."""
     process = call.process
     try:
         fd = hub.processes.procfs.take_fd(process.tgid, process.pidfd, call.arg_int(name))
@@ -853,6 +866,9 @@ def _master_fd(hub: Hub, call: Trapped, name: str, *, writing: bool) -> int:
     if access not in ((os.O_WRONLY, os.O_RDWR) if writing else (os.O_RDONLY, os.O_RDWR)):
         os.close(fd)
         raise Errno(errno.EBADF)
+    if kinds and stat.S_IFMT(os.fstat(fd).st_mode) not in kinds:
+        os.close(fd)
+        raise Errno(errno.EINVAL)
     return fd
 
 
@@ -886,13 +902,13 @@ def _room(fd: int, count: int) -> int:
 
 def _to_master(
     hub: Hub, call: Trapped, src: RemoteFile, offset: int, name: str, count: int, *,
-    nonblock: bool,
+    nonblock: bool, kinds: tuple[int, ...] = (),
 ) -> Asks[int]:  # fmt: skip
     """Copy from a slave file to the program's master fd ``name``: what fits now (a
     partial count, as the kernel may give), after waiting for room as it would."""
     if not src.is_regular:
         raise Errno(errno.EINVAL)
-    fd = _master_fd(hub, call, name, writing=True)
+    fd = _master_fd(hub, call, name, writing=True, kinds=kinds)
     try:
         while True:
             yield from _await_ready(fd, writable=True, nonblock=nonblock)
@@ -931,11 +947,11 @@ def _put(fd: int, data: bytes) -> tuple[int, int]:
 
 def _from_master(
     hub: Hub, call: Trapped, name: str, offset: int, dst: RemoteFile, off_out: int, count: int,
-    *, nonblock: bool,
+    *, nonblock: bool, kinds: tuple[int, ...] = (),
 ) -> Asks[int]:  # fmt: skip
     """Copy from the program's master fd ``name`` (at ``offset``, -1: its position) to
     a slave file (at ``off_out``, -1: its position)."""
-    fd = _master_fd(hub, call, name, writing=False)
+    fd = _master_fd(hub, call, name, writing=False, kinds=kinds)
     try:
         yield from _await_ready(fd, writable=False, nonblock=nonblock)
         want = min(count, MAX_IO)

@@ -239,6 +239,8 @@ class Router:
                 return Target(False, shown=path)  # the kernel answers ENOENT
             if dirfd == AT_FDCWD:  # the current directory itself
                 if process.cwd_remote:
+                    if null and call.syscall.name == "utimensat":
+                        raise Errno(errno.EFAULT)  # NULL names an fd's file; AT_FDCWD none
                     return Target(True, 0, process.cwd, b"", null)
                 return Target(False, shown=path, null=null)
             rf = self.placeholders.lookup(notif.tid, dirfd)
