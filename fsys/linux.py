@@ -28,6 +28,7 @@ SYS_FCHOWNAT: Final = 260
 SYS_FALLOCATE: Final = 285
 SYS_SYNCFS: Final = 306
 SYS_PIDFD_GETFD: Final = 438
+SYS_TGKILL: Final = 234
 
 
 def _proto(*argtypes: type) -> Callable[..., int]:
@@ -53,6 +54,7 @@ _fchownat = _proto(_c_int, _char_p, _c_uint, _c_uint, _c_int)
 _fallocate = _proto(_c_int, _c_int, _c_long, _c_long)
 _syncfs = _proto(_c_int)
 _pidfd_getfd = _proto(_c_int, _c_int, _c_uint)
+_tgkill = _proto(_c_int, _c_int, _c_int)
 
 
 def raise_fd_limit() -> tuple[int, int]:
@@ -168,6 +170,11 @@ def inotify_events(fd: int) -> Iterator[tuple[int, int, bytes]]:
 
 def inotify_rm_watch(fd: int, wd: int) -> None:
     _libc.inotify_rm_watch(fd, wd)  # EINVAL: the kernel already dropped it (IN_IGNORED)
+
+
+def tgkill(tgid: int, tid: int, signum: int) -> None:
+    """Send ``signum`` to the thread ``tid`` of ``tgid`` (as the kernel sends SIGPIPE)."""
+    _check(_tgkill(SYS_TGKILL, tgid, tid, signum))
 
 
 def pidfd_getfd(pidfd: int, fd: int) -> int:

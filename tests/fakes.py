@@ -226,6 +226,9 @@ class FakeProc(ProcFS):
     def send_signal(self, pidfd: int, signum: int) -> None:
         self.signals.append((pidfd - 10_000, signum))
 
+    def signal_thread(self, tgid: int, tid: int, signum: int) -> None:
+        self.signals.append((tid, signum))
+
     def close_fd(self, fd: int) -> None:
         self.closed_pidfds.append(fd)
 

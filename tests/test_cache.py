@@ -782,3 +782,71 @@ def test_fstat_of_a_file_handle_follows_its_changes(cached: Rig) -> None:
     assert proc.call("rename", b"/data/f", b"/data/g") == 0
     (cached.box / "data/f").write_text("another")
     assert proc.call("fstat", fd, buf) == 0 and proc.stat_at(buf).size == 20  # still ours
+
+
+def test_the_trace_says_which_answers_came_from_the_cache(cached: Rig) -> None:
+    import io
+
+    from fsys.master.trace import Tracer
+
+    out = io.StringIO()
+    cached.hub.tracer = Tracer(out)
+    proc = cached.process()
+    buf = proc.mem.alloc(144)
+    top = proc.call("openat", AT_FDCWD, b"/data", os.O_RDONLY | os.O_DIRECTORY, 0)
+    assert isinstance(top, int)
+    assert isinstance(proc.call("getdents64", top, proc.mem.alloc(4096), 4096), int)
+    proc.call("stat", b"/data/f", buf)
+    proc.call("fstat", top, buf)  # /data itself: not listed, from the slave
+    proc.call("fstat", top, buf)  # now watched: from the cache
+    proc.call("lgetxattr", b"/data/f", b"user.x", buf, 16)
+    proc.call("openat", AT_FDCWD, b"/data/none", os.O_RDONLY, 0)
+    proc.call("openat", AT_FDCWD, b"/data/none", os.O_RDONLY, 0)
+    sides = [line.rsplit("<", 1)[1].split()[0] for line in out.getvalue().splitlines()]
+    assert sides == ["slave", "slave", "cache", "slave", "cache", "cache", "slave", "cache"]
+
+
+def test_an_answer_that_is_not_watched_is_not_kept(cached: Rig) -> None:
+    (cached.box / "data/l").symlink_to("f")
+    proc = cached.process()
+    buf = proc.mem.alloc(144)
+    for _ in range(2):  # through a symlink to a file: ENOTDIR, not watched
+        assert proc.call("stat", b"/data/l/x", buf) == -errno.ENOTDIR
+        assert proc.call("openat", AT_FDCWD, b"/data/l/x", os.O_RDONLY, 0) == -errno.ENOTDIR
+    assert _slave_stats(cached) == 2
+    assert sum(isinstance(op, Open) for op in cached.link.ops) == 2
+
+
+def test_fields_asked_of_a_handle_reach_the_slave(cached: Rig) -> None:
+    proc = cached.process()
+    top = proc.call("openat", AT_FDCWD, b"/data", os.O_RDONLY | os.O_DIRECTORY, 0)
+    assert isinstance(top, int)
+    sx = proc.mem.alloc(256)
+    assert proc.call("statx", top, b"", linux.AT_EMPTY_PATH, STATX_BTIME, sx) == 0
+    op = cached.link.ops[-1]
+    assert isinstance(op, Stat) and op.mask == STATX_BTIME | BASIC
+
+
+def test_getxattr_through_a_symlink_asks_about_its_target(cached: Rig) -> None:
+    os.setxattr(cached.box / "data/f", "user.k", b"v")
+    (cached.box / "data/l").symlink_to("f")
+    proc = cached.process()
+    top = proc.call("openat", AT_FDCWD, b"/data", os.O_RDONLY | os.O_DIRECTORY, 0)
+    assert isinstance(top, int)
+    assert isinstance(proc.call("getdents64", top, proc.mem.alloc(4096), 4096), int)
+    value = proc.mem.alloc(16)
+    assert proc.call("lgetxattr", b"/data/l", b"user.k", value, 16) == -errno.ENODATA
+    assert proc.call("getxattr", b"/data/l", b"user.k", value, 16) == 1
+    assert proc.mem.bytes_at(value, 1) == b"v"
+
+
+def test_fstat_of_an_o_path_handle_of_a_symlink_is_of_the_symlink(cached: Rig) -> None:
+    (cached.box / "data/l").symlink_to("f")
+    proc = cached.process()
+    fd = proc.call("openat", AT_FDCWD, b"/data/l", os.O_PATH | os.O_NOFOLLOW, 0)
+    assert isinstance(fd, int) and fd >= 0
+    buf = proc.mem.alloc(144)
+    for _ in range(2):
+        assert proc.call("fstat", fd, buf) == 0
+        assert stat.S_ISLNK(proc.stat_at(buf).mode)
+    assert cached.hub.cache is not None and cached.hub.cache.handles == {}

@@ -9,6 +9,7 @@ import errno
 import fcntl
 import os
 import select
+import signal
 import socket
 import stat
 import struct
@@ -1019,9 +1020,12 @@ def test_transfers_check_the_master_fd_as_the_kernel_does(
     os.close(closed_r)
     try:
         proc.own(6, closed_w)  # nobody reads it: EPIPE, and the file position stays
+        signals = len(rig.procfs.signals)
         assert proc.call("sendfile", 6, src, 0, 4) == -errno.EPIPE
         assert proc.call("splice", src, 0, 6, 0, 4, 0) == -errno.EPIPE
         assert position(proc, src) == 0
+        # and SIGPIPE to the calling thread, each time, as the kernel sends it
+        assert rig.procfs.signals[signals:] == [(proc.tid, signal.SIGPIPE)] * 2
     finally:
         os.close(closed_w)
     assert drain(r) == b""

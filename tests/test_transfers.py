@@ -4,6 +4,7 @@ partial counts, file positions, and a blocking wait for room in a full socket.""
 
 from __future__ import annotations
 
+import subprocess
 from pathlib import Path
 
 from tests.conftest import SYSTEM_PYTHON, Session, native
@@ -61,3 +62,32 @@ async def test_sendfile_and_splice_between_slave_files_and_master_fds(
     assert (result.status, result.out) == (0, expected), result.err
     assert (session.box / "copy").read_bytes() == Path("/usr/bin/true").read_bytes()[:100]
     session.master_untouched()
+
+
+SIGPIPE = r"""
+import os, signal, sys
+with open(sys.argv[1] + "/f", "w") as f:
+    f.write("data")
+src = os.open(sys.argv[1] + "/f", os.O_RDONLY)
+r, w = os.pipe()
+os.close(r)
+signal.signal(signal.SIGPIPE, signal.SIG_IGN)
+try:
+    os.splice(src, w, 4)
+except BrokenPipeError:
+    print("EPIPE", flush=True)
+signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+os.splice(src, w, 4)  # killed by SIGPIPE
+print("not reached")
+"""
+
+
+async def test_a_splice_into_a_closed_pipe_raises_sigpipe(session: Session, tmp_path: Path) -> None:
+    here = tmp_path / "native"
+    here.mkdir()
+    natively = subprocess.run(
+        [SYSTEM_PYTHON, "-c", SIGPIPE, str(here)], capture_output=True, text=True, check=False
+    )
+    assert (natively.returncode, natively.stdout) == (-13, "EPIPE\n")
+    result = await session.run(SYSTEM_PYTHON, "-c", SIGPIPE, "")
+    assert (result.status, result.out) == (128 + 13, "EPIPE\n"), result.err

@@ -26,6 +26,7 @@ import errno
 import fcntl
 import os
 import select
+import signal
 import socket
 import stat
 import struct
@@ -356,14 +357,16 @@ def _open(
                 assert hub.cache is not None
                 hub.cache.store(key, False, 0, -exc.errno, b"", exc.flags)
             raise
-        if key is not None and not where:
+        if key is not None and not where and flags & _LINK_ITSELF != _LINK_ITSELF:
             assert hub.cache is not None
-            hub.cache.opened(reply.result, key)
+            hub.cache.opened(reply.result, key)  # (it names what its key names, followed)
     kind = reply.blob[0] << 12 if reply.blob else 0
     access = flags & (linux.O_ACCMODE | linux.O_PATH | linux.O_APPEND)
     return hub.install(call, reply.result, kind, cloexec=bool(flags & O_CLOEXEC), access=access)
 
 
+#: An open of a final symlink itself (not of what it names).
+_LINK_ITSELF = linux.O_PATH | linux.O_NOFOLLOW
 #: Open flags of an open that may change what it opens: never sent by another path.
 _WRITES = linux.O_ACCMODE | linux.O_TRUNC | linux.O_APPEND
 
@@ -431,6 +434,12 @@ def _statx(
             hit = None if handle_key is None else cache.lookup(handle_key, False, mask, itself=True)
             if hit is not None:
                 return _cached(hit, call)
+            if handle_key is not None:  # what the open followed to: its key, followed
+                key, follow, flags = (
+                    handle_key,
+                    True,
+                    flags & ~(AT_EMPTY_PATH | AT_SYMLINK_NOFOLLOW),
+                )
         if key is not None:
             where, path = 0, key  # the form the slave watches
             mask |= STATX_BASIC_STATS  # (what stat(2) wants: one answer serves both)
@@ -920,6 +929,8 @@ def _to_master(
                 yield wire.Lseek(handle=src.handle, offset=written - len(data), whence=os.SEEK_CUR)
             if error == errno.EAGAIN and not _nonblocking(fd, nonblock):
                 continue  # filled by another writer while the slave read: wait again
+            if error == errno.EPIPE:  # no reader left: the kernel's SIGPIPE as well
+                hub.processes.procfs.signal_thread(call.process.tgid, call.tid, signal.SIGPIPE)
             if error:
                 raise Errno(error)
             return written

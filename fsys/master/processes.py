@@ -165,6 +165,13 @@ class ProcFS:
     def send_signal(self, pidfd: int, signum: int) -> None:
         signal.pidfd_send_signal(pidfd, signum)
 
+    def signal_thread(self, tgid: int, tid: int, signum: int) -> None:
+        """``signum`` to one thread, as the kernel sends it (SIGPIPE); none if gone."""
+        try:
+            linux.tgkill(tgid, tid, signum)
+        except ProcessLookupError:
+            pass
+
     def close_fd(self, fd: int) -> None:
         os.close(fd)
 
