@@ -441,6 +441,21 @@ def test_procfs_takes_a_copy_of_a_process_fd(tmp_path: Path) -> None:
         os.close(fd)
 
 
+def test_procfs_signals_one_thread() -> None:
+    """tgkill: the signal reaches the thread named (here a process's only thread); a
+    thread that is gone is no error."""
+    procfs = ProcFS()
+    child = subprocess.Popen(["sleep", "30"])
+    try:
+        procfs.signal_thread(os.getpid(), child.pid, 0)  # not one of our threads: ESRCH
+        assert child.poll() is None
+        procfs.signal_thread(child.pid, child.pid, signal.SIGTERM)
+        assert child.wait(timeout=10) == -signal.SIGTERM
+    finally:
+        child.kill()
+        child.wait()
+
+
 def test_procfs_identity_is_the_file_as_the_process_sees_it(tmp_path: Path) -> None:
     procfs = ProcFS()
     (tmp_path / "f").write_bytes(b"")
