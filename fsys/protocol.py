@@ -38,6 +38,7 @@ from operator import itemgetter
 from typing import Any, ClassVar, Final, NamedTuple, Self, TypeVar, dataclass_transform
 
 from fsys.errors import LocalProtocolError, RemoteProtocolError
+from fsys.linux import STATX_SIZE
 
 MAGIC: Final = b"FSYS"
 VERSION: Final = 1
@@ -60,7 +61,6 @@ _I64: Final = struct.Struct("<q")
 _U32: Final = struct.Struct("<I")
 _HELLO: Final = struct.Struct("<4sHHQ")
 _ATTR: Final = struct.Struct("<IqII")  # path length, result, flags, statx length
-STATX_BYTES: Final = 256
 
 
 class Kind(enum.IntEnum):
@@ -564,6 +564,8 @@ def watch_key(path: bytes) -> bytes | None:
     "/" or "/.", or the root itself."""
     if not path.startswith(b"/") or path.endswith((b"/", b"/.")):
         return None
+    if b"//" not in path and b"/." not in path:
+        return path  # already in its key form (the common case: no split and join)
     parts = [p for p in path.split(b"/") if p and p != b"."]
     if not parts or b".." in parts:
         return None
@@ -812,7 +814,7 @@ def encode(event: Event) -> bytes:
     if isinstance(event, Attrs):
         parts = [_U32.pack(event.mask)]
         for path, result, flags, raw in event.entries:
-            if not 0 < len(path) < MAX_PATH or len(raw) not in (0, STATX_BYTES):
+            if not 0 < len(path) < MAX_PATH or len(raw) not in (0, STATX_SIZE):
                 raise LocalProtocolError("ATTRS entry of a bad size")
             parts.append(_ATTR.pack(len(path), result, flags, len(raw)) + path + raw)
         body = b"".join(parts)
@@ -897,7 +899,7 @@ def _decode_attrs(body: memoryview) -> Attrs:
             raise RemoteProtocolError("ATTRS: truncated entry")
         n, result, flags, size = _ATTR.unpack_from(body, pos)
         pos += _ATTR.size
-        if not 0 < n < MAX_PATH or size not in (0, STATX_BYTES) or n + size > end - pos:
+        if not 0 < n < MAX_PATH or size not in (0, STATX_SIZE) or n + size > end - pos:
             raise RemoteProtocolError(f"ATTRS: entry of {n} + {size} bytes")
         path = bytes(body[pos : pos + n])
         if not path.startswith(b"/") or b"\0" in path:

@@ -120,6 +120,7 @@ def watches(tmp_path: Path) -> Iterator[Watches]:
     from fsys.slave.executor import _openat2
 
     w = Watches(root, _openat2, confined=True)
+    assert w.start()
     yield w
     w.close()
     os.close(root)
@@ -216,6 +217,8 @@ def test_invalidations_are_split_into_frames_of_bounded_size() -> None:
 @pytest.fixture
 def executor(tmp_path: Path) -> Iterator[Executor]:
     ex = Executor(str(tmp_path))
+    assert not ex.watches.enabled  # until the master asks for it
+    assert ex.hello(FEATURE_WATCH) and ex.watches.enabled
     yield ex
     ex.close()
 
@@ -269,6 +272,7 @@ def test_a_confined_slave_never_answers_about_a_file_outside(tmp_path: Path) -> 
     (tmp_path / "secret").write_text("outside")
     os.symlink("/", box / "d/up")  # inside the box: its root
     ex = Executor(str(box))
+    ex.hello(FEATURE_WATCH)
     try:
         assert ex.stat(Stat(dir=0, flags=0, mask=BASIC, path=b"/secret"))[0] == -2
         with pytest.raises(FileNotFoundError):  # followed inside the box, not watched
@@ -540,7 +544,7 @@ def test_no_cache_without_the_feature(tmp_path: Path) -> None:
     for _ in range(3):
         assert proc.call("stat", b"/data/f", buf) == 0
     assert _slave_stats(rig) == 3
-    assert rig.executor.watches.dirs == {}
+    assert rig.executor.watches.dirs == {} and rig.executor.watches.fd == -1  # no inotify
     rig.close()
 
 

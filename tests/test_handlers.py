@@ -764,6 +764,18 @@ def sockets() -> Iterator[tuple[socket.socket, socket.socket]]:
         yield a, b
 
 
+@pytest.fixture
+def small_socket(
+    proc: FakeProcess, sockets: tuple[socket.socket, socket.socket]
+) -> tuple[socket.socket, socket.socket, int]:
+    """The program's master socket at fd 9 (a small send buffer, soon full), its peer,
+    and an open slave file to send from."""
+    a, b = sockets
+    a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    proc.own(9, a.fileno())
+    return a, b, open_(proc, b"/data/f")
+
+
 def loff(p: FakeProcess, addr: int) -> int:
     value: int = LOFF.unpack(p.mem.bytes_at(addr, LOFF.size))[0]
     return value
@@ -935,12 +947,9 @@ async def test_a_blocking_master_pipe_filled_meanwhile_is_waited_for_again(
 
 
 async def test_a_blocking_master_socket_filled_meanwhile_is_waited_for_again(
-    rig: Rig, proc: FakeProcess, sockets: tuple[socket.socket, socket.socket]
+    rig: Rig, proc: FakeProcess, small_socket: tuple[socket.socket, socket.socket, int]
 ) -> None:
-    a, b = sockets
-    a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
-    proc.own(9, a.fileno())
-    src = open_(proc, b"/data/f")
+    a, b, src = small_socket
     async with trio.open_nursery() as nursery:
         rig.processes.by_tgid[proc.tgid].nursery = nursery
         rig.link.on_perform = lambda op: fill(a.fileno()) if isinstance(op, wire.Read) else None
@@ -1097,12 +1106,9 @@ async def test_a_blocking_transfer_waits_for_the_master_pipe(
 
 
 async def test_a_blocking_sendfile_waits_for_room_in_a_master_socket(
-    rig: Rig, proc: FakeProcess, sockets: tuple[socket.socket, socket.socket]
+    rig: Rig, proc: FakeProcess, small_socket: tuple[socket.socket, socket.socket, int]
 ) -> None:
-    a, b = sockets
-    a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
-    proc.own(9, a.fileno())
-    src = open_(proc, b"/data/f")
+    a, b, src = small_socket
     async with trio.open_nursery() as nursery:
         rig.processes.by_tgid[proc.tgid].nursery = nursery
         fill(a.fileno())

@@ -1109,9 +1109,9 @@ def _xattr_name(call: Trapped) -> bytes:
 
 def _no_xattrs(hub: Hub, target: Target, flags: int) -> bool:
     """A watched answer says that the file ``target`` names has no extended attribute."""
-    if hub.cache is None or target.dir or target.whole:
+    if hub.cache is None or target.whole:
         return False
-    key = wire.watch_key(target.path)
+    key = hub.cache.key_of(target.dir, target.path)
     return key is not None and hub.cache.no_xattrs(key, not flags & AT_SYMLINK_NOFOLLOW)
 
 

@@ -212,10 +212,10 @@ class Executor:
             os.close(self.root_fd)
             self.root_fd = -1
 
-    def hello(self, features: int) -> None:
-        """The master's HELLO: without FEATURE_WATCH it keeps no cache, so watch nothing."""
-        if not features & wire.FEATURE_WATCH:
-            self.watches.close()
+    def hello(self, features: int) -> bool:
+        """The master's HELLO: with FEATURE_WATCH it keeps a cache, so start watching
+        (``fsys.slave.watches``); whether the slave watches now."""
+        return bool(features & wire.FEATURE_WATCH) and self.watches.start()
 
     # --- dispatch -------------------------------------------------------------------
 

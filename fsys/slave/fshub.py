@@ -112,6 +112,8 @@ def before_reply(executor: Executor, conn: Connection, op: Operation | None) -> 
     ``op`` changes nothing watched, so that the master sees the effect of its own
     calls before their replies. ``op`` None: just the INVALIDATE."""
     out = bytearray()
+    if not executor.watches.enabled:
+        return b""
     if op is not None and type(op) in UNCHANGING:
         if type(op) is Getdents:
             attrs = executor.take_attrs()
@@ -145,6 +147,8 @@ class SlaveSession:
         self._limiter = trio.CapacityLimiter(MAX_THREADS)
         self._threads = 0
         self.error: RemoteProtocolError | None = None
+        #: The hot loop's poll set: the link, and the inotify fd once watching.
+        self._poller = select.poll()
 
     def _start_threaded(self, nursery: trio.Nursery, call: Call, context: PairingContext) -> None:
         self._threads += 1  # counted now: the hot loop must yield for it to start
@@ -186,7 +190,7 @@ class SlaveSession:
             # Every call is answered once (link.py); nobody waits for this one now.
             reply = Reply(call.pairing, call.request, -errno.EINTR)
         try:
-            out = self._changes(bytearray(), call)
+            out = before_reply(self.executor, self.conn, call.op)
             if call.request:
                 out += self.conn.send(reply)
             if out:
@@ -194,22 +198,17 @@ class SlaveSession:
         except (LinkClosed, LocalProtocolError):
             pass  # the master is gone, or has said goodbye: the session is over
 
-    def _changes(self, out: bytearray, call: Call | None = None) -> bytearray:
-        """Add to ``out`` what goes before the reply to ``call`` (``before_reply``), or
-        with no call, an INVALIDATE of what changed since the last look."""
-        out += before_reply(self.executor, self.conn, call.op if call is not None else None)
-        return out
+    def _send_changes(self) -> None:
+        """Send an INVALIDATE of what changed on the slave since the last look, if any."""
+        out = before_reply(self.executor, self.conn, None)
+        if out:
+            self.transport.write(out)
 
     async def _watch_changes(self) -> None:
         """Send what changed on the slave, by whoever, as soon as inotify says so."""
-        fd = self.executor.watches.fd
-        if fd < 0:
-            return
         while True:
-            await trio.lowlevel.wait_readable(fd)
-            out = self._changes(bytearray())
-            if out:
-                self.transport.write(out)
+            await trio.lowlevel.wait_readable(self.executor.watches.fd)
+            self._send_changes()
 
     def _undo(self, call: Call, reply: Reply) -> None:
         """An abandoned call succeeded after all: release what it made (a handle)."""
@@ -223,7 +222,6 @@ class SlaveSession:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self.transport.serve_writer)
                 self.transport.write(self.conn.send(Hello(info=info)))
-                nursery.start_soon(self._watch_changes)
                 await self._read_loop(nursery)
                 with trio.move_on_after(5):
                     await self.transport.flush()
@@ -249,11 +247,8 @@ class SlaveSession:
             pass  # the master went away while we answered: end, releasing everything
 
     async def _serve_requests(self, nursery: trio.Nursery) -> None:
-        poller = select.poll()
+        poller = self._poller
         poller.register(self.transport.read_fd, select.POLLIN)
-        watches = self.executor.watches.fd
-        if watches >= 0:
-            poller.register(watches, select.POLLIN)
         while True:
             data = await self.transport.receive()
             if not self._feed(data, nursery):
@@ -267,10 +262,8 @@ class SlaveSession:
                 if not events:
                     break
                 for fd, _mask in events:
-                    if fd == watches:
-                        out = self._changes(bytearray())
-                        if out:
-                            self.transport.write(out)
+                    if fd == self.executor.watches.fd:
+                        self._send_changes()
                     else:
                         more = self.transport.receive_nowait()
                         if more is not None and not self._feed(more, nursery):
@@ -323,11 +316,13 @@ class SlaveSession:
                 except MustBlock:
                     self._start_threaded(nursery, event, context)
                     continue
-                self._changes(out, event)
+                out += before_reply(executor, conn, event.op)
                 if event.request:
                     out += conn.send(reply)
             elif isinstance(event, Hello):
-                executor.hello(event.features)
+                if executor.hello(event.features):  # the master keeps a cache: watch
+                    self._poller.register(executor.watches.fd, select.POLLIN)
+                    nursery.start_soon(self._watch_changes)
             elif isinstance(event, OpenPairing):
                 self.pairings[event.pairing] = PairingContext(event.pairing, event.parent)
             elif isinstance(event, ClosePairing):

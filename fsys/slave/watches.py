@@ -62,15 +62,22 @@ class Watches:
         self.resolve = RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS
         if confined:
             self.resolve |= RESOLVE_IN_ROOT
-        try:
-            self.fd = linux.inotify_init()
-        except OSError:
-            self.fd = -1  # no inotify instance left (max_user_instances): watch nothing
+        self.fd = -1  # no inotify instance until ``start``: nothing is watched
         #: directory key -> (watch descriptor, O_PATH fd of the directory)
         self.dirs: dict[bytes, tuple[int, int]] = {}
         self.keys: dict[int, set[bytes]] = {}  # watch descriptor -> directory keys
         self.full = False  # no watch left (max_user_watches, MAX_DIRS)
         self.missing = 0  # see parent()
+
+    def start(self) -> bool:
+        """Begin watching (an inotify instance of its own); False if none can be had
+        (max_user_instances): then nothing is watched."""
+        if self.fd < 0:
+            try:
+                self.fd = linux.inotify_init()
+            except OSError:
+                return False
+        return True
 
     def close(self) -> None:
         for _wd, fd in self.dirs.values():
