@@ -102,6 +102,19 @@ def test_an_invalidation_drops_the_path_and_everything_below_it() -> None:
     assert len(cache) == 0
 
 
+def test_a_directory_s_own_answer_is_dropped_alone() -> None:
+    cache = AttrCache()
+    flags = REPLY_WATCHED | REPLY_NOT_LINK
+    for key in (b"/a", b"/a/b", b"/a/b/c"):
+        cache.store(key, True, BASIC, 0, key, flags)
+    cache.opened(7, b"/a/b")
+    cache.invalidate((b"/a/b/.",))  # a name added to /a/b: its mtime changed
+    assert sorted(cache.entries) == [b"/a", b"/a/b/c"]
+    assert cache.key_of(7, b"c") == b"/a/b/c"  # the handle still names it
+    cache.invalidate((b"/.",))  # the root has no answer of its own
+    assert sorted(cache.entries) == [b"/a", b"/a/b/c"]
+
+
 def test_the_cache_holds_at_most_its_limit() -> None:
     cache = AttrCache(limit=64)
     for i in range(1000):
@@ -152,11 +165,13 @@ def test_changes_name_the_entries_that_changed(watches: Watches, tmp_path: Path)
     os.chmod(tmp_path / "a/f", 0o600)
     (tmp_path / "a/new").write_text("")
     (tmp_path / "top").mkdir()
-    assert watches.changes() == [b"/a/f", b"/a/new", b"/top"]
+    # a name added: the directory's own answer too (its mtime), not those below it
+    assert watches.changes() == [b"/.", b"/a/.", b"/a/f", b"/a/new", b"/top"]
     with open(tmp_path / "a/f", "a") as f:
         f.write("more")  # content: the size and mtime
+    assert watches.changes() == [b"/a/f"]
     os.unlink(tmp_path / "a/new")
-    assert watches.changes() == [b"/a/f", b"/a/new"]
+    assert watches.changes() == [b"/a/.", b"/a/new"]
     os.chmod(tmp_path / "a", 0o700)  # the directory itself: all below it too
     assert watches.changes() == [b"/a"]
 
@@ -172,17 +187,17 @@ def test_a_renamed_directory_is_no_longer_watched_under_its_old_name(
     (tmp_path / "z/b/f").write_text("")  # nothing reported under a name that is gone
     assert watches.changes() == []
     (tmp_path / "a").mkdir()
-    assert watches.changes() == [b"/a"]
+    assert watches.changes() == [b"/.", b"/a"]
     assert watches.parent(b"/a/f") is not None  # the new /a is watched afresh
     (tmp_path / "a/f").write_text("")
-    assert watches.changes() == [b"/a/f"]
+    assert watches.changes() == [b"/a/.", b"/a/f"]
 
 
 def test_a_removed_directory_is_forgotten(watches: Watches, tmp_path: Path) -> None:
     (tmp_path / "a").mkdir()
     assert watches.parent(b"/a/f") is not None
     os.rmdir(tmp_path / "a")
-    assert watches.changes() == [b"/a"]
+    assert watches.changes() == [b"/.", b"/a"]
     assert set(watches.dirs) == {b"/"}
     assert not watches.keys.get(-1)
 
@@ -332,7 +347,7 @@ async def test_another_process_change_is_sent_when_inotify_reports_it(
     (tmp_path / "d/f").write_text("made behind fsys's back")
     with trio.fail_after(5):
         await got.wait()
-    assert seen == [(b"/d/f",)]
+    assert seen == [(b"/d/.", b"/d/f")]  # a name added to /d: its mtime too
 
 
 async def test_without_the_feature_the_slave_watches_nothing(tmp_path: Path) -> None:
@@ -854,3 +869,30 @@ def test_fstat_of_an_o_path_handle_of_a_symlink_is_of_the_symlink(cached: Rig) -
         assert proc.call("fstat", fd, buf) == 0
         assert stat.S_ISLNK(proc.stat_at(buf).mode)
     assert cached.hub.cache is not None and cached.hub.cache.handles == {}
+
+
+async def test_a_directory_s_times_follow_names_added_by_another_process(
+    session: Session,
+) -> None:
+    (session.box / "d").mkdir()
+    script = (
+        "import os, time\n"
+        "before = os.stat('/d').st_mtime_ns\n"
+        "open('/go', 'w').close()\n"
+        "while not os.path.exists('/d/new'): time.sleep(0.01)\n"
+        "time.sleep(0.3)\n"
+        "print(before != os.stat('/d').st_mtime_ns)\n"
+    )
+
+    async def meddle() -> None:
+        with trio.fail_after(60):
+            while not (session.box / "go").exists():
+                await trio.sleep(0.01)
+        await trio.sleep(0.05)
+        (session.box / "d/new").write_text("")  # another process: /d's mtime changes
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(meddle)
+        result = await session.run(SYSTEM_PYTHON, "-c", script)
+    assert result.status == 0, result.err
+    assert result.out.split() == ["True"]

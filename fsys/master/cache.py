@@ -146,9 +146,13 @@ class AttrCache:
             key = parent
 
     def invalidate(self, paths: tuple[bytes, ...] | list[bytes]) -> None:
-        """Drop each path and everything below it (b"/": everything)."""
+        """Drop each path and everything below it (b"/": everything); a path
+        ``D/.`` drops the answer about the directory ``D`` alone."""
         handles = self.handles
         for path in paths:
+            if path.endswith(b"/."):
+                self.entries.pop(path[:-2], None)  # (its entries' answers stand)
+                continue
             if path == b"/":
                 self.clear()
                 return

@@ -11,9 +11,11 @@ after its parent's, so no change between the two goes unseen.
 
 Any event in a watched directory ``D`` about the name ``N`` (created, deleted,
 moved, its attributes or content changed) makes ``D/N`` and everything below it
-stale; an event about ``D`` itself (its mode, or its removal) makes ``D`` and
-everything below it stale. ``changes()`` turns the queued events into these paths,
-for the INVALIDATE the slave sends; an overflowed queue makes everything stale.
+stale; one that adds or removes a name changes ``D``'s own times, size and link
+count too, and makes ``D/.`` stale: the answer about ``D`` alone. An event about
+``D`` itself (its mode, or its removal) makes ``D`` and everything below it stale.
+``changes()`` turns the queued events into these paths, for the INVALIDATE the
+slave sends; an overflowed queue makes everything stale.
 
 What inotify does not see is not watched: a file with more than one hard link (a
 change through another name is reported to that name's directory), a mount made on
@@ -159,6 +161,7 @@ class Watches:
                 paths = {(key if key != b"/" else b"") + b"/" + name for key in keys}
                 if mask & _RENAMING:
                     moved |= paths
+                    stale.update((key if key != b"/" else b"") + b"/." for key in keys)
             else:
                 paths = set(keys)
                 if mask & _SELF_GONE:
