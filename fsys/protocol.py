@@ -113,6 +113,7 @@ class Op(enum.IntEnum):
     CHDIR = 34
     HANDLE_PATH = 35
     SYNCFS = 36
+    LISTDIR = 37
 
 
 class Blob(enum.Enum):
@@ -543,11 +544,24 @@ class Syncfs(Record):
     handle: int
 
 
+@_wire(Op.LISTDIR, _P)
+class Listdir(Record):
+    """-> length; blob: the linux_dirent64 records of the whole directory (EFBIG if
+    more than MAX_IO bytes: read it by handle). REPLY_WATCHED: the slave watches the
+    directory, so until an INVALIDATE names it, a prefix of it, or ``path/.``, the
+    same LISTDIR would list the same names. From the root (``dir`` 0), the slave
+    sends the watched answers about the entries first (ATTRS), as for GETDENTS."""
+
+    dir: int
+    path: bytes
+
+
 Operation = (
     Open | Close | Read | Write | Lseek | Stat | Getdents | Access | Readlink | Mkdir
     | Mknod | Unlink | Rename | Link | Symlink | Chmod | Chown | Truncate | Ftruncate
     | Fsync | Utimens | Statfs | Fcntl | Lock | Flock | Ioctl | Fallocate | CopyRange
     | Sendfile | Getxattr | Setxattr | Listxattr | Removexattr | Chdir | HandlePath | Syncfs
+    | Listdir
 )  # fmt: skip
 """One operation the slave performs, with its arguments by name."""
 

@@ -12,6 +12,8 @@ import pytest
 
 from fsys import linux
 from fsys.protocol import (
+    FEATURE_WATCH,
+    REPLY_WATCHED,
     Call,
     Chdir,
     Chmod,
@@ -20,6 +22,7 @@ from fsys.protocol import (
     Getxattr,
     HandlePath,
     Link,
+    Listdir,
     Listxattr,
     Lock,
     Mkdir,
@@ -129,6 +132,40 @@ def test_getdents_lists_the_directory(ex: Executor) -> None:
         names.append(raw[pos + 19 : pos + reclen].rstrip(b"\0"))
         pos += reclen
     assert sorted(names) == [b".", b"..", b"file"]
+
+
+def test_listdir_lists_a_whole_directory_in_one_reply(ex: Executor, box: Path) -> None:
+    for i in range(50):
+        (box / "dir" / f"n{i}").write_bytes(b"")
+    result, raw, flags = ex.listdir(Listdir(dir=0, path=b"/dir"))
+    assert result == len(raw)
+    assert sorted(n for _, _, n in linux.dirents(raw)) == sorted(
+        [b".", b"..", b"file", *(f"n{i}".encode() for i in range(50))])  # fmt: skip
+    assert flags == 0 and ex.take_attrs() == []  # no watching asked for: none kept
+    assert run(ex, Listdir(dir=0, path=b"/dir/file"))[0] == -errno.ENOTDIR
+    assert run(ex, Listdir(dir=0, path=b"/nothing"))[0] == -errno.ENOENT
+    # /abs is a symlink to "/": inside the root, the box's own top.
+    _, top = run(ex, Listdir(dir=0, path=b"/abs"))
+    assert {n for _, _, n in linux.dirents(top)} >= {b"dir", b"abs", b"up"}
+
+
+def test_listdir_watched_primes_the_entries(ex: Executor, box: Path) -> None:
+    assert ex.hello(FEATURE_WATCH)
+    result, raw, flags = ex.listdir(Listdir(dir=0, path=b"/dir"))
+    assert flags & REPLY_WATCHED and result == len(raw)
+    primed = {a.path: a for a in ex.take_attrs()}
+    assert set(primed) == {b"/dir/file"}
+    assert linux.statx_mode(primed[b"/dir/file"].statx) & 0o170000 == stat.S_IFREG
+
+
+def test_listdir_too_large_says_efbig(ex: Executor, box: Path,
+                                      monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    from fsys.slave import executor
+
+    for i in range(200):
+        (box / "dir" / f"a-long-name-for-entry-{i:04}").write_bytes(b"")
+    monkeypatch.setattr(executor, "MAX_IO", 4096)
+    assert run(ex, Listdir(dir=0, path=b"/dir"))[0] == -errno.EFBIG
 
 
 def test_rename_link_symlink_chmod_truncate(ex: Executor, box: Path) -> None:

@@ -86,7 +86,7 @@ F_UNLCK = 2
 UNCHANGING: frozenset[type] = frozenset(
     {wire.Stat, wire.Getdents, wire.Access, wire.Readlink, wire.Read, wire.Lseek,
      wire.Statfs, wire.Getxattr, wire.Listxattr, wire.HandlePath, wire.Chdir, wire.Close,
-     wire.Lock, wire.Flock}
+     wire.Lock, wire.Flock, wire.Listdir}
 )  # fmt: skip
 #: Operations on a handle that wait when the handle is a stream (pipe, socket, tty).
 _ON_STREAMS: frozenset[type] = frozenset(
@@ -142,6 +142,7 @@ def _openat2(dirfd: int, path: bytes, flags: int, mode: int = 0, resolve: int = 
 
 #: The fields of the answers sent with a directory's entries.
 PRIMED_MASK = linux.STATX_BASIC_STATS
+LISTDIR_CHUNK = 64 << 10
 
 
 def _watched_stat(
@@ -500,6 +501,33 @@ class Executor:
         if handle is not None and handle.key is not None and n:
             self._prime(handle.key, raw)
         return n, raw
+
+    def listdir(self, o: wire.Listdir) -> tuple[int, bytes, int]:
+        """LISTDIR: (length, the records, REPLY_WATCHED if the directory is watched)."""
+        fd = self.open_at(o.dir, o.path, os.O_RDONLY | O_DIRECTORY)
+        try:
+            chunks: list[bytes] = []
+            total = 0
+            buf = ctypes.create_string_buffer(LISTDIR_CHUNK)
+            while n := linux.getdents64(fd, buf, LISTDIR_CHUNK):
+                total += n
+                if total > MAX_IO:
+                    raise OSError(errno.EFBIG, "directory too large for one reply")
+                chunks.append(buf.raw[:n])
+        finally:
+            os.close(fd)
+        raw = b"".join(chunks)
+        key = o.path if o.path == b"/" or watch_key(o.path) == o.path else None
+        if o.dir or key is None or not self.watches.enabled:
+            return total, raw, 0
+        if raw:
+            self._prime(key, raw)
+        watched = self.watches.parent(key + b"/.") is not None
+        return total, raw, REPLY_WATCHED if watched else 0
+
+    def op_listdir(self, o: wire.Listdir) -> Result:
+        result, raw, _ = self.listdir(o)
+        return result, raw
 
     def _prime(self, key: bytes, entries: bytes) -> None:
         """The watched answers about the entries just read of the directory ``key``

@@ -39,6 +39,7 @@ from fsys.protocol import (
     Goodbye,
     Hello,
     Invalidate,
+    Listdir,
     Open,
     OpenPairing,
     Operation,
@@ -87,6 +88,9 @@ def perform(executor: Executor, call: Call, *, blocking: bool = False) -> Reply:
         if type(call.op) is Stat:
             result, blob, flags = executor.stat(call.op)
             return Reply(call.pairing, call.request, result, blob, flags)
+        if type(call.op) is Listdir:
+            result, blob, flags = executor.listdir(call.op)
+            return Reply(call.pairing, call.request, result, blob, flags)
         if blocking:
             result, blob = executor.execute_blocking(call.op)
         else:
@@ -115,7 +119,7 @@ def before_reply(executor: Executor, conn: Connection, op: Operation | None) -> 
     if not executor.watches.enabled:
         return b""
     if op is not None and type(op) in UNCHANGING:
-        if type(op) is Getdents:
+        if type(op) is Getdents or type(op) is Listdir:
             attrs = executor.take_attrs()
             for at in range(0, len(attrs), ATTRS_BATCH):
                 out += conn.send(Attrs(PRIMED_MASK, tuple(attrs[at : at + ATTRS_BATCH])))
