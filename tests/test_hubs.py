@@ -161,3 +161,19 @@ async def test_slave_says_goodbye_to_a_malformed_master(tmp_path: Path) -> None:
                 data += chunk
         assert b"not an fsys peer" in data  # explained in its GOODBYE
     ours.close()
+
+
+def test_a_slave_whose_master_is_gone_before_hello_ends_quietly(tmp_path: Path) -> None:
+    # Its HELLO meets a closed pipe: no traceback, a clean exit.
+    import subprocess
+    import sys
+
+    read, write = os.pipe()
+    os.close(read)
+    try:
+        done = subprocess.run([sys.executable, "-m", "fsys.slave", "serve", "--stdio",
+                               "--root", str(tmp_path)], stdin=subprocess.PIPE, stdout=write,
+                              stderr=subprocess.PIPE, timeout=60, check=False)  # fmt: skip
+    finally:
+        os.close(write)
+    assert done.stderr == b"" and done.returncode == 0

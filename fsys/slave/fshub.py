@@ -347,7 +347,7 @@ async def serve_transport(transport: FdTransport, root: str = "/", *, spin_us: f
     session = SlaveSession(transport, executor, spin_us=spin_us)
     try:
         await session.serve()
-    except LinkClosed:
-        pass
+    except* LinkClosed:
+        pass  # the master is gone (perhaps before its HELLO): nothing to say
     finally:
         transport.close()
