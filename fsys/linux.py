@@ -57,6 +57,30 @@ _pidfd_getfd = _proto(_c_int, _c_int, _c_uint)
 _tgkill = _proto(_c_int, _c_int, _c_int)
 
 
+# --- mount namespaces (the view: fsys.master.view) -----------------------------------
+
+CLONE_NEWNS: Final = 0x00020000
+MS_NOSUID, MS_NODEV, MS_BIND, MS_REC, MS_PRIVATE = 0x2, 0x4, 0x1000, 0x4000, 1 << 18
+MNT_DETACH: Final = 2
+
+
+def unshare(flags: int) -> None:
+    _check(_libc.unshare(flags))
+
+
+def mount(source: bytes | None, target: bytes, fstype: bytes | None, flags: int,
+          data: bytes | None = None) -> None:  # fmt: skip
+    _check(_libc.mount(source, target, fstype, ctypes.c_ulong(flags), data))
+
+
+def umount(target: bytes, flags: int = 0) -> None:
+    _check(_libc.umount2(target, flags))
+
+
+def chroot(path: bytes) -> None:
+    _check(_libc.chroot(path))
+
+
 def raise_fd_limit() -> tuple[int, int]:
     """Raise the soft limit on open files to the hard limit; return the limits before.
 
@@ -131,17 +155,22 @@ IN_ONLYDIR = 0x01000000
 _DIRENT = struct.Struct("=QqHB")  # d_ino, d_off, d_reclen, d_type; then the name
 
 
-def dirent_names(data: bytes) -> Iterator[bytes]:
-    """The names in a buffer of linux_dirent64 records (what getdents64 wrote)."""
+def dirents(data: bytes) -> Iterator[tuple[int, int, bytes]]:
+    """(inode, DT_* type, name) of each linux_dirent64 record (what getdents64 wrote)."""
     at, end = 0, len(data)
     size = _DIRENT.size
     while at + size <= end:
-        reclen = _DIRENT.unpack_from(data, at)[2]
+        ino, _off, reclen, kind = _DIRENT.unpack_from(data, at)
         if reclen < size:
             return
         stop = data.find(b"\0", at + size, at + reclen)
-        yield data[at + size : stop if stop >= 0 else at + reclen]
+        yield ino, kind, data[at + size : stop if stop >= 0 else at + reclen]
         at += reclen
+
+
+def dirent_names(data: bytes) -> Iterator[bytes]:
+    """The names in a buffer of linux_dirent64 records."""
+    return (name for _ino, _kind, name in dirents(data))
 
 
 def inotify_init() -> int:
@@ -228,6 +257,7 @@ STATX_ALL: Final = 0xFFF
 
 UTIME_NOW: Final = (1 << 30) - 1
 UTIME_OMIT: Final = (1 << 30) - 2
+PATH_MAX: Final = 4096
 
 F_GETFL: Final = 3
 F_SETFL: Final = 4

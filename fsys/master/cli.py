@@ -34,6 +34,9 @@ from fsys.master.staging import Stage
 if TYPE_CHECKING:
     from subprocess import Popen
 
+    from fsys.master.launcher import Mount
+    from fsys.master.view import Points
+
 
 class _RuleAction(argparse.Action):
     """--local/--remote append to one ordered list: the first matching rule wins."""
@@ -91,6 +94,12 @@ def _parser() -> argparse.ArgumentParser:
         "--no-cache", action="store_true",
         help="send every stat to the slave (for slave files that change where inotify "
         "cannot see: a network filesystem changed from elsewhere)",
+    )  # fmt: skip
+    run.add_argument(
+        "--view", action="store_true",
+        help="give the program the slave's files as a file system of its own kernel "
+        "(FUSE, in a mount namespace of its own; needs root): no call is trapped, and "
+        "names, attributes and pages are cached by the kernel, exactly (docs/usage.md)",
     )  # fmt: skip
     _policy_args(run)
     run.add_argument("program", nargs=argparse.REMAINDER, help="-- PROGRAM [ARGS...]")
@@ -217,11 +226,20 @@ def cmd_run(args: argparse.Namespace, *, nofile: tuple[int, int] | None = None) 
         print(f"fsys-master: {exc}", file=sys.stderr)
         return 2
     try:
+        laid_out = _view_layout(args, policy) if args.view else None
+    except LaunchError as exc:
+        print(f"fsys-master: {exc}", file=sys.stderr)
+        return exc.status
+    try:
         # A slave command starts first: it boots (imports trio...) while we do.
         slave = Slave(args.slave) if args.slave is not None else None
     except OSError as exc:
         print(f"fsys-master: cannot start the slave: {exc}", file=sys.stderr)
+        if laid_out is not None:
+            os.close(laid_out[2])
         return SESSION_FAILED
+    if laid_out is not None:
+        return _run_view(argv, env, path, laid_out, slave, nofile, cache=not args.no_cache)
     from fsys.kmod import bpf
     from fsys.kmod.table import load
     from fsys.master import session
@@ -277,6 +295,61 @@ def cmd_run(args: argparse.Namespace, *, nofile: tuple[int, int] | None = None) 
         stage.close()
         if trace is not None and trace is not sys.stderr:
             trace.close()
+
+
+def _view_layout(args: argparse.Namespace, policy: Policy) -> tuple[Points, list[Mount], int]:
+    """For ``--view``: the view's layout and /dev/fuse open, or LaunchError (before
+    the slave starts: nothing to undo)."""
+    from fsys.master.view import LayoutError, layout
+
+    if args.trace or args.trace_all or args.trace_file:
+        raise LaunchError("--trace is not available with --view (no call is trapped)", 2)
+    try:
+        points, mounts = layout(policy)
+    except LayoutError as exc:
+        raise LaunchError(str(exc), 2) from None
+    try:
+        fuse_fd = os.open("/dev/fuse", os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as exc:
+        raise LaunchError(f"--view needs /dev/fuse: {exc.strerror}", SESSION_FAILED) from None
+    return points, mounts, fuse_fd
+
+
+def _run_view(
+    argv: list[str],
+    env: dict[str, str],
+    path: str | None,
+    laid_out: tuple[Points, list[Mount], int],
+    slave: Slave | None,
+    nofile: tuple[int, int] | None,
+    *,
+    cache: bool,
+) -> int:
+    """``fsys-master run --view``: the program in a view of the slave's files."""
+    from fsys.master import session
+
+    points, mounts, fuse_fd = laid_out
+    if slave is None:
+        try:
+            slave = Slave(None)
+        except OSError as exc:
+            print(f"fsys-master: cannot start the slave: {exc}", file=sys.stderr)
+            os.close(fuse_fd)
+            return SESSION_FAILED
+    if path is None:  # perhaps the slave has it: a shell in the view looks for it
+        path, argv = "/bin/sh", ["/bin/sh", "-c", 'exec "$0" "$@"', *argv]
+    stage = Stage()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGQUIT, signal.SIG_IGN)
+    status = SESSION_FAILED
+    try:
+        plan = session.ViewPlan(path, argv, env, slave, fuse_fd, points, mounts, stage,
+                                os.fsencode(os.getcwd()), nofile, cache)  # fmt: skip
+        status = session.run_view(plan)
+        return status
+    finally:
+        slave.reap(failed=status == SESSION_FAILED)
+        stage.close()
 
 
 # --- policy and syscalls ------------------------------------------------------------

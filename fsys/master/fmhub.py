@@ -40,7 +40,7 @@ from fsys.kmod.table import Table
 from fsys.linux import AT_EMPTY_PATH, O_CLOEXEC, STATX, STATX_BASIC_STATS
 from fsys.master.cache import AttrCache
 from fsys.master.device import Listener, Notification
-from fsys.master.link import SlaveLink
+from fsys.master.link import SlaveLink, poll_spinning
 from fsys.master.pages import Pages, Store, links_in_use
 from fsys.master.placeholders import Placeholders, RemoteFile
 from fsys.master.policy import Policy
@@ -188,19 +188,11 @@ class Hub:
         closed_fd = self.placeholders.fileno()
         deadline = time.monotonic() + HOT_SLICE
         while True:
-            events = poller.poll(0)
+            # While a call waits for the slave, its caller is blocked: spin briefly
+            # for the reply. Never while the program may need the CPU.
+            events = poll_spinning(poller, self.spin if self.link.waiting else 0.0, HOT_QUIET_MS)
             if not events:
-                # While a call waits for the slave, its caller is blocked: spin briefly
-                # for the reply rather than sleep (on these machines a sleeping hub
-                # wakes late and cold). Never while the program may need the CPU.
-                if self.link.waiting and self.spin:
-                    spin_until = time.monotonic() + self.spin
-                    while not events and time.monotonic() < spin_until:
-                        events = poller.poll(0)
-                if not events:
-                    events = poller.poll(HOT_QUIET_MS)
-                    if not events:
-                        return True
+                return True
             for fd, mask in events:
                 if fd == link_fd:
                     self.link.pump()

@@ -148,6 +148,11 @@ def launch(
         os.waitpid(pid, 0)
         err = int(message)
         raise LaunchError(f"cannot install the syscall filter: {os.strerror(err)}", 125)
+    return take_listener(pid)
+
+
+def take_listener(pid: int) -> Launched:
+    """Take the listener of the child ``pid``, which installed its filter and waits."""
     pidfd = os.pidfd_open(pid)
     target = _find_listener(pid)
     if target is None:
@@ -173,3 +178,139 @@ def _find_listener(pid: int) -> int | None:
         except OSError:
             continue
     return None
+
+
+# --- the view (fsys.master.view): the program in a mount namespace of its own ------------
+
+#: The filter of a program in the view: every call allowed (the kernel carries the
+#: file calls through FUSE), with a listener only to learn when the last of the
+#: program's processes is gone (it reports POLLHUP then).
+ALLOW_ALL = abi.BPF_INSN.pack(0x06, 0, 0, 0x7FFF0000)  # BPF_RET|BPF_K SECCOMP_RET_ALLOW
+
+
+@dataclass(frozen=True)
+class Mount:
+    """A bind mount the child makes in the view: ``source`` onto ``target`` (absolute
+    in the view; ``source`` is a master path)."""
+
+    source: bytes
+    target: bytes
+
+
+#: What the child reports once the view is mounted (before that, /dev/fuse has no
+#: connection to read: EPERM).
+MOUNTED = b"M"
+
+
+@dataclass(frozen=True)
+class Forked:
+    pid: int
+    report: int  # read end: MOUNTED, then EOF once the filter is in place, else "step:errno"
+    go: int  # write end: a byte lets the program exec
+
+
+def fork_view(
+    path: str,
+    argv: list[str],
+    env: dict[str, str],
+    *,
+    fuse_fd: int,
+    root: bytes,
+    mounts: list[Mount],
+    cwd: bytes,
+    nofile: tuple[int, int] | None = None,
+) -> Forked:
+    """Fork the program into a mount namespace whose root is the FUSE file system on
+    ``fuse_fd`` (mounted at ``root``, a master directory) with ``mounts`` made over
+    it; it waits, filter installed, for a byte on ``go`` before its execve. The
+    caller serves ``fuse_fd`` meanwhile: the mounts look names up in the view."""
+    limits = nofile if nofile is not None else resource.getrlimit(resource.RLIMIT_NOFILE)
+    filt = ctypes.create_string_buffer(ALLOW_ALL, len(ALLOW_ALL))
+    fprog = _SockFprog(1, ctypes.addressof(filt))
+    report_r, report_w = os.pipe2(os.O_CLOEXEC)
+    go_r, go_w = os.pipe2(os.O_CLOEXEC)
+    pid = os.fork()
+    if pid == 0:
+        os.close(report_r)
+        os.close(go_w)
+        _view_child(path, argv, env, fprog, fuse_fd, root, mounts, cwd, limits, report_w, go_r)
+    os.close(report_w)
+    os.close(go_r)
+    return Forked(pid, report_r, go_w)
+
+
+def _view_child(
+    path: str,
+    argv: list[str],
+    env: dict[str, str],
+    fprog: _SockFprog,
+    fuse_fd: int,
+    root: bytes,
+    mounts: list[Mount],
+    cwd: bytes,
+    nofile: tuple[int, int],
+    report: int,
+    go: int,
+) -> None:
+    """Runs in the forked child; never returns."""
+    step = "start"
+    try:
+        _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        resource.setrlimit(resource.RLIMIT_NOFILE, nofile)
+        step = "unshare"
+        linux.unshare(linux.CLONE_NEWNS)
+        linux.mount(None, b"/", None, linux.MS_REC | linux.MS_PRIVATE)
+        step = "mount the view"
+        uid, gid = os.getuid(), os.getgid()
+        options = b"fd=%d,rootmode=40000,user_id=%d,group_id=%d,allow_other,max_read=%d" % (
+            fuse_fd, uid, gid, 1 << 20)  # fmt: skip
+        # nosuid, nodev: a slave's setuid file or device node gives nothing on the master.
+        linux.mount(b"fsys", root, b"fuse.fsys", linux.MS_NOSUID | linux.MS_NODEV, options)
+        os.write(report, MOUNTED)  # /dev/fuse can be read from now on
+        for m in mounts:
+            step = "mount " + m.target.decode(errors="replace")
+            linux.mount(m.source, root + m.target, None, linux.MS_BIND | linux.MS_REC)
+        step = "chroot"
+        linux.chroot(root)
+        try:
+            os.chdir(cwd)
+        except OSError:
+            os.chdir(b"/")  # as the trap path: the slave's root when it lacks the directory
+        for sig in (signal.SIGPIPE, signal.SIGXFSZ):
+            signal.signal(sig, signal.SIG_DFL)
+        step = "install the filter"
+        syscall = _libc.syscall
+        args = (ctypes.c_long(abi.SYS_SECCOMP), ctypes.c_long(abi.SECCOMP_SET_MODE_FILTER),
+                ctypes.c_long(abi.SECCOMP_FILTER_FLAG_NEW_LISTENER),
+                ctypes.c_void_p(ctypes.addressof(fprog)))  # fmt: skip
+        if syscall(*args) < 0:
+            err = ctypes.get_errno()
+            raise OSError(err, os.strerror(err))
+        os.close(report)  # the filter is in place: the parent takes the listener
+        if not os.read(go, 1):
+            os._exit(125)  # the parent gave up
+        os.close(go)
+        status = 126
+        try:
+            os.execve(path, argv, env)
+        except OSError as exc:
+            os.write(2, f"fsys-master: {path}: {exc.strerror}\n".encode())
+            status = 127 if isinstance(exc, FileNotFoundError) else 126
+        os._exit(status)
+    except OSError as exc:
+        try:
+            os.write(report, f"{step}:{exc.errno or errno.EIO}".encode())
+        finally:
+            os._exit(125)
+    except BaseException:  # noqa: BLE001 - the forked child must never return
+        os._exit(125)
+
+
+def view_failure(message: bytes) -> str:
+    """What a child's report of ``step:errno`` says."""
+    step, _, number = message.decode(errors="replace").rpartition(":")
+    try:
+        reason = os.strerror(int(number))
+    except ValueError:
+        reason = number
+    return f"cannot set up the view ({step}): {reason}"

@@ -14,6 +14,8 @@ and ``failure`` keeps the first reason for the report.
 
 from __future__ import annotations
 
+import select
+import time
 from collections.abc import Callable, Sequence
 
 import trio
@@ -36,6 +38,21 @@ from fsys.protocol import (
 )
 
 OnReply = Callable[[Reply | LinkClosed], None]
+
+
+def poll_spinning(poller: select.poll, spin: float, quiet_ms: int) -> list[tuple[int, int]]:
+    """The hot loops' wait (fmhub's, the view's): what is ready now, else after
+    spinning ``spin`` seconds, else within ``quiet_ms``; [] after that. Spinning
+    rather than sleeping: a reply, or a program's next call, comes within
+    microseconds, and a sleeping hub wakes late and cold on these machines."""
+    events = poller.poll(0)
+    if not events and spin:
+        spin_until = time.monotonic() + spin
+        while not events and time.monotonic() < spin_until:
+            events = poller.poll(0)
+    if not events:
+        events = poller.poll(quiet_ms)
+    return events
 
 
 class SlaveLink:

@@ -1,0 +1,1122 @@
+"""The view: the slave's files as a FUSE file system in the program's mount namespace.
+
+Theory of operation. With ``fsys-master run --view``, the program's kernel carries
+its file calls itself: the launcher gives the program a mount namespace of its own
+whose root is this FUSE file system (the slave's files, through the session link),
+with the master's side of the path policy bind-mounted over it (/usr, /proc, the
+program's install prefix...). The program then opens, reads, stats and maps slave
+files with no trap at all, and the kernel keeps what it learned: names, attributes,
+symlink targets and file pages. fmhub serves /dev/fuse here, turning each request
+into the same CALLs the trap path sends.
+
+The kernel's caches stay exact the way fmhub's attribute cache does
+(``fsys.master.cache``): a name or attributes are kept only when the slave's reply
+was REPLY_WATCHED, and for as long as no INVALIDATE names them; each INVALIDATE
+becomes FUSE notices (INVAL_ENTRY for the name, INVAL_INODE for the attributes
+and pages). Anything unwatched is kept for no time at all. A file opened while its
+answer is watched keeps its pages (FOPEN_KEEP_CACHE), since a change would have
+dropped them. Notices are written from a thread of their own: the kernel may hold
+a lock that a notice needs while it waits for an answer from us.
+
+Nodes are paths: a node is what the slave's path named when it was looked up, by
+its inode number and type. A later lookup that finds another file there gives a
+new node; one found gone leaves the old node without a path (ESTALE), as an open
+file on the slave keeps working through its handle. The master's mount points and
+the directories on the way to them are *pinned*: their names never expire and are
+never invalidated (a notice would detach the mount), and where the slave has
+nothing suitable the view makes an empty directory or file to mount on.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import queue
+import select
+import stat
+import struct
+import threading
+import time
+from collections.abc import Callable, Coroutine, Generator, Iterable
+from dataclasses import dataclass, field
+
+import trio
+
+from fsys import linux
+from fsys.errors import LinkClosed
+from fsys.master import fuse
+from fsys.master.cache import AttrCache
+from fsys.master.fuse import Opcode
+from fsys.master.launcher import Mount
+from fsys.master.link import SlaveLink, poll_spinning
+from fsys.master.policy import Policy, Side
+from fsys.protocol import (
+    REPLY_WATCHED,
+    Access,
+    Attrs,
+    Chmod,
+    Chown,
+    Close,
+    CopyRange,
+    Fallocate,
+    Fsync,
+    Ftruncate,
+    Getdents,
+    Getxattr,
+    Link,
+    Listdir,
+    Listxattr,
+    Lseek,
+    Mkdir,
+    Mknod,
+    Open,
+    Operation,
+    Read,
+    Readlink,
+    Removexattr,
+    Rename,
+    Reply,
+    Setxattr,
+    Stat,
+    Statfs,
+    Symlink,
+    Truncate,
+    Unlink,
+    Utimens,
+    Write,
+    watch_key,
+)
+
+#: How long the kernel keeps a watched name or attributes (an INVALIDATE ends it
+#: sooner): a day. Unwatched answers are kept for no time.
+WATCHED: float = 86400.0
+MASK = linux.STATX_BASIC_STATS
+MAX_WRITE = 1 << 20
+#: The largest request: a WRITE of MAX_WRITE bytes and its headers.
+BUFFER = MAX_WRITE + 4096
+READDIR_CHUNK = 64 << 10
+HOT_QUIET_MS = 2
+HOT_SLICE = 0.010
+#: How long the view spins for a reply while a request waits for the slave (µs).
+SPIN_US = 300
+#: How long it spins for the program's next request after an answer (µs).
+IDLE_SPIN_US = 50
+PAIRING = 0
+_DT = {stat.S_IFDIR: 4, stat.S_IFREG: 8, stat.S_IFLNK: 10, stat.S_IFIFO: 1,
+       stat.S_IFSOCK: 12, stat.S_IFCHR: 2, stat.S_IFBLK: 6}  # fmt: skip
+
+
+class Refused(Exception):
+    """A request answered with an errno."""
+
+    def __init__(self, errno_: int) -> None:
+        super().__init__(errno_)
+        self.errno = errno_
+
+
+@dataclass(eq=False)
+class Node:
+    nodeid: int
+    path: bytes | None  # None: what it named is gone
+    ino: int
+    kind: int  # S_IFMT bits
+    lookups: int = 0
+    #: Made by the view (a mount point, or a master symlink): its fuse_attr fields.
+    synthetic: tuple[int, ...] | None = None
+    target: bytes = b""  # a synthetic symlink's
+    pinned: bool = False
+
+
+@dataclass(eq=False)
+class DirHandle:
+    path: bytes
+    entries: list[tuple[int, int, bytes]] | None = None  # (ino, DT_*, name)
+    watched: bool = False  # the listing holds until an INVALIDATE says otherwise
+    handle: int = 0  # a slave handle, for a directory too large for one LISTDIR
+    served: bool = False  # something was read from it (offset 0 again: rewound)
+
+
+@dataclass(frozen=True)
+class MasterPoint:
+    """A path the master's side of the policy covers in the view."""
+
+    path: bytes
+    kind: int  # S_IFDIR / S_IFREG: a bind mount over it; S_IFLNK: presented; 0: absent
+    target: bytes = b""
+
+
+@dataclass
+class Points:
+    """The view's fixed shape: the master's points and the directories on the way."""
+
+    master: dict[bytes, MasterPoint] = field(default_factory=dict)
+    ways: set[bytes] = field(default_factory=set)  # ancestors of master points, not "/"
+    #: What a directory's listing shows of them: {parent: {name: DT_* type, 0 for none}}.
+    names: dict[bytes, dict[bytes, int]] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, paths: Iterable[bytes]) -> Points:
+        """The points for master-side prefixes ``paths``, as the master has them."""
+        points = cls()
+        for path in paths:
+            try:
+                st = os.lstat(path)
+            except OSError:
+                points.master[path] = MasterPoint(path, 0)
+                continue
+            if stat.S_ISLNK(st.st_mode):
+                points.master[path] = MasterPoint(path, stat.S_IFLNK, os.readlink(path))
+            elif stat.S_ISDIR(st.st_mode):
+                points.master[path] = MasterPoint(path, stat.S_IFDIR)
+            else:
+                points.master[path] = MasterPoint(path, stat.S_IFREG)
+        for path, point in points.master.items():
+            if not point.kind:
+                continue
+            head = path
+            while True:
+                head = head[: head.rfind(b"/")]
+                if not head:
+                    break
+                points.ways.add(head)
+        for path, point in points.master.items():
+            points._name(path, _DT.get(point.kind, 0))
+        for path in points.ways:
+            points._name(path, _DT[stat.S_IFDIR])
+        return points
+
+    def _name(self, path: bytes, kind: int) -> None:
+        cut = path.rfind(b"/")
+        self.names.setdefault(path[:cut] or b"/", {})[path[cut + 1 :]] = kind
+
+    def listed(self, path: bytes, entries: list[tuple[int, int, bytes]]) -> None:
+        """Directory ``path``'s listing as the view shows it: with the master's points
+        and the ways to them, of the master's type, and without the points where the
+        master has nothing (in place)."""
+        names = self.names.get(path)
+        if not names:
+            return
+        kept = [(ino, names.get(name, kind), name) for ino, kind, name in entries
+                if names.get(name, -1)]  # fmt: skip
+        have = {name for _, _, name in kept}
+        kept += [(1, kind, name) for name, kind in sorted(names.items())
+                 if kind and name not in have]  # fmt: skip
+        entries[:] = kept
+
+    def mounts(self) -> list[MasterPoint]:
+        """The bind mounts to make, outermost first (none below a master symlink)."""
+        found = [p for p in self.master.values() if p.kind in (stat.S_IFDIR, stat.S_IFREG)]
+        return sorted(found, key=lambda p: p.path.count(b"/"))
+
+
+class Notifier:
+    """Writes FUSE notices from a thread of its own, in order."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self._queue: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self.sent = 0
+
+    def send(self, notices: list[bytes]) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="fsys-notices", daemon=True)
+            self._thread.start()
+        for n in notices:
+            self._queue.put(n)
+
+    def _run(self) -> None:
+        while (data := self._queue.get()) is not None:
+            try:
+                os.write(self.fd, data)
+                self.sent += 1
+            except OSError:
+                pass  # ENOENT: the kernel has nothing cached for it; ENODEV: unmounted
+
+    def close(self) -> None:
+        if self._thread is not None:
+            self._queue.put(None)
+            self._thread.join(timeout=5)
+            self._thread = None
+
+
+class _Ask:
+    """What a handler awaits: the slave's reply to ``op`` (``View._step`` sends it)."""
+
+    __slots__ = ("op",)
+
+    def __init__(self, op: Operation) -> None:
+        self.op = op
+
+    def __await__(self) -> Generator[_Ask, Reply, Reply]:
+        reply = yield self
+        return reply
+
+
+Handler = Callable[[int, Node, memoryview], Coroutine[_Ask, Reply, bytes]]
+#: An answer from what the view knows, or None: the slave is needed.
+Fast = Callable[[Node, memoryview], bytes | None]
+
+
+class View:
+    """Serves one FUSE connection (``fd``: /dev/fuse) from the slave through ``link``."""
+
+    def __init__(
+        self,
+        fd: int,
+        link: SlaveLink,
+        points: Points,
+        cache: AttrCache | None = None,
+        *,
+        spin_us: float = SPIN_US,
+    ) -> None:
+        self.fd = fd
+        self.spin = spin_us / 1e6
+        self.idle_spin = float(os.environ.get("FSYS_VIEW_IDLE_SPIN_US", IDLE_SPIN_US)) / 1e6
+        self._buf = bytearray(BUFFER)
+        self._view = memoryview(self._buf)
+        self.link = link
+        self.points = points
+        self.cache = cache if cache is not None else AttrCache()
+        root = Node(fuse.ROOT_ID, b"/", 1, stat.S_IFDIR, lookups=1, pinned=True)
+        self.nodes: dict[int, Node] = {fuse.ROOT_ID: root}
+        self.by_path: dict[bytes, Node] = {b"/": root}
+        self._next_node = fuse.ROOT_ID + 1
+        self.dirs: dict[int, DirHandle] = {}
+        #: Watched listings by directory path (LISTDIR replies marked REPLY_WATCHED).
+        self.listings: dict[bytes, list[tuple[int, int, bytes]]] = {}
+        self._next_dir = 1
+        self.notifier = Notifier(fd)
+        self.requests: dict[int, int] = {}  # opcode -> how many
+        self.failure: str | None = None
+        link.on_invalidate = self.invalidate
+        link.on_attrs = self._attrs
+        self._handlers: dict[int, Handler] = {
+            Opcode.LOOKUP: self.lookup, Opcode.GETATTR: self.getattr,
+            Opcode.SETATTR: self.setattr, Opcode.READLINK: self.readlink,
+            Opcode.SYMLINK: self.symlink, Opcode.MKNOD: self.mknod, Opcode.MKDIR: self.mkdir,
+            Opcode.UNLINK: self.unlink, Opcode.RMDIR: self.rmdir, Opcode.RENAME: self.rename,
+            Opcode.RENAME2: self.rename2, Opcode.LINK: self.hardlink, Opcode.OPEN: self.open,
+            Opcode.READ: self.read, Opcode.WRITE: self.write, Opcode.STATFS: self.statfs,
+            Opcode.RELEASE: self.release, Opcode.FSYNC: self.fsync, Opcode.FLUSH: self.flush,
+            Opcode.SETXATTR: self.setxattr, Opcode.GETXATTR: self.getxattr,
+            Opcode.LISTXATTR: self.listxattr, Opcode.REMOVEXATTR: self.removexattr,
+            Opcode.OPENDIR: self.opendir, Opcode.READDIR: self.readdir,
+            Opcode.READDIRPLUS: self.readdirplus, Opcode.RELEASEDIR: self.releasedir,
+            Opcode.FSYNCDIR: self.fsyncdir, Opcode.ACCESS: self.access,
+            Opcode.CREATE: self.create, Opcode.FALLOCATE: self.fallocate,
+            Opcode.LSEEK: self.lseek, Opcode.COPY_FILE_RANGE: self.copy_file_range,
+            Opcode.DESTROY: self.destroy,
+        }  # fmt: skip
+        self._fast: dict[int, Fast] = {
+            Opcode.LOOKUP: self.lookup_now, Opcode.GETATTR: self.getattr_now,
+            Opcode.GETXATTR: self.getxattr_now, Opcode.LISTXATTR: self.listxattr_now,
+            Opcode.READDIRPLUS: self.readdirplus_now, Opcode.READDIR: self.readdir_now,
+            Opcode.RELEASE: self.release_now, Opcode.RELEASEDIR: self.releasedir_now,
+            Opcode.FLUSH: self.flush_now, Opcode.OPENDIR: self.opendir_now,
+        }  # fmt: skip
+
+    # --- serving ------------------------------------------------------------------
+
+    async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Answer requests until the connection ends (the mount is gone).
+
+        As fmhub does for trapped calls (``Hub._hot``), the view serves in a hot loop
+        of its own while requests keep coming: it waits for /dev/fuse and the link
+        with poll(2), and spins briefly while a request waits for the slave, since
+        going through trio's run loop for each wake-up costs more than the request.
+        A request that needs the slave is a coroutine resumed by its reply's
+        continuation (``_Ask``): no task per request.
+        """
+        poller = select.poll()
+        poller.register(self.fd, select.POLLIN)
+        link_fd = self.link.transport.read_fd
+        poller.register(link_fd, select.POLLIN)
+        task_status.started()
+        while self._receive():
+            if not self._hot(poller, link_fd):
+                break
+            await trio.lowlevel.wait_readable(self.fd)
+
+    def _receive(self) -> bool:
+        """Answer every request queued now; False once the connection has ended."""
+        buf, view = self._buf, self._view
+        while True:
+            try:
+                n = os.readv(self.fd, [buf])
+            except BlockingIOError:
+                return True
+            except InterruptedError:
+                continue
+            except OSError as exc:
+                if exc.errno == errno.ENOENT:  # a request interrupted before we read it
+                    continue
+                return False  # ENODEV: unmounted, or the connection aborted
+            if n < fuse.IN_HEADER.size:
+                return False
+            length, opcode, unique, nodeid, *_ = fuse.IN_HEADER.unpack_from(buf)
+            self.requests[opcode] = self.requests.get(opcode, 0) + 1
+            body = bytes(view[fuse.IN_HEADER.size : min(length, n)])
+            if opcode in fuse.NO_REPLY:
+                self._forget(opcode, nodeid, body)
+            elif opcode == Opcode.INIT:
+                self._write(fuse.reply(unique, self._init(body)))
+            else:
+                fast = self._fast.get(opcode)
+                if fast is None or not self._answer_now(fast, unique, nodeid, body):
+                    self._answer(opcode, unique, nodeid, body)
+
+    def _hot(self, poller: select.poll, link_fd: int) -> bool:
+        """Serve requests and replies directly while they keep coming; back to trio
+        after HOT_QUIET_MS of quiet or HOT_SLICE at most. False: the connection ended."""
+        deadline = time.monotonic() + HOT_SLICE
+        while True:
+            # For a reply while a request waits for the slave; for the next request
+            # else (a program that makes one call after another sends it at once).
+            spin = self.spin if self.link.waiting else self.idle_spin
+            events = poll_spinning(poller, spin, HOT_QUIET_MS)
+            if not events:
+                return True
+            for fd, mask in events:
+                if fd == link_fd:
+                    self.link.pump()
+                    if not self.link.alive:
+                        poller.unregister(link_fd)
+                elif not self._receive() or mask & (select.POLLERR | select.POLLHUP):
+                    return False
+            if time.monotonic() > deadline or self.link.transport.backlog:
+                return True
+
+    def _answer_now(self, fast: Fast, unique: int, nodeid: int, body: bytes) -> bool:
+        """Answer without the slave if ``fast`` can (from what the view knows)."""
+        node = self.nodes.get(nodeid)
+        if node is None:
+            return False
+        try:
+            out = fast(node, memoryview(body))
+        except Refused as exc:
+            self._write(fuse.reply(unique, error=exc.errno))
+            return True
+        except (ValueError, IndexError, KeyError, struct.error):
+            self._write(fuse.reply(unique, error=errno.EINVAL))
+            return True
+        if out is None:
+            return False
+        self._write(fuse.reply(unique, out))
+        return True
+
+    def _write(self, data: bytes) -> None:
+        try:
+            os.write(self.fd, data)
+        except OSError:
+            pass  # ENOENT: the caller was interrupted and gave up; ENODEV: unmounted
+
+    def _init(self, body: bytes) -> bytes:
+        major, minor, max_readahead, flags = fuse.INIT_IN.unpack_from(body)
+        if major != fuse.MAJOR or minor < 31:
+            self.failure = f"the kernel's FUSE protocol {major}.{minor} is too old (7.31 or newer)"
+        return fuse.init_out(minor, flags, max_readahead, MAX_WRITE)
+
+    def _answer(self, opcode: int, unique: int, nodeid: int, body: bytes) -> None:
+        """Start the handler of a request; its coroutine runs until it asks the slave,
+        and goes on from the reply's continuation (``_step``)."""
+        handler = self._handlers.get(opcode)
+        if handler is None:
+            self._write(fuse.reply(unique, error=errno.ENOSYS))
+            return
+        node = self.nodes.get(nodeid)
+        if node is None:
+            self._write(fuse.reply(unique, error=errno.ESTALE))
+            return
+        self._step(handler(unique, node, memoryview(body)), unique, None)
+
+    def _step(self, coro: Coroutine[_Ask, Reply, bytes], unique: int,
+              outcome: Reply | LinkClosed | None) -> None:  # fmt: skip
+        try:
+            if isinstance(outcome, LinkClosed):
+                ask = coro.throw(outcome)
+            else:
+                ask = coro.send(outcome)  # type: ignore[arg-type]
+        except StopIteration as done:
+            self._write(fuse.reply(unique, done.value))
+        except Refused as exc:
+            self._write(fuse.reply(unique, error=exc.errno))
+        except LinkClosed:
+            self._write(fuse.reply(unique, error=errno.EIO))
+        except (ValueError, IndexError, KeyError, struct.error):  # a body shorter than its opcode's
+            self._write(fuse.reply(unique, error=errno.EINVAL))
+        else:
+            self.link.submit(PAIRING, ask.op, lambda reply: self._step(coro, unique, reply))
+
+    def close(self) -> None:
+        self.notifier.close()
+
+    # --- the slave -----------------------------------------------------------------
+
+    async def call(self, op: Operation) -> Reply:
+        """``op`` on the slave; Refused with its errno if it failed."""
+        reply = await _Ask(op)
+        if reply.result < 0:
+            raise Refused(-reply.result)
+        return reply
+
+    async def attributes(self, path: bytes) -> tuple[int, bytes, bool]:
+        """(0 or -errno, struct statx, watched) of ``path`` not following a symlink."""
+        key = watch_key(path)
+        if key is not None:
+            hit = self.cache.lookup(key, False, MASK)
+            if hit is not None:
+                return hit[0], hit[1], True
+        reply = await _Ask(Stat(dir=0, flags=linux.AT_SYMLINK_NOFOLLOW, mask=MASK, path=path))
+        watched = bool(reply.flags & REPLY_WATCHED) and key is not None
+        if watched:
+            assert key is not None
+            self.cache.store(key, False, MASK, reply.result, reply.blob, reply.flags)
+        return reply.result, reply.blob, watched
+
+    def _attrs(self, attrs: Attrs) -> None:
+        self.cache.prime(attrs)
+
+    # --- nodes ----------------------------------------------------------------------
+
+    @staticmethod
+    def _join(node: Node, name: bytes) -> bytes:
+        if node.path is None:
+            raise Refused(errno.ESTALE)
+        if not name or b"/" in name or b"\0" in name or name in (b".", b".."):
+            raise Refused(errno.EINVAL)  # the kernel resolves dots itself
+        return (node.path if node.path != b"/" else b"") + b"/" + name
+
+    @staticmethod
+    def _path(node: Node) -> bytes:
+        if node.path is None:
+            raise Refused(errno.ESTALE)
+        return node.path
+
+    def _node_for(self, path: bytes, ino: int, kind: int) -> Node:
+        """The node for what ``path`` names now (a new one if it names another file)."""
+        node = self.by_path.get(path)
+        if node is not None and node.synthetic is None and (node.ino, node.kind) == (ino, kind):
+            return node
+        if node is not None and node.pinned:
+            return node
+        if node is not None:
+            node.path = None
+        node = Node(self._next_node, path, ino, kind)
+        self._next_node += 1
+        self.nodes[node.nodeid] = node
+        self.by_path[path] = node
+        return node
+
+    def _synthetic(self, path: bytes, kind: int, target: bytes = b"") -> Node:
+        node = self.by_path.get(path)
+        if node is not None and node.synthetic is not None:
+            return node
+        nodeid = self._next_node
+        self._next_node += 1
+        mode = {stat.S_IFDIR: 0o040755, stat.S_IFREG: 0o100644}.get(kind, 0o120777)
+        node = Node(nodeid, path, nodeid, kind, pinned=True, target=target,
+                    synthetic=fuse.synthetic_attr(nodeid, mode, len(target)))  # fmt: skip
+        self.nodes[nodeid] = node
+        self.by_path[path] = node
+        return node
+
+    def _entry(self, node: Node, attr: tuple[int, ...], watched: bool) -> bytes:
+        """A fuse_entry_out for ``node`` (the kernel counts it as one lookup)."""
+        node.lookups += 1
+        valid = WATCHED if watched or node.pinned else 0.0
+        return fuse.entry_out(node.nodeid, valid, WATCHED if watched else 0.0, attr)
+
+    def _forget(self, opcode: int, nodeid: int, body: bytes) -> None:
+        if opcode == Opcode.FORGET:
+            self._drop(nodeid, fuse.FORGET_IN.unpack_from(body)[0])
+        elif opcode == Opcode.BATCH_FORGET:
+            (count, _) = fuse.BATCH_FORGET_IN.unpack_from(body)
+            for i in range(count):
+                node_id, n = fuse.FORGET_ONE.unpack_from(body, 8 + 16 * i)
+                self._drop(node_id, n)
+
+    def _drop(self, nodeid: int, n: int) -> None:
+        node = self.nodes.get(nodeid)
+        if node is None or nodeid == fuse.ROOT_ID:
+            return
+        node.lookups -= n
+        if node.lookups <= 0 and not node.pinned:
+            del self.nodes[nodeid]
+            if node.path is not None and self.by_path.get(node.path) is node:
+                del self.by_path[node.path]
+
+    # --- coherence ----------------------------------------------------------------------
+
+    def invalidate(self, paths: tuple[bytes, ...]) -> None:
+        """The slave's INVALIDATE: drop the answers, and tell the kernel."""
+        self.cache.invalidate(paths)
+        notices: list[bytes] = []
+        listings = self.listings
+        for path in paths:
+            if path.endswith(b"/."):  # a directory's own attributes (a name came or went)
+                listings.pop(path[:-2] or b"/", None)
+                node = self.by_path.get(path[:-2] or b"/")
+                if node is not None:
+                    notices.append(fuse.inval_inode(node.nodeid))
+                continue
+            if listings:
+                if path == b"/":
+                    listings.clear()
+                else:
+                    prefix = path + b"/"
+                    for gone in [p for p in listings if p == path or p.startswith(prefix)]:
+                        del listings[gone]
+            if path == b"/":
+                below = list(self.by_path.items())
+            else:
+                prefix = path + b"/"
+                below = [(p, n) for p, n in self.by_path.items()
+                         if p == path or p.startswith(prefix)]  # fmt: skip
+            for p, node in below:
+                notices.append(fuse.inval_inode(node.nodeid))
+                if node.pinned:
+                    continue  # never its name: that would detach a mount
+                parent = self.by_path.get(p[: p.rfind(b"/")] or b"/")
+                if parent is not None:
+                    notices.append(fuse.inval_entry(parent.nodeid, p[p.rfind(b"/") + 1 :]))
+            if path != b"/" and path not in self.by_path:  # perhaps a negative entry
+                parent = self.by_path.get(path[: path.rfind(b"/")] or b"/")
+                if parent is not None and path not in self.points.ways:
+                    notices.append(fuse.inval_entry(parent.nodeid, path[path.rfind(b"/") + 1 :]))
+        if notices:
+            self.notifier.send(notices)
+
+    # --- handlers: names -------------------------------------------------------------
+
+    def lookup_now(self, parent: Node, body: memoryview) -> bytes | None:
+        (name,) = fuse.names(body, 1)
+        path = self._join(parent, name)
+        point = self.points.master.get(path)
+        if point is not None:
+            if not point.kind:
+                raise Refused(errno.ENOENT)  # the master has nothing there
+            node = self._synthetic(path, point.kind, point.target)
+            assert node.synthetic is not None
+            return self._entry(node, node.synthetic, False)
+        if path in self.points.ways:
+            return None
+        key = watch_key(path)
+        hit = self.cache.lookup(key, False, MASK) if key is not None else None
+        if hit is None:
+            return None
+        if hit[0] == -errno.ENOENT:
+            return fuse.entry_out(0, WATCHED, 0, fuse.synthetic_attr(0, 0))
+        if hit[0] < 0:
+            raise Refused(-hit[0])
+        return self._entry_of(path, hit[1], True)
+
+    async def lookup(self, unique: int, parent: Node, body: memoryview) -> bytes:
+        (name,) = fuse.names(body, 1)
+        path = self._join(parent, name)
+        result, raw, watched = await self.attributes(path)
+        if path in self.points.ways:
+            if result == 0 and stat.S_ISDIR(linux.statx_mode(raw)):
+                attr = fuse.attr_fields(raw)
+                node = self._node_for(path, attr[0], stat.S_IFDIR)
+                node.pinned = True
+                return self._entry(node, attr, watched)
+            node = self._synthetic(path, stat.S_IFDIR)  # somewhere to mount on
+            assert node.synthetic is not None
+            return self._entry(node, node.synthetic, False)
+        if result < 0:
+            if result == -errno.ENOENT and watched:  # a negative entry, kept as watched
+                return fuse.entry_out(0, WATCHED, 0, fuse.synthetic_attr(0, 0))
+            raise Refused(-result)
+        return self._entry_of(path, raw, watched)
+
+    def _entry_of(self, path: bytes, raw: bytes, watched: bool) -> bytes:
+        attr = fuse.attr_fields(raw)
+        node = self._node_for(path, attr[0], stat.S_IFMT(attr[9]))
+        return self._entry(node, attr, watched)
+
+    async def _entry_after(self, path: bytes) -> bytes:
+        """The entry of what a call of ours just made at ``path``."""
+        result, raw, watched = await self.attributes(path)
+        if result < 0:
+            raise Refused(-result)
+        return self._entry_of(path, raw, watched)
+
+    def getattr_now(self, node: Node, body: memoryview) -> bytes | None:
+        if node.synthetic is not None:
+            return fuse.attr_out(WATCHED, node.synthetic)
+        key = watch_key(node.path) if node.path is not None else None
+        hit = self.cache.lookup(key, False, MASK) if key is not None else None
+        if hit is None or hit[0] < 0:
+            return None
+        return fuse.attr_out(WATCHED, fuse.attr_fields(hit[1]))
+
+    async def getattr(self, unique: int, node: Node, body: memoryview) -> bytes:
+        flags, _, fh = fuse.GETATTR_IN.unpack_from(body)
+        if flags & fuse.GETATTR_FH or node.path is None:
+            if not flags & fuse.GETATTR_FH:
+                raise Refused(errno.ESTALE)
+            reply = await self.call(Stat(dir=fh, flags=linux.AT_EMPTY_PATH, mask=MASK, path=b""))
+            return fuse.attr_out(0.0, fuse.attr_fields(reply.blob))
+        result, raw, watched = await self.attributes(node.path)
+        if result < 0:
+            raise Refused(-result)
+        return fuse.attr_out(WATCHED if watched else 0.0, fuse.attr_fields(raw))
+
+    async def setattr(self, unique: int, node: Node, body: memoryview) -> bytes:
+        (valid, _, fh, size, _owner, atime, mtime, _ctime, atimensec, mtimensec, _cns, mode,
+         _u4, uid, gid, _u5) = fuse.SETATTR_IN.unpack_from(body)  # fmt: skip
+        self._real(node)
+        path = self._path(node)
+        nofollow = linux.AT_SYMLINK_NOFOLLOW
+        if valid & (fuse.FATTR_UID | fuse.FATTR_GID):
+            await self.call(Chown(dir=0, uid=uid if valid & fuse.FATTR_UID else -1,
+                                  gid=gid if valid & fuse.FATTR_GID else -1, flags=nofollow,
+                                  path=path))  # fmt: skip
+        if valid & fuse.FATTR_SIZE:
+            if valid & fuse.FATTR_FH:
+                await self.call(Ftruncate(handle=fh, length=size))
+            else:
+                await self.call(Truncate(dir=0, length=size, path=path))
+        if valid & fuse.FATTR_MODE:
+            await self.call(Chmod(dir=0, mode=mode & 0o7777, flags=0, path=path))
+        if valid & (fuse.FATTR_ATIME | fuse.FATTR_MTIME):
+            omit = linux.UTIME_OMIT
+            ans = (linux.UTIME_NOW if valid & fuse.FATTR_ATIME_NOW
+                   else atimensec if valid & fuse.FATTR_ATIME else omit)  # fmt: skip
+            mns = (linux.UTIME_NOW if valid & fuse.FATTR_MTIME_NOW
+                   else mtimensec if valid & fuse.FATTR_MTIME else omit)  # fmt: skip
+            await self.call(Utimens(dir=0, flags=nofollow, asec=atime, ansec=ans, msec=mtime,
+                                    mnsec=mns, path=path))  # fmt: skip
+        result, raw, watched = await self.attributes(path)
+        if result < 0:
+            raise Refused(-result)
+        return fuse.attr_out(WATCHED if watched else 0.0, fuse.attr_fields(raw))
+
+    @staticmethod
+    def _real(node: Node) -> None:
+        """Refuse a change to a node the view made (a mount point under the master's)."""
+        if node.synthetic is not None:
+            raise Refused(errno.EPERM)
+
+    async def readlink(self, unique: int, node: Node, body: memoryview) -> bytes:
+        if node.synthetic is not None:
+            return node.target
+        reply = await self.call(Readlink(dir=0, size=linux.PATH_MAX, path=self._path(node)))
+        return reply.blob
+
+    async def symlink(self, unique: int, parent: Node, body: memoryview) -> bytes:
+        name, target = fuse.names(body, 2)
+        path = self._new_name(parent, name)
+        await self.call(Symlink(dir=0, target=target, path=path))
+        return await self._entry_after(path)
+
+    def _new_name(self, parent: Node, name: bytes) -> bytes:
+        """The slave path of a name to create in ``parent`` (never a master point)."""
+        path = self._join(parent, name)
+        if path in self.points.master or path in self.points.ways:
+            raise Refused(errno.EEXIST)
+        return path
+
+    async def mknod(self, unique: int, parent: Node, body: memoryview) -> bytes:
+        mode, rdev, _umask, _ = fuse.MKNOD_IN.unpack_from(body)
+        (name,) = fuse.names(body[fuse.MKNOD_IN.size :], 1)
+        path = self._new_name(parent, name)
+        await self.call(Mknod(dir=0, mode=mode, dev=rdev, path=path))
+        return await self._entry_after(path)
+
+    async def mkdir(self, unique: int, parent: Node, body: memoryview) -> bytes:
+        mode, _umask = fuse.MKDIR_IN.unpack_from(body)
+        (name,) = fuse.names(body[fuse.MKDIR_IN.size :], 1)
+        path = self._new_name(parent, name)
+        await self.call(Mkdir(dir=0, mode=mode & 0o7777, path=path))
+        return await self._entry_after(path)
+
+    async def _remove(self, parent: Node, body: memoryview, flags: int) -> bytes:
+        (name,) = fuse.names(body, 1)
+        path = self._join(parent, name)
+        if path in self.points.master or path in self.points.ways:
+            raise Refused(errno.EBUSY)  # a mount point
+        await self.call(Unlink(dir=0, flags=flags, path=path))
+        node = self.by_path.pop(path, None)
+        if node is not None:
+            node.path = None
+        return b""
+
+    async def unlink(self, unique: int, parent: Node, body: memoryview) -> bytes:
+        return await self._remove(parent, body, 0)
+
+    async def rmdir(self, unique: int, parent: Node, body: memoryview) -> bytes:
+        return await self._remove(parent, body, linux.AT_REMOVEDIR)
+
+    async def rename(self, unique: int, parent: Node, body: memoryview) -> bytes:
+        (newdir,) = fuse.RENAME_IN.unpack_from(body)
+        return await self._rename(parent, newdir, 0, body[fuse.RENAME_IN.size :])
+
+    async def rename2(self, unique: int, parent: Node, body: memoryview) -> bytes:
+        newdir, flags, _ = fuse.RENAME2_IN.unpack_from(body)
+        return await self._rename(parent, newdir, flags, body[fuse.RENAME2_IN.size :])
+
+    async def _rename(self, parent: Node, newdir: int, flags: int, rest: memoryview) -> bytes:
+        old_name, new_name = fuse.names(rest, 2)
+        target = self.nodes.get(newdir)
+        if target is None:
+            raise Refused(errno.ESTALE)
+        old, new = self._join(parent, old_name), self._join(target, new_name)
+        fixed = self.points.master.keys() | self.points.ways
+        if old in fixed or new in fixed:
+            raise Refused(errno.EBUSY)
+        await self.call(Rename(olddir=0, newdir=0, flags=flags, old=old, new=new))
+        self._moved(old, new, exchange=bool(flags & 2))  # RENAME_EXCHANGE
+        return b""
+
+    def _moved(self, old: bytes, new: bytes, *, exchange: bool) -> None:
+        """Our rename of ``old`` to ``new`` is done: the nodes follow it."""
+
+        def below(p: bytes) -> list[tuple[bytes, Node]]:
+            prefix = p + b"/"
+            return [(k, n) for k, n in self.by_path.items() if k == p or k.startswith(prefix)]
+
+        moving, replaced = below(old), below(new)
+        for k, _ in moving + replaced:
+            self.by_path.pop(k, None)
+        for k, node in moving:
+            node.path = new + k[len(old) :]
+            self.by_path[node.path] = node
+        for k, node in replaced:
+            if exchange:
+                node.path = old + k[len(new) :]
+                self.by_path[node.path] = node
+            else:
+                node.path = None
+
+    async def hardlink(self, unique: int, parent: Node, body: memoryview) -> bytes:
+        (old_id,) = fuse.LINK_IN.unpack_from(body)
+        (name,) = fuse.names(body[fuse.LINK_IN.size :], 1)
+        old = self.nodes.get(old_id)
+        if old is None:
+            raise Refused(errno.ESTALE)
+        self._real(old)
+        path = self._new_name(parent, name)
+        await self.call(Link(olddir=0, newdir=0, flags=0, old=self._path(old), new=path))
+        return await self._entry_after(path)
+
+    # --- handlers: files ----------------------------------------------------------------
+
+    async def open(self, unique: int, node: Node, body: memoryview) -> bytes:
+        flags, _ = fuse.OPEN_IN.unpack_from(body)
+        self._real(node)
+        path = self._path(node)
+        keep = self.cache.lookup(watch_key(path) or b"", False, MASK) is not None
+        flags &= ~(linux.O_CREAT | linux.O_EXCL | linux.O_NOCTTY)
+        reply = await self.call(Open(dir=0, flags=flags, mode=0, resolve=0, path=path))
+        return fuse.OPEN_OUT.pack(reply.result, fuse.FOPEN_KEEP_CACHE if keep else 0, 0)
+
+    async def create(self, unique: int, parent: Node, body: memoryview) -> bytes:
+        flags, mode, _umask, _ = fuse.CREATE_IN.unpack_from(body)
+        (name,) = fuse.names(body[fuse.CREATE_IN.size :], 1)
+        path = self._new_name(parent, name)
+        reply = await self.call(Open(dir=0, flags=(flags | linux.O_CREAT) & ~linux.O_NOCTTY,
+                                     mode=mode & 0o7777, resolve=0, path=path))  # fmt: skip
+        handle = reply.result
+        try:
+            entry = await self._entry_after(path)
+        except Refused:
+            self.link.post(PAIRING, Close(handle=handle))
+            raise
+        return entry + fuse.OPEN_OUT.pack(handle, 0, 0)
+
+    async def read(self, unique: int, node: Node, body: memoryview) -> bytes:
+        fh, offset, size, *_ = fuse.READ_IN.unpack_from(body)
+        reply = await self.call(Read(handle=fh, size=size, offset=offset, rwf=0))
+        return reply.blob
+
+    async def write(self, unique: int, node: Node, body: memoryview) -> bytes:
+        fh, offset, size, *_ = fuse.WRITE_IN.unpack_from(body)
+        data = bytes(body[fuse.WRITE_IN.size : fuse.WRITE_IN.size + size])
+        reply = await self.call(Write(handle=fh, offset=offset, rwf=0, data=data))
+        return fuse.WRITE_OUT.pack(reply.result, 0)
+
+    def release_now(self, node: Node, body: memoryview) -> bytes:
+        (fh, *_) = fuse.RELEASE_IN.unpack_from(body)
+        self.link.post(PAIRING, Close(handle=fh))
+        return b""
+
+    async def release(self, unique: int, node: Node, body: memoryview) -> bytes:
+        return self.release_now(node, body)
+
+    def flush_now(self, node: Node, body: memoryview) -> bytes:
+        return b""  # every write reached the slave already: nothing is pending
+
+    async def flush(self, unique: int, node: Node, body: memoryview) -> bytes:
+        return self.flush_now(node, body)
+
+    async def fsync(self, unique: int, node: Node, body: memoryview) -> bytes:
+        fh, flags, _ = fuse.FSYNC_IN.unpack_from(body)
+        await self.call(Fsync(handle=fh, datasync=flags & fuse.FSYNC_FDATASYNC))
+        return b""
+
+    async def fallocate(self, unique: int, node: Node, body: memoryview) -> bytes:
+        fh, offset, length, mode, _ = fuse.FALLOCATE_IN.unpack_from(body)
+        await self.call(Fallocate(handle=fh, mode=mode, offset=offset, length=length))
+        return b""
+
+    async def lseek(self, unique: int, node: Node, body: memoryview) -> bytes:
+        fh, offset, whence, _ = fuse.LSEEK_IN.unpack_from(body)
+        reply = await self.call(Lseek(handle=fh, offset=offset, whence=whence))
+        return fuse.LSEEK_OUT.pack(reply.result)
+
+    async def copy_file_range(self, unique: int, node: Node, body: memoryview) -> bytes:
+        fh_in, off_in, _node_out, fh_out, off_out, length, flags = (
+            fuse.COPY_FILE_RANGE_IN.unpack_from(body))  # fmt: skip
+        reply = await self.call(CopyRange(src=fh_in, off_in=off_in, dst=fh_out, off_out=off_out,
+                                          length=min(length, 1 << 30), flags=flags))  # fmt: skip
+        return fuse.WRITE_OUT.pack(reply.result, 0)
+
+    async def statfs(self, unique: int, node: Node, body: memoryview) -> bytes:
+        path = node.path if node.path is not None and node.synthetic is None else b"/"
+        reply = await self.call(Statfs(dir=0, flags=0, path=path))
+        return fuse.statfs_out(reply.blob)
+
+    async def access(self, unique: int, node: Node, body: memoryview) -> bytes:
+        mask, _ = fuse.ACCESS_IN.unpack_from(body)
+        if node.synthetic is not None:
+            return b""
+        await self.call(Access(dir=0, mode=mask & 7, flags=0, path=self._path(node)))
+        return b""
+
+    async def destroy(self, unique: int, node: Node, body: memoryview) -> bytes:
+        return b""
+
+    # --- handlers: extended attributes ------------------------------------------------------
+
+    def _has_no_xattrs(self, node: Node) -> bool:
+        if node.synthetic is not None:
+            return True
+        key = watch_key(node.path) if node.path is not None else None
+        return key is not None and self.cache.no_xattrs(key, False)
+
+    def getxattr_now(self, node: Node, body: memoryview) -> bytes | None:
+        if self._has_no_xattrs(node):
+            raise Refused(errno.ENODATA)
+        return None
+
+    def listxattr_now(self, node: Node, body: memoryview) -> bytes | None:
+        size, _ = fuse.GETXATTR_IN.unpack_from(body)
+        if self._has_no_xattrs(node):
+            return fuse.GETXATTR_OUT.pack(0, 0) if not size else b""
+        return None
+
+    async def getxattr(self, unique: int, node: Node, body: memoryview) -> bytes:
+        size, _ = fuse.GETXATTR_IN.unpack_from(body)
+        (name,) = fuse.names(body[fuse.GETXATTR_IN.size :], 1)
+        path = self._path(node)
+        reply = await self.call(Getxattr(dir=0, flags=linux.AT_SYMLINK_NOFOLLOW,
+                                         size=size, path=path, name=name))  # fmt: skip
+        return fuse.GETXATTR_OUT.pack(reply.result, 0) if not size else reply.blob
+
+    async def listxattr(self, unique: int, node: Node, body: memoryview) -> bytes:
+        size, _ = fuse.GETXATTR_IN.unpack_from(body)
+        path = self._path(node)
+        reply = await self.call(Listxattr(dir=0, flags=linux.AT_SYMLINK_NOFOLLOW, size=size,
+                                          path=path))  # fmt: skip
+        return fuse.GETXATTR_OUT.pack(reply.result, 0) if not size else reply.blob
+
+    async def setxattr(self, unique: int, node: Node, body: memoryview) -> bytes:
+        size, flags = fuse.SETXATTR_IN.unpack_from(body)
+        rest = bytes(body[fuse.SETXATTR_IN.size :])
+        end = rest.index(b"\0")
+        name, value = rest[:end], rest[end + 1 : end + 1 + size]
+        self._real(node)
+        await self.call(Setxattr(dir=0, flags=linux.AT_SYMLINK_NOFOLLOW, xflags=flags,
+                                 path=self._path(node), name=name, value=value))  # fmt: skip
+        return b""
+
+    async def removexattr(self, unique: int, node: Node, body: memoryview) -> bytes:
+        (name,) = fuse.names(body, 1)
+        self._real(node)
+        await self.call(Removexattr(dir=0, flags=linux.AT_SYMLINK_NOFOLLOW,
+                                    path=self._path(node), name=name))  # fmt: skip
+        return b""
+
+    # --- handlers: directories ------------------------------------------------------------
+
+    def opendir_now(self, node: Node, body: memoryview) -> bytes | None:
+        if node.synthetic is not None:  # an empty directory of our own
+            dots = [(node.ino, 4, b"."), (node.ino, 4, b"..")]
+            self.points.listed(node.path or b"/", dots)
+            return self._opened_dir(DirHandle(node.path or b"/", dots, watched=True))
+        listing = self.listings.get(node.path) if node.path is not None else None
+        if listing is None:
+            return None
+        return self._opened_dir(DirHandle(node.path or b"/", listing, watched=True))
+
+    async def opendir(self, unique: int, node: Node, body: memoryview) -> bytes:
+        path = self._path(node)
+        d = DirHandle(path)
+        await self._list(d)
+        return self._opened_dir(d)
+
+    def _opened_dir(self, d: DirHandle) -> bytes:
+        fh = self._next_dir
+        self._next_dir += 1
+        self.dirs[fh] = d
+        # A watched listing: the kernel may keep it too (a notice drops it).
+        flags = fuse.FOPEN_KEEP_CACHE | fuse.FOPEN_CACHE_DIR if d.watched else 0
+        return fuse.OPEN_OUT.pack(fh, flags, 0)
+
+    async def _list(self, d: DirHandle) -> None:
+        """Read the whole directory: one LISTDIR, or by handle if it is too large."""
+        if not d.handle:
+            try:
+                reply = await self.call(Listdir(dir=0, path=d.path))
+            except Refused as exc:
+                if exc.errno != errno.EFBIG:
+                    raise
+                reply = await self.call(Open(dir=0, flags=os.O_RDONLY | os.O_DIRECTORY, mode=0,
+                                             resolve=0, path=d.path))  # fmt: skip
+                d.handle = reply.result
+            else:
+                d.entries = list(linux.dirents(reply.blob))
+                self.points.listed(d.path, d.entries)
+                d.watched = bool(reply.flags & REPLY_WATCHED) and watch_key(d.path) is not None
+                if d.watched:
+                    self.listings[d.path] = d.entries
+                return
+        else:  # read afresh
+            await self.call(Lseek(handle=d.handle, offset=0, whence=os.SEEK_SET))
+        entries: list[tuple[int, int, bytes]] = []
+        while True:
+            reply = await self.call(Getdents(handle=d.handle, size=READDIR_CHUNK))
+            if not reply.result:
+                break
+            entries.extend(linux.dirents(reply.blob))
+        self.points.listed(d.path, entries)
+        d.entries = entries
+
+    async def _listing(self, fh: int, offset: int) -> DirHandle:
+        d = self.dirs.get(fh)
+        if d is None:
+            raise Refused(errno.EBADF)
+        if d.entries is None or (offset == 0 and d.served and not d.watched):
+            await self._list(d)  # rewound: what the directory holds now
+        d.served = True
+        return d
+
+    def _loaded(self, body: memoryview) -> tuple[DirHandle, int, int] | None:
+        """The listing a READDIR(PLUS) continues, if it is read already."""
+        fh, offset, size, *_ = fuse.READ_IN.unpack_from(body)
+        d = self.dirs.get(fh)
+        if d is None:
+            raise Refused(errno.EBADF)
+        if d.entries is None or (offset == 0 and d.served and not d.watched):
+            return None
+        d.served = True
+        return d, offset, size
+
+    def readdir_now(self, node: Node, body: memoryview) -> bytes | None:
+        loaded = self._loaded(body)
+        return self._dirents(*loaded) if loaded is not None else None
+
+    def readdirplus_now(self, node: Node, body: memoryview) -> bytes | None:
+        loaded = self._loaded(body)
+        return self._direntsplus(*loaded) if loaded is not None else None
+
+    async def readdir(self, unique: int, node: Node, body: memoryview) -> bytes:
+        fh, offset, size, *_ = fuse.READ_IN.unpack_from(body)
+        return self._dirents(await self._listing(fh, offset), offset, size)
+
+    def _dirents(self, d: DirHandle, offset: int, size: int) -> bytes:
+        assert d.entries is not None
+        out: list[bytes] = []
+        used = 0
+        for i in range(offset, len(d.entries)):
+            ino, kind, name = d.entries[i]
+            record = fuse.dirent(ino, i + 1, kind, name)
+            if used + len(record) > size:
+                break
+            out.append(record)
+            used += len(record)
+        return b"".join(out)
+
+    async def readdirplus(self, unique: int, node: Node, body: memoryview) -> bytes:
+        fh, offset, size, *_ = fuse.READ_IN.unpack_from(body)
+        return self._direntsplus(await self._listing(fh, offset), offset, size)
+
+    def _direntsplus(self, d: DirHandle, offset: int, size: int) -> bytes:
+        assert d.entries is not None
+        base = d.path if d.path != b"/" else b""
+        fixed = self.points.master.keys() | self.points.ways
+        out: list[bytes] = []
+        used = 0
+        empty = fuse.entry_out(0, 0.0, 0.0, fuse.synthetic_attr(0, 0))
+        for i in range(offset, len(d.entries)):
+            ino, kind, name = d.entries[i]
+            size_needed = len(empty) + len(fuse.dirent(ino, i + 1, kind, name))
+            if used + size_needed > size:
+                break
+            entry = empty
+            path = base + b"/" + name
+            if name not in (b".", b"..") and path not in fixed:
+                hit = self.cache.lookup(path, False, MASK)
+                if hit is not None and hit[0] == 0:
+                    entry = self._entry_of(path, hit[1], True)
+            out.append(fuse.direntplus(entry, ino, i + 1, kind, name))
+            used += size_needed
+        return b"".join(out)
+
+    def releasedir_now(self, node: Node, body: memoryview) -> bytes:
+        (fh, *_) = fuse.RELEASE_IN.unpack_from(body)
+        d = self.dirs.pop(fh, None)
+        if d is not None and d.handle:
+            self.link.post(PAIRING, Close(handle=d.handle))
+        return b""
+
+    async def releasedir(self, unique: int, node: Node, body: memoryview) -> bytes:
+        return self.releasedir_now(node, body)
+
+    async def fsyncdir(self, unique: int, node: Node, body: memoryview) -> bytes:
+        fh, flags, _ = fuse.FSYNC_IN.unpack_from(body)
+        d = self.dirs.get(fh)
+        if d is None:
+            raise Refused(errno.EBADF)
+        if node.synthetic is not None:
+            return b""
+        handle = d.handle
+        if not handle:  # read by LISTDIR: a handle for the fsync alone
+            reply = await self.call(Open(dir=0, flags=os.O_RDONLY | os.O_DIRECTORY, mode=0,
+                                         resolve=0, path=d.path))  # fmt: skip
+            handle = reply.result
+        try:
+            await self.call(Fsync(handle=handle, datasync=flags & fuse.FSYNC_FDATASYNC))
+        finally:
+            if not d.handle:
+                self.link.post(PAIRING, Close(handle=handle))
+        return b""
+
+
+# --- the layout: what the launcher mounts ---------------------------------------------------
+
+
+class LayoutError(Exception):
+    """A policy the view cannot lay out."""
+
+
+def layout(policy: Policy) -> tuple[Points, list[Mount]]:
+    """The view's points and the launcher's bind mounts for ``policy``: each prefix
+    that the master's side decides, where the slave's decides its parent, is the
+    master's there."""
+    if policy.rule_for(b"/").side is not Side.SLAVE:
+        raise LayoutError("with --view, / must be the slave's (no --local /)")
+    masters: list[bytes] = []
+    for prefix in sorted({r.prefix for r in policy.rules if r.prefix != b"/"}):
+        parent = prefix[: prefix.rfind(b"/")] or b"/"
+        side, around = policy.rule_for(prefix).side, policy.rule_for(parent).side
+        if side is around:
+            continue
+        if side is Side.SLAVE:
+            raise LayoutError(f"with --view, {prefix.decode(errors='replace')} (the slave's) "
+                              "cannot be inside a prefix of the master's")  # fmt: skip
+        masters.append(prefix)
+    points = Points.of(masters)
+    return points, [Mount(p.path, p.path) for p in points.mounts()]

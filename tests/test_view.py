@@ -1,0 +1,784 @@
+"""The view (fsys.master.view): FUSE requests answered from a real slave.
+
+In process, a SOCK_SEQPACKET socketpair stands in for /dev/fuse (one message per
+request and per answer, as the device gives), and the test plays the kernel: it
+sends requests and reads answers and notices. The slave is a real fshub rooted in
+a fresh box, so a call made on the wrong side shows. End to end, ``--view`` runs
+real programs in a real FUSE mount (root and /dev/fuse needed, as for users).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import socket
+import stat
+import struct
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import trio
+
+from fsys import linux
+from fsys.errors import SESSION_FAILED
+from fsys.iostream import FdTransport
+from fsys.master import fuse, view
+from fsys.master.fuse import Opcode
+from fsys.master.link import SlaveLink
+from fsys.master.policy import Policy, Rule, Side
+from fsys.master.view import WATCHED, LayoutError, Points, View, layout
+from fsys.protocol import FEATURE_WATCH
+from fsys.slave.fshub import serve_transport
+from tests.conftest import PYTHON, Session
+
+ENTRY_SIZE = fuse.ENTRY_OUT.size
+ROOT = fuse.ROOT_ID
+
+
+@dataclass
+class Answer:
+    error: int  # positive errno, or 0
+    body: bytes
+
+    def entry(self) -> tuple[int, float, float, tuple[int, ...]]:
+        """(nodeid, entry validity, attr validity, fuse_attr fields)."""
+        assert self.error == 0, os.strerror(self.error)
+        nodeid, _gen, esec, asec, ensec, ansec, *attr = fuse.ENTRY_OUT.unpack_from(self.body)
+        return nodeid, esec + ensec / 1e9, asec + ansec / 1e9, tuple(attr)
+
+    def attr(self) -> tuple[float, tuple[int, ...]]:
+        assert self.error == 0, os.strerror(self.error)
+        sec, nsec, _, *attr = fuse.ATTR_OUT.unpack_from(self.body)
+        return sec + nsec / 1e9, tuple(attr)
+
+    def fh(self, at: int = 0) -> tuple[int, int]:
+        assert self.error == 0, os.strerror(self.error)
+        fh, flags, _ = fuse.OPEN_OUT.unpack_from(self.body, at)
+        return fh, flags
+
+
+@dataclass
+class Kernel:
+    """The kernel's side of the connection, played by the test."""
+
+    sock: trio.socket.SocketType
+    unique: int = 0
+    notices: list[tuple[int, bytes]] = field(default_factory=list)
+    early: dict[int, Answer] = field(default_factory=dict)
+
+    async def send(self, opcode: int, nodeid: int, body: bytes = b"") -> int:
+        self.unique += 2
+        header = fuse.IN_HEADER.pack(fuse.IN_HEADER.size + len(body), opcode, self.unique,
+                                     nodeid, 0, 0, 1, 0, 0)  # fmt: skip
+        await self.sock.send(header + body)
+        return self.unique
+
+    async def _take(self) -> None:
+        """One message from the view: an answer, or a notice."""
+        data = await self.sock.recv(fuse.OUT_HEADER.size + view.BUFFER)
+        length, error, got = fuse.OUT_HEADER.unpack_from(data)
+        assert length == len(data)
+        if got == 0:
+            self.notices.append((error, data[fuse.OUT_HEADER.size :]))
+        else:
+            self.early[got] = Answer(-error, data[fuse.OUT_HEADER.size :])
+
+    async def answer(self, unique: int) -> Answer:
+        with trio.fail_after(10):
+            while unique not in self.early:
+                await self._take()
+        return self.early.pop(unique)
+
+    async def ask(self, opcode: int, nodeid: int, body: bytes = b"") -> Answer:
+        return await self.answer(await self.send(opcode, nodeid, body))
+
+    async def lookup(self, parent: int, name: bytes) -> Answer:
+        return await self.ask(Opcode.LOOKUP, parent, name + b"\0")
+
+    async def node(self, path: bytes) -> int:
+        """The node id of ``path``, looked up name by name from the root."""
+        nodeid = ROOT
+        for name in path.strip(b"/").split(b"/"):
+            nodeid = (await self.lookup(nodeid, name)).entry()[0]
+        return nodeid
+
+    async def getattr(self, nodeid: int) -> Answer:
+        return await self.ask(Opcode.GETATTR, nodeid, fuse.GETATTR_IN.pack(0, 0, 0))
+
+    async def open(self, nodeid: int, flags: int = os.O_RDONLY) -> int:
+        return (await self.ask(Opcode.OPEN, nodeid, fuse.OPEN_IN.pack(flags, 0))).fh()[0]
+
+    async def read(self, nodeid: int, fh: int, size: int, offset: int = 0) -> Answer:
+        return await self.ask(Opcode.READ, nodeid,
+                              fuse.READ_IN.pack(fh, offset, size, 0, 0, 0, 0))  # fmt: skip
+
+    async def listing(self, nodeid: int, *, plus: bool = False) -> list[tuple[bytes, int, bytes]]:
+        """(name, DT type, entry bytes or b"") of a whole directory, opened and released."""
+        opened = await self.ask(Opcode.OPENDIR, nodeid, fuse.OPEN_IN.pack(0, 0))
+        fh, _ = opened.fh()
+        out: list[tuple[bytes, int, bytes]] = []
+        offset = 0
+        while True:
+            op = Opcode.READDIRPLUS if plus else Opcode.READDIR
+            got = await self.ask(op, nodeid, fuse.READ_IN.pack(fh, offset, 4096, 0, 0, 0, 0))
+            assert got.error == 0
+            if not got.body:
+                break
+            at = 0
+            while at < len(got.body):
+                entry = b""
+                if plus:
+                    entry = got.body[at : at + ENTRY_SIZE]
+                    at += ENTRY_SIZE
+                _ino, offset, namelen, kind = fuse.DIRENT.unpack_from(got.body, at)
+                name = got.body[at + fuse.DIRENT.size : at + fuse.DIRENT.size + namelen]
+                out.append((name, kind, entry))
+                at += (fuse.DIRENT.size + namelen + 7) & ~7
+        await self.ask(Opcode.RELEASEDIR, nodeid, fuse.RELEASE_IN.pack(fh, 0, 0, 0))
+        return out
+
+    async def notices_until(self, want: int, timeout: float = 5.0) -> list[tuple[int, bytes]]:
+        """Notices read so far, waiting up to ``timeout`` for at least ``want``."""
+        with trio.move_on_after(timeout):
+            while len(self.notices) < want:
+                await self._take()
+        return self.notices
+
+
+def inval_entries(notices: list[tuple[int, bytes]]) -> set[tuple[int, bytes]]:
+    out = set()
+    for code, body in notices:
+        if code == fuse.NOTIFY_INVAL_ENTRY:
+            parent, namelen, _ = fuse.INVAL_ENTRY.unpack_from(body)
+            out.add((parent, body[fuse.INVAL_ENTRY.size : fuse.INVAL_ENTRY.size + namelen]))
+    return out
+
+
+def inval_inodes(notices: list[tuple[int, bytes]]) -> set[int]:
+    return {fuse.INVAL_INODE.unpack_from(body)[0]
+            for code, body in notices if code == fuse.NOTIFY_INVAL_INODE}  # fmt: skip
+
+
+@asynccontextmanager
+async def viewed(
+    root: Path, points: Points | None = None, *, watch: bool = True
+) -> AsyncIterator[tuple[Kernel, View]]:
+    """A View over a real slave serving ``root``, and the kernel's end of its device.
+    ``View.link.slave_scope`` (set here) ends the slave, as if it died."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    ours.setblocking(False)
+    master_end, slave_end = socket.socketpair()
+    async with trio.open_nursery() as nursery:
+        slave_scope = trio.CancelScope()
+
+        async def slave() -> None:
+            fd = slave_end.detach()
+            with slave_scope:
+                await serve_transport(FdTransport(fd, fd), str(root))
+
+        nursery.start_soon(slave)
+        mine = master_end.detach()
+        transport = FdTransport(mine, mine)
+        link = SlaveLink(transport)
+        await nursery.start(link.serve)
+        with trio.fail_after(10):
+            await link.handshake(FEATURE_WATCH if watch else 0)
+        v = View(ours.fileno(), link, points or Points(), spin_us=0)
+        v.slave_scope = slave_scope  # type: ignore[attr-defined]
+        await nursery.start(v.serve)
+        kernel = Kernel(trio.socket.from_stdlib_socket(theirs))
+        init = await kernel.ask(Opcode.INIT, 0, fuse.INIT_IN.pack(7, 38, 1 << 17, 0xFFFFFFFF))
+        assert init.error == 0
+        yield kernel, v
+        kernel.sock.close()  # the connection ends: serve returns
+        if link.alive:
+            with trio.fail_after(10):
+                await link.goodbye()
+        nursery.cancel_scope.cancel()
+    v.close()
+    transport.close()
+    ours.close()
+
+
+async def notice_of(kernel: Kernel, holds: Callable[[list[tuple[int, bytes]]], bool]
+                    ) -> list[tuple[int, bytes]]:  # fmt: skip
+    """The notices, once ``holds`` of them (AssertionError after 5 s)."""
+    with trio.fail_after(5):
+        while not holds(kernel.notices):
+            await kernel.notices_until(len(kernel.notices) + 1, timeout=0.2)
+    return kernel.notices
+
+
+@pytest.fixture(autouse=True)
+def _quick(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The slave runs in this process: the view must not hold the thread waiting for it.
+    monkeypatch.setattr(view, "HOT_QUIET_MS", 0)
+
+
+@pytest.fixture
+def box(tmp_path: Path) -> Path:
+    root = tmp_path / "box"
+    root.mkdir()
+    (root / "f").write_bytes(b"hello, view\n")
+    (root / "d").mkdir()
+    (root / "d" / "a").write_bytes(b"A")
+    (root / "d" / "b").write_bytes(b"BB")
+    (root / "link").symlink_to("d/a")
+    return root
+
+
+# --- the codec ---------------------------------------------------------------------------
+
+
+def test_structure_sizes_are_the_kernels() -> None:
+    # linux/fuse.h, protocol 7.31+: the sizes the kernel checks an answer's length against.
+    assert fuse.IN_HEADER.size == 40
+    assert fuse.OUT_HEADER.size == 16
+    assert fuse.ENTRY_OUT.size == 128
+    assert fuse.ATTR_OUT.size == 104
+    assert fuse.INIT_OUT.size == 64
+    assert fuse.STATFS_OUT.size == 80
+    assert fuse.SETATTR_IN.size == 88
+    assert fuse.OPEN_OUT.size == 16
+    assert fuse.READ_IN.size == 40
+
+
+def statx(path: bytes) -> bytes:
+    buf = ctypes.create_string_buffer(linux.STATX_SIZE)
+    linux.statx(linux.AT_FDCWD, path, linux.AT_SYMLINK_NOFOLLOW, view.MASK, buf)
+    return buf.raw
+
+
+def test_attr_fields_of_a_real_statx(tmp_path: Path) -> None:
+    f = tmp_path / "x"
+    f.write_bytes(b"12345")
+    os.chmod(f, 0o640)
+    os.utime(f, ns=(1_500_000_000_123_456_789, 1_600_000_000_987_654_321))
+    raw = statx(bytes(f))
+    st = os.lstat(f)
+    ino, size, blocks, asec, msec, _csec, ansec, mnsec, _cns, mode, nlink, uid, gid, rdev, \
+        blksize, _pad = fuse.attr_fields(raw)  # fmt: skip
+    assert (ino, size, blocks, mode, nlink, uid, gid) == (
+        st.st_ino, 5, st.st_blocks, st.st_mode, 1, st.st_uid, st.st_gid)  # fmt: skip
+    assert (asec, ansec, msec, mnsec) == (1_500_000_000, 123_456_789, 1_600_000_000, 987_654_321)
+    assert blksize == st.st_blksize and rdev == 0
+
+
+def test_attr_fields_encode_a_device_number() -> None:
+    raw = statx(b"/dev/null")
+    assert fuse.attr_fields(raw)[13] == os.stat("/dev/null").st_rdev
+
+
+def test_dirent_is_padded_to_eight_bytes() -> None:
+    for name in (b"a", b"abcdefgh", b"x" * 13):
+        record = fuse.dirent(7, 3, 8, name)
+        assert len(record) % 8 == 0
+        assert len(record) - fuse.DIRENT.size - len(name) < 8
+        assert fuse.DIRENT.unpack_from(record) == (7, 3, len(name), 8)
+        assert record[fuse.DIRENT.size : fuse.DIRENT.size + len(name)] == name
+
+
+def test_init_asks_only_what_the_kernel_offers() -> None:
+    offered = fuse.ASYNC_READ | fuse.DO_READDIRPLUS | fuse.SETXATTR_EXT
+    major, minor, _ra, flags, *_ = fuse.INIT_OUT.unpack(fuse.init_out(34, offered, 4096, 1 << 20))
+    assert (major, minor) == (7, 34)
+    assert flags == fuse.ASYNC_READ | fuse.DO_READDIRPLUS  # SETXATTR_EXT is not wanted
+    assert fuse.INIT_OUT.unpack(fuse.init_out(50, 0, 0, 1 << 20))[1] == fuse.MINOR
+
+
+def test_reply_and_notice_headers() -> None:
+    assert fuse.OUT_HEADER.unpack(fuse.reply(9, error=errno.ENOENT)) == (16, -errno.ENOENT, 9)
+    assert fuse.OUT_HEADER.unpack_from(fuse.reply(9, b"abc")) == (19, 0, 9)
+    entry = fuse.inval_entry(5, b"name")
+    assert fuse.OUT_HEADER.unpack_from(entry) == (len(entry), fuse.NOTIFY_INVAL_ENTRY, 0)
+    assert fuse.INVAL_ENTRY.unpack_from(entry, 16) == (5, 4, 0)
+    assert entry.endswith(b"name\0")
+    inode = fuse.inval_inode(5)
+    assert fuse.OUT_HEADER.unpack_from(inode) == (40, fuse.NOTIFY_INVAL_INODE, 0)
+
+
+def test_names_refuses_a_body_with_too_few() -> None:
+    assert fuse.names(memoryview(b"a\0bc\0"), 2) == [b"a", b"bc"]
+    with pytest.raises(ValueError):
+        fuse.names(memoryview(b"a\0bc"), 2)
+
+
+# --- the layout ----------------------------------------------------------------------------
+
+
+def policy(*rules: tuple[str, Side]) -> Policy:
+    return Policy(tuple(Rule(p.encode(), side, "test") for p, side in rules))
+
+
+def test_layout_mounts_the_masters_prefixes(tmp_path: Path) -> None:
+    (tmp_path / "m").mkdir()
+    (tmp_path / "file").write_bytes(b"")
+    (tmp_path / "sym").symlink_to("m")
+    t = str(tmp_path)
+    points, mounts = layout(policy((t + "/m", Side.MASTER), (t + "/file", Side.MASTER),
+                                   (t + "/sym", Side.MASTER), (t + "/none", Side.MASTER),
+                                   ("/", Side.SLAVE)))  # fmt: skip
+    kinds = {p.path: p.kind for p in points.master.values()}
+    tb = t.encode()
+    assert kinds == {tb + b"/m": stat.S_IFDIR, tb + b"/file": stat.S_IFREG,
+                     tb + b"/sym": stat.S_IFLNK, tb + b"/none": 0}  # fmt: skip
+    assert points.master[tb + b"/sym"].target == b"m"
+    assert {m.source for m in mounts} == {tb + b"/m", tb + b"/file"}
+    assert tb in points.ways and b"/tmp" in points.ways and b"/" not in points.ways
+
+
+def test_layout_refuses_what_it_cannot_lay_out() -> None:
+    with pytest.raises(LayoutError, match="no --local /"):
+        layout(policy(("/", Side.MASTER)))
+    with pytest.raises(LayoutError, match="cannot be inside"):
+        layout(policy(("/usr/x", Side.SLAVE), ("/usr", Side.MASTER), ("/", Side.SLAVE)))
+
+
+# --- requests against a real slave -----------------------------------------------------------
+
+
+async def test_lookup_of_a_watched_file_is_kept(box: Path) -> None:
+    async with viewed(box) as (kernel, v):
+        nodeid, valid, attr_valid, attr = (await kernel.lookup(ROOT, b"f")).entry()
+        st = os.lstat(box / "f")
+        assert attr[0] == st.st_ino and attr[1] == 12 and attr[9] == st.st_mode
+        assert valid == WATCHED and attr_valid == WATCHED
+        # Asked again, from what the view holds: the same node, no slave call.
+        again = (await kernel.lookup(ROOT, b"f")).entry()
+        assert again[0] == nodeid
+        assert v.nodes[nodeid].lookups == 2
+
+
+async def test_lookup_unwatched_is_kept_for_no_time(box: Path) -> None:
+    async with viewed(box, watch=False) as (kernel, _):
+        _, valid, attr_valid, attr = (await kernel.lookup(ROOT, b"f")).entry()
+        assert (valid, attr_valid) == (0, 0) and attr[1] == 12
+        missing = await kernel.lookup(ROOT, b"nothing")
+        assert missing.error == errno.ENOENT  # no negative entry either
+
+
+async def test_lookup_of_a_missing_name_is_a_negative_entry(box: Path) -> None:
+    async with viewed(box) as (kernel, _):
+        nodeid, valid, _, _ = (await kernel.lookup(ROOT, b"nothing")).entry()
+        assert nodeid == 0 and valid == WATCHED
+        (box / "nothing").write_bytes(b"now")  # another process makes it
+        await notice_of(kernel, lambda n: (ROOT, b"nothing") in inval_entries(n))
+        assert (await kernel.lookup(ROOT, b"nothing")).entry()[3][1] == 3
+
+
+async def test_lookup_refuses_bad_names(box: Path) -> None:
+    async with viewed(box) as (kernel, _):
+        assert (await kernel.lookup(ROOT, b"a/b")).error == errno.EINVAL
+        assert (await kernel.ask(Opcode.LOOKUP, ROOT, b"unterminated")).error == errno.EINVAL
+        assert (await kernel.lookup(987654, b"f")).error == errno.ESTALE
+
+
+async def test_a_symlink_reads_the_slaves_target(box: Path) -> None:
+    async with viewed(box) as (kernel, _):
+        nodeid, _, _, attr = (await kernel.lookup(ROOT, b"link")).entry()
+        assert stat.S_ISLNK(attr[9])
+        got = await kernel.ask(Opcode.READLINK, nodeid)
+        assert got.body == b"d/a"
+
+
+async def test_master_points_and_the_way_to_them(box: Path, tmp_path: Path) -> None:
+    masters = tmp_path / "masters"
+    (masters / "thing").mkdir(parents=True)
+    (masters / "sym").symlink_to("/elsewhere")
+    m = bytes(masters)
+    points = Points.of([m + b"/thing", m + b"/none", m + b"/sym"])
+    top = m.split(b"/")[1]
+    async with viewed(box, points) as (kernel, v):
+        # The way to the master's points: the slave (the box) has none of it, so the
+        # view makes empty directories to mount on, named for good.
+        way, valid, _, attr = (await kernel.lookup(ROOT, top)).entry()
+        assert stat.S_ISDIR(attr[9]) and valid == WATCHED and v.nodes[way].pinned
+        lib = await kernel.node(m)
+        thing, _, _, attr = (await kernel.lookup(lib, b"thing")).entry()
+        assert stat.S_ISDIR(attr[9])
+        # The master has nothing at one of its points: nothing is there, whatever the
+        # slave has.
+        (box / m.decode().lstrip("/")).mkdir(parents=True)
+        (box / m.decode().lstrip("/") / "none").write_bytes(b"slave's")
+        assert (await kernel.lookup(lib, b"none")).error == errno.ENOENT
+        node = await kernel.node(m + b"/sym")
+        assert (await kernel.ask(Opcode.READLINK, node)).body == b"/elsewhere"
+        # The view's own nodes cannot be changed, removed or renamed.
+        assert (await kernel.ask(Opcode.UNLINK, lib, b"thing\0")).error == errno.EBUSY
+        assert (await kernel.ask(Opcode.MKDIR, lib, fuse.MKDIR_IN.pack(0o755, 0) + b"thing\0")
+                ).error == errno.EEXIST  # fmt: skip
+        setattr_body = fuse.SETATTR_IN.pack(fuse.FATTR_MODE, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+                                            0o700, 0, 0, 0, 0)  # fmt: skip
+        assert (await kernel.ask(Opcode.SETATTR, thing, setattr_body)).error == errno.EPERM
+        listing = await kernel.listing(thing)
+        assert [n for n, _, _ in listing] == [b".", b".."]
+        # Listings show the points (of the master's type) and hide the absent one.
+        assert {(n, k) for n, k, _ in await kernel.listing(lib)} == {
+            (b".", 4), (b"..", 4), (b"thing", 4), (b"sym", 10)}  # fmt: skip
+        assert (top, 4) in {(n, k) for n, k, _ in await kernel.listing(ROOT)}
+        # Nothing of this was made on the slave.
+        assert sorted(p.name for p in box.iterdir()) == ["d", "f", "link", top.decode()]
+        assert not (box / m.decode().lstrip("/") / "thing").exists()
+
+
+async def test_a_way_the_slave_has_is_the_slaves(box: Path) -> None:
+    (box / "usr").mkdir()
+    (box / "usr" / "mine").write_bytes(b"slave's")
+    (box / "usr" / "gone-nowhere").write_bytes(b"slave's")
+    points = Points.of([b"/usr/lib", b"/usr/gone-nowhere"])  # the master has /usr/lib
+    async with viewed(box, points) as (kernel, v):
+        usr, _, _, attr = (await kernel.lookup(ROOT, b"usr")).entry()
+        assert attr[0] == os.lstat(box / "usr").st_ino and v.nodes[usr].pinned
+        names = {n for n, _, _ in await kernel.listing(usr)}
+        assert names == {b".", b"..", b"mine", b"lib"}
+        assert (await kernel.lookup(usr, b"gone-nowhere")).error == errno.ENOENT
+        # A change there never drops the pinned name (it would detach the mount).
+        (box / "usr" / "new").write_bytes(b"")
+        os.utime(box / "usr")
+        v.invalidate((b"/usr",))
+        notices = await kernel.notices_until(2, timeout=1)
+        assert (ROOT, b"usr") not in inval_entries(notices)
+        assert usr in inval_inodes(notices)
+
+
+async def test_readdirplus_carries_each_entrys_attributes(box: Path) -> None:
+    async with viewed(box) as (kernel, v):
+        d = await kernel.node(b"/d")
+        listing = await kernel.listing(d, plus=True)
+        by_name = {n: (k, e) for n, k, e in listing}
+        assert set(by_name) == {b".", b"..", b"a", b"b"}
+        kind, entry = by_name[b"b"]
+        assert kind == 8
+        nodeid, _gen, esec, *_rest = fuse.ENTRY_OUT.unpack_from(entry)
+        attr = fuse.ENTRY_OUT.unpack_from(entry)[6:]
+        assert nodeid and esec == WATCHED and attr[1] == 2
+        assert attr[0] == os.lstat(box / "d" / "b").st_ino
+        assert fuse.ENTRY_OUT.unpack_from(by_name[b"."][1])[0] == 0  # the kernel's own
+        assert b"/d" in v.listings
+
+
+async def test_a_listing_is_kept_until_the_directory_changes(box: Path) -> None:
+    async with viewed(box) as (kernel, v):
+        d = await kernel.node(b"/d")
+        assert {n for n, _, _ in await kernel.listing(d)} == {b".", b"..", b"a", b"b"}
+        opened = await kernel.ask(Opcode.OPENDIR, d, fuse.OPEN_IN.pack(0, 0))
+        fh, flags = opened.fh()
+        assert flags & fuse.FOPEN_CACHE_DIR and flags & fuse.FOPEN_KEEP_CACHE
+        await kernel.ask(Opcode.RELEASEDIR, d, fuse.RELEASE_IN.pack(fh, 0, 0, 0))
+        (box / "d" / "c").write_bytes(b"")  # another process adds a name
+        notices = await kernel.notices_until(1)
+        assert d in inval_inodes(notices)
+        with trio.fail_after(5):
+            while b"/d" in v.listings:
+                await trio.sleep(0.01)
+        assert b"c" in {n for n, _, _ in await kernel.listing(d)}
+
+
+async def test_a_large_directory_is_read_by_handle(box: Path, monkeypatch: pytest.MonkeyPatch
+                                                   ) -> None:  # fmt: skip
+    big = box / "big"
+    big.mkdir()
+    for i in range(300):
+        (big / f"entry-with-a-long-name-{i:04}").write_bytes(b"")
+    from fsys.slave import executor
+
+    monkeypatch.setattr(executor, "MAX_IO", 4096)  # LISTDIR says EFBIG beyond
+    async with viewed(box) as (kernel, v):
+        d = await kernel.node(b"/big")
+        names = {n for n, _, _ in await kernel.listing(d)}
+        assert len(names) == 302
+        assert b"/big" not in v.listings  # read in pieces: not one answer to keep
+
+
+async def test_read_write_create_and_remove(box: Path) -> None:
+    async with viewed(box) as (kernel, v):
+        f = await kernel.node(b"/f")
+        fh = await kernel.open(f)
+        assert (await kernel.read(f, fh, 5, 7)).body == b"view\n"
+        await kernel.ask(Opcode.RELEASE, f, fuse.RELEASE_IN.pack(fh, 0, 0, 0))
+
+        made = await kernel.ask(Opcode.CREATE, ROOT, fuse.CREATE_IN.pack(
+            os.O_WRONLY | os.O_CREAT, 0o100640, 0, 0) + b"new\0")  # fmt: skip
+        nodeid, _, _, attr = made.entry()
+        wfh, _ = made.fh(ENTRY_SIZE)
+        assert stat.S_IMODE(attr[9]) == 0o640
+        wrote = await kernel.ask(Opcode.WRITE, nodeid,
+                                 fuse.WRITE_IN.pack(wfh, 0, 6, 0, 0, 0, 0) + b"abcdef")  # fmt: skip
+        assert fuse.WRITE_OUT.unpack(wrote.body)[0] == 6
+        sync = await kernel.ask(Opcode.FSYNC, nodeid, fuse.FSYNC_IN.pack(wfh, 0, 0))
+        assert sync.error == 0
+        await kernel.ask(Opcode.RELEASE, nodeid, fuse.RELEASE_IN.pack(wfh, 0, 0, 0))
+        assert (box / "new").read_bytes() == b"abcdef"
+
+        mkdir = await kernel.ask(Opcode.MKDIR, ROOT, fuse.MKDIR_IN.pack(0o750, 0) + b"sub\0")
+        sub = mkdir.entry()[0]
+        assert (box / "sub").is_dir() and stat.S_IMODE(os.stat(box / "sub").st_mode) == 0o750
+        link = await kernel.ask(Opcode.SYMLINK, sub, b"s\0../new\0")
+        assert link.error == 0 and os.readlink(box / "sub" / "s") == "../new"
+        hard = await kernel.ask(Opcode.LINK, ROOT, fuse.LINK_IN.pack(nodeid) + b"hard\0")
+        assert hard.entry()[3][10] == 2  # two links now
+        assert (await kernel.ask(Opcode.RMDIR, ROOT, b"sub\0")).error == errno.ENOTEMPTY
+        assert (await kernel.ask(Opcode.UNLINK, sub, b"s\0")).error == 0
+        assert (await kernel.ask(Opcode.RMDIR, ROOT, b"sub\0")).error == 0
+        assert not (box / "sub").exists()
+        assert v.nodes[sub].path is None  # gone: ESTALE from now on
+        assert (await kernel.getattr(sub)).error == errno.ESTALE
+
+
+async def test_rename_moves_the_nodes_below(box: Path) -> None:
+    async with viewed(box) as (kernel, v):
+        d = await kernel.node(b"/d")
+        a = (await kernel.lookup(d, b"a")).entry()[0]
+        moved = await kernel.ask(Opcode.RENAME, ROOT, fuse.RENAME_IN.pack(ROOT) + b"d\0e\0")
+        assert moved.error == 0
+        assert v.nodes[d].path == b"/e" and v.nodes[a].path == b"/e/a"
+        fh = await kernel.open(a)
+        assert (await kernel.read(a, fh, 10)).body == b"A"
+        assert (box / "e" / "a").exists() and not (box / "d").exists()
+        # RENAME2 with RENAME_NOREPLACE onto an existing name: the slave's EEXIST.
+        noreplace = fuse.RENAME2_IN.pack(ROOT, 1, 0) + b"e\0f\0"
+        assert (await kernel.ask(Opcode.RENAME2, ROOT, noreplace)).error == errno.EEXIST
+
+
+async def test_setattr_truncates_and_changes_mode_and_times(box: Path) -> None:
+    async with viewed(box) as (kernel, _):
+        f = await kernel.node(b"/f")
+        valid = fuse.FATTR_SIZE | fuse.FATTR_MODE | fuse.FATTR_MTIME
+        body = fuse.SETATTR_IN.pack(valid, 0, 0, 5, 0, 0, 1_234_567_890, 0, 0, 42, 0,
+                                    0o100600, 0, 0, 0, 0)  # fmt: skip
+        _, attr = (await kernel.ask(Opcode.SETATTR, f, body)).attr()
+        st = os.lstat(box / "f")
+        assert st.st_size == 5 and stat.S_IMODE(st.st_mode) == 0o600
+        assert st.st_mtime_ns == 1_234_567_890_000_000_042
+        assert attr[1] == 5 and attr[4] == 1_234_567_890
+
+
+async def test_an_outside_change_drops_attributes_and_pages(box: Path) -> None:
+    async with viewed(box) as (kernel, _):
+        f = await kernel.node(b"/f")
+        valid, attr = (await kernel.getattr(f)).attr()
+        assert valid == WATCHED and attr[1] == 12
+        (box / "f").write_bytes(b"longer than it was\n")
+        notices = await kernel.notices_until(1)
+        assert f in inval_inodes(notices)
+        _, attr = (await kernel.getattr(f)).attr()
+        assert attr[1] == 19
+
+
+async def test_a_file_replaced_behind_the_view_is_a_new_node(box: Path) -> None:
+    async with viewed(box) as (kernel, v):
+        old = (await kernel.lookup(ROOT, b"f")).entry()[0]
+        (box / "g").write_bytes(b"other")
+        os.rename(box / "g", box / "f")
+        await kernel.notices_until(1)
+        with trio.fail_after(5):
+            while (await kernel.lookup(ROOT, b"f")).entry()[0] == old:
+                await trio.sleep(0.01)
+        assert v.nodes[old].path is None
+
+
+async def test_an_open_file_stays_readable_once_removed(box: Path) -> None:
+    async with viewed(box) as (kernel, _):
+        f = await kernel.node(b"/f")
+        fh = await kernel.open(f)
+        os.unlink(box / "f")
+        assert (await kernel.read(f, fh, 5)).body == b"hello"
+        assert (await kernel.getattr(f)).error == errno.ENOENT
+
+
+async def test_opening_a_watched_file_keeps_its_pages(box: Path) -> None:
+    async with viewed(box) as (kernel, _):
+        f = await kernel.node(b"/f")
+        await kernel.getattr(f)
+        opened = await kernel.ask(Opcode.OPEN, f, fuse.OPEN_IN.pack(os.O_RDONLY, 0))
+        assert opened.fh()[1] & fuse.FOPEN_KEEP_CACHE
+    async with viewed(box, watch=False) as (kernel, _):
+        f = await kernel.node(b"/f")
+        opened = await kernel.ask(Opcode.OPEN, f, fuse.OPEN_IN.pack(os.O_RDONLY, 0))
+        assert not opened.fh()[1] & fuse.FOPEN_KEEP_CACHE
+
+
+async def test_xattrs_known_absent_are_answered_at_once(box: Path) -> None:
+    async with viewed(box) as (kernel, _):
+        f = await kernel.node(b"/f")
+        got = await kernel.ask(Opcode.GETXATTR, f, fuse.GETXATTR_IN.pack(0, 0)
+                               + b"security.selinux\0")  # fmt: skip
+        assert got.error == errno.ENODATA
+        listed = await kernel.ask(Opcode.LISTXATTR, f, fuse.GETXATTR_IN.pack(0, 0))
+        assert fuse.GETXATTR_OUT.unpack(listed.body)[0] == 0
+        os.setxattr(box / "f", "user.k", b"value")
+        await kernel.notices_until(1)
+        with trio.fail_after(5):
+            while True:
+                got = await kernel.ask(Opcode.GETXATTR, f, fuse.GETXATTR_IN.pack(64, 0)
+                                       + b"user.k\0")  # fmt: skip
+                if got.error == 0:
+                    break
+                await trio.sleep(0.01)
+        assert got.body == b"value"
+        set_body = fuse.SETXATTR_IN.pack(3, 0) + b"user.n\0xyz"
+        assert (await kernel.ask(Opcode.SETXATTR, f, set_body)).error == 0
+        assert os.getxattr(box / "f", "user.n") == b"xyz"
+        assert (await kernel.ask(Opcode.REMOVEXATTR, f, b"user.n\0")).error == 0
+        assert "user.n" not in os.listxattr(box / "f")
+
+
+async def test_statfs_is_the_slaves(box: Path) -> None:
+    async with viewed(box) as (kernel, _):
+        got = await kernel.ask(Opcode.STATFS, ROOT)
+        blocks, _bfree, _bavail, _files, _ffree, bsize, namelen, _frsize, _ = (
+            fuse.STATFS_OUT.unpack(got.body))  # fmt: skip
+        native = os.statvfs(box)
+        assert (blocks, bsize, namelen) == (native.f_blocks, native.f_bsize, native.f_namemax)
+
+
+async def test_malformed_and_unknown_requests(box: Path) -> None:
+    async with viewed(box) as (kernel, _):
+        f = await kernel.node(b"/f")
+        assert (await kernel.ask(Opcode.READ, f, b"\0")).error == errno.EINVAL
+        assert (await kernel.ask(Opcode.OPEN, f, b"")).error == errno.EINVAL
+        assert (await kernel.ask(Opcode.MKDIR, ROOT, fuse.MKDIR_IN.pack(0o755, 0))
+                ).error == errno.EINVAL  # fmt: skip
+        assert (await kernel.ask(Opcode.SETATTR, f, b"short")).error == errno.EINVAL
+        assert (await kernel.ask(Opcode.BMAP, f)).error == errno.ENOSYS
+        assert (await kernel.ask(999, f)).error == errno.ENOSYS
+        assert (await kernel.read(f, 12345, 10)).error == errno.EBADF
+        # Still serving.
+        assert (await kernel.getattr(f)).error == 0
+
+
+async def test_forget_drops_a_node_once_every_lookup_is_forgotten(box: Path) -> None:
+    async with viewed(box) as (kernel, v):
+        f = (await kernel.lookup(ROOT, b"f")).entry()[0]
+        await kernel.lookup(ROOT, b"f")
+        await kernel.send(Opcode.FORGET, f, fuse.FORGET_IN.pack(1))
+        await kernel.getattr(ROOT)  # FORGET has no answer: this one orders after it
+        assert f in v.nodes
+        batch = fuse.BATCH_FORGET_IN.pack(1, 0) + fuse.FORGET_ONE.pack(f, 1)
+        await kernel.send(Opcode.BATCH_FORGET, 0, batch)
+        await kernel.getattr(ROOT)
+        assert f not in v.nodes and b"/f" not in v.by_path
+        assert (await kernel.getattr(f)).error == errno.ESTALE
+
+
+async def test_names_are_the_slaves_and_dots_are_the_kernels(box: Path, tmp_path: Path
+                                                              ) -> None:  # fmt: skip
+    (tmp_path / "secret").write_bytes(b"master's")
+    async with viewed(box) as (kernel, _):
+        # The kernel resolves "." and ".." itself: a LOOKUP of either is refused, so
+        # no node names a path that climbs.
+        assert (await kernel.lookup(ROOT, b"..")).error == errno.EINVAL
+        assert (await kernel.lookup(ROOT, b".")).error == errno.EINVAL
+        d = await kernel.node(b"/d")
+        assert (await kernel.lookup(d, b"..")).error == errno.EINVAL
+        # The test's directory holds "secret"; the slave's root (the box) does not.
+        assert (await kernel.lookup(ROOT, b"secret")).entry()[0] == 0
+
+
+async def test_a_dead_slave_fails_requests_with_eio(box: Path) -> None:
+    async with viewed(box) as (kernel, v):
+        f = await kernel.node(b"/f")
+        fh = await kernel.open(f)
+        v.slave_scope.cancel()  # type: ignore[attr-defined]
+        with trio.fail_after(5):
+            while v.link.alive:
+                await trio.sleep(0.01)
+        assert (await kernel.read(f, fh, 5)).error == errno.EIO
+        assert (await kernel.lookup(ROOT, b"not-cached")).error == errno.EIO
+        # What the view knows still answers (a watched answer holds until told).
+        assert (await kernel.getattr(f)).attr()[1][1] == 12
+
+
+def test_entry_sizes_match_readdirplus_budget() -> None:
+    # Each direntplus record is an entry and a padded dirent: the budget must count both.
+    record = fuse.direntplus(fuse.entry_out(1, 0, 0, fuse.synthetic_attr(1, 0o100644)),
+                             1, 1, 8, b"abc")  # fmt: skip
+    assert len(record) == ENTRY_SIZE + 32
+    assert struct.calcsize("<QQII") == fuse.DIRENT.size
+
+
+# --- end to end: real programs in a real mount -----------------------------------------------
+
+needs_fuse = pytest.mark.skipif(
+    not os.path.exists("/dev/fuse") or os.geteuid() != 0,
+    reason="--view needs /dev/fuse and root (as for users: docs/usage.md)",
+)
+
+
+@needs_fuse
+async def test_programs_run_on_slave_files_in_the_view(session: Session) -> None:
+    (session.box / "in.txt").write_bytes(b"one\ntwo\n")
+    got = await session.run("/bin/sh", "-c",
+                            "cat /in.txt; echo three >> /in.txt; mkdir /made; ls /;"
+                            " echo x > /made/y; mv /made/y /made/z; ls -l /made | wc -l;"
+                            " exit 7", extra=["--view"])  # fmt: skip
+    assert got.status == 7, got.err
+    lines = got.out.splitlines()
+    assert lines[:2] == ["one", "two"]
+    # The slave's names, and the master's mount points the slave lacks.
+    assert {"in.txt", "made", "usr", "proc"} <= set(lines)
+    assert lines[-1] == "2"
+    assert (session.box / "in.txt").read_bytes() == b"one\ntwo\nthree\n"
+    assert (session.box / "made" / "z").read_bytes() == b"x\n"
+    session.master_untouched()
+
+
+@needs_fuse
+async def test_the_view_sees_another_processs_change(session: Session) -> None:
+    (session.box / "v").write_bytes(b"1")
+    # The program reads, waits for the file to change on the slave (from this test),
+    # and must see the new content and size without re-opening anything stale.
+    script = ("cat /v; echo; while [ \"$(cat /v)\" = 1 ]; do sleep 0.05; done; cat /v;"
+              " echo; stat -c %s /v")  # fmt: skip
+    async with trio.open_nursery() as nursery:
+        result: list[object] = []
+
+        async def run() -> None:
+            result.append(await session.run("/bin/sh", "-c", script, extra=["--view"]))
+
+        nursery.start_soon(run)
+        await trio.sleep(2)
+        (session.box / "v").write_bytes(b"22")
+    got = result[0]
+    assert isinstance(got, type(result[0])) and got.status == 0, got.err  # type: ignore[attr-defined]
+    assert got.out.split() == ["1", "22", "2"]  # type: ignore[attr-defined]
+
+
+@needs_fuse
+async def test_git_runs_on_slave_files_in_the_view(session: Session) -> None:
+    got = await session.run("/bin/sh", "-c",
+                            "cd /r 2>/dev/null || mkdir /r && cd /r && git init -q ."
+                            " && echo hi > a && git add a"
+                            " && git -c user.name=t -c user.email=t@t commit -qm m"
+                            " && git status --porcelain && git log --format=%s",
+                            extra=["--view"])  # fmt: skip
+    assert got.status == 0, got.err
+    assert got.out.split() == ["m"]
+    assert (session.box / "r" / ".git" / "HEAD").exists()
+    session.master_untouched()
+
+
+@needs_fuse
+async def test_the_view_refuses_what_it_cannot_do(session: Session) -> None:
+    got = await session.run("true", extra=["--view", "--trace"])
+    assert got.status == 2 and "--view" in got.err and "Traceback" not in got.err
+    got = await session.run("true", extra=["--view", "--local", "/"])
+    assert got.status != 0 and "no --local /" in got.err and "Traceback" not in got.err
+
+
+@needs_fuse
+async def test_without_dev_fuse_the_view_says_so(session: Session) -> None:
+    # fsys-master in a mount namespace whose /dev has no fuse device.
+    master = ["unshare", "-m", "sh", "-c",
+              'mount -t tmpfs none /dev && exec "$@"', "sh", PYTHON, "-m", "fsys.master",
+              "run", "--view", "--slave", session.slave, "--", "true"]  # fmt: skip
+    with trio.fail_after(60):
+        got = await trio.run_process(master, capture_stdout=True, capture_stderr=True,
+                                     check=False, cwd=session.master_dir)  # fmt: skip
+    assert got.returncode == SESSION_FAILED
+    assert got.stderr.decode().strip().splitlines() == [
+        "fsys-master: --view needs /dev/fuse: No such file or directory"]  # fmt: skip
