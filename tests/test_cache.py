@@ -102,6 +102,15 @@ def test_an_invalidation_drops_the_path_and_everything_below_it() -> None:
     assert len(cache) == 0
 
 
+def test_a_change_of_content_drops_the_files_answer() -> None:
+    cache = AttrCache()
+    flags = REPLY_WATCHED | REPLY_NOT_LINK
+    for key in (b"/a", b"/a/f", b"/a/g"):
+        cache.store(key, True, BASIC, 0, key, flags)
+    cache.invalidate((b"/a/f/..",))
+    assert sorted(cache.entries) == [b"/a", b"/a/g"]
+
+
 def test_a_directory_s_own_answer_is_dropped_alone() -> None:
     cache = AttrCache()
     flags = REPLY_WATCHED | REPLY_NOT_LINK
@@ -168,7 +177,11 @@ def test_changes_name_the_entries_that_changed(watches: Watches, tmp_path: Path)
     # a name added: the directory's own answer too (its mtime), not those below it
     assert watches.changes() == [b"/.", b"/a/.", b"/a/f", b"/a/new", b"/top"]
     with open(tmp_path / "a/f", "a") as f:
-        f.write("more")  # content: the size and mtime
+        f.write("more")  # content alone: the size and mtime, not the owner, mode, xattrs
+    assert watches.changes() == [b"/a/f/.."]
+    with open(tmp_path / "a/f", "a") as f:
+        f.write("more")
+    os.chmod(tmp_path / "a/f", 0o644)  # and its mode: the whole answer
     assert watches.changes() == [b"/a/f"]
     os.unlink(tmp_path / "a/new")
     assert watches.changes() == [b"/a/.", b"/a/new"]

@@ -147,9 +147,11 @@ class AttrCache:
 
     def invalidate(self, paths: tuple[bytes, ...] | list[bytes]) -> None:
         """Drop each path and everything below it (b"/": everything); a path
-        ``D/.`` drops the answer about the directory ``D`` alone."""
+        ``D/.`` drops the answer about the directory ``D`` alone, ``P/..`` the answer
+        about the file ``P`` (its content changed)."""
         handles = self.handles
-        for path in paths:
+        for stale in paths:
+            path = stale[:-3] if stale.endswith(b"/..") else stale
             if path.endswith(b"/."):
                 self.entries.pop(path[:-2], None)  # (its entries' answers stand)
                 continue

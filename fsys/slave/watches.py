@@ -144,9 +144,12 @@ class Watches:
         return 0
 
     def changes(self) -> list[bytes]:
-        """The paths made stale by the events queued since the last call."""
+        """The paths made stale by the events queued since the last call; ``P/..``
+        for a file ``P`` whose content alone changed (its data, size and times: not
+        its owner, mode or extended attributes)."""
         stale: set[bytes] = set()
         moved: set[bytes] = set()  # of these, names that may name something else now
+        written: set[bytes] = set()  # names whose content alone changed (IN_MODIFY)
         if self.fd < 0:
             return []
         for wd, mask, name in linux.inotify_events(self.fd):
@@ -162,6 +165,9 @@ class Watches:
                 if mask & _RENAMING:
                     moved |= paths
                     stale.update((key if key != b"/" else b"") + b"/." for key in keys)
+                elif mask == linux.IN_MODIFY:
+                    written |= paths
+                    continue
             else:
                 paths = set(keys)
                 if mask & _SELF_GONE:
@@ -169,6 +175,7 @@ class Watches:
             stale |= paths
         if moved:
             self._unwatch(moved)
+        stale.update(path + b"/.." for path in written - stale)
         return sorted(stale)
 
     def _unwatch(self, moved: set[bytes]) -> None:
