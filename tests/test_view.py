@@ -70,11 +70,19 @@ class Kernel:
     notices: list[tuple[int, bytes]] = field(default_factory=list)
     early: dict[int, Answer] = field(default_factory=dict)
 
-    async def send(self, opcode: int, nodeid: int, body: bytes = b"") -> int:
+    def _request(self, opcode: int, nodeid: int, body: bytes) -> bytes:
         self.unique += 2
         header = fuse.IN_HEADER.pack(fuse.IN_HEADER.size + len(body), opcode, self.unique,
                                      nodeid, 0, 0, 1, 0, 0)  # fmt: skip
-        await self.sock.send(header + body)
+        return header + body
+
+    async def send(self, opcode: int, nodeid: int, body: bytes = b"") -> int:
+        await self.sock.send(self._request(opcode, nodeid, body))
+        return self.unique
+
+    def send_now(self, opcode: int, nodeid: int, body: bytes = b"") -> int:
+        """Queue a request without letting the view run (requests that come together)."""
+        os.write(self.sock.fileno(), self._request(opcode, nodeid, body))
         return self.unique
 
     async def _take(self) -> None:
@@ -529,6 +537,71 @@ async def test_read_write_create_and_remove(box: Path) -> None:
         assert (await kernel.getattr(sub)).error == errno.ESTALE
 
 
+def write_body(fh: int, offset: int, data: bytes) -> bytes:
+    return fuse.WRITE_IN.pack(fh, offset, len(data), 0, 0, 0, 0) + data
+
+
+async def test_writes_are_answered_at_once_and_joined_behind(box: Path,
+                                                             monkeypatch: pytest.MonkeyPatch
+                                                             ) -> None:  # fmt: skip
+    async with viewed(box) as (kernel, v):
+        sent: list[int] = []
+        submit = v.link.submit
+
+        def counting(pairing: int, op: object, *args: object) -> None:
+            if type(op).__name__ == "Write":
+                sent.append(len(op.data))  # type: ignore[attr-defined]
+            submit(pairing, op, *args)  # type: ignore[arg-type]
+
+        monkeypatch.setattr(v.link, "submit", counting)
+        made = await kernel.ask(Opcode.CREATE, ROOT, fuse.CREATE_IN.pack(
+            os.O_WRONLY | os.O_CREAT, 0o100644, 0, 0) + b"w\0")  # fmt: skip
+        node, fh = made.entry()[0], made.fh(ENTRY_SIZE)[0]
+        # Three writes queued at once, then a stat: the writes are answered, sent as
+        # one, and the stat waits for them.
+        uniques = [kernel.send_now(Opcode.WRITE, node, write_body(fh, i * 3, b"abc"))
+                   for i in range(3)]  # fmt: skip
+        stat_unique = kernel.send_now(Opcode.GETATTR, node, fuse.GETATTR_IN.pack(0, 0, 0))
+        for unique in uniques:
+            assert fuse.WRITE_OUT.unpack((await kernel.answer(unique)).body)[0] == 3
+        assert (await kernel.answer(stat_unique)).attr()[1][1] == 9
+        assert sent == [9]
+        assert (box / "w").read_bytes() == b"abcabcabc"
+        # A write that does not continue the last one is sent on its own.
+        await kernel.ask(Opcode.WRITE, node, write_body(fh, 0, b"X"))
+        await kernel.ask(Opcode.FSYNC, node, fuse.FSYNC_IN.pack(fh, 0, 0))
+        assert (box / "w").read_bytes() == b"Xbcabcabc" and sent == [9, 1]
+
+
+async def test_a_failed_write_is_reported_at_the_next_call_of_its_handle(box: Path) -> None:
+    async with viewed(box) as (kernel, _):
+        f = await kernel.node(b"/f")
+        fh = await kernel.open(f)  # read-only: the slave refuses writes (EBADF)
+        wrote = await kernel.ask(Opcode.WRITE, f, write_body(fh, 0, b"nope"))
+        assert wrote.error == 0  # answered before the slave had it
+        flush = fuse.RELEASE_IN.pack(fh, 0, 0, 0)
+        assert (await kernel.ask(Opcode.FLUSH, f, flush)).error == errno.EBADF
+        assert (await kernel.ask(Opcode.FLUSH, f, flush)).error == 0  # reported once
+        await kernel.ask(Opcode.WRITE, f, write_body(fh, 0, b"nope"))
+        await kernel.ask(Opcode.GETATTR, f, fuse.GETATTR_IN.pack(0, 0, 0))  # waits for it
+        assert (await kernel.ask(Opcode.WRITE, f, write_body(fh, 0, b"x"))).error == errno.EBADF
+        await kernel.ask(Opcode.WRITE, f, write_body(fh, 0, b"nope"))
+        sync = fuse.FSYNC_IN.pack(fh, 0, 0)
+        assert (await kernel.ask(Opcode.FSYNC, f, sync)).error == errno.EBADF
+        assert (await kernel.ask(Opcode.FSYNC, f, sync)).error == 0
+        assert (box / "f").read_bytes() == b"hello, view\n"
+
+
+async def test_a_synchronous_handles_writes_are_on_the_slave_when_answered(box: Path) -> None:
+    async with viewed(box) as (kernel, v):
+        f = await kernel.node(b"/f")
+        fh = await kernel.open(f, os.O_WRONLY | os.O_SYNC)
+        wrote = await kernel.ask(Opcode.WRITE, f, write_body(fh, 0, b"HELLO"))
+        assert fuse.WRITE_OUT.unpack(wrote.body)[0] == 5
+        assert (box / "f").read_bytes() == b"HELLO, view\n"
+        assert v._behind.idle
+
+
 async def test_rename_moves_the_nodes_below(box: Path) -> None:
     async with viewed(box) as (kernel, v):
         d = await kernel.node(b"/d")
@@ -625,6 +698,42 @@ async def test_xattrs_known_absent_are_answered_at_once(box: Path) -> None:
         assert os.getxattr(box / "f", "user.n") == b"xyz"
         assert (await kernel.ask(Opcode.REMOVEXATTR, f, b"user.n\0")).error == 0
         assert "user.n" not in os.listxattr(box / "f")
+
+
+async def test_a_change_of_content_keeps_the_name_and_what_is_known_of_xattrs(
+    box: Path,
+) -> None:
+    async with viewed(box) as (kernel, v):
+        d = await kernel.node(b"/d")
+        await kernel.listing(d, plus=True)  # primes /d/a: watched, no xattrs
+        a = (await kernel.lookup(d, b"a")).entry()[0]
+        assert v.xattrs_absent[b"/d/a"] is None
+        with open(box / "d" / "a", "a") as f:
+            f.write("more")  # another process writes: the content alone changes
+        await notice_of(kernel, lambda n: a in inval_inodes(n))
+        assert (d, b"a") not in inval_entries(kernel.notices)  # the same file
+        got = await kernel.ask(Opcode.GETXATTR, a, fuse.GETXATTR_IN.pack(0, 0)
+                               + b"security.capability\0")  # fmt: skip
+        assert got.error == errno.ENODATA and v.xattrs_absent[b"/d/a"] is None
+        assert (await kernel.getattr(a)).attr()[1][1] == 5  # the new size
+        os.setxattr(box / "d" / "a", "user.k", b"v")  # its attributes: forgotten
+        with trio.fail_after(5):
+            while b"/d/a" in v.xattrs_absent:
+                await kernel.notices_until(len(kernel.notices) + 1, timeout=0.05)
+        got = await kernel.ask(Opcode.GETXATTR, a, fuse.GETXATTR_IN.pack(16, 0) + b"user.k\0")
+        assert got.body == b"v"
+
+
+async def test_an_absent_xattr_is_remembered_while_watched(box: Path) -> None:
+    os.setxattr(box / "f", "user.present", b"1")
+    async with viewed(box) as (kernel, v):
+        f = await kernel.node(b"/f")
+        ask = fuse.GETXATTR_IN.pack(0, 0) + b"security.capability\0"
+        assert (await kernel.ask(Opcode.GETXATTR, f, ask)).error == errno.ENODATA
+        assert v.xattrs_absent[b"/f"] == {b"security.capability"}
+        calls = v.link.calls
+        assert (await kernel.ask(Opcode.GETXATTR, f, ask)).error == errno.ENODATA
+        assert v.link.calls == calls  # answered by the view
 
 
 async def test_statfs_is_the_slaves(box: Path) -> None:

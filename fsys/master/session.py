@@ -243,6 +243,7 @@ async def _view_session(plan: ViewPlan) -> int:
                 await trio.lowlevel.wait_readable(launched.listener)
                 os.close(launched.listener)
                 os.close(launched.pidfd)
+            await view.settle()
             await link.goodbye()
             nursery.cancel_scope.cancel()
     view.close()

@@ -37,6 +37,7 @@ import stat
 import struct
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Coroutine, Generator, Iterable
 from dataclasses import dataclass, field
 
@@ -51,6 +52,7 @@ from fsys.master.launcher import Mount
 from fsys.master.link import SlaveLink, poll_spinning
 from fsys.master.policy import Policy, Side
 from fsys.protocol import (
+    REPLY_NO_XATTRS,
     REPLY_WATCHED,
     Access,
     Attrs,
@@ -226,7 +228,21 @@ class Notifier:
             self._queue.put(n)
 
     def _run(self) -> None:
-        while (data := self._queue.get()) is not None:
+        get = self._queue.get
+        while (data := get()) is not None:
+            # The notices queued meanwhile, each once (in the order of its first
+            # sending): a file written in a loop is invalidated once per pass here.
+            batch = {data: None}
+            while not self._queue.empty():
+                more = get()
+                if more is None:
+                    self._write_all(batch)
+                    return
+                batch[more] = None
+            self._write_all(batch)
+
+    def _write_all(self, batch: dict[bytes, None]) -> None:
+        for data in batch:
             try:
                 os.write(self.fd, data)
                 self.sent += 1
@@ -238,6 +254,105 @@ class Notifier:
             self._queue.put(None)
             self._thread.join(timeout=5)
             self._thread = None
+
+
+#: Write-behind: contiguous writes to one handle are sent as one of up to WRITE_BATCH
+#: bytes, with at most WRITES_IN_FLIGHT of these on their way to the slave at once.
+WRITE_BATCH = MAX_WRITE
+#: At most this many paths' extended attributes known absent (then forgotten).
+XATTRS_KEPT = 65536
+WRITES_IN_FLIGHT = 8
+_SYNC_FLAGS = os.O_DSYNC | os.O_DIRECT  # (O_SYNC includes O_DSYNC's bit)
+_XATTR_READS = frozenset({Opcode.GETXATTR, Opcode.LISTXATTR})
+
+
+class WriteBehind:
+    """The program's writes, answered at once and sent to the slave behind them.
+
+    A held write is sent when the next one does not continue it, when WRITE_BATCH
+    bytes are held, or when the program pauses (the view's loop finds nothing to
+    do). Every other request waits, in order, until each write held or sent has been
+    answered, so that it finds the file as the program wrote it: a stat, a read,
+    a rename, a fsync. A write the slave refuses is reported at the handle's next
+    WRITE, FSYNC or FLUSH (its close), as NFS does: never lost.
+    """
+
+    def __init__(self, link: SlaveLink, dispatch: Callable[[int, int, int, bytes], None]) -> None:
+        self.link = link
+        self.dispatch = dispatch
+        self.held: tuple[int, int, bytearray] | None = None  # handle, offset, data
+        self.in_flight = 0
+        self.deferred: deque[tuple[int, int, int, bytes]] = deque()
+        self.errors: dict[int, int] = {}  # handle -> the errno its next call reports
+
+    def waits(self, opcode: int) -> bool:
+        """Whether a request must wait for the writes (those before it stay first)."""
+        if self.deferred:
+            return True
+        if opcode == Opcode.WRITE:
+            return self.in_flight >= WRITES_IN_FLIGHT
+        return self.in_flight > 0 or self.held is not None
+
+    def defer(self, opcode: int, unique: int, nodeid: int, body: bytes) -> None:
+        self.deferred.append((opcode, unique, nodeid, body))
+        self.send()
+
+    def hold(self, handle: int, offset: int, data: memoryview) -> None:
+        held = self.held
+        if (held is not None and held[0] == handle and held[1] + len(held[2]) == offset
+                and len(held[2]) + len(data) <= WRITE_BATCH):  # fmt: skip
+            held[2].extend(data)
+        else:
+            self.send()
+            held = self.held = (handle, offset, bytearray(data))
+        if len(held[2]) >= WRITE_BATCH:
+            self.send()
+
+    def send(self) -> None:
+        """Send what is held."""
+        if self.held is not None:
+            handle, offset, data = self.held
+            self.held = None
+            self._submit(handle, offset, bytes(data))
+
+    def _submit(self, handle: int, offset: int, data: bytes) -> None:
+        self.in_flight += 1
+        self.link.submit(PAIRING, Write(handle=handle, offset=offset, rwf=0, data=data),
+                         lambda reply: self._sent(handle, offset, data, reply))  # fmt: skip
+
+    def _sent(self, handle: int, offset: int, data: bytes, reply: Reply | LinkClosed) -> None:
+        self.in_flight -= 1
+        if isinstance(reply, LinkClosed):
+            self.errors.setdefault(handle, errno.EIO)
+        elif reply.result < 0:
+            self.errors.setdefault(handle, -reply.result)
+        elif reply.result == 0 and data:
+            self.errors.setdefault(handle, errno.EIO)
+        elif reply.result < len(data):  # short (a full disk?): the rest says why
+            self._submit(handle, offset + reply.result, data[reply.result :])
+        self._resume()
+
+    def _resume(self) -> None:
+        """Start the requests that waited, in order, as far as the writes allow."""
+        while self.deferred:
+            opcode = self.deferred[0][0]
+            if opcode == Opcode.WRITE:
+                if self.in_flight >= WRITES_IN_FLIGHT:
+                    return
+            elif self.in_flight or self.held is not None:
+                self.send()
+                return
+            self.dispatch(*self.deferred.popleft())
+
+    def error(self, handle: int) -> None:
+        """Refused with the errno of a write of ``handle`` that failed, if one did."""
+        failed = self.errors.pop(handle, 0)
+        if failed:
+            raise Refused(failed)
+
+    @property
+    def idle(self) -> bool:
+        return not self.in_flight and self.held is None and not self.deferred
 
 
 class _Ask:
@@ -283,11 +398,18 @@ class View:
         self.by_path: dict[bytes, Node] = {b"/": root}
         self._next_node = fuse.ROOT_ID + 1
         self.dirs: dict[int, DirHandle] = {}
+        #: Extended attributes known absent, by watched path: the names, or None for
+        #: all of them. Only an INVALIDATE of the path (not of its content) drops them:
+        #: the kernel asks for security.capability at each write(2).
+        self.xattrs_absent: dict[bytes, set[bytes] | None] = {}
         #: Watched listings by directory path (LISTDIR replies marked REPLY_WATCHED).
         self.listings: dict[bytes, list[tuple[int, int, bytes]]] = {}
         self._next_dir = 1
         self.notifier = Notifier(fd)
         self.requests: dict[int, int] = {}  # opcode -> how many
+        self._behind = WriteBehind(link, self._request)
+        #: Handles whose writes must reach the slave before they return (O_SYNC...).
+        self._sync_handles: set[int] = set()
         self.failure: str | None = None
         link.on_invalidate = self.invalidate
         link.on_attrs = self._attrs
@@ -361,10 +483,21 @@ class View:
                 self._forget(opcode, nodeid, body)
             elif opcode == Opcode.INIT:
                 self._write(fuse.reply(unique, self._init(body)))
+            elif self._behind.waits(opcode):
+                # Writes change no extended attribute (the slave's kernel drops a
+                # file's capability itself): what the view knows of them is answered.
+                if opcode not in _XATTR_READS or self._behind.deferred or not self._answer_now(
+                        self._fast[opcode], unique, nodeid, body):  # fmt: skip
+                    self._behind.defer(opcode, unique, nodeid, body)
             else:
-                fast = self._fast.get(opcode)
-                if fast is None or not self._answer_now(fast, unique, nodeid, body):
-                    self._answer(opcode, unique, nodeid, body)
+                self._request(opcode, unique, nodeid, body)
+
+    def _request(self, opcode: int, unique: int, nodeid: int, body: bytes) -> None:
+        if opcode == Opcode.WRITE and self._write_behind(unique, body):
+            return
+        fast = self._fast.get(opcode)
+        if fast is None or not self._answer_now(fast, unique, nodeid, body):
+            self._answer(opcode, unique, nodeid, body)
 
     def _hot(self, poller: select.poll, link_fd: int) -> bool:
         """Serve requests and replies directly while they keep coming; back to trio
@@ -374,9 +507,12 @@ class View:
             # For a reply while a request waits for the slave; for the next request
             # else (a program that makes one call after another sends it at once).
             spin = self.spin if self.link.waiting else self.idle_spin
-            events = poll_spinning(poller, spin, HOT_QUIET_MS)
+            events = poll_spinning(poller, spin, 0)
             if not events:
-                return True
+                self._behind.send()  # a pause: the writes held go out now
+                events = poller.poll(HOT_QUIET_MS)
+                if not events:
+                    return True
             for fd, mask in events:
                 if fd == link_fd:
                     self.link.pump()
@@ -386,6 +522,36 @@ class View:
                     return False
             if time.monotonic() > deadline or self.link.transport.backlog:
                 return True
+
+    def _write_behind(self, unique: int, body: bytes) -> bool:
+        """Hold a WRITE and answer it (False: it must be written before it returns)."""
+        try:
+            fh, offset, size, *_ = fuse.WRITE_IN.unpack_from(body)
+            if len(body) < fuse.WRITE_IN.size + size:
+                raise ValueError("short")
+        except (ValueError, struct.error):
+            self._write(fuse.reply(unique, error=errno.EINVAL))
+            return True
+        if fh in self._sync_handles:
+            self._behind.send()
+            return False
+        try:
+            self._behind.error(fh)
+        except Refused as exc:
+            self._write(fuse.reply(unique, error=exc.errno))
+            return True
+        self._behind.hold(
+            fh, offset, memoryview(body)[fuse.WRITE_IN.size : fuse.WRITE_IN.size + size]
+        )
+        self._write(fuse.reply(unique, fuse.WRITE_OUT.pack(size, 0)))
+        return True
+
+    async def settle(self) -> None:
+        """Once every write held has been answered by the slave (the session's end)."""
+        self._behind.send()
+        with trio.move_on_after(30):
+            while not self._behind.idle and self.link.alive:
+                await trio.sleep(0.001)
 
     def _answer_now(self, fast: Fast, unique: int, nodeid: int, body: bytes) -> bool:
         """Answer without the slave if ``fast`` can (from what the view knows)."""
@@ -472,10 +638,26 @@ class View:
         if watched:
             assert key is not None
             self.cache.store(key, False, MASK, reply.result, reply.blob, reply.flags)
+            self._watching(key, reply.flags)
         return reply.result, reply.blob, watched
 
     def _attrs(self, attrs: Attrs) -> None:
         self.cache.prime(attrs)
+        for attr in attrs.entries:
+            if attr.flags & REPLY_WATCHED:
+                self._watching(attr.path, attr.flags)
+
+    def _watching(self, path: bytes, flags: int) -> None:
+        """A watched answer about ``path``: from now on until an INVALIDATE of it
+        (not of its content alone), what the view learns of its extended attributes
+        holds."""
+        absent = self.xattrs_absent
+        if flags & REPLY_NO_XATTRS:
+            absent[path] = None
+        elif path not in absent:
+            if len(absent) >= XATTRS_KEPT:
+                absent.clear()
+            absent[path] = set()
 
     # --- nodes ----------------------------------------------------------------------
 
@@ -553,13 +735,26 @@ class View:
         self.cache.invalidate(paths)
         notices: list[bytes] = []
         listings = self.listings
+        absent = self.xattrs_absent
         for path in paths:
+            if path.endswith(b"/.."):  # a file's content: the same file, its xattrs stand
+                node = self.by_path.get(path[:-3])
+                if node is not None:
+                    notices.append(fuse.inval_inode(node.nodeid))
+                continue
             if path.endswith(b"/."):  # a directory's own attributes (a name came or went)
                 listings.pop(path[:-2] or b"/", None)
                 node = self.by_path.get(path[:-2] or b"/")
                 if node is not None:
                     notices.append(fuse.inval_inode(node.nodeid))
                 continue
+            if absent:
+                if path == b"/":
+                    absent.clear()
+                else:
+                    prefix = path + b"/"
+                    for gone in [p for p in absent if p == path or p.startswith(prefix)]:
+                        del absent[gone]
             if listings:
                 if path == b"/":
                     listings.clear()
@@ -810,6 +1005,8 @@ class View:
         keep = self.cache.lookup(watch_key(path) or b"", False, MASK) is not None
         flags &= ~(linux.O_CREAT | linux.O_EXCL | linux.O_NOCTTY)
         reply = await self.call(Open(dir=0, flags=flags, mode=0, resolve=0, path=path))
+        if flags & _SYNC_FLAGS:
+            self._sync_handles.add(reply.result)
         return fuse.OPEN_OUT.pack(reply.result, fuse.FOPEN_KEEP_CACHE if keep else 0, 0)
 
     async def create(self, unique: int, parent: Node, body: memoryview) -> bytes:
@@ -819,6 +1016,8 @@ class View:
         reply = await self.call(Open(dir=0, flags=(flags | linux.O_CREAT) & ~linux.O_NOCTTY,
                                      mode=mode & 0o7777, resolve=0, path=path))  # fmt: skip
         handle = reply.result
+        if flags & _SYNC_FLAGS:
+            self._sync_handles.add(handle)
         try:
             entry = await self._entry_after(path)
         except Refused:
@@ -832,13 +1031,17 @@ class View:
         return reply.blob
 
     async def write(self, unique: int, node: Node, body: memoryview) -> bytes:
+        """A WRITE of a handle opened O_SYNC, O_DSYNC or O_DIRECT: sent and answered."""
         fh, offset, size, *_ = fuse.WRITE_IN.unpack_from(body)
+        self._behind.error(fh)
         data = bytes(body[fuse.WRITE_IN.size : fuse.WRITE_IN.size + size])
         reply = await self.call(Write(handle=fh, offset=offset, rwf=0, data=data))
         return fuse.WRITE_OUT.pack(reply.result, 0)
 
     def release_now(self, node: Node, body: memoryview) -> bytes:
         (fh, *_) = fuse.RELEASE_IN.unpack_from(body)
+        self._behind.errors.pop(fh, None)  # FLUSH, at each close, reported it
+        self._sync_handles.discard(fh)
         self.link.post(PAIRING, Close(handle=fh))
         return b""
 
@@ -846,13 +1049,17 @@ class View:
         return self.release_now(node, body)
 
     def flush_now(self, node: Node, body: memoryview) -> bytes:
-        return b""  # every write reached the slave already: nothing is pending
+        # The writes held before it have been answered (it waited for them).
+        (fh, *_) = fuse.RELEASE_IN.unpack_from(body)
+        self._behind.error(fh)
+        return b""
 
     async def flush(self, unique: int, node: Node, body: memoryview) -> bytes:
         return self.flush_now(node, body)
 
     async def fsync(self, unique: int, node: Node, body: memoryview) -> bytes:
         fh, flags, _ = fuse.FSYNC_IN.unpack_from(body)
+        self._behind.error(fh)
         await self.call(Fsync(handle=fh, datasync=flags & fuse.FSYNC_FDATASYNC))
         return b""
 
@@ -893,11 +1100,18 @@ class View:
     def _has_no_xattrs(self, node: Node) -> bool:
         if node.synthetic is not None:
             return True
-        key = watch_key(node.path) if node.path is not None else None
+        if node.path is None:
+            return False
+        if node.path in self.xattrs_absent:
+            return self.xattrs_absent[node.path] is None
+        key = watch_key(node.path)
         return key is not None and self.cache.no_xattrs(key, False)
 
     def getxattr_now(self, node: Node, body: memoryview) -> bytes | None:
         if self._has_no_xattrs(node):
+            raise Refused(errno.ENODATA)
+        names = self.xattrs_absent.get(node.path) if node.path is not None else None
+        if names and fuse.names(body[fuse.GETXATTR_IN.size :], 1)[0] in names:
             raise Refused(errno.ENODATA)
         return None
 
@@ -911,8 +1125,14 @@ class View:
         size, _ = fuse.GETXATTR_IN.unpack_from(body)
         (name,) = fuse.names(body[fuse.GETXATTR_IN.size :], 1)
         path = self._path(node)
-        reply = await self.call(Getxattr(dir=0, flags=linux.AT_SYMLINK_NOFOLLOW,
-                                         size=size, path=path, name=name))  # fmt: skip
+        try:
+            reply = await self.call(Getxattr(dir=0, flags=linux.AT_SYMLINK_NOFOLLOW,
+                                             size=size, path=path, name=name))  # fmt: skip
+        except Refused as exc:
+            names = self.xattrs_absent.get(path)
+            if exc.errno == errno.ENODATA and names is not None:
+                names.add(name)  # watched: until an INVALIDATE says otherwise
+            raise
         return fuse.GETXATTR_OUT.pack(reply.result, 0) if not size else reply.blob
 
     async def listxattr(self, unique: int, node: Node, body: memoryview) -> bytes:
@@ -920,6 +1140,8 @@ class View:
         path = self._path(node)
         reply = await self.call(Listxattr(dir=0, flags=linux.AT_SYMLINK_NOFOLLOW, size=size,
                                           path=path))  # fmt: skip
+        if reply.result == 0 and path in self.xattrs_absent:
+            self.xattrs_absent[path] = None
         return fuse.GETXATTR_OUT.pack(reply.result, 0) if not size else reply.blob
 
     async def setxattr(self, unique: int, node: Node, body: memoryview) -> bytes:
