@@ -38,8 +38,9 @@ import struct
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Coroutine, Generator, Iterable
+from collections.abc import Callable, Coroutine, Generator, Iterable, MutableMapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import trio
 
@@ -748,20 +749,8 @@ class View:
                 if node is not None:
                     notices.append(fuse.inval_inode(node.nodeid))
                 continue
-            if absent:
-                if path == b"/":
-                    absent.clear()
-                else:
-                    prefix = path + b"/"
-                    for gone in [p for p in absent if p == path or p.startswith(prefix)]:
-                        del absent[gone]
-            if listings:
-                if path == b"/":
-                    listings.clear()
-                else:
-                    prefix = path + b"/"
-                    for gone in [p for p in listings if p == path or p.startswith(prefix)]:
-                        del listings[gone]
+            _drop_below(absent, path)
+            _drop_below(listings, path)
             if path == b"/":
                 below = list(self.by_path.items())
             else:
@@ -1318,6 +1307,18 @@ class View:
 
 
 # --- the layout: what the launcher mounts ---------------------------------------------------
+
+
+def _drop_below(known: MutableMapping[bytes, Any], path: bytes) -> None:
+    """Drop ``path`` and every path below it from ``known`` (b"/": all of them)."""
+    if not known:
+        return
+    if path == b"/":
+        known.clear()
+        return
+    prefix = path + b"/"
+    for gone in [p for p in known if p == path or p.startswith(prefix)]:
+        del known[gone]
 
 
 class LayoutError(Exception):
