@@ -34,9 +34,6 @@ from fsys.master.staging import Stage
 if TYPE_CHECKING:
     from subprocess import Popen
 
-    from fsys.master.launcher import Mount
-    from fsys.master.view import Points
-
 
 class _RuleAction(argparse.Action):
     """--local/--remote append to one ordered list: the first matching rule wins."""
@@ -226,7 +223,7 @@ def cmd_run(args: argparse.Namespace, *, nofile: tuple[int, int] | None = None) 
         print(f"fsys-master: {exc}", file=sys.stderr)
         return 2
     try:
-        laid_out = _view_layout(args, policy) if args.view else None
+        fuse_fd = _open_fuse(args) if args.view else -1
     except LaunchError as exc:
         print(f"fsys-master: {exc}", file=sys.stderr)
         return exc.status
@@ -235,11 +232,11 @@ def cmd_run(args: argparse.Namespace, *, nofile: tuple[int, int] | None = None) 
         slave = Slave(args.slave) if args.slave is not None else None
     except OSError as exc:
         print(f"fsys-master: cannot start the slave: {exc}", file=sys.stderr)
-        if laid_out is not None:
-            os.close(laid_out[2])
+        if fuse_fd >= 0:
+            os.close(fuse_fd)
         return SESSION_FAILED
-    if laid_out is not None:
-        return _run_view(argv, env, path, laid_out, slave, nofile, cache=not args.no_cache)
+    if fuse_fd >= 0:
+        return _run_view(argv, env, path, policy, fuse_fd, slave, nofile, cache=not args.no_cache)
     from fsys.kmod import bpf
     from fsys.kmod.table import load
     from fsys.master import session
@@ -297,29 +294,23 @@ def cmd_run(args: argparse.Namespace, *, nofile: tuple[int, int] | None = None) 
             trace.close()
 
 
-def _view_layout(args: argparse.Namespace, policy: Policy) -> tuple[Points, list[Mount], int]:
-    """For ``--view``: the view's layout and /dev/fuse open, or LaunchError (before
-    the slave starts: nothing to undo)."""
-    from fsys.master.view import LayoutError, layout
-
+def _open_fuse(args: argparse.Namespace) -> int:
+    """For ``--view``: /dev/fuse, open, or LaunchError (before the slave starts:
+    nothing to undo)."""
     if args.trace or args.trace_all or args.trace_file:
         raise LaunchError("--trace is not available with --view (no call is trapped)", 2)
     try:
-        points, mounts = layout(policy)
-    except LayoutError as exc:
-        raise LaunchError(str(exc), 2) from None
-    try:
-        fuse_fd = os.open("/dev/fuse", os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+        return os.open("/dev/fuse", os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError as exc:
         raise LaunchError(f"--view needs /dev/fuse: {exc.strerror}", SESSION_FAILED) from None
-    return points, mounts, fuse_fd
 
 
 def _run_view(
     argv: list[str],
     env: dict[str, str],
     path: str | None,
-    laid_out: tuple[Points, list[Mount], int],
+    policy: Policy,
+    fuse_fd: int,
     slave: Slave | None,
     nofile: tuple[int, int] | None,
     *,
@@ -327,8 +318,17 @@ def _run_view(
 ) -> int:
     """``fsys-master run --view``: the program in a view of the slave's files."""
     from fsys.master import session
+    from fsys.master.view import LayoutError, layout
 
-    points, mounts, fuse_fd = laid_out
+    try:
+        points, mounts = layout(policy)
+    except LayoutError as exc:
+        print(f"fsys-master: {exc}", file=sys.stderr)
+        os.close(fuse_fd)
+        if slave is not None:
+            slave.socket.close()
+            slave.reap(failed=True)
+        return 2
     if slave is None:
         try:
             slave = Slave(None)
