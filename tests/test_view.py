@@ -486,6 +486,43 @@ async def test_a_listing_is_kept_until_the_directory_changes(box: Path) -> None:
         assert b"c" in {n for n, _, _ in await kernel.listing(d)}
 
 
+async def test_a_walk_reads_the_next_directories_ahead(box: Path) -> None:
+    (box / "d" / "x").mkdir()
+    (box / "d" / "x" / "deep").mkdir()
+    (box / "e").mkdir()
+    (box / "e" / "in-e").write_bytes(b"")
+    async with viewed(box) as (kernel, v):
+        d = await kernel.node(b"/d")
+        await kernel.listing(d)  # one directory opened: nothing read ahead
+        assert set(v.listings) == {b"/d"}
+        await kernel.listing(ROOT)
+        await kernel.listing(d)  # a child of an opened directory: a walk
+        with trio.fail_after(5):
+            while {b"/d/x", b"/e"} - set(v.listings):
+                await kernel.notices_until(len(kernel.notices) + 1, timeout=0.01)
+        assert b"/d/x/deep" not in v.listings  # one level ahead only
+        e = await kernel.node(b"/e")
+        calls = v.link.calls
+        assert {n for n, _, _ in await kernel.listing(e)} == {b".", b"..", b"in-e"}
+        assert v.link.calls == calls  # answered from what was read ahead
+        # A change there drops what was read ahead, as any watched listing.
+        (box / "e" / "new").write_bytes(b"")
+        with trio.fail_after(5):
+            while b"/e" in v.listings:
+                await kernel.notices_until(len(kernel.notices) + 1, timeout=0.01)
+        assert b"new" in {n for n, _, _ in await kernel.listing(e)}
+
+
+async def test_a_directory_opened_while_read_ahead_waits_for_that_answer(box: Path) -> None:
+    (box / "e").mkdir()
+    async with viewed(box) as (kernel, v):
+        e = await kernel.node(b"/e")
+        v._read_ahead([b"/e"])  # sent, not answered yet
+        calls = v.link.calls
+        names = {n for n, _, _ in await kernel.listing(e)}
+        assert names == {b".", b".."} and v.link.calls == calls  # no second LISTDIR
+
+
 async def test_a_large_directory_is_read_by_handle(box: Path, monkeypatch: pytest.MonkeyPatch
                                                    ) -> None:  # fmt: skip
     big = box / "big"

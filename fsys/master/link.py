@@ -156,6 +156,11 @@ class SlaveLink:
         return bool(self._pending)
 
     @property
+    def outstanding(self) -> int:
+        """How many calls await their replies."""
+        return len(self._pending)
+
+    @property
     def peer(self) -> Hello | None:
         """The slave's HELLO, once it came."""
         return self.conn.peer_hello

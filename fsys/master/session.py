@@ -220,6 +220,7 @@ async def _view_session(plan: ViewPlan) -> int:
     link = SlaveLink(transport)
     fuse_fd = plan.fuse_fd
     view = View(fuse_fd, link, plan.points)
+    view.read_ahead = plan.cache
     status = SESSION_FAILED
     async with trio.open_nursery() as nursery:
         await nursery.start(link.serve)

@@ -30,6 +30,7 @@ nothing suitable the view makes an empty directory or file to mount on.
 from __future__ import annotations
 
 import errno
+import functools
 import os
 import queue
 import select
@@ -262,6 +263,9 @@ class Notifier:
 WRITE_BATCH = MAX_WRITE
 #: At most this many paths' extended attributes known absent (then forgotten).
 XATTRS_KEPT = 65536
+#: At most this many directory listings kept, and directories read ahead at once.
+LISTINGS_KEPT = 8192
+READ_AHEAD = 16
 WRITES_IN_FLIGHT = 8
 _SYNC_FLAGS = os.O_DSYNC | os.O_DIRECT  # (O_SYNC includes O_DSYNC's bit)
 _XATTR_READS = frozenset({Opcode.GETXATTR, Opcode.LISTXATTR})
@@ -369,6 +373,15 @@ class _Ask:
         return reply
 
 
+class _Join(_Ask):
+    """What a handler awaits: the reply to the LISTDIR of ``path`` read ahead."""
+
+    __slots__ = ("path",)
+
+    def __init__(self, path: bytes) -> None:
+        self.path = path
+
+
 Handler = Callable[[int, Node, memoryview], Coroutine[_Ask, Reply, bytes]]
 #: An answer from what the view knows, or None: the slave is needed.
 Fast = Callable[[Node, memoryview], bytes | None]
@@ -406,6 +419,12 @@ class View:
         #: Watched listings by directory path (LISTDIR replies marked REPLY_WATCHED).
         self.listings: dict[bytes, list[tuple[int, int, bytes]]] = {}
         self._next_dir = 1
+        #: Directories being read ahead (LISTDIR sent): the requests waiting for each.
+        self._prefetching: dict[bytes, list[Callable[[Reply | LinkClosed], None]]] = {}
+        #: Directories the program has opened (a child opened next: it walks a tree).
+        self._opened: set[bytes] = set()
+        #: Whether to read directories ahead (their listings are kept: the slave watches).
+        self.read_ahead = True
         self.notifier = Notifier(fd)
         self.requests: dict[int, int] = {}  # opcode -> how many
         self._behind = WriteBehind(link, self._request)
@@ -507,7 +526,9 @@ class View:
         while True:
             # For a reply while a request waits for the slave; for the next request
             # else (a program that makes one call after another sends it at once).
-            spin = self.spin if self.link.waiting else self.idle_spin
+            # (Not for directories read ahead: nobody waits for those.)
+            asked = self.link.outstanding > len(self._prefetching)
+            spin = self.spin if asked else self.idle_spin
             events = poll_spinning(poller, spin, 0)
             if not events:
                 self._behind.send()  # a pause: the writes held go out now
@@ -613,7 +634,14 @@ class View:
         except (ValueError, IndexError, KeyError, struct.error):  # a body shorter than its opcode's
             self._write(fuse.reply(unique, error=errno.EINVAL))
         else:
-            self.link.submit(PAIRING, ask.op, lambda reply: self._step(coro, unique, reply))
+
+            def resume(reply: Reply | LinkClosed) -> None:
+                self._step(coro, unique, reply)
+
+            if isinstance(ask, _Join):
+                self._prefetching[ask.path].append(resume)
+            else:
+                self.link.submit(PAIRING, ask.op, resume)
 
     def close(self) -> None:
         self.notifier.close()
@@ -1158,15 +1186,71 @@ class View:
             self.points.listed(node.path or b"/", dots)
             return self._opened_dir(DirHandle(node.path or b"/", dots, watched=True))
         listing = self.listings.get(node.path) if node.path is not None else None
-        if listing is None:
+        if listing is None or node.path is None:
             return None
-        return self._opened_dir(DirHandle(node.path or b"/", listing, watched=True))
+        self._walking(node.path, listing)
+        return self._opened_dir(DirHandle(node.path, listing, watched=True))
 
     async def opendir(self, unique: int, node: Node, body: memoryview) -> bytes:
         path = self._path(node)
         d = DirHandle(path)
         await self._list(d)
+        if d.entries is not None:
+            self._walking(path, d.entries)
         return self._opened_dir(d)
+
+    # Reading ahead: a program that opens a directory, then one of its subdirectories,
+    # walks the tree (ls -R, find, du, tar, grep -r, git). From then on, each directory
+    # it opens has its subdirectories, and its remaining siblings, listed ahead (their
+    # LISTDIRs sent together, the slave's answers kept as any watched listing), so the
+    # walk finds them listed. One level ahead only: a single `ls -l` reads nothing more.
+
+    def _walking(self, path: bytes, entries: list[tuple[int, int, bytes]]) -> None:
+        parent = path[: path.rfind(b"/")] or b"/"
+        opened = self._opened
+        if parent in opened and self.read_ahead:
+            base = path if path != b"/" else b""
+            ahead = [base + b"/" + name for _, kind, name in entries
+                     if kind == _DT[stat.S_IFDIR] and name not in (b".", b"..")]  # fmt: skip
+            siblings = self.listings.get(parent)
+            if siblings is not None:
+                top = parent if parent != b"/" else b""
+                name = path[path.rfind(b"/") + 1 :]
+                ahead += [top + b"/" + n for _, kind, n in siblings
+                          if kind == _DT[stat.S_IFDIR] and n > name]  # fmt: skip
+            self._read_ahead(ahead)
+        if len(opened) >= LISTINGS_KEPT:
+            opened.clear()
+        opened.add(path)
+
+    def _read_ahead(self, paths: list[bytes]) -> None:
+        fixed = self.points.master.keys() | self.points.ways
+        for path in paths:
+            if len(self._prefetching) >= READ_AHEAD:
+                return
+            if path in self.listings or path in self._prefetching or path in fixed:
+                continue
+            if watch_key(path) != path:
+                continue
+            self._prefetching[path] = []
+            self.link.submit(
+                PAIRING, Listdir(dir=0, path=path), functools.partial(self._read, path)
+            )
+
+    def _read(self, path: bytes, reply: Reply | LinkClosed) -> None:
+        """A directory read ahead: kept if watched; the requests that waited for it go on."""
+        waiting = self._prefetching.pop(path, [])
+        if isinstance(reply, Reply) and reply.result >= 0 and reply.flags & REPLY_WATCHED:
+            entries = list(linux.dirents(reply.blob))
+            self.points.listed(path, entries)
+            self._keep_listing(path, entries)
+        for resume in waiting:
+            resume(reply)
+
+    def _keep_listing(self, path: bytes, entries: list[tuple[int, int, bytes]]) -> None:
+        if len(self.listings) >= LISTINGS_KEPT:
+            self.listings.clear()
+        self.listings[path] = entries
 
     def _opened_dir(self, d: DirHandle) -> bytes:
         fh = self._next_dir
@@ -1180,7 +1264,12 @@ class View:
         """Read the whole directory: one LISTDIR, or by handle if it is too large."""
         if not d.handle:
             try:
-                reply = await self.call(Listdir(dir=0, path=d.path))
+                if d.path in self._prefetching:
+                    reply = await _Join(d.path)  # read ahead already: its answer
+                    if reply.result < 0:
+                        raise Refused(-reply.result)
+                else:
+                    reply = await self.call(Listdir(dir=0, path=d.path))
             except Refused as exc:
                 if exc.errno != errno.EFBIG:
                     raise
@@ -1190,9 +1279,11 @@ class View:
             else:
                 d.entries = list(linux.dirents(reply.blob))
                 self.points.listed(d.path, d.entries)
-                d.watched = bool(reply.flags & REPLY_WATCHED) and watch_key(d.path) is not None
+                d.watched = bool(reply.flags & REPLY_WATCHED) and (
+                    d.path == b"/" or watch_key(d.path) is not None
+                )
                 if d.watched:
-                    self.listings[d.path] = d.entries
+                    self._keep_listing(d.path, d.entries)
                 return
         else:  # read afresh
             await self.call(Lseek(handle=d.handle, offset=0, whence=os.SEEK_SET))
