@@ -10,6 +10,7 @@
           of a master file (/usr/bin/true); against the same loop run natively;
 - read:   MB/s of `cat` reading a 1 GiB file of the slave (from the page cache),
           against native `cat`;
+- write:  MB/s of `dd bs=4k conv=fsync` writing 256 MiB to a rooted slave;
 - fork:   1,000 fork+exec of /bin/true by one shell inside one session, against
           the same shell run natively;
 - make:   `make -j2` of a small C project stored on the slave, against native.
@@ -19,8 +20,10 @@
           against sshfs (default options) through a loopback sshd the bench starts
           itself (bench/sshfs.py; skipped, with the reason, without sshd or sshfs).
 
-With sshfs available, the stat row has its figure too. fsys answers a repeated stat
-from its attribute cache; the stat row also gives a forwarded stat (`--no-cache`).
+As root with /dev/fuse, each row is also measured with `--view` (its own column;
+`--no-view` skips it). With sshfs available, the stat row has its figure too. fsys
+answers a repeated stat from its attribute cache; the stat row also gives a
+forwarded stat (`--no-cache`).
 
 The slave is embedded (this machine's filesystem) for start, continued and read, and
 both embedded and rooted (`--root`) for stat. The C loops time themselves
@@ -54,7 +57,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from sshfs import mounted  # (bench/sshfs.py, next to this file)
 
 HERE = Path(__file__).resolve().parent
-BENCHES = ("start", "stat", "continued", "read", "fork", "make", "git", "tree")
+BENCHES = ("start", "stat", "continued", "read", "write", "fork", "make", "git", "tree")
 
 
 def timed(cmd: list[str], **kwargs: object) -> float:
@@ -73,6 +76,8 @@ class Fsys:
 
     python: str
     master: tuple[str, ...]
+    #: Measure `--view` too (root and /dev/fuse): its own column.
+    view: bool = False
 
     def run(self, *args: str, slave: str | None = None, options: tuple[str, ...] = ()) -> list[str]:
         cmd = [*self.master, "run", *options]
@@ -101,11 +106,16 @@ def c_loop(cmd: list[str]) -> float:
     return float(out.split()[-1])
 
 
+VIEW = ("--view",)
+
+
 def bench_start(fs: Fsys, runs: int) -> dict[str, float]:
     native = median([timed(["/bin/true"]) for _ in range(runs)])
     timed(fs.run("/bin/true"))  # warm the page cache
-    under = median([timed(fs.run("/bin/true")) for _ in range(runs)])
-    return {"native_s": native, "fsys_s": under}
+    out = {"native_s": native, "fsys_s": median([timed(fs.run("/bin/true")) for _ in range(runs)])}
+    if fs.view:
+        out["view_s"] = median([timed(fs.run("/bin/true", options=VIEW)) for _ in range(runs)])
+    return out
 
 
 def bench_stat(fs: Fsys, work: Path, count: int, runs: int, sshfs: Path | None) -> dict[str, float]:
@@ -130,6 +140,9 @@ def bench_stat(fs: Fsys, work: Path, count: int, runs: int, sshfs: Path | None) 
     )
     out = {"native_us": native, "fsys_us": embedded, "fsys_forwarded_us": forwarded,
            "fsys_rooted_us": rooted}  # fmt: skip
+    if fs.view:
+        out["view_us"] = median([c_loop(fs.run(str(binary), "/file", str(count * 5), slave=slave,
+                                               options=VIEW)) for _ in range(runs)])  # fmt: skip
     if sshfs is not None:
         probe = sshfs / "box" / "file"
         out["sshfs_us"] = median(
@@ -176,6 +189,10 @@ def bench_tree(fs: Fsys, work: Path, runs: int, sshfs: Path | None) -> dict[str,
         timed(under)  # warm the page cache, and the slave's
         fig = {"native_s": median([timed(native) for _ in range(runs)]),
                "fsys_s": median([timed(under) for _ in range(runs)])}  # fmt: skip
+        if fs.view:
+            viewed = fs.run("/bin/sh", "-c", script.replace("ROOT", ""), slave=slave, options=VIEW)
+            timed(viewed)
+            fig["view_s"] = median([timed(viewed) for _ in range(runs)])
         if sshfs is not None:
             remote = ["/bin/sh", "-c", script.replace("ROOT", str(sshfs / "treebox"))]
             timed(remote)
@@ -213,12 +230,37 @@ def bench_read(fs: Fsys, work: Path, size_mib: int, runs: int) -> dict[str, floa
     native = median([timed(["cat", str(big)]) for _ in range(runs)])
     under = median([timed(fs.run("cat", str(big))) for _ in range(runs)])
     start = median([timed(fs.run("/bin/true")) for _ in range(runs)])
-    big.unlink()
-    return {
+    out = {
         "native_MBps": size / native / 1e6,
         "fsys_MBps": size / under / 1e6,
         "fsys_MBps_without_start": size / max(under - start, 1e-9) / 1e6,
     }
+    if fs.view:
+        cat = fs.run("cat", str(big), options=VIEW)
+        timed(cat)
+        out["view_MBps"] = size / median([timed(cat) for _ in range(runs)]) / 1e6
+    big.unlink()
+    return out
+
+
+def bench_write(fs: Fsys, work: Path, size_mib: int, runs: int) -> dict[str, float]:
+    """dd bs=4k of SIZE MiB into a slave file, and fsync (rooted slave)."""
+    box = work / "writebox"
+    box.mkdir()
+    slave = fs.rooted(box)
+
+    def dd(out: Path | str) -> list[str]:
+        return ["dd", "if=/dev/zero", f"of={out}", "bs=4k", f"count={size_mib * 256}",
+                "conv=fsync", "status=none"]  # fmt: skip
+
+    size = size_mib << 20
+    out = {"native_MBps": size / median([timed(dd(box / "out")) for _ in range(runs)]) / 1e6,
+           "fsys_MBps": size / median([timed(fs.run(*dd("/out"), slave=slave))
+                                       for _ in range(runs)]) / 1e6}  # fmt: skip
+    if fs.view:
+        out["view_MBps"] = size / median([timed(fs.run(*dd("/out"), slave=slave, options=VIEW))
+                                          for _ in range(runs)]) / 1e6  # fmt: skip
+    return out
 
 
 def bench_fork(fs: Fsys, count: int, runs: int) -> dict[str, float]:
@@ -226,7 +268,11 @@ def bench_fork(fs: Fsys, count: int, runs: int) -> dict[str, float]:
     native = median([timed(["/bin/sh", "-c", loop]) for _ in range(runs)])
     under = median([timed(fs.run("/bin/sh", "-c", loop)) for _ in range(runs)])
     start = median([timed(fs.run("/bin/true")) for _ in range(runs)])
-    return {"native_s": native, "fsys_s": under, "fsys_without_start_s": under - start}
+    out = {"native_s": native, "fsys_s": under, "fsys_without_start_s": under - start}
+    if fs.view:
+        out["view_s"] = median([timed(fs.run("/bin/sh", "-c", loop, options=VIEW))
+                                for _ in range(runs)])  # fmt: skip
+    return out
 
 
 MAKEFILE = """\
@@ -268,7 +314,11 @@ def bench_make(fs: Fsys, work: Path, runs: int) -> dict[str, float]:
     under = median(
         [make(fs.run("make", "-s", "-C", "/proj", "-j2", slave=slave)) for _ in range(runs)]
     )
-    return {"native_s": native, "fsys_s": under}
+    out = {"native_s": native, "fsys_s": under}
+    if fs.view:
+        out["view_s"] = median([make(fs.run("make", "-s", "-C", "/proj", "-j2", slave=slave,
+                                            options=VIEW)) for _ in range(runs)])  # fmt: skip
+    return out
 
 
 def bench_git(fs: Fsys, work: Path, files: int, runs: int) -> dict[str, float]:
@@ -291,20 +341,29 @@ def bench_git(fs: Fsys, work: Path, files: int, runs: int) -> dict[str, float]:
     native = median([timed(["git", "-C", str(repo), *status[1:]]) for _ in range(runs)])
     under = median([timed(fs.run(*status[:1], "-C", "/repo", *status[1:], slave=slave))
                     for _ in range(runs)])  # fmt: skip
-    return {"native_s": native, "fsys_s": under}
+    out = {"native_s": native, "fsys_s": under}
+    if fs.view:
+        viewed = fs.run(*status[:1], "-C", "/repo", *status[1:], slave=slave, options=VIEW)
+        timed(viewed)
+        out["view_s"] = median([timed(viewed) for _ in range(runs)])
+    return out
 
 
 def header() -> None:
-    print("| measure | native | sshfs | fsys | note |")
-    print("| --- | --- | --- | --- | --- |")
+    print("| measure | native | sshfs | fsys | fsys --view | note |")
+    print("| --- | --- | --- | --- | --- | --- |")
 
 
-def row(name: str, native: str, under: str, note: str, sshfs: str = "") -> None:
-    print(f"| {name} | {native} | {sshfs} | {under} | {note} |", flush=True)
+def row(name: str, native: str, under: str, note: str, sshfs: str = "", view: str = "") -> None:
+    print(f"| {name} | {native} | {sshfs} | {under} | {view} | {note} |", flush=True)
 
 
 def seconds(value: float) -> str:
     return f"{value * 1e3:.0f} ms" if value < 1 else f"{value:.2f} s"
+
+
+def ms(value: float | None) -> str:
+    return "" if value is None else f"{value * 1e3:.0f} ms"
 
 
 def selection(text: str) -> list[str]:
@@ -327,6 +386,7 @@ def main() -> int:
     parser.add_argument("--python", default=sys.executable, help="interpreter for fsys")
     parser.add_argument("--master", help="command of the master (default: PY -m fsys.master)")
     parser.add_argument("--no-sshfs", action="store_true", help="do not measure sshfs")
+    parser.add_argument("--no-view", action="store_true", help="do not measure --view")
     args = parser.parse_args()
     only: list[str] = args.only
     if shutil.which("gcc") is None and {"stat", "continued"} & set(only):
@@ -335,7 +395,10 @@ def main() -> int:
     runs: int = args.runs or (3 if args.quick else 5)
     python: str = args.python
     master = shlex.split(args.master) if args.master else [python, "-m", "fsys.master"]
-    fs = Fsys(python, tuple(master))
+    view = not args.no_view and os.geteuid() == 0 and os.path.exists("/dev/fuse")
+    if not args.no_view and not view:
+        print("bench: --view not measured: it needs root and /dev/fuse", file=sys.stderr)
+    fs = Fsys(python, tuple(master), view)
     version = subprocess.run(
         [python, "-c", "import platform; print(platform.python_version())"],
         capture_output=True, text=True, check=True,
@@ -354,14 +417,15 @@ def main() -> int:
             start = bench_start(fs, runs * 2)
             start_s = start["fsys_s"]
             row("start /bin/true", f"{start['native_s'] * 1e3:.1f} ms", f"{start_s * 1e3:.0f} ms",
-                "whole session")  # fmt: skip
+                "whole session", view=ms(start.get("view_s")))  # fmt: skip
         if "stat" in only:
             stat = bench_stat(fs, work, 5000 if args.quick else 20000, runs, sshfs)
             note = (f"from fsys's cache, embedded slave; rooted slave {stat['fsys_rooted_us']:.1f}"
                     f" us; forwarded (--no-cache) {stat['fsys_forwarded_us']:.1f} us; "
                     "timed in the loop")  # fmt: skip
             row("stat (C loop)", f"{stat['native_us']:.2f} us", f"{stat['fsys_us']:.1f} us", note,
-                f"{stat['sshfs_us']:.1f} us" if "sshfs_us" in stat else "")  # fmt: skip
+                f"{stat['sshfs_us']:.1f} us" if "sshfs_us" in stat else "",
+                f"{stat['view_us']:.2f} us" if "view_us" in stat else "")  # fmt: skip
         if "continued" in only:
             count = 20000 if args.quick else 100000
             cont = bench_continued(fs, work, count, runs)
@@ -373,14 +437,30 @@ def main() -> int:
         if "read" in only:
             read = bench_read(fs, work, 256 if args.quick else 1024, runs)
             steady = f"{read['fsys_MBps_without_start']:.0f} MB/s without session start"
-            row("read (cat)", f"{read['native_MBps']:.0f} MB/s", f"{read['fsys_MBps']:.0f} MB/s",
-                steady)  # fmt: skip
+            row(
+                "read (cat)",
+                f"{read['native_MBps']:.0f} MB/s",
+                f"{read['fsys_MBps']:.0f} MB/s",
+                steady,
+                view=f"{read['view_MBps']:.0f} MB/s" if "view_MBps" in read else "",
+            )
+        if "write" in only:
+            size_mib = 64 if args.quick else 256
+            write = bench_write(fs, work, size_mib, runs)
+            row(
+                f"write (dd bs=4k, {size_mib} MiB, fsync)",
+                f"{write['native_MBps']:.0f} MB/s",
+                f"{write['fsys_MBps']:.1f} MB/s",
+                "rooted slave",
+                view=f"{write['view_MBps']:.1f} MB/s" if "view_MBps" in write else "",
+            )
         if "fork" in only:
             count = 300 if args.quick else 1000
             fork = bench_fork(fs, count, runs)
             ratio = fork["fsys_without_start_s"] / fork["native_s"]
             row(f"fork+exec x{count}", f"{fork['native_s']:.2f} s", f"{fork['fsys_s']:.2f} s",
-                f"x{ratio:.1f} without session start")  # fmt: skip
+                f"x{ratio:.1f} without session start",
+                view=seconds(fork["view_s"]) if "view_s" in fork else "")  # fmt: skip
         if "make" in only:
             make = bench_make(fs, work, runs)
             if start_s is None:
@@ -388,7 +468,8 @@ def main() -> int:
             whole = make["fsys_s"] / make["native_s"]
             steady_ratio = (make["fsys_s"] - start_s) / make["native_s"]
             row("make -j2", f"{make['native_s']:.2f} s", f"{make['fsys_s']:.2f} s",
-                f"x{whole:.1f}; x{steady_ratio:.1f} without session start")  # fmt: skip
+                f"x{whole:.1f}; x{steady_ratio:.1f} without session start",
+                view=seconds(make["view_s"]) if "view_s" in make else "")  # fmt: skip
         if "git" in only:
             git = bench_git(fs, work, 500 if args.quick else 2000, runs)
             if start_s is None:
@@ -397,15 +478,18 @@ def main() -> int:
                 f"{git['native_s'] * 1e3:.0f} ms", f"{git['fsys_s'] * 1e3:.0f} ms",
                 f"x{git['fsys_s'] / git['native_s']:.0f}; "
                 f"x{(git['fsys_s'] - start_s) / git['native_s']:.0f} without session start; "
-                "rooted slave")  # fmt: skip
+                "rooted slave", view=ms(git.get("view_s")))  # fmt: skip
         if "tree" in only:
             tree = bench_tree(fs, work, runs, sshfs)
             for name, fig in tree.items():
                 versus = (f"; x{fig['fsys_s'] / fig['sshfs_s']:.1f} sshfs"
                           if "sshfs_s" in fig else "")  # fmt: skip
+                if "view_s" in fig:
+                    versus += f"; --view x{fig['view_s'] / fig['native_s']:.1f} native"
                 row(f"{name}, 5,000 files", seconds(fig["native_s"]), seconds(fig["fsys_s"]),
                     f"x{fig['fsys_s'] / fig['native_s']:.1f} native{versus}; rooted slave",
-                    seconds(fig["sshfs_s"]) if "sshfs_s" in fig else "")  # fmt: skip
+                    seconds(fig["sshfs_s"]) if "sshfs_s" in fig else "",
+                    seconds(fig["view_s"]) if "view_s" in fig else "")  # fmt: skip
     return 0
 
 

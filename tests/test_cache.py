@@ -438,7 +438,13 @@ print(seen, gone)
 """
 
 
-async def test_changes_are_seen_at_once_or_within_the_bound(session: Session) -> None:
+@pytest.mark.parametrize("extra", [
+    pytest.param(["--trace-file", "/dev/null"], id="trapped"),
+    pytest.param(["--view"], id="view", marks=pytest.mark.skipif(
+        not os.path.exists("/dev/fuse") or os.geteuid() != 0, reason="--view: root, /dev/fuse")),
+])  # fmt: skip
+async def test_changes_are_seen_at_once_or_within_the_bound(session: Session,
+                                                            extra: list[str]) -> None:  # fmt: skip
     box = session.box
     bounds: list[float] = []
 
@@ -455,7 +461,7 @@ async def test_changes_are_seen_at_once_or_within_the_bound(session: Session) ->
 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(meddle)
-        result = await session.run(SYSTEM_PYTHON, "-c", WATCH, extra=["--trace-file", "/dev/null"])
+        result = await session.run(SYSTEM_PYTHON, "-c", WATCH, extra=extra)
     assert result.status == 0, result.err
     seen, gone = map(float, result.out.split())
     assert 0 <= seen - bounds[0] < 1.0
