@@ -523,6 +523,38 @@ async def test_a_directory_opened_while_read_ahead_waits_for_that_answer(box: Pa
         assert names == {b".", b".."} and v.link.calls == calls  # no second LISTDIR
 
 
+async def test_a_lookup_lists_its_directory_ahead(box: Path) -> None:
+    for i in range(20):
+        (box / "d" / f"n{i}").write_bytes(b"")
+    async with viewed(box) as (kernel, v):
+        d = await kernel.node(b"/d")
+        assert (await kernel.lookup(d, b"n0")).entry()[3][1] == 0
+        with trio.fail_after(5):  # the rest of /d comes behind the answer
+            while b"/d" not in v.listings:
+                await kernel.notices_until(len(kernel.notices) + 1, timeout=0.01)
+        calls = v.link.calls
+        for i in range(1, 20):
+            assert (await kernel.lookup(d, f"n{i}".encode())).entry()[0]
+        nodeid, valid, _, _ = (await kernel.lookup(d, b"absent")).entry()
+        assert nodeid == 0 and valid == WATCHED  # not in the watched listing: no file
+        assert v.link.calls == calls  # all answered by the view
+        (box / "d" / "absent").write_bytes(b"now")  # made behind the view's back
+        with trio.fail_after(5):
+            while (await kernel.lookup(d, b"absent")).entry()[0] == 0:
+                await kernel.notices_until(len(kernel.notices) + 1, timeout=0.01)
+
+
+async def test_a_large_directory_is_not_listed_for_a_lookup(box: Path,
+                                                            monkeypatch: pytest.MonkeyPatch
+                                                            ) -> None:  # fmt: skip
+    monkeypatch.setattr(view, "LIST_AHEAD_SIZE", 0)
+    async with viewed(box) as (kernel, v):
+        d = await kernel.node(b"/d")
+        await kernel.lookup(d, b"a")
+        await kernel.getattr(ROOT)
+        assert b"/d" not in v.listings and b"/d" not in v._prefetching
+
+
 async def test_a_large_directory_is_read_by_handle(box: Path, monkeypatch: pytest.MonkeyPatch
                                                    ) -> None:  # fmt: skip
     big = box / "big"

@@ -266,6 +266,8 @@ XATTRS_KEPT = 65536
 #: At most this many directory listings kept, and directories read ahead at once.
 LISTINGS_KEPT = 8192
 READ_AHEAD = 16
+#: A directory whose size (its st_size) is at most this is listed ahead at a lookup.
+LIST_AHEAD_SIZE = 64 << 10
 WRITES_IN_FLIGHT = 8
 _SYNC_FLAGS = os.O_DSYNC | os.O_DIRECT  # (O_SYNC includes O_DSYNC's bit)
 _XATTR_READS = frozenset({Opcode.GETXATTR, Opcode.LISTXATTR})
@@ -425,6 +427,8 @@ class View:
         self._opened: set[bytes] = set()
         #: Whether to read directories ahead (their listings are kept: the slave watches).
         self.read_ahead = True
+        #: The names of each listing (kept with the listing they were made from).
+        self._names: dict[bytes, tuple[list[tuple[int, int, bytes]], set[bytes]]] = {}
         self.notifier = Notifier(fd)
         self.requests: dict[int, int] = {}  # opcode -> how many
         self._behind = WriteBehind(link, self._request)
@@ -773,12 +777,14 @@ class View:
                 continue
             if path.endswith(b"/."):  # a directory's own attributes (a name came or went)
                 listings.pop(path[:-2] or b"/", None)
+                self._names.pop(path[:-2] or b"/", None)
                 node = self.by_path.get(path[:-2] or b"/")
                 if node is not None:
                     notices.append(fuse.inval_inode(node.nodeid))
                 continue
             _drop_below(absent, path)
             _drop_below(listings, path)
+            _drop_below(self._names, path)
             if path == b"/":
                 below = list(self.by_path.items())
             else:
@@ -826,7 +832,17 @@ class View:
     async def lookup(self, unique: int, parent: Node, body: memoryview) -> bytes:
         (name,) = fuse.names(body, 1)
         path = self._join(parent, name)
+        where = parent.path if parent.path is not None else b""
+        if path not in self.points.ways and where != b"/":
+            if where in self._prefetching:
+                await _Join(where)  # being listed: its entries' answers come with it
+            if self._listed(where, name) is False:  # (the answers of the rest are kept)
+                key = watch_key(path)
+                if key is not None and self.cache.lookup(key, False, MASK) is None:
+                    return fuse.entry_out(0, WATCHED, 0, fuse.synthetic_attr(0, 0))
         result, raw, watched = await self.attributes(path)
+        if where not in self.listings and where not in self._prefetching and watched:
+            self._list_ahead(where)
         if path in self.points.ways:
             if result == 0 and stat.S_ISDIR(linux.statx_mode(raw)):
                 attr = fuse.attr_fields(raw)
@@ -1247,9 +1263,30 @@ class View:
         for resume in waiting:
             resume(reply)
 
+    def _listed(self, path: bytes, name: bytes) -> bool | None:
+        """Whether directory ``path``'s watched listing has ``name`` (None: not listed)."""
+        listing = self.listings.get(path)
+        if listing is None:
+            return None
+        known = self._names.get(path)
+        if known is None or known[0] is not listing:
+            known = self._names[path] = (listing, {n for _, _, n in listing})
+        return name in known[1]
+
+    def _list_ahead(self, path: bytes) -> None:
+        """A name looked up in ``path``, which is not listed: list it ahead, so that
+        the next names looked up there (git's lstat of each file, a search along
+        a path) are answered by the view. Not a large directory (64 KiB of entries)."""
+        if not self.read_ahead or not path:
+            return
+        hit = self.cache.lookup(path, False, MASK)
+        if hit is not None and hit[0] == 0 and fuse.attr_fields(hit[1])[1] <= LIST_AHEAD_SIZE:
+            self._read_ahead([path])
+
     def _keep_listing(self, path: bytes, entries: list[tuple[int, int, bytes]]) -> None:
         if len(self.listings) >= LISTINGS_KEPT:
             self.listings.clear()
+            self._names.clear()
         self.listings[path] = entries
 
     def _opened_dir(self, d: DirHandle) -> bytes:
