@@ -307,6 +307,26 @@ async def test_trace_lines(session: Session) -> None:
     assert "<slave " in line and line.rstrip().endswith("us>")
 
 
+@pytest.mark.parametrize("where", ["missing/trace", "."])
+async def test_an_unwritable_trace_file_is_one_line_and_no_orphan(session: Session,
+                                                                   where: str) -> None:  # fmt: skip
+    target = session.master_dir / where
+    result = await session.run("true", extra=["--trace-file", str(target)])
+    assert result.status == 2
+    assert result.err.splitlines() == [f"fsys-master: cannot write the trace to {target}: "
+                                       + ("Is a directory" if where == "." else
+                                          "No such file or directory")]  # fmt: skip
+    # The slave command it had started is gone (no process serves the box).
+    serving = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and str(session.box).encode() in (proc / "cmdline").read_bytes():
+                serving.append(proc.name)
+        except OSError:
+            pass  # gone meanwhile
+    assert serving == []
+
+
 async def test_rename_across_sides_is_exdev(session: Session) -> None:
     script = (
         "import os, errno\n"

@@ -228,7 +228,8 @@ def cmd_run(args: argparse.Namespace, *, nofile: tuple[int, int] | None = None) 
         print(f"fsys-master: {exc}", file=sys.stderr)
         return exc.status
     try:
-        # A slave command starts first: it boots (imports trio...) while we do.
+        # A slave command starts first: it boots (imports trio...) while we do. The
+        # embedded one is forked once trio is loaded (importing it is most of a start).
         slave = Slave(args.slave) if args.slave is not None else None
     except OSError as exc:
         print(f"fsys-master: cannot start the slave: {exc}", file=sys.stderr)
@@ -241,16 +242,23 @@ def cmd_run(args: argparse.Namespace, *, nofile: tuple[int, int] | None = None) 
     from fsys.kmod.table import load
     from fsys.master import session
 
-    program = bpf.build(load())
-    trace: TextIO | None = None
-    if args.trace or args.trace_all or args.trace_file:
-        trace = open(args.trace_file, "w") if args.trace_file else sys.stderr  # noqa: SIM115
     if slave is None:
         try:
             slave = Slave(None)  # embedded: forked now that trio is loaded
         except OSError as exc:
             print(f"fsys-master: cannot start the slave: {exc}", file=sys.stderr)
             return SESSION_FAILED
+    program = bpf.build(load())
+    trace: TextIO | None = None
+    if args.trace or args.trace_all or args.trace_file:
+        try:
+            trace = open(args.trace_file, "w") if args.trace_file else sys.stderr  # noqa: SIM115
+        except OSError as exc:
+            print(f"fsys-master: cannot write the trace to {args.trace_file}: {exc.strerror}",
+                  file=sys.stderr)  # fmt: skip
+            slave.socket.close()
+            slave.reap(failed=True)
+            return 2
     stage = Stage()
     # Started in a slave directory: its kernel working directory is the stage (for
     # running slave-only files, see staging.py).
@@ -317,25 +325,25 @@ def _run_view(
     cache: bool,
 ) -> int:
     """``fsys-master run --view``: the program in a view of the slave's files."""
-    from fsys.master import session
+    from fsys.master import viewing
     from fsys.master.view import LayoutError, layout
+
+    if slave is None:
+        try:
+            slave = Slave(None)  # embedded: forked now that trio is loaded
+        except OSError as exc:
+            print(f"fsys-master: cannot start the slave: {exc}", file=sys.stderr)
+            os.close(fuse_fd)
+            return SESSION_FAILED
 
     try:
         points, mounts = layout(policy)
     except LayoutError as exc:
         print(f"fsys-master: {exc}", file=sys.stderr)
         os.close(fuse_fd)
-        if slave is not None:
-            slave.socket.close()
-            slave.reap(failed=True)
+        slave.socket.close()
+        slave.reap(failed=True)
         return 2
-    if slave is None:
-        try:
-            slave = Slave(None)
-        except OSError as exc:
-            print(f"fsys-master: cannot start the slave: {exc}", file=sys.stderr)
-            os.close(fuse_fd)
-            return SESSION_FAILED
     if path is None:  # perhaps the slave has it: a shell in the view looks for it
         path, argv = "/bin/sh", ["/bin/sh", "-c", 'exec "$0" "$@"', *argv]
     stage = Stage()
@@ -343,9 +351,9 @@ def _run_view(
     signal.signal(signal.SIGQUIT, signal.SIG_IGN)
     status = SESSION_FAILED
     try:
-        plan = session.ViewPlan(path, argv, env, slave, fuse_fd, points, mounts, stage,
+        plan = viewing.ViewPlan(path, argv, env, slave, fuse_fd, points, mounts, stage,
                                 os.fsencode(os.getcwd()), nofile, cache)  # fmt: skip
-        status = session.run_view(plan)
+        status = viewing.run_view(plan)
         return status
     finally:
         slave.reap(failed=status == SESSION_FAILED)
