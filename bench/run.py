@@ -11,6 +11,8 @@
 - read:   MB/s of `cat` reading a 1 GiB file of the slave (from the page cache),
           against native `cat`;
 - write:  MB/s of `dd bs=4k conv=fsync` writing 256 MiB to a rooted slave;
+- memory: peak resident memory of the session's largest process, reading 64 MiB and
+          1 GiB and listing 500 and 5,000 files (it must not grow with either);
 - fork:   1,000 fork+exec of /bin/true by one shell inside one session, against
           the same shell run natively;
 - make:   `make -j2` of a small C project stored on the slave, against native.
@@ -57,7 +59,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from sshfs import mounted  # (bench/sshfs.py, next to this file)
 
 HERE = Path(__file__).resolve().parent
-BENCHES = ("start", "stat", "continued", "read", "write", "fork", "make", "git", "tree")
+BENCHES = ("start", "stat", "continued", "read", "write", "fork", "make", "git", "tree", "memory")
 
 
 def timed(cmd: list[str], **kwargs: object) -> float:
@@ -263,6 +265,52 @@ def bench_write(fs: Fsys, work: Path, size_mib: int, runs: int) -> dict[str, flo
     return out
 
 
+#: Runs a command and prints the peak resident memory (KiB) of the largest process it
+#: waited for (getrusage RUSAGE_CHILDREN: fsys-master, the slave, the program).
+PEAK = ("import resource, subprocess, sys; subprocess.run(sys.argv[1:], check=True, "
+        "stdout=subprocess.DEVNULL); "
+        "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)")  # fmt: skip
+
+
+def peak_mib(cmd: list[str]) -> float:
+    out = subprocess.run([sys.executable, "-c", PEAK, *cmd], check=True, capture_output=True,
+                         text=True).stdout  # fmt: skip
+    return int(out.split()[-1]) / 1024
+
+
+MEMORY_RUNS = (
+    ("cat64", ["cat", "/small"]),
+    ("cat1024", ["cat", "/large"]),
+    ("ls500", ["ls", "-lR", "/tree"]),
+    ("ls5000", ["ls", "-lR", "/big"]),
+)
+MEMORY_ROWS = {"cat64": "cat 64 MiB", "cat1024": "cat 1 GiB", "ls500": "ls -lR 500 files",
+               "ls5000": "ls -lR 5,000 files"}  # fmt: skip
+
+
+def bench_memory(fs: Fsys, work: Path, runs: int) -> dict[str, float]:
+    """Peak memory of a session's largest process (fsys-master or the slave): reading
+    64 MiB and 1 GiB, and listing a 5,000-file tree, on a rooted slave; the figure must
+    not grow with the file's size nor the tree's."""
+    box = work / "membox"
+    (box / "tree").mkdir(parents=True)
+    make_tree(box / "tree", dirs=10, subdirs=5)  # 500 files
+    chunk = os.urandom(1 << 20)
+    for name, mib in (("small", 64), ("large", 1024)):
+        with open(box / name, "wb") as f:
+            for _ in range(mib):
+                f.write(chunk)
+    make_tree(box / "big", dirs=50)
+    slave = fs.rooted(box)
+    out: dict[str, float] = {}
+    modes = [("fsys", ())] + ([("view", VIEW)] if fs.view else [])
+    for mode, options in modes:
+        for label, cmd in MEMORY_RUNS:
+            peaks = [peak_mib(fs.run(*cmd, slave=slave, options=options)) for _ in range(runs)]
+            out[f"{mode}_{label}"] = median(peaks)
+    return out
+
+
 def bench_fork(fs: Fsys, count: int, runs: int) -> dict[str, float]:
     loop = f"i=0; while [ $i -lt {count} ]; do /bin/true; i=$((i+1)); done"
     native = median([timed(["/bin/sh", "-c", loop]) for _ in range(runs)])
@@ -454,6 +502,13 @@ def main() -> int:
                 "rooted slave",
                 view=f"{write['view_MBps']:.1f} MB/s" if "view_MBps" in write else "",
             )
+        if "memory" in only:
+            mem = bench_memory(fs, work, runs)
+            for label, what in MEMORY_ROWS.items():
+                viewed = mem.get("view_" + label)
+                row(f"peak memory, {what}", "", f"{mem['fsys_' + label]:.0f} MiB",
+                    "the session's largest process (fsys-master or the slave); rooted slave",
+                    view=f"{viewed:.0f} MiB" if viewed is not None else "")  # fmt: skip
         if "fork" in only:
             count = 300 if args.quick else 1000
             fork = bench_fork(fs, count, runs)
