@@ -43,3 +43,12 @@ class Errno(FsysError):
         self.errno = errno
         #: The REPLY_* flags of the slave's reply that said so (0: not the slave's).
         self.flags = flags
+
+
+class Interrupted(FsysError):
+    """fsys-master got ``signum`` (SIGINT, SIGTERM, SIGHUP) while it waited for the
+    slave to start: the session ends, and fsys-master exits 128 + ``signum``."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum

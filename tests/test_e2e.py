@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import os
 import shutil
+import signal
 import stat
+import subprocess
 import tempfile
 import textwrap
 from pathlib import Path
 
 import pytest
+import trio
 
 from tests.conftest import PYTHON, SYSTEM_PYTHON, Session, run_master, slave_command
 
@@ -325,6 +329,53 @@ async def test_an_unwritable_trace_file_is_one_line_and_no_orphan(session: Sessi
         except OSError:
             pass  # gone meanwhile
     assert serving == []
+
+
+def _session_members(sid: int) -> list[int]:
+    """The live processes of session ``sid`` (zombies aside)."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            fields = (proc / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[3]) == sid and fields[0] != "Z":
+            found.append(int(proc.name))
+    return found
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+@pytest.mark.parametrize("extra", [
+    pytest.param([], id="trapped"),
+    pytest.param(["--view"], id="view", marks=pytest.mark.skipif(
+        not os.path.exists("/dev/fuse") or os.geteuid() != 0, reason="--view: root, /dev/fuse")),
+])  # fmt: skip
+async def test_a_signal_while_the_slave_does_not_answer_ends_everything(
+    session: Session, tmp_path: Path, signum: int, extra: list[str]
+) -> None:
+    stages = set(Path(tempfile.gettempdir()).glob("fsys-stage-*"))
+    env = dict(os.environ, FSYS_SLAVE_PATIENCE="0.2")
+    command = [PYTHON, "-m", "fsys.master", "run", *extra, "--slave", "sleep 40", "--", "true"]
+    proc = await trio.lowlevel.open_process(
+        command, cwd=session.master_dir, env=env, stderr=subprocess.PIPE, start_new_session=True
+    )
+    await trio.sleep(1.0)
+    assert proc.poll() is None  # still waiting
+    proc.send_signal(signum)
+    with trio.fail_after(10):
+        status = await proc.wait()
+    assert proc.stderr is not None
+    err = (await proc.stderr.receive_some(65536)).decode()
+    await proc.stderr.aclose()
+    assert status == 128 + signum
+    assert err.splitlines() == [
+        "fsys-master: waiting for the slave to answer (sleep 40); Ctrl-C gives up",
+        f"fsys-master: {signal.Signals(signum).name} while waiting for the slave: giving up",
+    ]
+    assert _session_members(proc.pid) == []  # the slave command is gone with it
+    assert set(Path(tempfile.gettempdir()).glob("fsys-stage-*")) == stages
 
 
 async def test_rename_across_sides_is_exdev(session: Session) -> None:

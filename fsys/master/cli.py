@@ -128,6 +128,8 @@ class Slave:
 
     def __init__(self, command: str | None) -> None:
         self.command = command
+        #: The session gave up waiting for it (a signal): it is ended, not waited for.
+        self.given_up = False
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         self.socket = ours
         self.process: Popen[bytes] | None = None
@@ -146,6 +148,18 @@ class Slave:
                 process_group=0,
             )
         theirs.close()
+
+    @property
+    def name(self) -> str:
+        return self.command if self.command is not None else "the embedded slave"
+
+    def give_up(self, signum: int) -> int:
+        """The session ends on signal ``signum`` before the slave answered: say so; the
+        exit status (128 + signum)."""
+        self.given_up = True
+        print(f"fsys-master: {signal.Signals(signum).name} while waiting for the slave: "
+              "giving up", file=sys.stderr)  # fmt: skip
+        return 128 + signum
 
     def describe_exit(self) -> str:
         """How the slave ended, if it has."""
@@ -296,7 +310,7 @@ def cmd_run(args: argparse.Namespace, *, nofile: tuple[int, int] | None = None) 
         status = session.run(plan)
         return status
     finally:
-        slave.reap(failed=status == SESSION_FAILED)
+        slave.reap(failed=status == SESSION_FAILED or slave.given_up)
         stage.close()
         if trace is not None and trace is not sys.stderr:
             trace.close()
@@ -356,7 +370,7 @@ def _run_view(
         status = viewing.run_view(plan)
         return status
     finally:
-        slave.reap(failed=status == SESSION_FAILED)
+        slave.reap(failed=status == SESSION_FAILED or slave.given_up)
         stage.close()
 
 

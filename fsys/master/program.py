@@ -1,18 +1,65 @@
-"""The program's life as a session sees it: its exit status, and the signals sent to
-fsys-master that are passed on to it (both modes: trapped and the view)."""
+"""The program's life as a session sees it (both modes: trapped and the view): the
+wait for the slave to start, the program's exit status, and the signals sent to
+fsys-master that are passed on to it."""
 
 from __future__ import annotations
 
 import os
 import signal
+import sys
 from typing import TYPE_CHECKING
 
 import trio
 
+from fsys.errors import Interrupted, LinkClosed
 from fsys.master.launcher import Launched
+from fsys.master.link import SlaveLink
 
 if TYPE_CHECKING:
     from fsys.master.fmhub import Hub
+
+#: How long fsys-master waits for the slave's HELLO before it says that it waits
+#: (FSYS_SLAVE_PATIENCE, seconds).
+PATIENCE = 5.0
+_ENDING = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+async def wait_for_slave(link: SlaveLink, features: int, slave: str) -> None:
+    """The handshake, as the user sees it: after PATIENCE seconds without the slave's
+    HELLO, a line says what fsys-master waits for; Ctrl-C, SIGTERM or SIGHUP meanwhile
+    end the wait (Interrupted). LinkClosed if the slave went away instead."""
+    try:
+        patience = float(os.environ.get("FSYS_SLAVE_PATIENCE", PATIENCE))
+    except ValueError:
+        patience = PATIENCE
+    got = 0
+    closed: LinkClosed | None = None
+    with trio.open_signal_receiver(*_ENDING) as signals:
+        async with trio.open_nursery() as nursery:
+
+            async def ended() -> None:
+                nonlocal got
+                async for signum in signals:
+                    got = signum
+                    nursery.cancel_scope.cancel()
+                    return
+
+            async def say() -> None:
+                await trio.sleep(patience)
+                print(f"fsys-master: waiting for the slave to answer ({slave}); "
+                      "Ctrl-C gives up", file=sys.stderr)  # fmt: skip
+
+            nursery.start_soon(ended)
+            nursery.start_soon(say)
+            try:
+                await link.handshake(features)
+            except LinkClosed as exc:
+                closed = exc  # raised below, not as a group
+            nursery.cancel_scope.cancel()
+    if got:
+        raise Interrupted(got)
+    if closed is not None:
+        raise closed
 
 
 def exit_status(status: int) -> int:

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, TextIO
 
 import trio
 
-from fsys.errors import SESSION_FAILED, LinkClosed
+from fsys.errors import SESSION_FAILED, Interrupted, LinkClosed
 from fsys.iostream import FdTransport
 from fsys.kmod.table import load
 from fsys.master.cache import AttrCache
@@ -24,7 +24,7 @@ from fsys.master.fmhub import DEFAULT_SPIN_US, Hub
 from fsys.master.launcher import Launched
 from fsys.master.link import SlaveLink
 from fsys.master.policy import Policy
-from fsys.master.program import relay_signals, wait_program
+from fsys.master.program import relay_signals, wait_for_slave, wait_program
 from fsys.master.staging import Stage
 from fsys.master.trace import Tracer
 from fsys.protocol import FEATURE_WATCH
@@ -73,8 +73,16 @@ async def _session(plan: Plan) -> int:
     async with trio.open_nursery() as nursery:
         await nursery.start(link.serve)
         try:
-            await link.handshake(FEATURE_WATCH if cache is not None else 0)
+            await wait_for_slave(link, FEATURE_WATCH if cache is not None else 0, slave.name)
             await hub.set_initial_cwd(os.getcwd(), staged=plan.staged)
+        except Interrupted as exc:
+            os.kill(launched.pid, signal.SIGKILL)
+            os.waitpid(launched.pid, 0)
+            nursery.cancel_scope.cancel()
+            hub.close()
+            listener.close()
+            transport.close()
+            return slave.give_up(exc.signum)
         except LinkClosed:
             os.kill(launched.pid, signal.SIGKILL)
             os.waitpid(launched.pid, 0)

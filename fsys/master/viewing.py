@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from fsys.errors import SESSION_FAILED, LinkClosed
+from fsys.errors import SESSION_FAILED, Interrupted, LinkClosed
 from fsys.iostream import FdTransport
 from fsys.master.fuse import Opcode
 from fsys.master.launcher import (
@@ -26,7 +26,7 @@ from fsys.master.launcher import (
     view_failure,
 )
 from fsys.master.link import SlaveLink
-from fsys.master.program import relay_signals, wait_program
+from fsys.master.program import relay_signals, wait_for_slave, wait_program
 from fsys.master.staging import Stage
 from fsys.master.view import Points, View
 from fsys.protocol import FEATURE_WATCH
@@ -95,7 +95,13 @@ async def _view_session(plan: ViewPlan) -> int:
     async with trio.open_nursery() as nursery:
         await nursery.start(link.serve)
         try:
-            await link.handshake(FEATURE_WATCH if plan.cache else 0)
+            await wait_for_slave(link, FEATURE_WATCH if plan.cache else 0, slave.name)
+        except Interrupted as exc:
+            nursery.cancel_scope.cancel()
+            view.close()
+            os.close(fuse_fd)
+            transport.close()
+            return slave.give_up(exc.signum)
         except LinkClosed:
             ended = slave.describe_exit()
             print(f"fsys-master: the slave did not start: {link.failure or 'no handshake'}"
