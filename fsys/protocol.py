@@ -48,6 +48,8 @@ FEATURE_WATCH: Final = 1
 INVALIDATEs (the master keeps an attribute cache). Without it the slave watches nothing."""
 
 MAX_IO: Final = 4 << 20
+#: The largest errno a reply may carry (the kernel's MAX_ERRNO).
+MAX_ERRNO: Final = 4095
 """Largest data string in one READ/WRITE; bigger requests are split by the master."""
 MAX_PATH: Final = 4096
 """PATH_MAX, including the terminating NUL the wire does not carry."""

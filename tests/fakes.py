@@ -22,12 +22,13 @@ from pathlib import Path
 
 import trio
 
-from fsys.errors import Errno, LinkClosed
+from fsys.errors import Errno, LinkClosed, RemoteProtocolError
 from fsys.kmod.table import load
 from fsys.master.cache import AttrCache
 from fsys.master.calls import HANDLERS
 from fsys.master.device import Notification
 from fsys.master.fmhub import Hub
+from fsys.master.link import check_reply, reply_bound
 from fsys.master.memory import TargetMemory
 from fsys.master.pages import links_in_use
 from fsys.master.placeholders import Placeholders
@@ -429,6 +430,14 @@ class WireLink:
             self.conn.receive_data(self.slave.send(reply))
             echoed = self.conn.next_event()
             assert isinstance(echoed, Reply)
+            try:
+                check_reply(echoed, reply_bound(call.op))  # as SlaveLink does
+            except RemoteProtocolError as exc:
+                self.failure = f"protocol error from the slave: {exc}"
+                self.broken = True  # the session ends: every call from now on fails
+                self.alive = False
+                on_reply(LinkClosed(self.failure))
+                continue
             on_reply(echoed)
 
 

@@ -378,6 +378,36 @@ async def test_a_signal_while_the_slave_does_not_answer_ends_everything(
     assert set(Path(tempfile.gettempdir()).glob("fsys-stage-*")) == stages
 
 
+HOSTILE_SLAVE = r"""
+import os, sys
+from fsys.protocol import Call, Connection, Hello, Reply, Role, NEED_DATA
+conn = Connection(Role.SLAVE)
+os.write(1, conn.send(Hello()))
+while data := os.read(0, 65536):
+    conn.receive_data(data)
+    while (event := conn.next_event()) is not NEED_DATA:
+        if isinstance(event, Call) and event.request:
+            os.write(1, conn.send(Reply(event.pairing, event.request, -(1 << 40), b"")))
+"""
+
+
+@pytest.mark.parametrize("extra", [
+    pytest.param([], id="trapped"),
+    pytest.param(["--view"], id="view", marks=pytest.mark.skipif(
+        not os.path.exists("/dev/fuse") or os.geteuid() != 0, reason="--view: root, /dev/fuse")),
+])  # fmt: skip
+async def test_a_hostile_slave_ends_the_session_with_a_named_error(
+    session: Session, tmp_path: Path, extra: list[str]
+) -> None:
+    script = tmp_path / "hostile.py"
+    script.write_text(HOSTILE_SLAVE)
+    result = await run_master(["run", *extra, "--slave", f"{PYTHON} {script}", "--",
+                               "cat", "/etc/hostname"], cwd=session.master_dir)  # fmt: skip
+    assert result.status == 125, result.err
+    assert "Traceback" not in result.err
+    assert "protocol error from the slave: a REPLY with errno 1099511627776" in result.err
+
+
 async def test_rename_across_sides_is_exdev(session: Session) -> None:
     script = (
         "import os, errno\n"

@@ -6,6 +6,7 @@ import errno
 import os
 import socket
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
@@ -13,16 +14,23 @@ import trio
 
 from fsys.errors import LinkClosed, RemoteProtocolError
 from fsys.iostream import FdTransport
-from fsys.master.link import SlaveLink
+from fsys.master.link import SlaveLink, check_reply, reply_bound
 from fsys.protocol import (
     HEADER,
     Access,
     ClosePairing,
+    Getdents,
+    Getxattr,
     Hello,
+    Listxattr,
     Open,
     OpenPairing,
+    Operation,
+    Read,
+    Readlink,
     Reply,
     Stat,
+    Write,
     encode,
 )
 from fsys.slave.fshub import serve_transport
@@ -117,16 +125,26 @@ async def test_a_closed_pairings_waiting_call_is_answered_and_undone(
                 break
 
 
-async def test_slave_death_fails_every_pending_call(tmp_path: Path) -> None:
+@asynccontextmanager
+async def scripted_slave() -> AsyncIterator[tuple[SlaveLink, socket.socket]]:
+    """fmhub's link, handshaken, to a "slave" the test writes frames as (its socket)."""
     ours, theirs = socket.socketpair()
     mine = ours.detach()
     transport = FdTransport(mine, mine)
     link = SlaveLink(transport)
     async with trio.open_nursery() as nursery:
         await nursery.start(link.serve)
-        theirs.sendall(encode(Hello()))  # a slave that says hello, then dies
+        theirs.sendall(encode(Hello()))
         with trio.fail_after(5):
             await link.handshake()
+        yield link, theirs
+        nursery.cancel_scope.cancel()
+    theirs.close()
+    transport.close()
+
+
+async def test_slave_death_fails_every_pending_call(tmp_path: Path) -> None:
+    async with scripted_slave() as (link, theirs):  # a slave that says hello, then dies
         outcome: list[object] = []
         link.submit(0, Stat(dir=0, flags=0, mask=0, path=b"/x"), outcome.append)
         theirs.close()  # the slave dies with a call in flight
@@ -136,8 +154,53 @@ async def test_slave_death_fails_every_pending_call(tmp_path: Path) -> None:
         assert link.failure is not None and "went away" in link.failure
         with pytest.raises(LinkClosed):
             await link.perform(0, Stat(dir=0, flags=0, mask=0, path=b"/x"))
-        nursery.cancel_scope.cancel()
-    transport.close()
+
+
+@pytest.mark.parametrize(
+    ("op", "reply", "named"),
+    [
+        (Access(dir=0, mode=0, flags=0, path=b"/x"), (-(1 << 40), b""), "errno 1099511627776"),
+        (Open(dir=0, flags=0, mode=0, resolve=0, path=b"/x"), (-100000, b""), "errno 100000"),
+        (Readlink(dir=0, size=8, path=b"/l"), (100, b"x" * 100), "100 bytes to a call of 8"),
+        (Read(handle=1, size=4, offset=0, rwf=0), (4, b"x" * 5), "5 bytes to a call of 4"),
+        (Getdents(handle=1, size=64), (65, b"d" * 65), "65 bytes to a call of 64"),
+        (Getxattr(dir=0, flags=0, size=0, path=b"/x", name=b"user.a"), (1 << 20, b""),
+         "1048576 bytes to a call of 65536"),
+        (Listxattr(dir=0, flags=0, size=16, path=b"/x"), (17, b"n" * 17), "17 bytes"),
+        (Write(handle=1, offset=0, rwf=0, data=b"abc"), (4, b""), "4 bytes to a call of 3"),
+    ],
+)  # fmt: skip
+async def test_a_hostile_reply_ends_the_session_with_its_name(
+    op: Operation, reply: tuple[int, bytes], named: str
+) -> None:
+    async with scripted_slave() as (link, theirs):
+        outcome: list[object] = []
+        link.submit(0, op, outcome.append)  # request 1
+        theirs.sendall(encode(Reply(0, 1, reply[0], reply[1])))
+        with trio.fail_after(5):
+            await link.wait_closed()
+        assert isinstance(outcome[0], LinkClosed)  # the call fails (the program gets EIO)
+        assert link.failure is not None and named in link.failure, link.failure
+        assert link.failure.startswith("protocol error from the slave")
+
+
+async def test_a_reply_nobody_asked_for_ends_the_session() -> None:
+    async with scripted_slave() as (link, theirs):
+        outcome: list[object] = []
+        link.submit(0, Stat(dir=0, flags=0, mask=0, path=b"/x"), outcome.append)
+        theirs.sendall(encode(Reply(0, 77, 0, b"")))  # request 77 was never sent
+        with trio.fail_after(5):
+            await link.wait_closed()
+        assert link.failure is not None and "request 77, which is not pending" in link.failure
+        assert isinstance(outcome[0], LinkClosed)  # the call in flight fails too
+
+
+def test_a_reply_within_its_bound_passes() -> None:
+    check_reply(Reply(0, 1, -4095, b""), None)
+    check_reply(Reply(0, 1, 8, b"x" * 8), reply_bound(Readlink(dir=0, size=8, path=b"/l")))
+    check_reply(Reply(0, 1, 65536, b""), reply_bound(Getxattr(dir=0, flags=0, size=0,
+                                                              path=b"/x", name=b"a")))  # fmt: skip
+    assert reply_bound(Stat(dir=0, flags=0, mask=0, path=b"/x")) is None
 
 
 async def test_slave_says_goodbye_to_a_malformed_master(tmp_path: Path) -> None:

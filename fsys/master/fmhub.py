@@ -73,8 +73,6 @@ HOT_QUIET_MS = 2
 HOT_SLICE = 0.010
 #: How long fmhub spins for a reply while a caller waits for the slave (FSYS_SPIN_US).
 DEFAULT_SPIN_US = 300
-#: The largest errno a reply may carry (the kernel's MAX_ERRNO).
-MAX_ERRNO = 4095
 #: How often a dnotify watch looks at its slave directory (seconds).
 NOTIFY_POLL = 0.1
 DN_MULTISHOT = 0x80000000
@@ -332,12 +330,8 @@ class Hub:
         sent: Reply | BaseException
         if isinstance(reply, LinkClosed):
             sent = reply
-        elif reply.result < 0:
-            # An errno out of the kernel's range is the slave's bug (or malice).
-            if reply.result >= -MAX_ERRNO:
-                sent = Errno(-reply.result, reply.flags)
-            else:
-                sent = Errno(errno.EIO)
+        elif reply.result < 0:  # (within MAX_ERRNO: the link checked it)
+            sent = Errno(-reply.result, reply.flags)
         else:
             sent = reply
         self._advance(call, steps, sent)

@@ -24,18 +24,50 @@ from fsys.errors import LinkClosed, RemoteProtocolError
 from fsys.iostream import FdTransport
 from fsys.protocol import (
     CLOSED,
+    MAX_ERRNO,
+    MAX_IO,
     NEED_DATA,
     Attrs,
     Call,
     Connection,
+    CopyRange,
     Event,
+    Getdents,
+    Getxattr,
     Goodbye,
     Hello,
     Invalidate,
+    Listdir,
+    Listxattr,
     Operation,
+    Read,
+    Readlink,
     Reply,
     Role,
+    Write,
 )
+
+#: The largest value of an extended attribute and of a list of their names (Linux's
+#: XATTR_SIZE_MAX and XATTR_LIST_MAX): what a query of the size (size 0) may answer.
+XATTR_MAX = 65536
+
+
+def reply_bound(op: Operation) -> int | None:
+    """The largest result, and blob, that a reply to ``op`` may carry (None: no bound
+    beyond the frame's). A reply beyond it is the slave's bug, or malice: passed on, it
+    would tell the program that more bytes than its buffer holds were written there."""
+    if isinstance(op, (Read, Getdents, Readlink)):
+        return op.size
+    if isinstance(op, (Getxattr, Listxattr)):
+        return op.size or XATTR_MAX
+    if isinstance(op, Write):
+        return len(op.data)
+    if isinstance(op, CopyRange):
+        return op.length
+    if isinstance(op, Listdir):
+        return MAX_IO
+    return None
+
 
 OnReply = Callable[[Reply | LinkClosed], None]
 
@@ -55,6 +87,17 @@ def poll_spinning(poller: select.poll, spin: float, quiet_ms: int) -> list[tuple
     return events
 
 
+def check_reply(reply: Reply, bound: int | None) -> None:
+    """RemoteProtocolError unless ``reply`` has an errno within the kernel's range, and
+    a result and blob within ``bound`` (``reply_bound`` of its call)."""
+    if reply.result < -MAX_ERRNO:
+        raise RemoteProtocolError(f"a REPLY with errno {-reply.result} (at most {MAX_ERRNO})")
+    if bound is not None and max(reply.result, len(reply.blob)) > bound:
+        raise RemoteProtocolError(
+            f"a REPLY of {max(reply.result, len(reply.blob))} bytes to a call of {bound}"
+        )
+
+
 class SlaveLink:
     """fmhub's end of the session: CALLs out, REPLYs routed back by request id."""
 
@@ -63,6 +106,7 @@ class SlaveLink:
         self.conn = Connection(Role.MASTER)
         self.failure: str | None = None
         self._pending: dict[int, OnReply] = {}
+        self._bounds: dict[int, int] = {}  # request -> its reply_bound
         self._next_request = 0
         self._hello = trio.Event()
         self._done = trio.Event()
@@ -108,9 +152,10 @@ class SlaveLink:
                     self._fail("the slave closed the connection")
                     return
                 if isinstance(event, Reply):
-                    on_reply = self._pending.pop(event.request, None)
-                    if on_reply is not None:
-                        on_reply(event)
+                    self._check(event)
+                    on_reply = self._pending.pop(event.request)
+                    self._bounds.pop(event.request, None)
+                    on_reply(event)
                 elif isinstance(event, Invalidate):
                     if self.on_invalidate is not None:
                         self.on_invalidate(event.paths)
@@ -140,12 +185,19 @@ class SlaveLink:
         if not data:
             self._fail("the slave went away (connection closed)")
 
+    def _check(self, reply: Reply) -> None:
+        """RemoteProtocolError unless ``reply`` answers a pending call, as check_reply."""
+        if reply.request not in self._pending:
+            raise RemoteProtocolError(f"a REPLY to request {reply.request}, which is not pending")
+        check_reply(reply, self._bounds.get(reply.request))
+
     def _fail(self, reason: str) -> None:
         if self.failure is None and not self._done.is_set() and not self._closing:
             self.failure = reason
         self._done.set()
         self._hello.set()
         pending, self._pending = self._pending, {}
+        self._bounds.clear()
         error = LinkClosed(self.failure or reason)
         for on_reply in pending.values():
             on_reply(error)
@@ -233,6 +285,9 @@ class SlaveLink:
         events: list[Event] = prelude(self.conn) if prelude is not None else []
         events.append(Call(pairing, request, op))
         self._pending[request] = on_reply
+        bound = reply_bound(op)
+        if bound is not None:
+            self._bounds[request] = bound
         self.calls += 1
         try:
             self.send(events)

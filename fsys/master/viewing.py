@@ -112,6 +112,8 @@ async def _view_session(plan: ViewPlan) -> int:
                 launched = await _start_in_view(plan, view, nursery)
             except LaunchError as exc:
                 print(f"fsys-master: {exc}", file=sys.stderr)
+                if link.failure is not None:  # why the view could not be set up
+                    print(f"fsys-master: {link.failure}", file=sys.stderr)
                 status = exc.status
             else:
                 nursery.start_soon(relay_signals, launched, None)
