@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import signal
+import subprocess
+import tempfile
 from pathlib import Path
 
 import pytest
+import trio
 
 from fsys.master.policy import Policy, PolicyError, Side, normalize, program_prefixes
-from tests.conftest import run_master
+from tests.conftest import PYTHON, run_master
 
 
 def side(policy: Policy, path: str) -> str:
@@ -61,11 +65,14 @@ def test_config_file(tmp_path: Path) -> None:
         ('[[policy.rule]]\nprefix = "rel"\nside = "master"\n', "not an absolute path"),
         ('[[policy.rule]]\nprefix = "/x"\nside = "left"\n', "side must be"),
         ("[policy\n", "policy.toml"),
+        ("rule = 5\n", "unknown key.*rule.*go in \\[policy\\]"),
+        ("[policy]\nrule = 5\n", "must be an array of tables"),
+        (b"[policy]\n# \xff\n", "not UTF-8 text"),
     ],
 )
-def test_bad_config(tmp_path: Path, text: str, message: str) -> None:
+def test_bad_config(tmp_path: Path, text: str | bytes, message: str) -> None:
     config = tmp_path / "policy.toml"
-    config.write_text(text)
+    config.write_bytes(text if isinstance(text, bytes) else text.encode())
     with pytest.raises(PolicyError, match=message):
         Policy.build(config=config)
 
@@ -90,3 +97,28 @@ async def test_policy_command(tmp_path: Path) -> None:
     ]
     bad = await run_master(["policy", "--local", "relative", "/x"], cwd=tmp_path)
     assert bad.status == 2 and "not an absolute path" in bad.err
+
+
+def test_policy_into_a_reader_that_stops_early_is_quiet(tmp_path: Path) -> None:
+    paths = [f"/p{i}" for i in range(20000)]  # more than a pipe holds
+    cmd = [PYTHON, "-m", "fsys.master", "policy", *paths]
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE) as proc:
+        assert proc.stdout is not None and proc.stderr is not None
+        assert proc.stdout.readline().startswith(b"/p0: slave")
+        proc.stdout.close()  # as `| head -1` does
+        err = proc.stderr.read()
+        status = proc.wait(timeout=60)
+    assert err == b"" and status == -signal.SIGPIPE
+
+
+async def test_run_from_a_removed_directory_is_one_line(tmp_path: Path) -> None:
+    gone = tmp_path / "gone"
+    gone.mkdir()
+    stages = set(Path(tempfile.gettempdir()).glob("fsys-stage-*"))
+    script = f"cd {gone} && rmdir {gone} && exec {PYTHON} -m fsys.master run -- true"
+    result = await trio.run_process(["/bin/sh", "-c", script], capture_stderr=True, check=False)
+    assert result.returncode == 2
+    assert (
+        result.stderr == b"fsys-master: the working directory has been removed: cd to another one\n"
+    )
+    assert set(Path(tempfile.gettempdir()).glob("fsys-stage-*")) == stages

@@ -223,6 +223,12 @@ def cmd_run(args: argparse.Namespace, *, nofile: tuple[int, int] | None = None) 
         print("fsys-master run: no program given (fsys-master run -- PROGRAM ARGS)",
               file=sys.stderr)  # fmt: skip
         return 2
+    try:
+        os.getcwd()
+    except FileNotFoundError:
+        print("fsys-master: the working directory has been removed: cd to another one",
+              file=sys.stderr)  # fmt: skip
+        return 2
     env = dict(os.environ)
     try:
         path: str | None = resolve_program(argv[0], env)
@@ -414,6 +420,8 @@ def main(argv: list[str] | None = None) -> int:
         from fsys.linux import raise_fd_limit
 
         return cmd_run(args, nofile=raise_fd_limit())
+    # Listings: a reader that stops early (| head) ends us quietly, as it ends cat.
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     if args.command == "policy":
         return cmd_policy(args)
     return cmd_syscalls(args)

@@ -162,8 +162,12 @@ def load_config(path: Path, defaults: bool = True) -> tuple[list[Rule], bool]:
 
     try:
         data = tomllib.loads(path.read_text())
-    except (OSError, tomllib.TOMLDecodeError) as exc:
-        raise PolicyError(f"{path}: {exc}") from None
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        reason = "not UTF-8 text" if isinstance(exc, UnicodeDecodeError) else exc
+        raise PolicyError(f"{path}: {reason}") from None
+    if set(data) - {"policy"}:
+        raise PolicyError(f"{path}: unknown key(s): {', '.join(sorted(set(data) - {'policy'}))}"
+                          " (the rules go in [policy])")  # fmt: skip
     section = data.get("policy", {})
     if not isinstance(section, dict):
         raise PolicyError(f"{path}: [policy] must be a table")
@@ -173,8 +177,11 @@ def load_config(path: Path, defaults: bool = True) -> tuple[list[Rule], bool]:
     defaults = section.get("defaults", defaults)
     if not isinstance(defaults, bool):
         raise PolicyError(f"{path}: policy.defaults must be true or false")
+    entries = section.get("rule", [])
+    if not isinstance(entries, list):
+        raise PolicyError(f"{path}: policy.rule must be an array of tables ([[policy.rule]])")
     rules: list[Rule] = []
-    for i, entry in enumerate(section.get("rule", [])):
+    for i, entry in enumerate(entries):
         where = f"{path}: policy.rule[{i}]"
         if not isinstance(entry, dict) or set(entry) != {"prefix", "side"}:
             raise PolicyError(f"{where}: needs exactly 'prefix' and 'side'")
