@@ -449,6 +449,25 @@ async def test_slave_that_fails_to_start(session: Session) -> None:
     assert result.out == ""
 
 
+@pytest.mark.parametrize(
+    ("slave", "hint"),
+    [
+        ("no-such-fsys-slave serve --stdio", "on the PATH of the shell that runs it"),
+        ("echo Welcome; exec PY -m fsys.slave serve --stdio",
+         "something wrote to the slave's standard output before fsys-slave started"),
+        ("cat", "must end in `fsys-slave serve --stdio`"),
+    ],
+)  # fmt: skip
+async def test_a_slave_command_that_is_not_one_gets_a_hint(session: Session, slave: str,
+                                                          hint: str) -> None:  # fmt: skip
+    result = await run_master(["run", "--slave", slave.replace("PY", PYTHON), "--", "true"],
+                              cwd=session.master_dir)  # fmt: skip
+    assert result.status == 125
+    said = [line for line in result.err.splitlines() if line.startswith("fsys-master:")]
+    assert len(said) == 1 and said[0].startswith("fsys-master: the slave did not start")
+    assert hint in said[0] and "Traceback" not in result.err
+
+
 async def test_slave_dies_mid_run(session: Session) -> None:
     (session.box / "f").write_text("before\n")
     script = FIND_SLAVE + textwrap.dedent(

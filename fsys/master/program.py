@@ -16,12 +16,34 @@ from fsys.master.launcher import Launched
 from fsys.master.link import SlaveLink
 
 if TYPE_CHECKING:
+    from fsys.master.cli import Slave
     from fsys.master.fmhub import Hub
 
 #: How long fsys-master waits for the slave's HELLO before it says that it waits
 #: (FSYS_SLAVE_PATIENCE, seconds).
 PATIENCE = 5.0
 _ENDING = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+async def say_slave_did_not_start(link: SlaveLink, slave: Slave) -> None:
+    """Why the slave gave no HELLO, with a hint at the usual causes."""
+    ended = slave.describe_exit()
+    with trio.move_on_after(0.5):  # its socket closes just before it exits
+        while not ended:
+            await trio.sleep(0.01)
+            ended = slave.describe_exit()
+    reason = link.failure or "no handshake"
+    hint = ""
+    if ended == "exited with status 127":
+        hint = ("; is the slave's command on the PATH of the shell that runs it (over ssh: "
+                "the remote non-interactive shell's)?")  # fmt: skip
+    elif "first frame is not HELLO" in reason:
+        hint = ("; something wrote to the slave's standard output before fsys-slave started "
+                "(a shell start-up file, a banner, `ssh -t`?)")  # fmt: skip
+    elif "protocol error" in reason:
+        hint = "; the slave's command must end in `fsys-slave serve --stdio`"
+    print(f"fsys-master: the slave did not start: {reason}"
+          + (f" (slave {ended})" if ended else "") + hint, file=sys.stderr)  # fmt: skip
 
 
 async def wait_for_slave(link: SlaveLink, features: int, slave: str) -> None:

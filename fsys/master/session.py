@@ -24,7 +24,12 @@ from fsys.master.fmhub import DEFAULT_SPIN_US, Hub
 from fsys.master.launcher import Launched
 from fsys.master.link import SlaveLink
 from fsys.master.policy import Policy
-from fsys.master.program import relay_signals, wait_for_slave, wait_program
+from fsys.master.program import (
+    relay_signals,
+    say_slave_did_not_start,
+    wait_for_slave,
+    wait_program,
+)
 from fsys.master.staging import Stage
 from fsys.master.trace import Tracer
 from fsys.protocol import FEATURE_WATCH
@@ -86,10 +91,7 @@ async def _session(plan: Plan) -> int:
         except LinkClosed:
             os.kill(launched.pid, signal.SIGKILL)
             os.waitpid(launched.pid, 0)
-            ended = slave.describe_exit()
-            reason = link.failure or "no handshake"
-            print(f"fsys-master: the slave did not start: {reason}"
-                  + (f" (slave {ended})" if ended else ""), file=sys.stderr)  # fmt: skip
+            await say_slave_did_not_start(link, slave)
             nursery.cancel_scope.cancel()
             hub.close()
             listener.close()

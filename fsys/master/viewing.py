@@ -26,7 +26,12 @@ from fsys.master.launcher import (
     view_failure,
 )
 from fsys.master.link import SlaveLink
-from fsys.master.program import relay_signals, wait_for_slave, wait_program
+from fsys.master.program import (
+    relay_signals,
+    say_slave_did_not_start,
+    wait_for_slave,
+    wait_program,
+)
 from fsys.master.staging import Stage
 from fsys.master.view import Points, View
 from fsys.protocol import FEATURE_WATCH
@@ -103,9 +108,7 @@ async def _view_session(plan: ViewPlan) -> int:
             transport.close()
             return slave.give_up(exc.signum)
         except LinkClosed:
-            ended = slave.describe_exit()
-            print(f"fsys-master: the slave did not start: {link.failure or 'no handshake'}"
-                  + (f" (slave {ended})" if ended else ""), file=sys.stderr)  # fmt: skip
+            await say_slave_did_not_start(link, slave)
             nursery.cancel_scope.cancel()
         else:
             try:
