@@ -28,7 +28,7 @@ from fsys.master.cache import AttrCache
 from fsys.master.calls import HANDLERS
 from fsys.master.device import Notification
 from fsys.master.fmhub import Hub
-from fsys.master.link import check_reply, reply_bound
+from fsys.master.link import check_reply, reply_bound, reply_shape
 from fsys.master.memory import TargetMemory
 from fsys.master.pages import links_in_use
 from fsys.master.placeholders import Placeholders
@@ -431,7 +431,7 @@ class WireLink:
             echoed = self.conn.next_event()
             assert isinstance(echoed, Reply)
             try:
-                check_reply(echoed, reply_bound(call.op))  # as SlaveLink does
+                check_reply(echoed, reply_bound(call.op), reply_shape(call.op))  # as SlaveLink
             except RemoteProtocolError as exc:
                 self.failure = f"protocol error from the slave: {exc}"
                 self.broken = True  # the session ends: every call from now on fails

@@ -168,6 +168,7 @@ async def test_slave_death_fails_every_pending_call(tmp_path: Path) -> None:
          "1048576 bytes to a call of 65536"),
         (Listxattr(dir=0, flags=0, size=16, path=b"/x"), (17, b"n" * 17), "17 bytes"),
         (Write(handle=1, offset=0, rwf=0, data=b"abc"), (4, b""), "4 bytes to a call of 3"),
+        (Stat(dir=0, flags=0, mask=0, path=b"/x"), (0, b"garbage"), "7 bytes for a 256-byte"),
     ],
 )  # fmt: skip
 async def test_a_hostile_reply_ends_the_session_with_its_name(

@@ -22,6 +22,7 @@ import trio
 
 from fsys.errors import LinkClosed, RemoteProtocolError
 from fsys.iostream import FdTransport
+from fsys.linux import STATFS, STATX_SIZE
 from fsys.protocol import (
     CLOSED,
     MAX_ERRNO,
@@ -44,6 +45,8 @@ from fsys.protocol import (
     Readlink,
     Reply,
     Role,
+    Stat,
+    Statfs,
     Write,
 )
 
@@ -87,15 +90,28 @@ def poll_spinning(poller: select.poll, spin: float, quiet_ms: int) -> list[tuple
     return events
 
 
-def check_reply(reply: Reply, bound: int | None) -> None:
-    """RemoteProtocolError unless ``reply`` has an errno within the kernel's range, and
-    a result and blob within ``bound`` (``reply_bound`` of its call)."""
+def reply_shape(op: Operation) -> int | None:
+    """The exact length of the blob of a successful reply to ``op``, when it is a
+    structure (a struct statx, a struct statfs)."""
+    if isinstance(op, Stat):
+        return STATX_SIZE
+    if isinstance(op, Statfs):
+        return STATFS.size
+    return None
+
+
+def check_reply(reply: Reply, bound: int | None, shape: int | None = None) -> None:
+    """RemoteProtocolError unless ``reply`` has an errno within the kernel's range, a
+    result and blob within ``bound`` (``reply_bound`` of its call), and when it
+    succeeded, a blob of ``shape`` bytes (``reply_shape``)."""
     if reply.result < -MAX_ERRNO:
         raise RemoteProtocolError(f"a REPLY with errno {-reply.result} (at most {MAX_ERRNO})")
     if bound is not None and max(reply.result, len(reply.blob)) > bound:
         raise RemoteProtocolError(
             f"a REPLY of {max(reply.result, len(reply.blob))} bytes to a call of {bound}"
         )
+    if shape is not None and reply.result >= 0 and len(reply.blob) != shape:
+        raise RemoteProtocolError(f"a REPLY of {len(reply.blob)} bytes for a {shape}-byte struct")
 
 
 class SlaveLink:
@@ -107,6 +123,7 @@ class SlaveLink:
         self.failure: str | None = None
         self._pending: dict[int, OnReply] = {}
         self._bounds: dict[int, int] = {}  # request -> its reply_bound
+        self._shapes: dict[int, int] = {}  # request -> its reply_shape
         self._next_request = 0
         self._hello = trio.Event()
         self._done = trio.Event()
@@ -155,6 +172,7 @@ class SlaveLink:
                     self._check(event)
                     on_reply = self._pending.pop(event.request)
                     self._bounds.pop(event.request, None)
+                    self._shapes.pop(event.request, None)
                     on_reply(event)
                 elif isinstance(event, Invalidate):
                     if self.on_invalidate is not None:
@@ -189,7 +207,7 @@ class SlaveLink:
         """RemoteProtocolError unless ``reply`` answers a pending call, as check_reply."""
         if reply.request not in self._pending:
             raise RemoteProtocolError(f"a REPLY to request {reply.request}, which is not pending")
-        check_reply(reply, self._bounds.get(reply.request))
+        check_reply(reply, self._bounds.get(reply.request), self._shapes.get(reply.request))
 
     def _fail(self, reason: str) -> None:
         if self.failure is None and not self._done.is_set() and not self._closing:
@@ -198,6 +216,7 @@ class SlaveLink:
         self._hello.set()
         pending, self._pending = self._pending, {}
         self._bounds.clear()
+        self._shapes.clear()
         error = LinkClosed(self.failure or reason)
         for on_reply in pending.values():
             on_reply(error)
@@ -288,6 +307,9 @@ class SlaveLink:
         bound = reply_bound(op)
         if bound is not None:
             self._bounds[request] = bound
+        shape = reply_shape(op)
+        if shape is not None:
+            self._shapes[request] = shape
         self.calls += 1
         try:
             self.send(events)
