@@ -18,6 +18,13 @@ from tests.conftest import PYTHON, SYSTEM_PYTHON, Session, run_master, slave_com
 
 pytestmark = pytest.mark.e2e
 
+#: Both modes: trapped, and the view (where root and /dev/fuse allow it).
+VIEW_OR_NOT = [
+    pytest.param([], id="trapped"),
+    pytest.param(["--view"], id="view", marks=pytest.mark.skipif(
+        not os.path.exists("/dev/fuse") or os.geteuid() != 0, reason="--view: root, /dev/fuse")),
+]  # fmt: skip
+
 
 def populate(box: Path) -> None:
     (box / "data").mkdir()
@@ -347,11 +354,7 @@ def _session_members(sid: int) -> list[int]:
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
-@pytest.mark.parametrize("extra", [
-    pytest.param([], id="trapped"),
-    pytest.param(["--view"], id="view", marks=pytest.mark.skipif(
-        not os.path.exists("/dev/fuse") or os.geteuid() != 0, reason="--view: root, /dev/fuse")),
-])  # fmt: skip
+@pytest.mark.parametrize("extra", VIEW_OR_NOT)
 async def test_a_signal_while_the_slave_does_not_answer_ends_everything(
     session: Session, tmp_path: Path, signum: int, extra: list[str]
 ) -> None:
@@ -391,11 +394,43 @@ while data := os.read(0, 65536):
 """
 
 
-@pytest.mark.parametrize("extra", [
-    pytest.param([], id="trapped"),
-    pytest.param(["--view"], id="view", marks=pytest.mark.skipif(
-        not os.path.exists("/dev/fuse") or os.geteuid() != 0, reason="--view: root, /dev/fuse")),
-])  # fmt: skip
+SLOW_SLAVE = r"""
+import os, sys, time
+from fsys.protocol import Call, Connection, Hello, Role, NEED_DATA
+from fsys.slave.executor import Executor
+from fsys.slave.fshub import perform
+conn, ex = Connection(Role.SLAVE), Executor(sys.argv[1])
+os.write(1, conn.send(Hello()))
+while data := os.read(0, 65536):
+    conn.receive_data(data)
+    while (event := conn.next_event()) is not NEED_DATA:
+        if isinstance(event, Call) and event.request:
+            if type(event.op).__name__ == "Open" and event.op.path.endswith(b"/slow"):
+                time.sleep(1.5)  # a slave that stops answering for a while
+            os.write(1, conn.send(perform(ex, event)))
+"""
+
+
+@pytest.mark.parametrize("extra", VIEW_OR_NOT)
+async def test_a_slave_slow_to_answer_is_reported_then_its_answer(
+    session: Session, tmp_path: Path, extra: list[str]
+) -> None:
+    script = tmp_path / "slow.py"
+    script.write_text(SLOW_SLAVE)
+    (session.box / "slow").write_text("data\n")
+    slave = f"{PYTHON} {script} {session.box}"
+    env = dict(os.environ, FSYS_SLAVE_PATIENCE="0.3")
+    result = await run_master(["run", *extra, "--slave", slave, "--", "cat", "/slow"],
+                              cwd=session.master_dir, env=env)  # fmt: skip
+    assert (result.status, result.out) == (0, "data\n"), result.err
+    said = result.err.splitlines()
+    assert len(said) == 2, said
+    assert said[0].startswith(f"fsys-master: the slave ({slave}) has not answered OPEN for ")
+    assert said[0].endswith(" s; waiting")
+    assert said[1].startswith("fsys-master: the slave answered after ")
+
+
+@pytest.mark.parametrize("extra", VIEW_OR_NOT)
 async def test_a_hostile_slave_ends_the_session_with_a_named_error(
     session: Session, tmp_path: Path, extra: list[str]
 ) -> None:

@@ -124,6 +124,9 @@ class SlaveLink:
         self._pending: dict[int, OnReply] = {}
         self._bounds: dict[int, int] = {}  # request -> its reply_bound
         self._shapes: dict[int, int] = {}  # request -> its reply_shape
+        #: When each pending call was sent, and what it was (a slave that stops
+        #: answering is reported: ``oldest``).
+        self._sent: dict[int, tuple[float, str]] = {}
         self._next_request = 0
         self._hello = trio.Event()
         self._done = trio.Event()
@@ -173,6 +176,7 @@ class SlaveLink:
                     on_reply = self._pending.pop(event.request)
                     self._bounds.pop(event.request, None)
                     self._shapes.pop(event.request, None)
+                    self._sent.pop(event.request, None)
                     on_reply(event)
                 elif isinstance(event, Invalidate):
                     if self.on_invalidate is not None:
@@ -217,6 +221,7 @@ class SlaveLink:
         pending, self._pending = self._pending, {}
         self._bounds.clear()
         self._shapes.clear()
+        self._sent.clear()
         error = LinkClosed(self.failure or reason)
         for on_reply in pending.values():
             on_reply(error)
@@ -225,6 +230,12 @@ class SlaveLink:
     def waiting(self) -> bool:
         """Some call awaits its reply."""
         return bool(self._pending)
+
+    def oldest(self) -> tuple[int, float, str] | None:
+        """The call that has waited longest for its reply: (request, when sent, what)."""
+        for request, (when, what) in self._sent.items():  # (in the order they were sent)
+            return request, when, what
+        return None
 
     @property
     def outstanding(self) -> int:
@@ -304,6 +315,7 @@ class SlaveLink:
         events: list[Event] = prelude(self.conn) if prelude is not None else []
         events.append(Call(pairing, request, op))
         self._pending[request] = on_reply
+        self._sent[request] = (time.monotonic(), type(op).__name__)
         bound = reply_bound(op)
         if bound is not None:
             self._bounds[request] = bound

@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import time
 from typing import TYPE_CHECKING
 
 import trio
@@ -46,14 +47,38 @@ async def say_slave_did_not_start(link: SlaveLink, slave: Slave) -> None:
           + (f" (slave {ended})" if ended else "") + hint, file=sys.stderr)  # fmt: skip
 
 
+def _patience() -> float:
+    try:
+        return max(0.05, float(os.environ.get("FSYS_SLAVE_PATIENCE", PATIENCE)))
+    except ValueError:
+        return PATIENCE
+
+
+async def report_stalls(link: SlaveLink, slave: str) -> None:
+    """While the session runs: a call the slave has not answered for PATIENCE seconds
+    is reported once (what it is, since when); so is the answer that ends the wait."""
+    patience = _patience()
+    reported: tuple[int, float] | None = None  # (request, when sent)
+    while link.alive:
+        await trio.sleep(patience / 4)
+        oldest = link.oldest()
+        if reported is not None and (oldest is None or oldest[0] != reported[0]):
+            waited = time.monotonic() - reported[1]
+            print(f"fsys-master: the slave answered after {waited:.1f} s", file=sys.stderr)
+            reported = None
+        if oldest is not None and reported is None:
+            request, when, what = oldest
+            if time.monotonic() - when >= patience:
+                print(f"fsys-master: the slave ({slave}) has not answered {what.upper()} for "
+                      f"{time.monotonic() - when:.1f} s; waiting", file=sys.stderr)  # fmt: skip
+                reported = (request, when)
+
+
 async def wait_for_slave(link: SlaveLink, features: int, slave: str) -> None:
     """The handshake, as the user sees it: after PATIENCE seconds without the slave's
     HELLO, a line says what fsys-master waits for; Ctrl-C, SIGTERM or SIGHUP meanwhile
     end the wait (Interrupted). LinkClosed if the slave went away instead."""
-    try:
-        patience = float(os.environ.get("FSYS_SLAVE_PATIENCE", PATIENCE))
-    except ValueError:
-        patience = PATIENCE
+    patience = _patience()
     got = 0
     closed: LinkClosed | None = None
     with trio.open_signal_receiver(*_ENDING) as signals:

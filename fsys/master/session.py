@@ -26,6 +26,7 @@ from fsys.master.link import SlaveLink
 from fsys.master.policy import Policy
 from fsys.master.program import (
     relay_signals,
+    report_stalls,
     say_slave_did_not_start,
     wait_for_slave,
     wait_program,
@@ -107,6 +108,7 @@ async def _session(plan: Plan) -> int:
 
         nursery.start_soon(report_failure)
         nursery.start_soon(relay_signals, launched, hub)
+        nursery.start_soon(report_stalls, link, slave.name)
         hub_done = trio.Event()
 
         async def serve_hub() -> None:

@@ -28,6 +28,7 @@ from fsys.master.launcher import (
 from fsys.master.link import SlaveLink
 from fsys.master.program import (
     relay_signals,
+    report_stalls,
     say_slave_did_not_start,
     wait_for_slave,
     wait_program,
@@ -120,6 +121,7 @@ async def _view_session(plan: ViewPlan) -> int:
                 status = exc.status
             else:
                 nursery.start_soon(relay_signals, launched, None)
+                nursery.start_soon(report_stalls, link, slave.name)
                 status = await wait_program(launched)
                 # POLLHUP: the last process under the filter (the program's) is gone.
                 await trio.lowlevel.wait_readable(launched.listener)
