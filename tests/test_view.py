@@ -33,7 +33,7 @@ from fsys.master.policy import Policy, Rule, Side
 from fsys.master.view import WATCHED, LayoutError, Points, View, layout
 from fsys.protocol import FEATURE_WATCH
 from fsys.slave.fshub import serve_transport
-from tests.conftest import PYTHON, Session
+from tests.conftest import PYTHON, Result, Session
 
 ENTRY_SIZE = fuse.ENTRY_OUT.size
 ROOT = fuse.ROOT_ID
@@ -913,7 +913,7 @@ async def test_the_view_sees_another_processs_change(session: Session) -> None:
     script = ("cat /v; echo; while [ \"$(cat /v)\" = 1 ]; do sleep 0.05; done; cat /v;"
               " echo; stat -c %s /v")  # fmt: skip
     async with trio.open_nursery() as nursery:
-        result: list[object] = []
+        result: list[Result] = []
 
         async def run() -> None:
             result.append(await session.run("/bin/sh", "-c", script, extra=["--view"]))
@@ -921,9 +921,9 @@ async def test_the_view_sees_another_processs_change(session: Session) -> None:
         nursery.start_soon(run)
         await trio.sleep(2)
         (session.box / "v").write_bytes(b"22")
-    got = result[0]
-    assert isinstance(got, type(result[0])) and got.status == 0, got.err  # type: ignore[attr-defined]
-    assert got.out.split() == ["1", "22", "2"]  # type: ignore[attr-defined]
+    (got,) = result
+    assert got.status == 0, got.err
+    assert got.out.split() == ["1", "22", "2"]
 
 
 @needs_fuse

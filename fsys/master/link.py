@@ -122,11 +122,9 @@ class SlaveLink:
         self.conn = Connection(Role.MASTER)
         self.failure: str | None = None
         self._pending: dict[int, OnReply] = {}
-        self._bounds: dict[int, int] = {}  # request -> its reply_bound
-        self._shapes: dict[int, int] = {}  # request -> its reply_shape
-        #: When each pending call was sent, and what it was (a slave that stops
-        #: answering is reported: ``oldest``).
-        self._sent: dict[int, tuple[float, str]] = {}
+        #: When each pending call was sent, and what it was: its reply is checked
+        #: against it, and a slave that stops answering is reported (``oldest``).
+        self._sent: dict[int, tuple[float, Operation]] = {}
         self._next_request = 0
         self._hello = trio.Event()
         self._done = trio.Event()
@@ -174,8 +172,6 @@ class SlaveLink:
                 if isinstance(event, Reply):
                     self._check(event)
                     on_reply = self._pending.pop(event.request)
-                    self._bounds.pop(event.request, None)
-                    self._shapes.pop(event.request, None)
                     self._sent.pop(event.request, None)
                     on_reply(event)
                 elif isinstance(event, Invalidate):
@@ -211,7 +207,8 @@ class SlaveLink:
         """RemoteProtocolError unless ``reply`` answers a pending call, as check_reply."""
         if reply.request not in self._pending:
             raise RemoteProtocolError(f"a REPLY to request {reply.request}, which is not pending")
-        check_reply(reply, self._bounds.get(reply.request), self._shapes.get(reply.request))
+        op = self._sent[reply.request][1]
+        check_reply(reply, reply_bound(op), reply_shape(op))
 
     def _fail(self, reason: str) -> None:
         if self.failure is None and not self._done.is_set() and not self._closing:
@@ -219,8 +216,6 @@ class SlaveLink:
         self._done.set()
         self._hello.set()
         pending, self._pending = self._pending, {}
-        self._bounds.clear()
-        self._shapes.clear()
         self._sent.clear()
         error = LinkClosed(self.failure or reason)
         for on_reply in pending.values():
@@ -233,8 +228,8 @@ class SlaveLink:
 
     def oldest(self) -> tuple[int, float, str] | None:
         """The call that has waited longest for its reply: (request, when sent, what)."""
-        for request, (when, what) in self._sent.items():  # (in the order they were sent)
-            return request, when, what
+        for request, (when, op) in self._sent.items():  # (in the order they were sent)
+            return request, when, type(op).__name__
         return None
 
     @property
@@ -315,13 +310,7 @@ class SlaveLink:
         events: list[Event] = prelude(self.conn) if prelude is not None else []
         events.append(Call(pairing, request, op))
         self._pending[request] = on_reply
-        self._sent[request] = (time.monotonic(), type(op).__name__)
-        bound = reply_bound(op)
-        if bound is not None:
-            self._bounds[request] = bound
-        shape = reply_shape(op)
-        if shape is not None:
-            self._shapes[request] = shape
+        self._sent[request] = (time.monotonic(), op)
         self.calls += 1
         try:
             self.send(events)

@@ -430,7 +430,8 @@ class View:
         #: The names of each listing (kept with the listing they were made from).
         self._names: dict[bytes, tuple[list[tuple[int, int, bytes]], set[bytes]]] = {}
         self.notifier = Notifier(fd)
-        self.requests: dict[int, int] = {}  # opcode -> how many
+        #: opcode -> how many (FSYS_VIEW_STATS only: not a cost of every request).
+        self.requests: dict[int, int] | None = {} if os.environ.get("FSYS_VIEW_STATS") else None
         self._behind = WriteBehind(link, self._request)
         #: Handles whose writes must reach the slave before they return (O_SYNC...).
         self._sync_handles: set[int] = set()
@@ -501,7 +502,8 @@ class View:
             if n < fuse.IN_HEADER.size:
                 return False
             length, opcode, unique, nodeid, *_ = fuse.IN_HEADER.unpack_from(buf)
-            self.requests[opcode] = self.requests.get(opcode, 0) + 1
+            if self.requests is not None:
+                self.requests[opcode] = self.requests.get(opcode, 0) + 1
             body = bytes(view[fuse.IN_HEADER.size : min(length, n)])
             if opcode in fuse.NO_REPLY:
                 self._forget(opcode, nodeid, body)
@@ -1133,12 +1135,9 @@ class View:
     def _has_no_xattrs(self, node: Node) -> bool:
         if node.synthetic is not None:
             return True
-        if node.path is None:
-            return False
-        if node.path in self.xattrs_absent:
-            return self.xattrs_absent[node.path] is None
-        key = watch_key(node.path)
-        return key is not None and self.cache.no_xattrs(key, False)
+        # (Every watched answer marked REPLY_NO_XATTRS is recorded there: _watching.)
+        path = node.path
+        return path is not None and path in self.xattrs_absent and self.xattrs_absent[path] is None
 
     def getxattr_now(self, node: Node, body: memoryview) -> bytes | None:
         if self._has_no_xattrs(node):

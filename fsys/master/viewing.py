@@ -131,7 +131,7 @@ async def _view_session(plan: ViewPlan) -> int:
             await link.goodbye()
             nursery.cancel_scope.cancel()
     view.close()
-    if os.environ.get("FSYS_VIEW_STATS"):
+    if view.requests is not None:
         counts = sorted(view.requests.items(), key=lambda kv: -kv[1])
         print("fsys-master: view requests: " + ", ".join(
             f"{Opcode(op).name if op in Opcode._value2member_map_ else op} {n}"
