@@ -321,3 +321,64 @@ def statx_identity(raw: bytes) -> tuple[int, ...]:
 def statx_size(raw: bytes) -> int:
     size: int = STATX.unpack_from(raw)[8]
     return size
+
+
+# --- terminals --------------------------------------------------------------------
+
+TCGETS: Final = 0x5401
+TCSETS: Final = 0x5402
+TCSETSW: Final = 0x5403
+TCSETSF: Final = 0x5404
+TCSBRK: Final = 0x5409
+TCXONC: Final = 0x540A
+TCFLSH: Final = 0x540B
+TIOCSCTTY: Final = 0x540E
+TIOCGPGRP: Final = 0x540F
+TIOCSPGRP: Final = 0x5410
+TIOCOUTQ: Final = 0x5411
+TIOCGWINSZ: Final = 0x5413
+TIOCSWINSZ: Final = 0x5414
+TIOCINQ: Final = 0x541B  # FIONREAD
+TIOCNOTTY: Final = 0x5422
+TIOCGSID: Final = 0x5429
+TCSETS2: Final = 0x402C542B
+TCSETSW2: Final = 0x402C542C
+TCSETSF2: Final = 0x402C542D
+TCIFLUSH: Final = 0
+TCIOFLUSH: Final = 2
+TERMIOS_SIZE: Final = 36  # the kernel's struct termios: 4 flags, c_line, c_cc[19]
+TERMIOS2_SIZE: Final = 44  # struct termios2: and c_ispeed, c_ospeed
+
+#: The terminal ioctls a slave performs for its master (TTY operation): request ->
+#: (bytes it reads through its pointer, bytes it writes there). (0, 0): an integer
+#: argument by value, or none. Not TIOCSTI (it would type into the slave's terminal)
+#: nor the job-control ones (fmhub answers those: design.md, "The slave's terminal").
+TTY_IOCTLS: Final[dict[int, tuple[int, int]]] = {
+    TCGETS: (0, TERMIOS_SIZE),
+    TCSETS: (TERMIOS_SIZE, 0),
+    TCSETSW: (TERMIOS_SIZE, 0),
+    TCSETSF: (TERMIOS_SIZE, 0),
+    0x802C542A: (0, TERMIOS2_SIZE),  # TCGETS2
+    TCSETS2: (TERMIOS2_SIZE, 0),
+    TCSETSW2: (TERMIOS2_SIZE, 0),
+    TCSETSF2: (TERMIOS2_SIZE, 0),
+    TCSBRK: (0, 0),
+    0x5425: (0, 0),  # TCSBRKP
+    TCXONC: (0, 0),
+    TCFLSH: (0, 0),
+    0x540C: (0, 0),  # TIOCEXCL
+    0x540D: (0, 0),  # TIOCNXCL
+    0x80045440: (0, 4),  # TIOCGEXCL
+    TIOCOUTQ: (0, 4),
+    TIOCINQ: (0, 4),
+    TIOCGWINSZ: (0, 8),
+    TIOCSWINSZ: (8, 0),
+    0x5415: (0, 4),  # TIOCMGET
+    0x5416: (4, 0),  # TIOCMBIS
+    0x5417: (4, 0),  # TIOCMBIC
+    0x5418: (4, 0),  # TIOCMSET
+    0x5419: (0, 4),  # TIOCGSOFTCAR
+    0x541A: (4, 0),  # TIOCSSOFTCAR
+    0x5424: (0, 4),  # TIOCGETD
+    0x5423: (4, 0),  # TIOCSETD
+}

@@ -46,6 +46,10 @@ FEATURES: Final = 0
 FEATURE_WATCH: Final = 1
 """In the master's HELLO: mark STAT replies REPLY_WATCHED where they can be, and send
 INVALIDATEs (the master keeps an attribute cache). Without it the slave watches nothing."""
+FEATURE_STDIO: Final = 2
+"""In the slave's HELLO: it lends the session its standard input, output and error
+(``fsys-slave run``): LEND answers for fds 0, 1 and 2, and the slave relays the
+signals it gets for the session (SIGNAL) and stops when the program stops (STOPPED)."""
 
 MAX_IO: Final = 4 << 20
 #: The largest errno a reply may carry (the kernel's MAX_ERRNO).
@@ -74,6 +78,8 @@ class Kind(enum.IntEnum):
     GOODBYE = 6
     INVALIDATE = 7
     ATTRS = 8
+    SIGNAL = 9
+    STOPPED = 10
 
 
 class Op(enum.IntEnum):
@@ -116,6 +122,8 @@ class Op(enum.IntEnum):
     HANDLE_PATH = 35
     SYNCFS = 36
     LISTDIR = 37
+    LEND = 38
+    TTY = 39
 
 
 class Blob(enum.Enum):
@@ -558,12 +566,35 @@ class Listdir(Record):
     path: bytes
 
 
+@_wire(Op.LEND)
+class Lend(Record):
+    """-> a handle of the slave's own standard stream ``fd`` (0, 1, 2), the same
+    handle for streams that are one file (a terminal on all three); blob: the file
+    type (S_IFMT) as an i64. EBADF unless the slave lends its stdio (FEATURE_STDIO)."""
+
+    fd: int
+
+
+@_wire(Op.TTY, _S)
+class Tty(Record):
+    """A terminal ioctl on a handle: ``data`` is what the request reads through its
+    pointer (struct termios, winsize...), ``arg`` its integer argument; -> the
+    result; blob: the ``size`` bytes the request writes through its pointer. Only
+    the requests the slave knows (``fsys.linux.TTY_IOCTLS``); others ENOTTY."""
+
+    handle: int
+    request: int
+    arg: int
+    size: int
+    data: bytes
+
+
 Operation = (
     Open | Close | Read | Write | Lseek | Stat | Getdents | Access | Readlink | Mkdir
     | Mknod | Unlink | Rename | Link | Symlink | Chmod | Chown | Truncate | Ftruncate
     | Fsync | Utimens | Statfs | Fcntl | Lock | Flock | Ioctl | Fallocate | CopyRange
     | Sendfile | Getxattr | Setxattr | Listxattr | Removexattr | Chdir | HandlePath | Syncfs
-    | Listdir
+    | Listdir | Lend | Tty
 )  # fmt: skip
 """One operation the slave performs, with its arguments by name."""
 
@@ -664,7 +695,26 @@ class Goodbye(NamedTuple):
     reason: bytes = b""
 
 
-Event = Hello | Call | Reply | OpenPairing | ClosePairing | Goodbye | Invalidate | Attrs
+class Signal(NamedTuple):
+    """Slave -> master: the slave got ``signum`` for the session (its terminal's Ctrl-C,
+    a resize, SIGTERM...): deliver it to the program's foreground process group."""
+
+    signum: int
+
+
+class Stopped(NamedTuple):
+    """Master -> slave: the program stopped on ``signum`` (Ctrl-Z): the slave stops
+    too, so that the shell it was started from gets the terminal back."""
+
+    signum: int
+
+
+Event = (
+    Hello | Call | Reply | OpenPairing | ClosePairing | Goodbye | Invalidate | Attrs
+    | Signal | Stopped
+)  # fmt: skip
+#: The signal numbers SIGNAL and STOPPED may carry (1 .. SIGRTMAX).
+MAX_SIGNAL: Final = 64
 
 
 class _Sentinel(enum.Enum):
@@ -702,6 +752,8 @@ TRANSITIONS: Final[dict[tuple[Role, State, type[Event]], State]] = {
     (Role.SLAVE, State.OPEN, Reply): State.OPEN,
     (Role.SLAVE, State.OPEN, Invalidate): State.OPEN,
     (Role.SLAVE, State.OPEN, Attrs): State.OPEN,
+    (Role.SLAVE, State.OPEN, Signal): State.OPEN,
+    (Role.MASTER, State.OPEN, Stopped): State.OPEN,
     (Role.MASTER, State.HANDSHAKE, Goodbye): State.DONE,
     (Role.SLAVE, State.HANDSHAKE, Goodbye): State.DONE,
     (Role.MASTER, State.OPEN, Goodbye): State.DONE,
@@ -842,6 +894,11 @@ def encode(event: Event) -> bytes:
             raise LocalProtocolError("hello info too long")
         body = _HELLO.pack(MAGIC, event.version, 0, event.features) + event.info
         return HEADER.pack(len(body), Kind.HELLO, 0, 0, 0, 0) + body
+    if isinstance(event, Signal | Stopped):
+        if not 0 < event.signum <= MAX_SIGNAL:
+            raise LocalProtocolError(f"signal {event.signum} out of range")
+        kind = Kind.SIGNAL if isinstance(event, Signal) else Kind.STOPPED
+        return HEADER.pack(4, kind, 0, 0, 0, 0) + _U32.pack(event.signum)
     if isinstance(event, OpenPairing):
         _check_ids(event.pairing, event.parent)
         head = HEADER.pack(4, Kind.OPEN_PAIRING, 0, 0, event.pairing, 0)
@@ -954,6 +1011,13 @@ def decode(
         if len(body):
             raise RemoteProtocolError("bad CLOSE_PAIRING body")
         return ClosePairing(pairing)
+    if kind_value in (Kind.SIGNAL, Kind.STOPPED):
+        if len(body) != 4:
+            raise RemoteProtocolError(f"bad {Kind(kind_value).name} body")
+        (signum,) = _U32.unpack_from(body)
+        if not 0 < signum <= MAX_SIGNAL:
+            raise RemoteProtocolError(f"{Kind(kind_value).name}: signal {signum} out of range")
+        return Signal(signum) if kind_value == Kind.SIGNAL else Stopped(signum)
     if kind_value == Kind.GOODBYE:
         if len(body) > MAX_SMALL:
             raise RemoteProtocolError("GOODBYE reason too long")
@@ -1073,7 +1137,7 @@ class Connection:
         if isinstance(event, Call):
             if event.pairing not in self.pairings.open:
                 raise RemoteProtocolError(f"pairing {event.pairing} is not open")
-        elif not isinstance(event, Reply | Invalidate | Attrs):
+        elif not isinstance(event, Reply | Invalidate | Attrs | Signal | Stopped):
             if isinstance(event, Hello):
                 if event.version != VERSION:
                     raise RemoteProtocolError(

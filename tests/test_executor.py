@@ -5,6 +5,10 @@ from __future__ import annotations
 import errno
 import os
 import stat
+import struct
+import termios
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,6 +25,7 @@ from fsys.protocol import (
     Getdents,
     Getxattr,
     HandlePath,
+    Lend,
     Link,
     Listdir,
     Listxattr,
@@ -36,6 +41,7 @@ from fsys.protocol import (
     Stat,
     Symlink,
     Truncate,
+    Tty,
     Unlink,
     Write,
 )
@@ -46,6 +52,13 @@ from fsys.slave.fshub import perform
 def run(ex: Executor, op: Operation) -> tuple[int, bytes]:
     reply = perform(ex, Call(0, 1, op))
     return reply.result, reply.blob
+
+
+def fails(ex: Executor, op: Operation) -> int:
+    """The errno ``op`` fails with (it must fail)."""
+    result = run(ex, op)[0]
+    assert result < 0, f"{op} succeeded"
+    return -result
 
 
 def open_(ex: Executor, path: bytes, flags: int = os.O_RDONLY, mode: int = 0, d: int = 0) -> int:
@@ -255,3 +268,95 @@ def test_close_releases_every_handle(box: Path) -> None:
         assert open_(ex, b"/dir/file") > 0
     ex.close()
     assert len(os.listdir("/proc/self/fd")) == before
+
+
+# --- the streams a slave lends (fsys-slave run) ---------------------------------------
+
+
+@pytest.fixture
+def lent(box: Path) -> Iterator[tuple[Executor, int, int]]:
+    """An executor lending a terminal as fds 0 and 1 and a pipe as fd 2: (executor,
+    the terminal's other side, the pipe's reading end)."""
+    terminal, tty = os.openpty()
+    read_end, write_end = os.pipe()
+    executor = Executor(str(box), lend={0: tty, 1: os.dup(tty), 2: write_end})
+    yield executor, terminal, read_end
+    executor.close()
+    for fd in (terminal, tty, read_end, write_end):
+        os.close(fd)
+
+
+def test_a_lent_terminal_is_one_handle_and_a_pipe_another(lent: tuple[Executor, int, int]) -> None:
+    ex, _, _ = lent
+    handles = [run(ex, Lend(fd=n)) for n in (0, 1, 2)]
+    assert handles[0] == handles[1]  # one file: one stream for the master too
+    assert handles[0][1] == struct.pack("<q", stat.S_IFCHR)
+    assert handles[2][1] == struct.pack("<q", stat.S_IFIFO)
+    assert handles[2][0] != handles[0][0]
+    assert fails(ex, Lend(fd=3)) == errno.EBADF
+    assert fails(Executor(str(ex.root)), Lend(fd=0)) == errno.EBADF  # lends nothing
+    path = run(ex, HandlePath(handle=handles[0][0]))[1]
+    assert path.startswith(b"/dev/pts/")  # named as it is, outside the root as it is
+
+
+def test_terminal_ioctls_act_on_the_lent_terminal(lent: tuple[Executor, int, int]) -> None:
+    ex, terminal, _ = lent
+    handle = run(ex, Lend(fd=0))[0]
+    size = struct.pack("HHHH", 41, 133, 0, 0)
+    assert run(ex, Tty(handle=handle, request=linux.TIOCSWINSZ, arg=0, size=0, data=size)) == (
+        0, b"",
+    )  # fmt: skip
+    got = run(ex, Tty(handle=handle, request=linux.TIOCGWINSZ, arg=0, size=8, data=b""))
+    assert got == (0, size)
+    modes = run(ex, Tty(handle=handle, request=linux.TCGETS, arg=0, size=36, data=b""))[1]
+    assert len(modes) == 36
+    lflag = struct.unpack_from("=I", modes, 12)[0]
+    raw = modes[:12] + struct.pack("=I", lflag & ~termios.ICANON) + modes[16:]
+    run(ex, Tty(handle=handle, request=linux.TCSETS, arg=0, size=0, data=raw))
+    assert not termios.tcgetattr(terminal)[3] & termios.ICANON  # the real terminal's
+    run(ex, Tty(handle=handle, request=linux.TCFLSH, arg=linux.TCIFLUSH, size=0, data=b""))
+
+
+@pytest.mark.parametrize(
+    ("request_", "size", "data", "code"),
+    [
+        (0x5412, 0, b"x", errno.ENOTTY),  # TIOCSTI: never typed into the slave's terminal
+        (linux.TIOCSPGRP, 0, b"\0" * 4, errno.ENOTTY),  # job control is fmhub's
+        (linux.TCGETS, 8, b"", errno.EINVAL),  # a size that is not the struct's
+        (linux.TCSETS, 0, b"\0" * 35, errno.EINVAL),
+    ],
+)
+def test_terminal_ioctls_outside_the_table_or_of_a_wrong_size_fail(
+    lent: tuple[Executor, int, int], request_: int, size: int, data: bytes, code: int
+) -> None:
+    ex, _, _ = lent
+    handle = run(ex, Lend(fd=0))[0]
+    assert fails(ex, Tty(handle=handle, request=request_, arg=0, size=size, data=data)) == code
+
+
+def test_a_stream_read_ends_without_reading_when_the_session_does(
+    lent: tuple[Executor, int, int],
+) -> None:
+    ex, terminal, _ = lent
+    handle = run(ex, Lend(fd=0))[0]
+    done: list[object] = []
+
+    def reader() -> None:
+        try:
+            done.append(ex.execute_blocking(Read(handle=handle, size=100, offset=-1, rwf=0)))
+        except OSError as exc:
+            done.append(exc.errno)
+
+    thread = threading.Thread(target=reader)
+    thread.start()
+    time.sleep(0.2)
+    assert not done  # waiting for the terminal
+    ex.close()
+    thread.join(5)
+    assert done == [errno.EINTR]
+    os.write(terminal, b"typed after\n")  # still there for whoever reads next
+    tty_fd = os.open(os.ttyname(ex.lent[0]), os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        assert os.read(tty_fd, 100) == b"typed after\n"
+    finally:
+        os.close(tty_fd)

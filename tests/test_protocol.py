@@ -25,11 +25,14 @@ from fsys.protocol import (
     Event,
     Goodbye,
     Hello,
+    Kind,
     Op,
     OpenPairing,
     Reply,
     Role,
+    Signal,
     Stat,
+    Stopped,
     Write,
     check_call,
     encode,
@@ -49,7 +52,9 @@ def one_event(conn: Connection, data: bytes) -> Event:
     conn.receive_data(data)
     event = conn.next_event()
     assert conn.next_event() is NEED_DATA
-    assert isinstance(event, Hello | Call | Reply | OpenPairing | ClosePairing | Goodbye)
+    assert isinstance(
+        event, Hello | Call | Reply | OpenPairing | ClosePairing | Goodbye | Signal | Stopped
+    )
     return event
 
 
@@ -323,3 +328,32 @@ def test_docs_protocol_md_declares_every_record_as_the_code_does() -> None:
         ints, blobs = " ".join(fields[: spec.nints]), " ".join(fields[spec.nints :])
         row = f"| {int(spec.op)} {spec.op.name} | `{spec.record.__name__}` | {ints} | {blobs} |"
         assert row in doc, row
+
+
+@pytest.mark.parametrize("signum", [1, 2, 20, 28, 64])
+def test_signals_go_slave_to_master_and_stops_master_to_slave(signum: int) -> None:
+    slave, master = opened(Role.SLAVE), opened(Role.MASTER)
+    assert one_event(master, slave.send(Signal(signum))) == Signal(signum)
+    assert one_event(slave, master.send(Stopped(signum))) == Stopped(signum)
+    with pytest.raises(LocalProtocolError):
+        master.send(Signal(signum))  # the master relays no signal to the slave
+    with pytest.raises(LocalProtocolError):
+        slave.send(Stopped(signum))
+
+
+@pytest.mark.parametrize("signum", [0, 65, 2**32 - 1])
+def test_a_signal_out_of_range_is_refused_both_ways(signum: int) -> None:
+    slave, master = opened(Role.SLAVE), opened(Role.MASTER)
+    with pytest.raises(LocalProtocolError):
+        slave.send(Signal(signum if signum < 2**32 - 1 else 0))
+    forged = HEADER.pack(4, Kind.SIGNAL, 0, 0, 0, 0) + signum.to_bytes(4, "little")
+    master.receive_data(forged)
+    with pytest.raises(RemoteProtocolError, match="out of range"):
+        master.next_event()
+
+
+def test_a_signal_with_a_body_of_another_size_is_refused() -> None:
+    master = opened(Role.MASTER)
+    master.receive_data(HEADER.pack(8, Kind.SIGNAL, 0, 0, 0, 0) + bytes(8))
+    with pytest.raises(RemoteProtocolError, match="bad SIGNAL body"):
+        master.next_event()

@@ -15,6 +15,7 @@ from fsys.kmod.table import load
 from fsys.linux import AT_EMPTY_PATH, AT_SYMLINK_NOFOLLOW
 from fsys.master.calls import HANDLERS, sys_stat
 from fsys.master.device import Notification
+from fsys.master.placeholders import RemoteFile
 from fsys.master.processes import Inherited
 from fsys.master.routing import CONTINUE, Router, Target, Trapped
 from tests.fakes import AT_FDCWD, FakeProcess, Rig
@@ -324,3 +325,50 @@ def test_proc_self_cwd_of_a_slave_directory(rig: Rig) -> None:
 
 def test_continue_shows_as_its_name() -> None:
     assert repr(CONTINUE) == "CONTINUE"  # in traces and test failures
+
+
+def stream(rig: Rig, p: FakeProcess, fd: int, handle: int) -> RemoteFile:
+    """A pumped stream's placeholder at the fake process's ``fd``; its record."""
+    from fsys.master.streams import Stream
+
+    app_end, remote = rig.placeholders.create(handle, 0o020000, stream=True)
+    p.fds[fd] = f"socket:[{os.fstat(app_end.fileno()).st_ino}]"
+    remote.stream = Stream(rig.hub.link, remote, app_end)
+    rig.hub.streams[handle] = remote.stream
+    rig.hub.router.terminal = remote
+    return remote
+
+
+def test_a_streams_data_calls_run_natively_and_its_control_calls_are_forwarded(
+    rig: Rig,
+) -> None:
+    p = rig.process()
+    remote = stream(rig, p, 0, 7)
+    for name, args in [
+        ("read", (0, 0, 10)),
+        ("write", (0, 0, 10)),
+        ("writev", (0, 0, 1)),
+        ("fcntl", (0, 4, 0)),
+        ("lseek", (0, 0, 0)),
+        ("sendfile", (5, 0, 0, 9)),
+    ]:
+        decision, call = routed(rig, p, name, *args)
+        assert decision is None and call.side == "master", name  # fmt: skip
+    assert routed(rig, p, "ioctl", 0, 0x5401, 0)[0] is HANDLERS["ioctl"]
+    assert routed(rig, p, "fstat", 0, 0)[0] is HANDLERS["fstat"]
+    assert routed(rig, p, "fchmod", 0, 0o600)[0] is HANDLERS["fchmod"]
+    assert remote.stream is not None
+    remote.stream.write_closed = True  # the slave refused a write: fmhub answers them
+    assert routed(rig, p, "write", 0, 0, 10)[0] is HANDLERS["write"]
+    assert routed(rig, p, "read", 0, 0, 10)[0] is None
+
+
+def test_dev_tty_and_the_terminals_slave_name_lead_to_the_lent_terminal(rig: Rig) -> None:
+    p = rig.process()
+    stream(rig, p, 0, 7)
+    rig.hub.router.terminal_names = frozenset({b"/dev/tty", b"/dev/pts/9"})
+    for path in (b"/dev/tty", b"/dev/pts/9"):
+        _, call = routed(rig, p, "openat", AT_FDCWD, path, os.O_RDWR, 0)
+        assert call.targets == (Target(True, 7, b"", path, whole=True),)
+    _, call = routed(rig, p, "openat", AT_FDCWD, b"/dev/pts/8", os.O_RDWR, 0)
+    assert call.targets[0].remote is False  # another terminal: the master's

@@ -286,6 +286,9 @@ def sys_read(hub: Hub, call: Trapped) -> Asks[int]:
 @handles("write", "pwrite64", "writev", "pwritev", "pwritev2")
 def sys_write(hub: Hub, call: Trapped) -> Asks[int]:
     rf = _file(call)
+    if rf.stream is not None:  # (routed here once the slave refused its writes)
+        hub.processes.procfs.signal_thread(call.process.tgid, call.tid, signal.SIGPIPE)
+        raise Errno(errno.EPIPE)
     yield from _join_pages(hub, rf)
     return (yield from _write_from(call, rf, *_transfer(call)))
 
@@ -319,6 +322,10 @@ def _open(
 ) -> Asks[int]:
     """Open on the slave and install the placeholder. ``how``: openat2's own rules."""
     target = call.targets[0]
+    if target.whole and target.dir:
+        stream = hub.streams.get(target.dir)
+        if stream is not None:  # /dev/tty, /dev/stdin... of a lent stream: that stream
+            return hub.install_copy(call, stream.app_end, cloexec=bool(flags & O_CLOEXEC))
     # A mode counts only for a call that creates; the umask applies to it. (openat2
     # refuses a mode without O_CREAT/O_TMPFILE: for openat2 itself, so does the slave.)
     creates = flags & O_CREAT or flags & O_TMPFILE == O_TMPFILE
@@ -737,11 +744,68 @@ FIONREAD, FIONBIO, FIOQSIZE, FIGETBSZ = 0x541B, 0x5421, 0x5460, 2
 FS_IOC_GETFLAGS, FICLONE = 0x80086601, 0x40049409
 
 
+#: ioctls on any fd that act on the fd itself (or its description): native on a
+#: stream's placeholder (FIONBIO makes its reads non-blocking, as on the terminal).
+_FD_IOCTLS = {FIONBIO, 0x5450, 0x5451, 0x5452}  # FIONCLEX, FIOCLEX, FIOASYNC
+_JOB_IOCTLS = {linux.TIOCGPGRP, linux.TIOCSPGRP, linux.TIOCGSID, linux.TIOCSCTTY,
+               linux.TIOCNOTTY}  # fmt: skip
+
+
+def _tty_ioctl(hub: Hub, call: Trapped, rf: RemoteFile, request: int, addr: int) -> Steps:
+    """A terminal ioctl on a remote terminal (or stream): job control answered by
+    fmhub for the session (design.md, "The slave's terminal"), the rest performed on
+    the slave after the data written before it."""
+    if request == linux.TIOCGPGRP:
+        call.memory.write_struct(addr, _INT, hub.foreground_group(rf))
+        return 0
+    if request == linux.TIOCSPGRP:
+        (group,) = call.memory.read_struct(addr, _INT)
+        hub.set_foreground(rf, group)
+        return 0
+    if request == linux.TIOCGSID:
+        call.memory.write_struct(addr, _INT, hub.terminal_session(rf))
+        return 0
+    if request in (linux.TIOCSCTTY, linux.TIOCNOTTY):
+        hub.foreground_group(rf)  # (ENOTTY unless it is the session's terminal)
+        return 0
+    shape = linux.TTY_IOCTLS.get(request)
+    if shape is None:
+        raise Errno(errno.ENOTTY)
+    reads, writes = shape
+    data = call.memory.read(addr, reads) if reads else b""
+    if writes:
+        call.memory.read(addr, writes)  # EFAULT before anything is done, as natively
+    stream = rf.stream
+    if stream is not None:
+        yield from stream.settle()
+    flushes = request in (linux.TCSETSF, linux.TCSETSF2) or (
+        request == linux.TCFLSH and call.arg_int("arg") in (linux.TCIFLUSH, linux.TCIOFLUSH)
+    )
+    if stream is not None and flushes:
+        stream.flush_input()
+    arg = 0 if reads or writes else call.arg_int("arg")
+    reply = yield wire.Tty(handle=rf.handle, request=request, arg=arg, size=writes, data=data)
+    if stream is not None and flushes:
+        stream.flush_input()  # (and what the pump brought meanwhile)
+    if writes:
+        out = reply.blob
+        if request == linux.TIOCINQ and stream is not None:  # and what the socket holds
+            out = _INT.pack(_INT.unpack(out)[0] + stream.queued())
+        call.memory.write(addr, out)
+    return reply.result
+
+
 @handles("ioctl")
 def sys_ioctl(hub: Hub, call: Trapped) -> Steps:
     rf = _file(call)
     request = call.arg("request") & 0xFFFFFFFF
     addr = call.arg("arg")
+    if rf.stream is not None and request in _FD_IOCTLS:
+        return CONTINUE
+    if rf.stream is not None or (
+        rf.kind == stat.S_IFCHR and (request in linux.TTY_IOCTLS or request in _JOB_IOCTLS)
+    ):
+        return (yield from _tty_ioctl(hub, call, rf, request, addr))
     if request in (FIONREAD, FIGETBSZ, FS_IOC_GETFLAGS):
         reply = yield wire.Ioctl(handle=rf.handle, request=request, arg=0)
         call.memory.write(addr, _INT.pack(_LOFF.unpack(_blob(reply, 8, exact=True))[0]))

@@ -17,6 +17,7 @@ did not start, died, or broke the protocol).
 from __future__ import annotations
 
 import argparse
+import fcntl
 import os
 import select
 import signal
@@ -82,6 +83,12 @@ def _parser() -> argparse.ArgumentParser:
         help="command (run by /bin/sh) that speaks the protocol on its stdin/stdout, "
         "e.g. 'ssh host fsys-slave serve --stdio'; default: an embedded slave",
     )  # fmt: skip
+    run.add_argument(
+        "--stdio", action="store_true",
+        help="speak the protocol on standard input and output, to the slave that started "
+        "fsys-master (fsys-slave run -- fsys-master run --stdio -- PROGRAM): the program "
+        "gets that slave's terminal",
+    )  # fmt: skip
     run.add_argument("--trace", action="store_true", help="print each forwarded call")
     run.add_argument(
         "--trace-all", action="store_true", help="also print trapped calls run natively"
@@ -124,16 +131,30 @@ def _build_policy(args: argparse.Namespace, program: str | None) -> Policy:
 
 
 class Slave:
-    """The slave process: forked (embedded) or started by a shell command."""
+    """The slave process: forked (embedded) or started by a shell command; or, with
+    ``stdio``, whoever is on fsys-master's standard input and output (``fsys-slave
+    run -- fsys-master run --stdio ...``, perhaps over ssh)."""
 
-    def __init__(self, command: str | None) -> None:
+    def __init__(self, command: str | None, *, stdio: bool = False) -> None:
         self.command = command
         #: The session gave up waiting for it (a signal): it is ended, not waited for.
         self.given_up = False
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.socket = ours
         self.process: Popen[bytes] | None = None
         self.pid = -1
+        self.stdio = stdio
+        if stdio:
+            # The link is fds 0 and 1 now; the program gets /dev/null there, unless the
+            # slave lends it its own streams.
+            self._fds = (fcntl.fcntl(0, fcntl.F_DUPFD_CLOEXEC, 3),
+                         fcntl.fcntl(1, fcntl.F_DUPFD_CLOEXEC, 3))  # fmt: skip
+            null = os.open(os.devnull, os.O_RDWR)
+            os.dup2(null, 0)
+            os.dup2(null, 1)
+            os.close(null)
+            self.socket: socket.socket | None = None
+            return
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.socket = ours
         if command is None:
             from fsys.embedded import fork_slave
 
@@ -151,7 +172,25 @@ class Slave:
 
     @property
     def name(self) -> str:
+        if self.stdio:
+            return "the slave on standard input and output"
         return self.command if self.command is not None else "the embedded slave"
+
+    def take_fds(self) -> tuple[int, int]:
+        """The link's (read, write) fds, now the session's to close."""
+        if self.socket is None:
+            return self._fds
+        fd = self.socket.detach()
+        return fd, fd
+
+    def close(self) -> None:
+        """Close the link before a session began (the slave sees end of file)."""
+        if self.socket is not None:
+            self.socket.close()
+        elif self._fds[0] >= 0:
+            os.close(self._fds[0])
+            os.close(self._fds[1])
+            self._fds = (-1, -1)
 
     def give_up(self, signum: int) -> int:
         """The session ends on signal ``signum`` before the slave answered: say so; the
@@ -165,6 +204,8 @@ class Slave:
         """How the slave ended, if it has."""
         if self.process is not None:
             code = self.process.poll()
+        elif self.pid <= 0:
+            return ""  # not our child (--stdio), or reaped
         else:
             try:
                 pid, status = os.waitpid(self.pid, os.WNOHANG)
@@ -251,6 +292,14 @@ def cmd_run(args: argparse.Namespace, *, nofile: tuple[int, int] | None = None) 
         # A slave command starts first: it boots (imports trio...) while we do. The
         # embedded one is forked once trio is loaded (importing it is most of a start).
         slave = Slave(args.slave) if args.slave is not None else None
+        if args.stdio:
+            if slave is not None:
+                print("fsys-master: --stdio and --slave name two slaves: give one",
+                      file=sys.stderr)  # fmt: skip
+                slave.close()
+                slave.reap(failed=True)
+                return 2
+            slave = Slave(None, stdio=True)
     except OSError as exc:
         print(f"fsys-master: cannot start the slave: {exc}", file=sys.stderr)
         if fuse_fd >= 0:
@@ -276,7 +325,7 @@ def cmd_run(args: argparse.Namespace, *, nofile: tuple[int, int] | None = None) 
         except OSError as exc:
             print(f"fsys-master: cannot write the trace to {args.trace_file}: {exc.strerror}",
                   file=sys.stderr)  # fmt: skip
-            slave.socket.close()
+            slave.close()
             slave.reap(failed=True)
             return 2
     stage = Stage()
@@ -287,7 +336,7 @@ def cmd_run(args: argparse.Namespace, *, nofile: tuple[int, int] | None = None) 
         if not staged:
             print(f"fsys-master: {argv[0]}: not found on the master (a program only the "
                   "slave has can run from a slave directory only)", file=sys.stderr)  # fmt: skip
-            slave.socket.close()
+            slave.close()
             slave.reap(failed=True)
             stage.close()
             return 127
@@ -301,7 +350,7 @@ def cmd_run(args: argparse.Namespace, *, nofile: tuple[int, int] | None = None) 
         )
     except LaunchError as exc:
         print(f"fsys-master: {exc}", file=sys.stderr)
-        slave.socket.close()
+        slave.close()
         slave.reap(failed=True)
         stage.close()
         return exc.status
@@ -327,6 +376,8 @@ def _open_fuse(args: argparse.Namespace) -> int:
     nothing to undo)."""
     if args.trace or args.trace_all or args.trace_file:
         raise LaunchError("--trace is not available with --view (no call is trapped)", 2)
+    if args.stdio:
+        raise LaunchError("--stdio is not available with --view in this version", 2)
     try:
         return os.open("/dev/fuse", os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError as exc:
@@ -361,7 +412,7 @@ def _run_view(
     except LayoutError as exc:
         print(f"fsys-master: {exc}", file=sys.stderr)
         os.close(fuse_fd)
-        slave.socket.close()
+        slave.close()
         slave.reap(failed=True)
         return 2
     if path is None:  # perhaps the slave has it: a shell in the view looks for it

@@ -27,6 +27,8 @@ import functools
 import os
 import select
 import signal
+import socket
+import struct
 import sys
 import time
 import traceback
@@ -56,6 +58,7 @@ from fsys.master.routing import (
     Trapped,
 )
 from fsys.master.staging import Stage
+from fsys.master.streams import Stream
 from fsys.master.trace import Tracer
 from fsys.protocol import (
     Chdir,
@@ -63,6 +66,8 @@ from fsys.protocol import (
     ClosePairing,
     Connection,
     Event,
+    HandlePath,
+    Lend,
     OpenPairing,
     Reply,
     Stat,
@@ -78,6 +83,10 @@ NOTIFY_POLL = 0.1
 DN_MULTISHOT = 0x80000000
 #: What a handler's Ready wait is resumed with.
 READY = Reply(0, 0, 0)
+_I64 = struct.Struct("<q")
+#: The signals a terminal sends for a key (Ctrl-C, Ctrl-\, Ctrl-Z), after it drops
+#: what was typed and not read yet (unless NOFLSH).
+_FLUSHING = frozenset({signal.SIGINT, signal.SIGQUIT, signal.SIGTSTP})
 
 
 class Hub:
@@ -118,6 +127,17 @@ class Hub:
         self.forwarded = 0
         self._nursery: trio.Nursery | None = None
         self._notifies: dict[tuple[int, int], trio.CancelScope] = {}
+        #: The streams the slave lends (fsys.master.streams), by handle.
+        self.streams: dict[int, Stream] = {}
+        #: The program's process group, and the one its terminal's signals go to (a
+        #: shell under fsys moves it with TIOCSPGRP); 0 without a lent terminal.
+        self.program_pid = 0
+        self.foreground = 0
+        #: The program's first fds (number -> fmhub's copy), put in place at its first
+        #: trapped call: its execve.
+        self._initial_fds: dict[int, int] = {}
+        self._keep: list[socket.socket] = []
+        link.on_signal = self.deliver_signal
 
     # --- the notification loop ----------------------------------------------------
 
@@ -210,6 +230,8 @@ class Hub:
     def route(self, notif: Notification) -> None:
         """Route one notification and, unless a handler waits for the slave, answer it."""
         self.trapped += 1
+        if self._initial_fds and notif.tid == self.program_pid:
+            self._place_initial(notif)
         syscall = self.table.by_nr.get(notif.nr)
         if syscall is None:  # the filter traps only table rows; be safe anyway
             self.listener.reply(notif.id, -errno.ENOSYS)
@@ -351,6 +373,121 @@ class Hub:
             start = call.start
             micros = (time.perf_counter_ns() - start) // 1000 if start else 0
             self.tracer.line(call, outcome, micros)
+
+    # --- the slave's standard streams and terminal -----------------------------------
+
+    async def lend_stdio(self, pid: int) -> list[Stream]:
+        """Take the streams the slave lends (FEATURE_STDIO) as the fds 0, 1, 2 of the
+        program ``pid`` (waiting in its first execve), which gets a process group of
+        its own: the terminal's foreground. Returns the streams to pump."""
+        by_handle: dict[int, tuple[socket.socket, RemoteFile]] = {}
+        for number in (0, 1, 2):
+            try:
+                reply = await self.link.perform(0, Lend(fd=number))
+            except LinkClosed:
+                break
+            if reply.result < 0:
+                continue  # that stream is closed on the slave: the program's stays
+            if reply.result not in by_handle:
+                kind = _I64.unpack(reply.blob)[0] & 0o170000
+                plain = kind in (0o100000, 0o040000)  # a file: call by call
+                app_end, remote = self.placeholders.create(reply.result, kind, stream=not plain)
+                by_handle[reply.result] = (app_end, remote)
+                if not plain:
+                    remote.stream = self.streams[remote.handle] = Stream(self.link, remote, app_end)
+                    if kind == 0o020000 and self.router.terminal is None:
+                        self.router.terminal = remote
+            self._initial_fds[number] = by_handle[reply.result][0].fileno()
+        self._keep = [app_end for app_end, remote in by_handle.values() if remote.stream is None]
+        self.program_pid = pid
+        terminal = self.router.terminal
+        if terminal is not None:
+            try:
+                name = await self.link.perform(0, HandlePath(handle=terminal.handle))
+            except LinkClosed:
+                name = Reply(0, 0, -errno.EIO)
+            if name.result > 0 and name.blob.startswith(b"/dev/"):
+                self.router.terminal_names = frozenset({b"/dev/tty", name.blob})
+            try:
+                os.setpgid(pid, pid)
+                self.foreground = pid
+            except OSError:
+                self.foreground = os.getpgid(pid)
+        return list(self.streams.values())
+
+    def _place_initial(self, notif: Notification) -> None:
+        fds, self._initial_fds = self._initial_fds, {}
+        for number, fd in fds.items():
+            self.listener.place(notif.id, fd, number, cloexec=False)
+        for app_end in self._keep:
+            app_end.close()  # (a stream's is kept: see Stream)
+        self._keep = []
+
+    def install_copy(self, call: Trapped, app_end: socket.socket, *, cloexec: bool) -> int:
+        """Answer ``call`` with one more copy of a stream's placeholder."""
+        fd = self.listener.inject(call.notif.id, app_end.fileno(), cloexec=cloexec)
+        if fd < 0:
+            raise Errno(-fd)
+        call.answered = True
+        return fd
+
+    def _terminal(self, remote: RemoteFile) -> None:
+        terminal = self.router.terminal
+        if terminal is None or terminal.handle != remote.handle:
+            raise Errno(errno.ENOTTY)  # not the session's terminal
+
+    def foreground_group(self, remote: RemoteFile) -> int:
+        """TIOCGPGRP on ``remote``: the session terminal's foreground process group."""
+        self._terminal(remote)
+        return self.foreground
+
+    def set_foreground(self, remote: RemoteFile, group: int) -> None:
+        """TIOCSPGRP: the terminal's signals go to ``group`` from now on (the kernel's
+        checks: EINVAL, ESRCH, EPERM for a group of another session)."""
+        self._terminal(remote)
+        if group < 0:
+            raise Errno(errno.EINVAL)
+        try:
+            os.killpg(group, 0)
+        except ProcessLookupError:
+            raise Errno(errno.ESRCH) from None
+        except PermissionError:
+            raise Errno(errno.EPERM) from None
+        try:
+            if os.getsid(group) != os.getsid(self.program_pid) or group == os.getpgrp():
+                raise Errno(errno.EPERM)
+        except ProcessLookupError:
+            pass  # its leader is gone; the group is not
+        self.foreground = group
+
+    def terminal_session(self, remote: RemoteFile) -> int:
+        """TIOCGSID: the session the terminal belongs to (the program's)."""
+        self._terminal(remote)
+        try:
+            return os.getsid(self.program_pid)
+        except ProcessLookupError:
+            raise Errno(errno.ENOTTY) from None
+
+    def deliver_signal(self, signum: int) -> None:
+        """The slave relays ``signum`` (SIGNAL): to the foreground process group, as a
+        terminal sends it (the program's, if the group is gone); without a lent
+        terminal, to the program."""
+        terminal = self.router.terminal
+        if signum in _FLUSHING and terminal is not None and terminal.stream is not None:
+            terminal.stream.flush_input()  # what was typed before it goes, as natively
+        if not self.foreground:
+            if self.program_pid:
+                try:
+                    os.kill(self.program_pid, signum)
+                except (ProcessLookupError, PermissionError):
+                    pass
+            return
+        for group in (self.foreground, self.program_pid):
+            try:
+                os.killpg(group, signum)
+                return
+            except (ProcessLookupError, PermissionError):
+                continue
 
     # --- pairings on the slave ----------------------------------------------------
 

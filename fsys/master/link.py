@@ -38,6 +38,7 @@ from fsys.protocol import (
     Goodbye,
     Hello,
     Invalidate,
+    Lend,
     Listdir,
     Listxattr,
     Operation,
@@ -45,8 +46,10 @@ from fsys.protocol import (
     Readlink,
     Reply,
     Role,
+    Signal,
     Stat,
     Statfs,
+    Tty,
     Write,
 )
 
@@ -69,6 +72,8 @@ def reply_bound(op: Operation) -> int | None:
         return op.length
     if isinstance(op, Listdir):
         return MAX_IO
+    if isinstance(op, Tty):
+        return op.size
     return None
 
 
@@ -97,6 +102,10 @@ def reply_shape(op: Operation) -> int | None:
         return STATX_SIZE
     if isinstance(op, Statfs):
         return STATFS.size
+    if isinstance(op, Tty):
+        return op.size
+    if isinstance(op, Lend):
+        return 8
     return None
 
 
@@ -125,6 +134,9 @@ class SlaveLink:
         #: When each pending call was sent, and what it was: its reply is checked
         #: against it, and a slave that stops answering is reported (``oldest``).
         self._sent: dict[int, tuple[float, Operation]] = {}
+        #: Pending calls that may wait as long as they like (a stream's pump reading a
+        #: terminal): not stalls, and nothing for fmhub to spin for.
+        self._patient: set[int] = set()
         self._next_request = 0
         self._hello = trio.Event()
         self._done = trio.Event()
@@ -134,6 +146,8 @@ class SlaveLink:
         self.on_invalidate: Callable[[tuple[bytes, ...]], None] | None = None
         #: Called with each ATTRS (watched answers not asked for), in order too.
         self.on_attrs: Callable[[Attrs], None] | None = None
+        #: Called with each signal the slave relays (SIGNAL).
+        self.on_signal: Callable[[int], None] | None = None
 
     # --- life cycle ---------------------------------------------------------------
 
@@ -173,6 +187,8 @@ class SlaveLink:
                     self._check(event)
                     on_reply = self._pending.pop(event.request)
                     self._sent.pop(event.request, None)
+                    if self._patient:
+                        self._patient.discard(event.request)
                     on_reply(event)
                 elif isinstance(event, Invalidate):
                     if self.on_invalidate is not None:
@@ -180,6 +196,9 @@ class SlaveLink:
                 elif isinstance(event, Attrs):
                     if self.on_attrs is not None:
                         self.on_attrs(event)
+                elif isinstance(event, Signal):
+                    if self.on_signal is not None:
+                        self.on_signal(event.signum)
                 elif isinstance(event, Hello):
                     self._hello.set()
                 elif isinstance(event, Goodbye):
@@ -217,19 +236,21 @@ class SlaveLink:
         self._hello.set()
         pending, self._pending = self._pending, {}
         self._sent.clear()
+        self._patient.clear()
         error = LinkClosed(self.failure or reason)
         for on_reply in pending.values():
             on_reply(error)
 
     @property
     def waiting(self) -> bool:
-        """Some call awaits its reply."""
-        return bool(self._pending)
+        """Some call awaits its reply (one that is not patient)."""
+        return len(self._pending) > len(self._patient)
 
     def oldest(self) -> tuple[int, float, str] | None:
         """The call that has waited longest for its reply: (request, when sent, what)."""
         for request, (when, op) in self._sent.items():  # (in the order they were sent)
-            return request, when, type(op).__name__
+            if request not in self._patient:
+                return request, when, type(op).__name__
         return None
 
     @property
@@ -297,10 +318,13 @@ class SlaveLink:
         op: Operation,
         on_reply: OnReply,
         prelude: Callable[[Connection], list[Event]] | None = None,
+        *,
+        patient: bool = False,
     ) -> None:
         """Send ``op`` for ``pairing``; ``on_reply`` runs once with its REPLY or LinkClosed.
 
         ``prelude`` gives the events to send first (the pairing's announcement).
+        ``patient``: the reply may take forever, as a read of a terminal may (no stall).
         """
         if not self.alive or self._closing:
             on_reply(LinkClosed(self.failure or "the session is ending"))
@@ -311,6 +335,8 @@ class SlaveLink:
         events.append(Call(pairing, request, op))
         self._pending[request] = on_reply
         self._sent[request] = (time.monotonic(), op)
+        if patient:
+            self._patient.add(request)
         self.calls += 1
         try:
             self.send(events)

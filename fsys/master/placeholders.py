@@ -31,9 +31,13 @@ import select
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from fsys.errors import Errno
 from fsys.master.pages import Pages, Store, Watcher
+
+if TYPE_CHECKING:
+    from fsys.master.streams import Stream
 
 _SOCKET_PREFIX = "socket:["
 
@@ -51,6 +55,8 @@ class RemoteFile:
     gone: bool = False
     #: The slave file (device major, minor, inode), once fmhub has asked.
     file: tuple[int, ...] | None = None
+    #: A pumped stream (``fsys.master.streams``): its reads and writes are native.
+    stream: Stream | None = None
 
     @property
     def is_dir(self) -> bool:
@@ -112,9 +118,13 @@ class Placeholders:
         """Readable when some placeholder has lost its last copy (see ``reap``)."""
         return self._closed.fileno()
 
-    def create(self, handle: int, kind: int, access: int = 0) -> tuple[socket.socket, RemoteFile]:
+    def create(
+        self, handle: int, kind: int, access: int = 0, *, stream: bool = False
+    ) -> tuple[socket.socket, RemoteFile]:
         """A new placeholder: (the end to install in the program, its record).
 
+        ``stream``: for a pumped stream, whose readiness is its data's and whose peer
+        is read by its pump (not watched for the last close here).
         Raises Errno(EMFILE/ENFILE) when fmhub itself is out of descriptors.
         """
         try:
@@ -123,9 +133,11 @@ class Placeholders:
             raise Errno(exc.errno or errno.EMFILE) from None
         inode = os.fstat(app_end.fileno()).st_ino
         peer.setblocking(False)
-        peer.send(b"\0")  # readable, like a regular file
         remote = RemoteFile(handle, kind, inode, peer, access)
         self.by_inode[inode] = remote
+        if stream:
+            return app_end, remote
+        peer.send(b"\0")  # readable, like a regular file
         self._by_peer[peer.fileno()] = remote
         self._closed.register(peer.fileno(), select.EPOLLIN | select.EPOLLRDHUP)
         return app_end, remote
@@ -255,6 +267,8 @@ class Placeholders:
     def close(self) -> None:
         """Drop every placeholder's peer end, the pages and the watcher. Idempotent."""
         for remote in list(self.by_inode.values()):
+            if remote.stream is not None:
+                remote.stream.close()
             self.discard(remote)
         for remote in list(self.by_handle.values()):
             self._detach(remote)

@@ -15,6 +15,7 @@ import trio
 from fsys.errors import Interrupted, LinkClosed
 from fsys.master.launcher import Launched
 from fsys.master.link import SlaveLink
+from fsys.protocol import Stopped
 
 if TYPE_CHECKING:
     from fsys.master.cli import Slave
@@ -118,6 +119,23 @@ async def wait_program(launched: Launched) -> int:
     await trio.lowlevel.wait_readable(launched.pidfd)
     _, status = os.waitpid(launched.pid, 0)
     return exit_status(status)
+
+
+async def report_stops(launched: Launched, link: SlaveLink) -> None:
+    """With the slave's terminal: when the program stops (Ctrl-Z), the slave is told
+    (STOPPED), so that it stops too and its shell gets the terminal back."""
+    flags = os.WSTOPPED | os.WNOHANG
+    with trio.open_signal_receiver(signal.SIGCHLD) as signals:
+        async for _ in signals:
+            try:
+                info = os.waitid(os.P_PID, launched.pid, flags)
+            except ChildProcessError:
+                return
+            if info is not None and info.si_code == os.CLD_STOPPED:
+                try:
+                    link.send([Stopped(info.si_status)])
+                except LinkClosed:
+                    return
 
 
 async def relay_signals(launched: Launched, hub: Hub | None) -> None:

@@ -91,6 +91,16 @@ _FD_LINK = re.compile(
     rb"^/(?:proc/(self|thread-self|\d+)(?:/task/(\d+))?/fd|dev/fd)/(\d+)(?:/+(.*))?$", re.DOTALL
 )
 _STDIO = {b"/dev/stdin": 0, b"/dev/stdout": 1, b"/dev/stderr": 2}
+#: Calls that act natively on a pumped stream's placeholder (fsys.master.streams): its
+#: data calls, and those whose answer for a socket is the one for a terminal or pipe
+#: (ESPIPE, EINVAL...). Its other calls (ioctls, fstat, fchmod...) are forwarded.
+STREAM_NATIVE = frozenset({
+    "read", "readv", "pread64", "preadv", "preadv2", "write", "writev", "pwrite64",
+    "pwritev", "pwritev2", "sendfile", "splice", "tee", "vmsplice", "fcntl", "lseek",
+    "flock", "fsync", "fdatasync", "sync_file_range", "fadvise64", "readahead", "mmap",
+    "copy_file_range", "ftruncate", "fallocate", "getdents64", "fchdir", "syncfs",
+})  # fmt: skip
+STREAM_WRITES = frozenset({"write", "writev", "pwrite64", "pwritev", "pwritev2"})
 _CWD_LINK = re.compile(rb"^/proc/(self|thread-self|\d+)/cwd(?:/+(.*))?$", re.DOTALL)
 
 
@@ -149,6 +159,10 @@ class Router:
         self.policy = policy
         self.placeholders = placeholders
         self.handlers = handlers
+        #: The terminal the slave lends the session, if any, and the names of it that
+        #: lead to it (/dev/tty, and its name on the slave: what ttyname(3) gives).
+        self.terminal: RemoteFile | None = None
+        self.terminal_names: frozenset[bytes] = frozenset({b"/dev/tty"})
 
     def route(self, call: Trapped) -> Handler | int | None:
         """None: continue natively; an int: answer it (-errno); else the handler to run.
@@ -163,6 +177,16 @@ class Router:
             lookup = self.placeholders.lookup
             call.files = files = tuple([lookup(notif.tid, notif.arg_int(i)) for i in syscall.fds])
             remote = files.count(None) != len(files)
+            # A stream's data calls run natively (but for a write into a stream the
+            # slave no longer takes: EPIPE).
+            if (
+                remote
+                and syscall.name in STREAM_NATIVE
+                and self._streams_only(files)
+                and (syscall.name not in STREAM_WRITES or not self._write_closed(files))
+            ):
+                call.side = "master"
+                return None
         if syscall.paths:
             call.targets = targets = tuple([self._target(call, p) for p in syscall.paths])
             remote = remote or any([t.remote for t in targets])
@@ -177,6 +201,15 @@ class Router:
             return -syscall.errno
         return handler
 
+    @staticmethod
+    def _write_closed(files: tuple[RemoteFile | None, ...]) -> bool:
+        return any(f is not None and f.stream is not None and f.stream.write_closed for f in files)
+
+    @staticmethod
+    def _streams_only(files: tuple[RemoteFile | None, ...]) -> bool:
+        """Whether every remote file among ``files`` is a pumped stream."""
+        return all(f is None or f.stream is not None for f in files)
+
     def _fd_link(self, call: Trapped, path: bytes, flags: int) -> Target | None:
         """A link to a program's fd that is a placeholder: the remote file itself (or,
         with more after it, a path relative to it as a directory). A call on the link
@@ -184,6 +217,8 @@ class Router:
         cwd = _CWD_LINK.match(path)
         if cwd is not None:
             return self._cwd_link(call, cwd.group(1), cwd.group(2) or b"")
+        if self.terminal is not None and path in self.terminal_names:  # the slave's, lent
+            return Target(True, self.terminal.handle, b"", path, whole=True)
         number = _STDIO.get(path)
         rest = b""
         tid = call.tid

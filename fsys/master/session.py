@@ -27,13 +27,14 @@ from fsys.master.policy import Policy
 from fsys.master.program import (
     relay_signals,
     report_stalls,
+    report_stops,
     say_slave_did_not_start,
     wait_for_slave,
     wait_program,
 )
 from fsys.master.staging import Stage
 from fsys.master.trace import Tracer
-from fsys.protocol import FEATURE_WATCH
+from fsys.protocol import FEATURE_STDIO, FEATURE_WATCH
 
 if TYPE_CHECKING:
     from fsys.master.cli import Slave
@@ -63,8 +64,7 @@ class Plan:
 
 async def _session(plan: Plan) -> int:
     launched, slave = plan.launched, plan.slave
-    fd = slave.socket.detach()
-    transport = FdTransport(fd, fd)
+    transport = FdTransport(*slave.take_fds())
     link = SlaveLink(transport)
     listener = Listener(launched.listener)
     if os.environ.get("FSYS_SYNC_WAKE", "1") != "0":
@@ -99,6 +99,15 @@ async def _session(plan: Plan) -> int:
             transport.close()
             return SESSION_FAILED
 
+        streams = []
+        if link.peer is not None and link.peer.features & FEATURE_STDIO:
+            streams = await hub.lend_stdio(launched.pid)
+            for stream in streams:
+                nursery.start_soon(stream.pump_in)
+                nursery.start_soon(stream.pump_out)
+            if hub.router.terminal is not None:
+                nursery.start_soon(report_stops, launched, link)
+
         async def report_failure() -> None:
             await link.wait_closed()
             if link.failure is not None:
@@ -120,6 +129,8 @@ async def _session(plan: Plan) -> int:
         nursery.start_soon(serve_hub)
         status = await wait_program(launched)
         await hub_done.wait()  # until every process under the filter is gone
+        for stream in streams:
+            await stream.drain()  # what the program wrote reaches the slave's terminal
         await link.goodbye()
         nursery.cancel_scope.cancel()
     if tracer is not None:

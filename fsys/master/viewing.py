@@ -91,8 +91,7 @@ async def _start_in_view(plan: ViewPlan, view: View, nursery: trio.Nursery) -> L
 
 async def _view_session(plan: ViewPlan) -> int:
     slave = plan.slave
-    fd = slave.socket.detach()
-    transport = FdTransport(fd, fd)
+    transport = FdTransport(*slave.take_fds())
     link = SlaveLink(transport)
     fuse_fd = plan.fuse_fd
     view = View(fuse_fd, link, plan.points)

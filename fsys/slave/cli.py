@@ -4,6 +4,13 @@
 and output, which is how ``fsys-master --slave CMD`` starts it, directly, over SSH,
 or embedded. Standard output is taken over for frames at once (anything else
 printing to it would corrupt the stream); diagnostics go to standard error.
+
+``fsys-slave run [--root DIR] -- CMD ARGS`` starts CMD (``fsys-master run --stdio
+...``, perhaps behind ``ssh HOST``) with the protocol on CMD's standard input and
+output, and lends the session its own terminal and standard streams: the program
+on the master reads and draws on this terminal, and the signals this terminal
+sends (Ctrl-C, Ctrl-Z, a resize), SIGTERM and SIGHUP go to the program. Exit
+status: CMD's (128+N if signal N ended it); 127 if CMD is not found.
 """
 
 from __future__ import annotations
@@ -33,6 +40,14 @@ def _parser() -> argparse.ArgumentParser:
         "--root", default="/", metavar="DIR",
         help="confine every path to DIR, as if it were / (default: /)",
     )  # fmt: skip
+    run = sub.add_parser(
+        "run", help="start CMD (fsys-master run --stdio ...) and lend it this terminal"
+    )
+    run.add_argument(
+        "--root", default="/", metavar="DIR",
+        help="confine every path to DIR, as if it were / (default: /)",
+    )  # fmt: skip
+    run.add_argument("argv", nargs=argparse.REMAINDER, help="-- CMD [ARGS...]")
     return parser
 
 
@@ -83,6 +98,17 @@ def main(argv: list[str] | None = None) -> int:
     from fsys.linux import raise_fd_limit
 
     raise_fd_limit()
+    if args.command == "run":
+        from fsys.slave.lending import run_command
+
+        command = args.argv[1:] if args.argv[:1] == ["--"] else args.argv
+        if not command:
+            print("fsys-slave run: no command given (fsys-slave run -- CMD ARGS)",
+                  file=sys.stderr)  # fmt: skip
+            return 2
+        status = run_command(command, args.root)
+        sys.stderr.flush()
+        os._exit(status)
     read_fd, write_fd = take_stdio()
     status = serve_fds(read_fd, write_fd, args.root)
     sys.stderr.flush()

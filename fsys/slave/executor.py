@@ -27,6 +27,7 @@ import errno
 import fcntl
 import itertools
 import os
+import select
 import stat
 import struct
 import threading
@@ -90,7 +91,7 @@ UNCHANGING: frozenset[type] = frozenset(
 )  # fmt: skip
 #: Operations on a handle that wait when the handle is a stream (pipe, socket, tty).
 _ON_STREAMS: frozenset[type] = frozenset(
-    {wire.Read, wire.Write, wire.Getdents, wire.Ioctl, wire.Fcntl}
+    {wire.Read, wire.Write, wire.Getdents, wire.Ioctl, wire.Fcntl, wire.Tty}
 )
 #: Operations that may wait on the disk whatever the file.
 _SLOW: frozenset[type] = frozenset(
@@ -188,7 +189,7 @@ def _proc_fd(fd: int) -> bytes:
 class Executor:
     """Runs operations for one session, confined to ``root``."""
 
-    def __init__(self, root: str = "/") -> None:
+    def __init__(self, root: str = "/", *, lend: dict[int, int] | None = None) -> None:
         self.root = os.path.realpath(root)
         if not os.path.isdir(self.root):
             raise NotADirectoryError(errno.ENOTDIR, "root is not a directory", root)
@@ -199,6 +200,14 @@ class Executor:
         #: Watched answers about directory entries read since the last ``take_attrs``.
         self.attrs: list[wire.Attr] = []
         self._ids = itertools.count(1)
+        #: The slave's own standard streams that it lends the session (fd -> its copy),
+        #: and the handle already given for each file among them.
+        self.lent = dict(lend or {})
+        self._lent_handles: dict[tuple[int, int, int], int] = {}
+        #: Readable once the session is over: stream reads waiting in threads end
+        #: without reading (``_wait_readable``), so nothing is taken from a terminal or
+        #: a pipe that another process would have had.
+        self._ended_r, self._ended_w = os.pipe2(O_CLOEXEC)
         self._dispatch: dict[type, Callable[[Any], Result]] = {
             spec.record: getattr(self, "op_" + spec.op.name.lower())
             for spec in SPECS.values()
@@ -206,9 +215,15 @@ class Executor:
         }
 
     def close(self) -> None:
+        if self._ended_w >= 0:
+            os.close(self._ended_w)  # the waiting stream reads end
+            self._ended_w = -1
         for handle_id in list(self.handles):
             self.op_close_handle(handle_id)
         self.watches.close()
+        if self._ended_r >= 0:
+            os.close(self._ended_r)
+            self._ended_r = -1
         if self.root_fd >= 0:
             os.close(self.root_fd)
             self.root_fd = -1
@@ -426,10 +441,36 @@ class Executor:
             handle.key = path if path == b"/" or watch_key(path) == path else None
         return handle_id, bytes([handle.kind >> 12])
 
+    def _wait_readable(self, fd: int) -> None:
+        """Until the stream ``fd`` has data (or EOF, an error), without reading it;
+        EINTR if the session ends first."""
+        ended = self._ended_r  # (close() sets the attribute to -1)
+        if ended < 0:
+            raise OSError(errno.EINTR, "the session is over")
+        poller = select.poll()
+        poller.register(fd, select.POLLIN)
+        poller.register(ended, select.POLLIN)
+        while True:
+            ready = dict(poller.poll())
+            if ended in ready:
+                raise OSError(errno.EINTR, "the session is over")
+            if fd in ready:
+                return
+
     def op_read(self, o: wire.Read) -> Result:
         handle_id, count, offset, rwf = o
         fd = self.fd(handle_id)
         count = max(0, min(count, MAX_IO))
+        handle = self.handles.get(handle_id)
+        if handle is not None and handle.streamlike and offset < 0 and not rwf:
+            # A blocking stream's read waits here, where the session's end stops it.
+            while os.get_blocking(fd):
+                self._wait_readable(fd)
+                try:
+                    data = os.read(fd, count)
+                except BlockingIOError:
+                    continue  # another reader took it first
+                return len(data), data
         if rwf:  # preadv2(2) flags: the kernel checks them (EOPNOTSUPP if unknown)
             buf = bytearray(count)
             n = os.preadv(fd, [buf], offset, rwf)
@@ -800,6 +841,35 @@ class Executor:
             return fcntl.ioctl(fd, request, self.fd(arg)), b""
         raise OSError(errno.ENOTTY, "ioctl not forwarded")
 
+    def op_tty(self, o: wire.Tty) -> Result:
+        handle_id, request, arg, size, data = o
+        fd = self.fd(handle_id)
+        shape = linux.TTY_IOCTLS.get(request & 0xFFFFFFFF)
+        if shape is None:
+            raise OSError(errno.ENOTTY, "terminal ioctl not forwarded")
+        reads, writes = shape
+        if len(data) != reads or size != writes:
+            raise OSError(errno.EINVAL, "terminal ioctl of the wrong size")
+        if not reads and not writes:
+            return fcntl.ioctl(fd, request, arg), b""
+        buf = bytearray(data) if reads else bytearray(writes)
+        result = fcntl.ioctl(fd, request, buf, True)
+        return result, bytes(buf) if writes else b""
+
+    def op_lend(self, o: wire.Lend) -> Result:
+        """A handle of the slave's own standard stream ``o.fd``: one per file, so that
+        a terminal on fds 0, 1 and 2 is one stream for the master too."""
+        copy = self.lent.get(o.fd)
+        if copy is None:
+            raise OSError(errno.EBADF, "this slave lends no such stream")
+        st = os.fstat(copy)
+        key = (st.st_dev, st.st_ino, st.st_rdev)
+        handle_id = self._lent_handles.get(key)
+        if handle_id is None or handle_id not in self.handles:
+            handle_id = self._new_handle(os.dup(copy))
+            self._lent_handles[key] = handle_id
+        return handle_id, _I64.pack(stat.S_IFMT(st.st_mode))
+
     def op_fallocate(self, o: wire.Fallocate) -> Result:
         linux.fallocate(self.fd(o.handle), o.mode, o.offset, o.length)
         return 0, b""
@@ -896,7 +966,11 @@ class Executor:
         return len(path), path
 
     def op_handle_path(self, o: wire.HandlePath) -> Result:
-        path = self._fd_path(self.fd(o.handle))
+        fd = self.fd(o.handle)
+        if o.handle in self._lent_handles.values():  # a lent stream: named as it is
+            path = os.readlink(_proc_fd(fd))  # (/dev/pts/3, pipe:[123]), root or not
+        else:
+            path = self._fd_path(fd)
         return len(path), path
 
     def op_syncfs(self, o: wire.Syncfs) -> Result:

@@ -22,6 +22,7 @@ import sys
 import threading
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import trio
@@ -30,6 +31,7 @@ from fsys.errors import LinkClosed, LocalProtocolError, RemoteProtocolError
 from fsys.iostream import FdTransport
 from fsys.protocol import (
     CLOSED,
+    FEATURE_STDIO,
     NEED_DATA,
     Attrs,
     Call,
@@ -43,9 +45,12 @@ from fsys.protocol import (
     Open,
     OpenPairing,
     Operation,
+    Read,
     Reply,
     Role,
+    Signal,
     Stat,
+    Stopped,
 )
 from fsys.slave.executor import PRIMED_MASK, UNCHANGING, Executor, MustBlock, Watched
 from fsys.slave.watches import batches
@@ -153,6 +158,55 @@ class SlaveSession:
         self.error: RemoteProtocolError | None = None
         #: The hot loop's poll set: the link, and the inotify fd once watching.
         self._poller = select.poll()
+        #: The last call on each stream handle (but reads) still to finish: the next
+        #: one waits for it, so that a terminal gets writes and ioctls in order.
+        self._chains: dict[int, trio.Event] = {}
+        #: Called with the signal when the master says the program stopped (STOPPED).
+        self.on_stopped: Callable[[int], None] | None = None
+        #: Set once both HELLOs are exchanged.
+        self.opened = trio.Event()
+
+    def send_signal(self, signum: int) -> bool:
+        """Relay ``signum`` to the master (SIGNAL); False if the session is not open."""
+        if not self.opened.is_set():
+            return False
+        try:
+            self.transport.write(self.conn.send(Signal(signum)))
+        except (LinkClosed, LocalProtocolError):
+            return False
+        return True
+
+    def _ordered(self, call: Call) -> int | None:
+        """The stream handle ``call`` must wait its turn on, if any: every call on a
+        pipe, socket or terminal but reads (each pumped stream has one read waiting
+        on it, and other calls must not wait behind that) runs in arrival order."""
+        op = call.op
+        if type(op) is Read:
+            return None
+        handle_id = getattr(op, "handle", None)
+        if handle_id is None:
+            return None
+        handle = self.executor.handles.get(handle_id)
+        return handle_id if handle is not None and handle.streamlike else None
+
+    def _start_chained(
+        self, nursery: trio.Nursery, call: Call, context: PairingContext, key: int
+    ) -> None:
+        before = self._chains.get(key)
+        done = self._chains[key] = trio.Event()
+        self._threads += 1
+
+        async def chained() -> None:
+            try:
+                if before is not None:
+                    await before.wait()
+                await self._threaded(call, context)
+            finally:
+                done.set()
+                if self._chains.get(key) is done:
+                    del self._chains[key]
+
+        nursery.start_soon(chained)
 
     def _start_threaded(self, nursery: trio.Nursery, call: Call, context: PairingContext) -> None:
         self._threads += 1  # counted now: the hot loop must yield for it to start
@@ -225,7 +279,8 @@ class SlaveSession:
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self.transport.serve_writer)
-                self.transport.write(self.conn.send(Hello(info=info)))
+                features = FEATURE_STDIO if self.executor.lent else 0
+                self.transport.write(self.conn.send(Hello(features=features, info=info)))
                 await self._read_loop(nursery)
                 with trio.move_on_after(5):
                     await self.transport.flush()
@@ -312,6 +367,10 @@ class SlaveSession:
             if isinstance(event, Call):
                 context = self.pairings[event.pairing]
                 context.calls += 1
+                key = self._ordered(event) if executor.handles else None
+                if key is not None:
+                    self._start_chained(nursery, event, context, key)
+                    continue
                 if executor.may_block(event.op):
                     self._start_threaded(nursery, event, context)
                     continue
@@ -327,6 +386,10 @@ class SlaveSession:
                 if executor.hello(event.features):  # the master keeps a cache: watch
                     self._poller.register(executor.watches.fd, select.POLLIN)
                     nursery.start_soon(self._watch_changes)
+                self.opened.set()
+            elif isinstance(event, Stopped):
+                if self.on_stopped is not None:
+                    self.on_stopped(event.signum)
             elif isinstance(event, OpenPairing):
                 self.pairings[event.pairing] = PairingContext(event.pairing, event.parent)
             elif isinstance(event, ClosePairing):

@@ -1,0 +1,208 @@
+"""Streams: the slave's terminal and pipes as pumped placeholders (DESIGN.md §3).
+
+A remote stream that the slave lends the session (its standard input, output and
+error, ``fsys-slave run``) is a placeholder like any remote file, but its data does
+not go call by call: fmhub *pumps* it. What the slave reads from the stream is
+written into the placeholder's peer end, so the program's read(2), poll(2),
+select(2), epoll and signals act natively on the placeholder (a handler runs, a call
+without SA_RESTART fails with EINTR, nothing is lost: the data stays in the socket
+for the next read). What the program writes is read from the peer end and written
+on the slave, in order. Control calls (terminal ioctls, fstat) are forwarded, after
+the data written before them (``settle``), as the kernel would order them.
+
+Flow is bounded both ways: one read of at most CHUNK bytes is asked of the slave at
+a time, and asked again only once the program's socket took the last one; one
+write is in flight, and the next is read from the socket only once it is answered
+(a terminal that stops output, with Ctrl-S, stops the program's writes).
+
+Ends: the stream's end of file (a pipe's, or Ctrl-D on a terminal in canonical mode)
+shuts the placeholder for reading, so the program reads end of file; after a write
+the slave refuses (EPIPE: no reader; EIO: the terminal hung up) the program's next
+write fails with EPIPE and SIGPIPE, as on a closed pipe.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import socket
+import struct
+import termios
+from collections.abc import Generator
+
+import trio
+
+from fsys.errors import Errno, LinkClosed
+from fsys.master.link import SlaveLink
+from fsys.master.placeholders import RemoteFile
+from fsys.protocol import Read, Reply, Write
+
+#: The most one read or write of a stream carries.
+CHUNK = 64 << 10
+_INT = struct.Struct("=i")
+#: What ``settle`` yields (the handler that drives it sends each Write to the slave).
+Settling = Generator[Write, Reply, None]
+
+
+class Stream:
+    """One pumped remote stream. ``app_end`` is kept, so that more copies of the
+    placeholder can be given (an open of /dev/tty is one of the terminal) and so that
+    an input flush can drop what the program has not read."""
+
+    def __init__(self, link: SlaveLink, remote: RemoteFile, app_end: socket.socket) -> None:
+        self.link = link
+        self.remote = remote
+        self.app_end = app_end
+        self.peer = remote.peer
+        self._out_scope = trio.CancelScope()
+        self._out_done = trio.Event()
+        self.read_closed = False  # the program reads end of file now
+        self.write_closed = False  # the program's writes fail with EPIPE now
+
+    @property
+    def handle(self) -> int:
+        return self.remote.handle
+
+    async def _ask(self, op: Read | Write) -> Reply | None:
+        """``op``'s reply; None if the link is down. Cancellable: the reply to an
+        abandoned read is dropped (the slave reads nothing once the session ends). A
+        read is patient: it waits for the user to type (no stall to report)."""
+        done = trio.Event()
+        box: list[Reply | LinkClosed] = []
+
+        def on_reply(outcome: Reply | LinkClosed) -> None:
+            box.append(outcome)
+            done.set()
+
+        try:
+            self.link.submit(0, op, on_reply, patient=type(op) is Read)
+        except LinkClosed:
+            return None
+        await done.wait()
+        outcome = box[0]
+        return None if isinstance(outcome, LinkClosed) else outcome
+
+    # --- slave -> program -----------------------------------------------------------
+
+    async def pump_in(self) -> None:
+        """Read the stream on the slave, into the placeholder, until end of file."""
+        while True:
+            reply = await self._ask(Read(handle=self.handle, size=CHUNK, offset=-1, rwf=0))
+            if reply is None or (reply.result < 0 and reply.result != -errno.EAGAIN):
+                return  # the link is down, or the stream failed (EIO: hung up)
+            if reply.result == -errno.EAGAIN:
+                await trio.sleep(0.05)  # a stream left non-blocking on the slave
+                continue
+            if not reply.blob:
+                self._shut(socket.SHUT_WR)
+                self.read_closed = True
+                return
+            view = memoryview(reply.blob)
+            while view:
+                await trio.lowlevel.wait_writable(self.peer)
+                try:
+                    sent = self.peer.send(view)
+                except BlockingIOError:
+                    continue
+                except OSError:
+                    return  # no copy of the placeholder is left
+                view = view[sent:]
+
+    def flush_input(self) -> None:
+        """Drop what the program has not read yet (TCFLSH, TCSETSF)."""
+        while True:  # (MSG_DONTWAIT: the program's description stays as it set it)
+            try:
+                if not self.app_end.recv(CHUNK, socket.MSG_DONTWAIT):
+                    return
+            except OSError:
+                return
+
+    def queued(self) -> int:
+        """How many bytes the program can read without waiting for the slave."""
+        raw = fcntl.ioctl(self.app_end.fileno(), termios.FIONREAD, bytes(_INT.size))
+        value: int = _INT.unpack(raw)[0]
+        return value
+
+    # --- program -> slave -----------------------------------------------------------
+
+    async def pump_out(self) -> None:
+        """Write what the program writes into the placeholder on the slave, in order."""
+        try:
+            with self._out_scope:
+                while True:
+                    await trio.lowlevel.wait_readable(self.peer)
+                    data = self._take()
+                    if data is None:
+                        continue
+                    if not data:
+                        return
+                    with trio.CancelScope(shield=True):  # (drain waits for it)
+                        await self._write(data)
+        finally:
+            self._out_done.set()
+
+    def _take(self) -> bytes | None:
+        """What the program wrote and fmhub has not sent yet; None: nothing now."""
+        try:
+            return self.peer.recv(CHUNK)
+        except BlockingIOError:
+            return None
+        except OSError:
+            return b""
+
+    async def _write(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view and not self.write_closed:
+            reply = await self._ask(Write(handle=self.handle, offset=-1, rwf=0, data=bytes(view)))
+            if reply is None:
+                return
+            if reply.result < 0:
+                self._refused()
+                return
+            view = view[reply.result :]
+
+    def _refused(self) -> None:
+        """The slave refused a write (EPIPE: no reader; EIO: hung up): from now on the
+        program's writes fail with EPIPE and SIGPIPE (fmhub answers them: the routing
+        sends them to ``sys_write``), and what it wrote before goes nowhere, as into a
+        pipe whose reader is gone. (Not a shutdown of the socket: a write blocked in
+        it would fail without SIGPIPE.)"""
+        self.write_closed = True
+        while self._take():
+            pass
+
+    def _shut(self, how: int) -> None:
+        try:
+            self.peer.shutdown(how)
+        except OSError:
+            pass
+
+    def settle(self) -> Settling:
+        """Before a control call on the stream: send what the program wrote before it
+        (the handler that yields from this sends each write and waits for it). The
+        slave runs a stream's calls in the order they come (fshub)."""
+        while not self.write_closed:
+            data = self._take()
+            if not data:
+                return
+            view = memoryview(data)
+            while view:
+                try:
+                    reply = yield Write(handle=self.handle, offset=-1, rwf=0, data=bytes(view))
+                except Errno:  # the slave refused it
+                    self._refused()
+                    return
+                view = view[reply.result :]
+
+    async def drain(self) -> None:
+        """The session ends: every byte the program wrote reaches the slave first."""
+        self._out_scope.cancel()  # (a write in flight finishes: it is shielded)
+        await self._out_done.wait()
+        while not self.write_closed:
+            data = self._take()
+            if not data:
+                return
+            await self._write(data)
+
+    def close(self) -> None:
+        self.app_end.close()
