@@ -152,6 +152,8 @@ class Hub:
             link_fd = self.link.transport.read_fd
             poller.register(link_fd, select.POLLIN)
             poller.register(self.placeholders.fileno(), select.POLLIN)
+            for stream in self.streams.values():  # data from the program: to trio
+                poller.register(stream.peer.fileno(), select.POLLIN)
             nursery.start_soon(self._reap_closed)
             while True:
                 notif = await self.listener.receive()
@@ -205,6 +207,8 @@ class Hub:
         listener = self.listener
         closed_fd = self.placeholders.fileno()
         deadline = time.monotonic() + HOT_SLICE
+        streams = list(self.streams.values())
+        peers = {stream.peer.fileno() for stream in streams}
         while True:
             # While a call waits for the slave, its caller is blocked: spin briefly
             # for the reply. Never while the program may need the CPU.
@@ -216,6 +220,8 @@ class Hub:
                     self.link.pump()
                     if not self.link.alive:
                         poller.unregister(link_fd)
+                elif fd in peers:
+                    return True  # the program wrote to a stream: its pump, in trio
                 elif fd == closed_fd:
                     self.reap()
                 elif mask & select.POLLIN:
@@ -226,6 +232,10 @@ class Hub:
                     return False  # POLLHUP: no task left under the filter
             if time.monotonic() > deadline or self.link.transport.backlog:
                 return True
+            if streams and any(stream.woken for stream in streams):
+                for stream in streams:
+                    stream.woken = False
+                return True  # a stream's pump has its reply: let it run
 
     def route(self, notif: Notification) -> None:
         """Route one notification and, unless a handler waits for the slave, answer it."""

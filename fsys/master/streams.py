@@ -58,6 +58,10 @@ class Stream:
         self._out_done = trio.Event()
         self.read_closed = False  # the program reads end of file now
         self.write_closed = False  # the program's writes fail with EPIPE now
+        #: Set when a reply for this stream has woken its pump: fmhub's hot loop,
+        #: which does not let trio run, goes back to trio at once (the pumps are
+        #: trio tasks: a keystroke must not wait for the loop's quiet spell).
+        self.woken = False
 
     @property
     def handle(self) -> int:
@@ -73,6 +77,7 @@ class Stream:
         def on_reply(outcome: Reply | LinkClosed) -> None:
             box.append(outcome)
             done.set()
+            self.woken = True
 
         try:
             self.link.submit(0, op, on_reply, patient=type(op) is Read)
