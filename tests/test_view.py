@@ -166,6 +166,11 @@ def inval_entries(notices: list[tuple[int, bytes]]) -> set[tuple[int, bytes]]:
     return out
 
 
+def inval_entry_flags(notices: list[tuple[int, bytes]]) -> set[int]:
+    return {fuse.INVAL_ENTRY.unpack_from(body)[2]
+            for code, body in notices if code == fuse.NOTIFY_INVAL_ENTRY}  # fmt: skip
+
+
 def inval_inodes(notices: list[tuple[int, bytes]]) -> set[int]:
     return {fuse.INVAL_INODE.unpack_from(body)[0]
             for code, body in notices if code == fuse.NOTIFY_INVAL_INODE}  # fmt: skip
@@ -173,7 +178,7 @@ def inval_inodes(notices: list[tuple[int, bytes]]) -> set[int]:
 
 @asynccontextmanager
 async def viewed(
-    root: Path, points: Points | None = None, *, watch: bool = True
+    root: Path, points: Points | None = None, *, watch: bool = True, minor: int = 38
 ) -> AsyncIterator[tuple[Kernel, View]]:
     """A View over a real slave serving ``root``, and the kernel's end of its device.
     ``View.link.slave_scope`` (set here) ends the slave, as if it died."""
@@ -199,7 +204,7 @@ async def viewed(
         v.slave_scope = slave_scope  # type: ignore[attr-defined]
         await nursery.start(v.serve)
         kernel = Kernel(trio.socket.from_stdlib_socket(theirs))
-        init = await kernel.ask(Opcode.INIT, 0, fuse.INIT_IN.pack(7, 38, 1 << 17, 0xFFFFFFFF))
+        init = await kernel.ask(Opcode.INIT, 0, fuse.INIT_IN.pack(7, minor, 1 << 17, 0xFFFFFFFF))
         assert init.error == 0
         yield kernel, v
         kernel.sock.close()  # the connection ends: serve returns
@@ -305,6 +310,8 @@ def test_reply_and_notice_headers() -> None:
     assert fuse.OUT_HEADER.unpack_from(entry) == (len(entry), fuse.NOTIFY_INVAL_ENTRY, 0)
     assert fuse.INVAL_ENTRY.unpack_from(entry, 16) == (5, 4, 0)
     assert entry.endswith(b"name\0")
+    expired = fuse.inval_entry(5, b"name", expire=True)
+    assert fuse.INVAL_ENTRY.unpack_from(expired, 16) == (5, 4, fuse.EXPIRE_ONLY)
     inode = fuse.inval_inode(5)
     assert fuse.OUT_HEADER.unpack_from(inode) == (40, fuse.NOTIFY_INVAL_INODE, 0)
 
@@ -376,6 +383,16 @@ async def test_lookup_of_a_missing_name_is_a_negative_entry(box: Path) -> None:
         (box / "nothing").write_bytes(b"now")  # another process makes it
         await notice_of(kernel, lambda n: (ROOT, b"nothing") in inval_entries(n))
         assert (await kernel.lookup(ROOT, b"nothing")).entry()[3][1] == 3
+        assert inval_entry_flags(kernel.notices) == {fuse.EXPIRE_ONLY}
+
+
+@pytest.mark.parametrize(("minor", "flags"), [(37, 0), (41, fuse.EXPIRE_ONLY)])
+async def test_names_are_expired_where_the_kernel_can(box: Path, minor: int, flags: int) -> None:
+    async with viewed(box, minor=minor) as (kernel, _):
+        assert (await kernel.lookup(ROOT, b"nothing")).error == 0
+        (box / "nothing").write_bytes(b"now")
+        await notice_of(kernel, lambda n: (ROOT, b"nothing") in inval_entries(n))
+        assert inval_entry_flags(kernel.notices) == {flags}
 
 
 async def test_lookup_refuses_bad_names(box: Path) -> None:
@@ -924,6 +941,21 @@ async def test_the_view_sees_another_processs_change(session: Session) -> None:
     (got,) = result
     assert got.status == 0, got.err
     assert got.out.split() == ["1", "22", "2"]
+
+
+@needs_fuse
+async def test_a_directory_made_and_entered_stays_the_cwd(session: Session) -> None:
+    # An INVALIDATE of the name of the shell's cwd (mkdir's own, or chmod's, which
+    # may arrive after the shell is in it): the name's dentry is expired, not dropped,
+    # so getcwd still finds the way (git needs it).
+    cwd = "python3 -c 'import os; print(os.getcwd())'"
+    got = await session.run("/bin/sh", "-c",
+                            f"mkdir /d && cd /d && sleep 0.3 && {cwd} && chmod 700 /d"
+                            f" && sleep 0.3 && touch x && {cwd}",
+                            extra=["--view"])  # fmt: skip
+    assert got.status == 0, got.err
+    assert got.out.split() == ["/d", "/d"]
+    assert (session.box / "d" / "x").exists()
 
 
 @needs_fuse

@@ -112,6 +112,9 @@ FSYNC_FDATASYNC: Final = 1 << 0
 # notices: fuse_out_header.error when unique is 0
 NOTIFY_INVAL_INODE: Final = 2
 NOTIFY_INVAL_ENTRY: Final = 3
+#: fuse_notify_inval_entry_out.flags (7.38): expire the name, do not drop its dentry
+#: (a dropped dentry is "unlinked": getcwd in it fails with ENOENT).
+EXPIRE_ONLY: Final = 1 << 0
 
 IN_HEADER: Final = struct.Struct("<IIQQIIIHH")  # 40 bytes
 OUT_HEADER: Final = struct.Struct("<IiQ")  # 16 bytes
@@ -215,9 +218,12 @@ def inval_inode(nodeid: int) -> bytes:
     return notice(NOTIFY_INVAL_INODE, INVAL_INODE.pack(nodeid, 0, 0))
 
 
-def inval_entry(parent: int, name: bytes) -> bytes:
-    """Notice: what ``name`` in ``parent`` names (or that nothing does) no longer holds."""
-    return notice(NOTIFY_INVAL_ENTRY, INVAL_ENTRY.pack(parent, len(name), 0) + name + b"\0")
+def inval_entry(parent: int, name: bytes, *, expire: bool = False) -> bytes:
+    """Notice: what ``name`` in ``parent`` names (or that nothing does) no longer holds.
+    With ``expire``, the kernel keeps the dentry but asks again at the next walk
+    through it, and drops it only if the answer names something else."""
+    flags = EXPIRE_ONLY if expire else 0
+    return notice(NOTIFY_INVAL_ENTRY, INVAL_ENTRY.pack(parent, len(name), flags) + name + b"\0")
 
 
 def _align(n: int) -> int:

@@ -13,10 +13,13 @@ The kernel's caches stay exact the way fmhub's attribute cache does
 (``fsys.master.cache``): a name or attributes are kept only when the slave's reply
 was REPLY_WATCHED, and for as long as no INVALIDATE names them; each INVALIDATE
 becomes FUSE notices (INVAL_ENTRY for the name, INVAL_INODE for the attributes
-and pages). Anything unwatched is kept for no time at all. A file opened while its
-answer is watched keeps its pages (FOPEN_KEEP_CACHE), since a change would have
-dropped them. Notices are written from a thread of their own: the kernel may hold
-a lock that a notice needs while it waits for an answer from us.
+and pages). A name is expired, not dropped (FUSE_EXPIRE_ONLY): the kernel asks
+again at the next walk through it and keeps the dentry if the answer is the same
+node, so a process whose cwd it is can still getcwd. Anything unwatched is kept
+for no time at all. A file opened while its answer is watched keeps its pages
+(FOPEN_KEEP_CACHE), since a change would have dropped them. Notices are written
+from a thread of their own: the kernel may hold a lock that a notice needs while it
+waits for an answer from us.
 
 Nodes are paths: a node is what the slave's path named when it was looked up, by
 its inode number and type. A later lookup that finds another file there gives a
@@ -430,6 +433,8 @@ class View:
         #: The names of each listing (kept with the listing they were made from).
         self._names: dict[bytes, tuple[list[tuple[int, int, bytes]], set[bytes]]] = {}
         self.notifier = Notifier(fd)
+        #: Names are expired rather than dropped (the kernel's FUSE is 7.38 or newer).
+        self.expire = False
         #: opcode -> how many (FSYS_VIEW_STATS only: not a cost of every request).
         self.requests: dict[int, int] | None = {} if os.environ.get("FSYS_VIEW_STATS") else None
         self._behind = WriteBehind(link, self._request)
@@ -609,6 +614,7 @@ class View:
         major, minor, max_readahead, flags = fuse.INIT_IN.unpack_from(body)
         if major != fuse.MAJOR or minor < 31:
             self.failure = f"the kernel's FUSE protocol {major}.{minor} is too old (7.31 or newer)"
+        self.expire = minor >= 38
         return fuse.init_out(minor, flags, max_readahead, MAX_WRITE)
 
     def _answer(self, opcode: int, unique: int, nodeid: int, body: bytes) -> None:
@@ -799,11 +805,13 @@ class View:
                     continue  # never its name: that would detach a mount
                 parent = self.by_path.get(p[: p.rfind(b"/")] or b"/")
                 if parent is not None:
-                    notices.append(fuse.inval_entry(parent.nodeid, p[p.rfind(b"/") + 1 :]))
+                    name = p[p.rfind(b"/") + 1 :]
+                    notices.append(fuse.inval_entry(parent.nodeid, name, expire=self.expire))
             if path != b"/" and path not in self.by_path:  # perhaps a negative entry
                 parent = self.by_path.get(path[: path.rfind(b"/")] or b"/")
                 if parent is not None and path not in self.points.ways:
-                    notices.append(fuse.inval_entry(parent.nodeid, path[path.rfind(b"/") + 1 :]))
+                    name = path[path.rfind(b"/") + 1 :]
+                    notices.append(fuse.inval_entry(parent.nodeid, name, expire=self.expire))
         if notices:
             self.notifier.send(notices)
 
