@@ -67,6 +67,15 @@ def compat(session: nox.Session) -> None:
 
 
 @nox.session
+def fuzz(session: nox.Session) -> None:
+    """A hostile peer, at length: tests/test_fuzz.py's properties, 35,000 examples each
+    (over 100,000 cases; a few minutes). ``nox -s fuzz -- N`` for N each."""
+    session.install(".", *TEST_DEPS)
+    examples = session.posargs[0] if session.posargs else "35000"
+    session.run("pytest", "-q", "tests/test_fuzz.py", env={"FSYS_FUZZ_EXAMPLES": examples})
+
+
+@nox.session
 def docs(session: nox.Session) -> None:
     """Regenerate docs/syscalls.md from the table."""
     session.install(".")
@@ -83,6 +92,10 @@ MUTANT_SETS: dict[str, tuple[list[str], list[str]]] = {
     "protocol": (["fsys/protocol.py"], ["tests/test_protocol.py"]),
     "pages": (["fsys/master/pages.py"], ["tests/test_pages.py"]),
     "cache": (["fsys/master/cache.py", "fsys/slave/watches.py"], ["tests/test_cache.py"]),
+    "service": (
+        ["fsys/auth.py", "fsys/address.py", "fsys/slave/confinement.py"],
+        ["tests/test_auth.py", "tests/test_confinement.py"],
+    ),
 }
 
 # mutmut reads its configuration from pyproject.toml alone: this runs mutmut's command

@@ -17,6 +17,10 @@
           the same shell run natively;
 - make:   `make -j2` of a small C project stored on the slave, against native.
 - git:    `git status` in a repository of 2,000 files on the slave.
+- transports: a forwarded stat (µs, --no-cache) and `cat` of a 1 GiB slave file
+          (MB/s, whole session) through each way of reaching a rooted slave: a slave
+          command's stdio (the default), a listening slave on a unix socket and on TCP
+          (with a secret), and over SSH (--ssh, through the loopback sshd);
 - tree:   metadata-heavy commands on a 5,000-file tree (ls -lR, find, du, tar, grep
           -r, Python reading 1,000 files) on a rooted slave, against native and
           against sshfs (default options) through a loopback sshd the bench starts
@@ -56,10 +60,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from sshfs import mounted  # (bench/sshfs.py, next to this file)
+from sshd import loopback_sshd  # (bench/sshd.py, next to this file)
+from sshd import missing as sshd_missing
+from sshfs import mounted  # (bench/sshfs.py)
 
 HERE = Path(__file__).resolve().parent
-BENCHES = ("start", "stat", "continued", "read", "write", "fork", "make", "git", "tree", "memory")
+BENCHES = ("start", "stat", "continued", "read", "write", "fork", "make", "git", "tree", "memory",
+           "transports")  # fmt: skip
 
 
 def timed(cmd: list[str], **kwargs: object) -> float:
@@ -397,6 +404,64 @@ def bench_git(fs: Fsys, work: Path, files: int, runs: int) -> dict[str, float]:
     return out
 
 
+def _service(fs: Fsys, box: Path, *listen: str) -> tuple[subprocess.Popen[bytes], str]:
+    """A listening slave serving ``box``, and the address it says it listens on."""
+    proc = subprocess.Popen([fs.python, "-m", "fsys.slave", "serve", "--root", str(box),
+                             "--listen", *listen], stderr=subprocess.PIPE)  # fmt: skip
+    assert proc.stderr is not None
+    line = proc.stderr.readline().decode()
+    if "listening on " not in line:
+        proc.kill()
+        raise RuntimeError(f"the listening slave did not start: {line!r}")
+    return proc, line.split("listening on ")[1].split()[0]
+
+
+def bench_transports(
+    fs: Fsys, work: Path, count: int, size_mib: int, runs: int
+) -> dict[str, dict[str, float]]:
+    """Forwarded stat and 1 GiB read through each way of reaching a rooted slave."""
+    binary = build(work, "statloop")
+    box = work / "transports"
+    box.mkdir()
+    (box / "file").write_text("x")
+    chunk = os.urandom(1 << 20)
+    with open(box / "big", "wb") as f:
+        for _ in range(size_mib):
+            f.write(chunk)
+    secret = work / "secret"
+    secret.write_bytes(os.urandom(24).hex().encode())
+    secret.chmod(0o600)
+    ways: dict[str, tuple[str, ...]] = {"stdio (--slave)": ("--slave", fs.rooted(box))}
+    with ExitStack() as stack:
+        for listen in ([f"unix:{work}/fsys.sock"],
+                       ["tcp:127.0.0.1:0", "--secret-file", str(secret)]):  # fmt: skip
+            proc, address = _service(fs, box, *listen)
+            stack.callback(proc.wait)
+            stack.callback(proc.terminate)
+            extra = ("--secret-file", str(secret)) if address.startswith("tcp:") else ()
+            ways[address.split(":")[0]] = ("--connect", address, *extra)
+        why = sshd_missing()
+        if why is None:
+            sshd = stack.enter_context(loopback_sshd(work / "sshd"))
+            wrapper = work / "fsys-slave"
+            wrapper.write_text(f'#!/bin/sh\nexec {fs.python} -m fsys.slave "$@" --root {box}\n')
+            wrapper.chmod(0o755)
+            options = [arg for option in sshd.options for arg in ("--ssh-option", option)]
+            ways["ssh (--ssh)"] = ("--ssh", sshd.host, *options, "--ssh-slave", str(wrapper))
+        else:
+            print(f"bench: ssh not measured: {why}", file=sys.stderr)
+        out: dict[str, dict[str, float]] = {}
+        size = size_mib << 20
+        for name, way in ways.items():
+            loop = fs.run(str(binary), "/file", str(count), options=(*way, "--no-cache"))
+            stat_us = median([c_loop(loop) for _ in range(runs)])
+            cat = fs.run("cat", "/big", options=way)
+            timed(cat)
+            read_s = median([timed(cat) for _ in range(runs)])
+            out[name] = {"stat_us": stat_us, "read_MBps": size / read_s / 1e6}
+    return out
+
+
 def header() -> None:
     print("| measure | native | sshfs | fsys | fsys --view | note |")
     print("| --- | --- | --- | --- | --- | --- |")
@@ -534,6 +599,17 @@ def main() -> int:
                 f"x{git['fsys_s'] / git['native_s']:.0f}; "
                 f"x{(git['fsys_s'] - start_s) / git['native_s']:.0f} without session start; "
                 "rooted slave", view=ms(git.get("view_s")))  # fmt: skip
+        if "transports" in only:
+            ways = bench_transports(fs, work, 2000 if args.quick else 10000,
+                                    256 if args.quick else 1024, runs)  # fmt: skip
+            base = next(iter(ways.values()))
+            for name, fig in ways.items():
+                stat_ratio = fig["stat_us"] / base["stat_us"]
+                read_ratio = fig["read_MBps"] / base["read_MBps"]
+                row(f"over {name}: forwarded stat", "", f"{fig['stat_us']:.1f} us",
+                    f"x{stat_ratio:.2f} stdio; rooted slave, --no-cache")  # fmt: skip
+                row(f"over {name}: read (cat)", "", f"{fig['read_MBps']:.0f} MB/s",
+                    f"x{read_ratio:.2f} stdio; whole session")  # fmt: skip
         if "tree" in only:
             tree = bench_tree(fs, work, runs, sshfs)
             for name, fig in tree.items():

@@ -1,16 +1,14 @@
-"""sshfs for the bench: an sshd of our own on 127.0.0.1, and a mount of a directory.
+"""sshfs for the bench: a mount of a directory through a loopback sshd of our own.
 
 The alternative a user would try next to fsys: sshfs with its default options, over
-a loopback sshd that this module starts with keys made for the run (nothing of the
-machine's own ssh setup is read or changed). ``mounted`` yields None, with the
-reason printed once, when sshd, sshfs or FUSE are missing.
+a loopback sshd (bench/sshd.py) started with keys made for the run. ``mounted``
+yields None, with the reason printed once, when sshd, sshfs or FUSE are missing.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -18,32 +16,23 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-SSHD = "/usr/sbin/sshd"
+from sshd import Sshd, loopback_sshd  # (bench/sshd.py, next to this file)
+from sshd import missing as sshd_missing
 
 
 def missing() -> str | None:
     """Why sshfs cannot be measured here, or None."""
-    if not os.path.exists(SSHD):
-        return "openssh-server is not installed"
-    for tool in ("sshfs", "ssh-keygen", "fusermount"):
-        if shutil.which(tool) is None and not (
-            tool == "fusermount" and shutil.which("fusermount3")
-        ):
+    why = sshd_missing()
+    if why is not None:
+        return why
+    for tool in ("sshfs",):
+        if shutil.which(tool) is None:
             return f"{tool} is not installed"
+    if shutil.which("fusermount") is None and shutil.which("fusermount3") is None:
+        return "fusermount is not installed"
     if not os.path.exists("/dev/fuse"):
         return "/dev/fuse is missing"
     return None
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-def _keygen(path: Path) -> None:
-    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(path)], check=True)
 
 
 @contextmanager
@@ -54,42 +43,26 @@ def mounted(export: Path, work: Path) -> Iterator[Path | None]:
         print(f"bench: sshfs skipped: {why}", file=sys.stderr)
         yield None
         return
-    keys = work / "ssh"
-    keys.mkdir(parents=True)
-    _keygen(keys / "host")
-    _keygen(keys / "id")
-    shutil.copy(keys / "id.pub", keys / "authorized_keys")
-    port = _free_port()
-    config = keys / "sshd_config"
-    config.write_text(
-        f"Port {port}\nListenAddress 127.0.0.1\nHostKey {keys / 'host'}\n"
-        f"AuthorizedKeysFile {keys / 'authorized_keys'}\nPasswordAuthentication no\n"
-        f"PermitRootLogin yes\nStrictModes no\nUsePAM no\nPidFile {keys / 'sshd.pid'}\n"
-        "Subsystem sftp internal-sftp\n"
-    )
-    os.makedirs("/run/sshd", exist_ok=True)  # sshd's privilege separation directory
-    sshd = subprocess.Popen([SSHD, "-D", "-e", "-f", str(config)], stderr=subprocess.DEVNULL)
+    with loopback_sshd(work / "ssh") as sshd:
+        yield from _mount(export, work, sshd)
+
+
+def _mount(export: Path, work: Path, sshd: Sshd) -> Iterator[Path | None]:
     mnt = work / "sshfs"
     mnt.mkdir()
+    options = ",".join(o.replace("Port=", "port=") for o in sshd.options if "BatchMode" not in o)
+    for _ in range(50):  # sshd takes a moment to accept
+        done = subprocess.run(["sshfs", "-o", options, f"{sshd.host}:{export}", str(mnt)],
+                              capture_output=True, text=True, check=False)  # fmt: skip
+        if done.returncode == 0:
+            break
+        time.sleep(0.1)
+    else:
+        print(f"bench: sshfs skipped: mount failed: {done.stderr.strip()}", file=sys.stderr)
+        yield None
+        return
     try:
-        user = os.environ.get("USER") or "root"
-        options = (f"port={port},IdentityFile={keys / 'id'},StrictHostKeyChecking=no,"
-                   "UserKnownHostsFile=/dev/null,LogLevel=ERROR")  # fmt: skip
-        for _ in range(50):  # sshd takes a moment to listen
-            done = subprocess.run(["sshfs", "-o", options, f"{user}@127.0.0.1:{export}", str(mnt)],
-                                  capture_output=True, text=True, check=False)  # fmt: skip
-            if done.returncode == 0:
-                break
-            time.sleep(0.1)
-        else:
-            print(f"bench: sshfs skipped: mount failed: {done.stderr.strip()}", file=sys.stderr)
-            yield None
-            return
-        try:
-            yield mnt
-        finally:
-            unmount = shutil.which("fusermount") or shutil.which("fusermount3") or "fusermount"
-            subprocess.run([unmount, "-u", str(mnt)], check=False)
+        yield mnt
     finally:
-        sshd.terminate()
-        sshd.wait()
+        unmount = shutil.which("fusermount") or shutil.which("fusermount3") or "fusermount"
+        subprocess.run([unmount, "-u", str(mnt)], check=False)

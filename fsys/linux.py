@@ -11,7 +11,7 @@ from __future__ import annotations
 import ctypes
 import os
 import struct
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Final
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -213,6 +213,25 @@ def pidfd_getfd(pidfd: int, fd: int) -> int:
 
 def syncfs(fd: int) -> None:
     _check(_syncfs(SYS_SYNCFS, fd))
+
+
+_CAP_VERSION_3 = 0x20080522
+PR_CAPBSET_DROP = 24
+
+
+def drop_capabilities(caps: Iterable[int]) -> None:
+    """Take ``caps`` out of this process's effective, permitted and inheritable sets
+    and out of its bounding set (nothing it execs gets them back). Only the calling
+    thread changes: call it before any other thread starts."""
+    header = (ctypes.c_uint32 * 2)(_CAP_VERSION_3, 0)
+    data = (ctypes.c_uint32 * 6)()  # two __user_cap_data_struct: effective, permitted, inheritable
+    _check(_libc.capget(header, data))
+    for cap in caps:
+        word, bit = divmod(cap, 32)
+        for i in range(3):
+            data[word * 3 + i] &= ~(1 << bit)
+        _check(_libc.prctl(PR_CAPBSET_DROP, cap, 0, 0, 0))
+    _check(_libc.capset(header, data))
 
 
 # --- constants (asm-generic, which x86_64 uses) ---------------------------------------

@@ -239,6 +239,7 @@ def test_an_interrupted_read_is_exactly_native(
     for argv in ([str(tty_read), how], fsys(box, str(tty_read), how)):
         t = start(term, argv, here)
         t.expect("ready")
+        _blocked_in_read(tty_read.name)  # not a moment before: the handler would run first
         t.type("\x03")  # the terminal's SIGINT: the handler runs during the read
         t.expect("handler ran")
         if how == "restart":
@@ -249,6 +250,22 @@ def test_an_interrupted_read_is_exactly_native(
     assert under_fsys == native
     expected = "read 4 bytes: abc\n|" if how == "restart" else "read failed: Interrupted"
     assert expected in native
+
+
+def _blocked_in_read(comm: str) -> None:
+    """Until a process named ``comm`` sleeps in read(2) (syscall 0 on x86_64)."""
+    until = time.monotonic() + TIMEOUT
+    while time.monotonic() < until:
+        for entry in Path("/proc").iterdir():
+            try:
+                if (entry / "comm").read_text().strip() != comm[:15]:
+                    continue
+                if (entry / "syscall").read_text().split()[0] == "0":
+                    return
+            except (OSError, IndexError):
+                continue
+        time.sleep(0.01)
+    raise AssertionError(f"{comm} never blocked in read")
 
 
 def _state(pid: int) -> str:
@@ -311,7 +328,7 @@ def test_errors_of_fsys_slave_run(dirs: tuple[Path, Path]) -> None:
         capture_output=True, timeout=TIMEOUT, check=False,
     )  # fmt: skip
     assert both.returncode == 2
-    assert b"--stdio and --slave name two slaves" in both.stderr
+    assert b"--slave and --stdio each name the slave: give one" in both.stderr
 
 
 def test_ctrl_c_before_the_session_ends_fsys_slave_and_its_command(

@@ -89,6 +89,29 @@ def _parser() -> argparse.ArgumentParser:
         "fsys-master (fsys-slave run -- fsys-master run --stdio -- PROGRAM): the program "
         "gets that slave's terminal",
     )  # fmt: skip
+    run.add_argument(
+        "--connect", metavar="ADDR",
+        help="the slave is a service listening at unix:PATH or tcp:HOST:PORT "
+        "(fsys-slave serve --listen ADDR)",
+    )  # fmt: skip
+    run.add_argument(
+        "--secret-file", metavar="FILE",
+        help="with --connect: the shared secret the slave asks for (a file of mode 0600; "
+        "or FSYS_SECRET)",
+    )  # fmt: skip
+    run.add_argument(
+        "--ssh", metavar="[USER@]HOST",
+        help="the slave is fsys-slave on HOST, started over ssh (docs/ssh.md)",
+    )  # fmt: skip
+    run.add_argument(
+        "--ssh-option", metavar="OPT", action="append", default=[],
+        help="with --ssh: an ssh -o option, e.g. Port=2222 (repeatable)",
+    )  # fmt: skip
+    run.add_argument(
+        "--ssh-slave", metavar="PATH",
+        help="with --ssh: fsys-slave's path on HOST (default: fsys-slave on the remote "
+        "PATH, or in ~/.local/bin)",
+    )  # fmt: skip
     run.add_argument("--trace", action="store_true", help="print each forwarded call")
     run.add_argument(
         "--trace-all", action="store_true", help="also print trapped calls run natively"
@@ -133,15 +156,24 @@ def _build_policy(args: argparse.Namespace, program: str | None) -> Policy:
 class Slave:
     """The slave process: forked (embedded) or started by a shell command; or, with
     ``stdio``, whoever is on fsys-master's standard input and output (``fsys-slave
-    run -- fsys-master run --stdio ...``, perhaps over ssh)."""
+    run -- fsys-master run --stdio ...``, perhaps over ssh); or, with ``sock``, a
+    listening slave's session, reached at ``address``."""
 
-    def __init__(self, command: str | None, *, stdio: bool = False) -> None:
+    def __init__(
+        self, command: str | None, *, stdio: bool = False, sock: socket.socket | None = None,
+        address: str = "",
+    ) -> None:  # fmt: skip
         self.command = command
+        #: Where a listening slave was reached (``sock``: it is not our process).
+        self.address = address
         #: The session gave up waiting for it (a signal): it is ended, not waited for.
         self.given_up = False
         self.process: Popen[bytes] | None = None
         self.pid = -1
         self.stdio = stdio
+        self.socket: socket.socket | None = sock
+        if sock is not None:
+            return
         if stdio:
             # The link is fds 0 and 1 now; the program gets /dev/null there, unless the
             # slave lends it its own streams.
@@ -151,7 +183,6 @@ class Slave:
             os.dup2(null, 0)
             os.dup2(null, 1)
             os.close(null)
-            self.socket: socket.socket | None = None
             return
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         self.socket = ours
@@ -172,6 +203,8 @@ class Slave:
 
     @property
     def name(self) -> str:
+        if self.address:
+            return f"the slave at {self.address}"
         if self.stdio:
             return "the slave on standard input and output"
         return self.command if self.command is not None else "the embedded slave"
@@ -255,6 +288,90 @@ class Slave:
             self.pid = -1
 
 
+class SlaveError(Exception):
+    """The slave named cannot be had; the message says why, ``status`` is the exit."""
+
+    def __init__(self, message: str, status: int = SESSION_FAILED) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+#: On the remote side of --ssh: fsys-slave from the PATH, else from where pip --user
+#: and pipx put it (a non-interactive ssh session's PATH often lacks ~/.local/bin).
+_FIND_SLAVE = (
+    'for s in "$(command -v fsys-slave)" "$HOME/.local/bin/fsys-slave"; do'
+    ' [ -n "$s" ] && [ -x "$s" ] && exec "$s" serve --stdio; done;'
+    ' echo "fsys: no fsys-slave on the PATH or in ~/.local/bin of $(hostname):'
+    ' install it there (docs/ssh.md), or name it with --ssh-slave PATH" >&2; exit 127'
+)
+
+
+def ssh_command(host: str, options: list[str], slave: str | None) -> str:
+    """The shell command that starts fsys-slave on ``host`` over ssh: no tty (a tty
+    would mangle the frames), keepalives so a dead link is noticed, the user's own
+    options first (ssh keeps the first value it is given for each)."""
+    import shlex
+
+    argv = ["ssh", "-T"]
+    for option in options:
+        argv += ["-o", option]
+    argv += ["-o", "ServerAliveInterval=15", "-o", "ServerAliveCountMax=4", "--", host]
+    remote = f"exec {shlex.quote(slave)} serve --stdio" if slave else _FIND_SLAVE
+    return shlex.join(argv) + " " + shlex.quote(remote)
+
+
+def _start_slave(args: argparse.Namespace) -> Slave | None:
+    """The slave the options name, started (None: the embedded one, forked later)."""
+    given = [name for name, value in (("--slave", args.slave), ("--stdio", args.stdio),
+             ("--connect", args.connect), ("--ssh", args.ssh)) if value]  # fmt: skip
+    if len(given) > 1:
+        raise SlaveError(f"{' and '.join(given)} each name the slave: give one", 2)
+    if args.secret_file and not args.connect:
+        raise SlaveError("--secret-file goes with --connect", 2)
+    if (args.ssh_option or args.ssh_slave) and not args.ssh:
+        raise SlaveError("--ssh-option and --ssh-slave go with --ssh", 2)
+    if args.connect:
+        return _connect(args.connect, args.secret_file)
+    command = args.slave
+    if args.ssh:
+        command = ssh_command(args.ssh, args.ssh_option, args.ssh_slave)
+    try:
+        if command is not None:
+            return Slave(command)
+        return Slave(None, stdio=True) if args.stdio else None
+    except OSError as exc:
+        raise SlaveError(f"cannot start the slave: {exc}") from None
+
+
+def _connect(text: str, secret_file: str | None) -> Slave:
+    from fsys import auth
+    from fsys.address import AddressError, connect, parse
+
+    try:
+        address = parse(text)
+        secret = auth.load_secret(secret_file)
+    except (AddressError, auth.AuthError) as exc:
+        raise SlaveError(str(exc), 2) from None
+    try:
+        sock = connect(address, auth.TIMEOUT)
+    except OSError as exc:
+        why = exc.strerror or str(exc)
+        raise SlaveError(f"cannot connect to {address}: {why} (is fsys-slave serve "
+                         f"--listen {address} running?)") from None  # fmt: skip
+    except KeyboardInterrupt:
+        raise SlaveError("interrupted while connecting to the slave", 130) from None
+    try:
+        auth.answer(sock, secret)
+        sock.settimeout(None)
+    except (auth.AuthError, OSError) as exc:
+        sock.close()
+        raise SlaveError(f"{address}: {exc}") from None
+    except KeyboardInterrupt:
+        sock.close()
+        raise SlaveError("interrupted while connecting to the slave", 130) from None
+    return Slave(None, sock=sock, address=str(address))
+
+
 # --- run ----------------------------------------------------------------------------
 
 
@@ -291,20 +408,12 @@ def cmd_run(args: argparse.Namespace, *, nofile: tuple[int, int] | None = None) 
     try:
         # A slave command starts first: it boots (imports trio...) while we do. The
         # embedded one is forked once trio is loaded (importing it is most of a start).
-        slave = Slave(args.slave) if args.slave is not None else None
-        if args.stdio:
-            if slave is not None:
-                print("fsys-master: --stdio and --slave name two slaves: give one",
-                      file=sys.stderr)  # fmt: skip
-                slave.close()
-                slave.reap(failed=True)
-                return 2
-            slave = Slave(None, stdio=True)
-    except OSError as exc:
-        print(f"fsys-master: cannot start the slave: {exc}", file=sys.stderr)
+        slave = _start_slave(args)
+    except SlaveError as exc:
+        print(f"fsys-master: {exc}", file=sys.stderr)
         if fuse_fd >= 0:
             os.close(fuse_fd)
-        return SESSION_FAILED
+        return exc.status
     if fuse_fd >= 0:
         return _run_view(argv, env, path, policy, fuse_fd, slave, nofile, cache=not args.no_cache)
     from fsys.kmod import bpf

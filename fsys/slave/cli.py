@@ -1,9 +1,14 @@
-"""``fsys-slave``: serve a session.
+"""``fsys-slave``: serve sessions.
 
 ``fsys-slave serve --stdio [--root DIR]`` speaks the protocol on its standard input
 and output, which is how ``fsys-master --slave CMD`` starts it, directly, over SSH,
 or embedded. Standard output is taken over for frames at once (anything else
 printing to it would corrupt the stream); diagnostics go to standard error.
+
+``fsys-slave serve --listen unix:PATH|tcp:HOST:PORT`` is a service: each connection
+(``fsys-master run --connect ADDR``) is a session of its own, in a process of its
+own (``fsys.slave.listener``), let in only with the shared secret (``fsys.auth``;
+required for TCP).
 
 ``fsys-slave run [--root DIR] -- CMD ARGS`` starts CMD (``fsys-master run --stdio
 ...``, perhaps behind ``ssh HOST``) with the protocol on CMD's standard input and
@@ -11,18 +16,58 @@ output, and lends the session its own terminal and standard streams: the program
 on the master reads and draws on this terminal, and the signals this terminal
 sends (Ctrl-C, Ctrl-Z, a resize), SIGTERM and SIGHUP go to the program. Exit
 status: CMD's (128+N if signal N ended it); 127 if CMD is not found.
+
+``serve`` exits 0 when the master said goodbye (or went away), 125 when the session
+broke: the master broke the protocol (named in one line), or the link failed.
+
+Every form takes the confinement options (``fsys.slave.confinement``): --read-only,
+--allow-setuid (a slave running as root makes no setuid file without it),
+--max-handles.
 """
 
 from __future__ import annotations
 
 import argparse
+import fcntl
 import os
 import sys
 
 import trio
 
 from fsys import __version__
-from fsys.errors import RemoteProtocolError
+from fsys.errors import SESSION_FAILED, RemoteProtocolError
+from fsys.slave.confinement import MAX_HANDLES, Confinement, drop_privileges
+from fsys.slave.listener import MAX_SESSIONS
+
+
+def _confinement_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--root", default="/", metavar="DIR",
+        help="confine every path to DIR, as if it were / (default: /)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--read-only", action="store_true",
+        help="refuse every call that would change a file (EROFS), as a read-only mount",
+    )  # fmt: skip
+    parser.add_argument(
+        "--allow-setuid", action="store_true",
+        help="let forwarded calls make setuid/setgid files, device nodes and file "
+        "capabilities (refused by default when fsys-slave runs as root)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--max-handles", type=_positive, default=MAX_HANDLES, metavar="N",
+        help=f"open files per session; EMFILE beyond (default {MAX_HANDLES})",
+    )  # fmt: skip
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"not a positive number: {text!r}")
+    return value
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -31,39 +76,55 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"fsys-slave {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
-    serve = sub.add_parser("serve", help="serve one session")
-    serve.add_argument(
-        "--stdio", action="store_true", required=True,
-        help="speak the protocol on standard input and output",
+    serve = sub.add_parser("serve", help="serve sessions (--stdio: one; --listen: a service)")
+    how = serve.add_mutually_exclusive_group(required=True)
+    how.add_argument(
+        "--stdio", action="store_true",
+        help="speak the protocol on standard input and output (one session)",
+    )  # fmt: skip
+    how.add_argument(
+        "--listen", metavar="ADDR",
+        help="serve sessions at unix:PATH (mode 0600) or tcp:HOST:PORT (needs a secret), "
+        "each in a process of its own",
     )  # fmt: skip
     serve.add_argument(
-        "--root", default="/", metavar="DIR",
-        help="confine every path to DIR, as if it were / (default: /)",
+        "--secret-file", metavar="FILE",
+        help="the shared secret a master must prove it holds (a file of mode 0600; "
+        "or FSYS_SECRET)",
     )  # fmt: skip
+    serve.add_argument(
+        "--max-sessions", type=_positive, default=MAX_SESSIONS, metavar="N",
+        help=f"sessions at once with --listen (default {MAX_SESSIONS})",
+    )  # fmt: skip
+    _confinement_args(serve)
     run = sub.add_parser(
         "run", help="start CMD (fsys-master run --stdio ...) and lend it this terminal"
     )
-    run.add_argument(
-        "--root", default="/", metavar="DIR",
-        help="confine every path to DIR, as if it were / (default: /)",
-    )  # fmt: skip
+    _confinement_args(run)
     run.add_argument("argv", nargs=argparse.REMAINDER, help="-- CMD [ARGS...]")
     return parser
 
 
 def take_stdio() -> tuple[int, int]:
-    """Move the session off fds 0 and 1, leaving /dev/null there."""
-    read_fd, write_fd = os.dup(0), os.dup(1)
+    """Move the session off fds 0 and 1, leaving /dev/null there; OSError (EBADF)
+    if either is closed."""
+    read_fd = fcntl.fcntl(0, fcntl.F_DUPFD_CLOEXEC, 3)  # (not onto 0-2 if one is closed)
+    try:
+        write_fd = fcntl.fcntl(1, fcntl.F_DUPFD_CLOEXEC, 3)
+    except OSError:
+        os.close(read_fd)
+        raise
     null = os.open(os.devnull, os.O_RDWR)
     os.dup2(null, 0)
     os.dup2(null, 1)
-    os.close(null)
-    os.set_inheritable(read_fd, False)
-    os.set_inheritable(write_fd, False)
+    if null > 2:  # (if stderr was closed, /dev/null is left there)
+        os.close(null)
     return read_fd, write_fd
 
 
-def serve_fds(read_fd: int, write_fd: int, root: str) -> int:
+def serve_fds(
+    read_fd: int, write_fd: int, root: str, confinement: Confinement | None = None
+) -> int:
     """Serve one session on two fds (possibly the same socket). Returns an exit status."""
     from fsys.iostream import FdTransport
     from fsys.slave.fshub import serve_transport
@@ -76,15 +137,17 @@ def serve_fds(read_fd: int, write_fd: int, root: str) -> int:
         spin_us = 0.0
 
     async def run() -> None:
-        await serve_transport(FdTransport(read_fd, write_fd), root, spin_us=spin_us)
+        await serve_transport(
+            FdTransport(read_fd, write_fd), root, spin_us=spin_us, confinement=confinement
+        )
 
     try:
         trio.run(run)
     except RemoteProtocolError:
-        return 1
+        return SESSION_FAILED  # (named on standard error by the hub)
     except OSError as exc:
         print(f"fsys-slave: {exc}", file=sys.stderr)
-        return 1
+        return SESSION_FAILED
     return 0
 
 
@@ -98,6 +161,13 @@ def main(argv: list[str] | None = None) -> int:
     from fsys.linux import raise_fd_limit
 
     raise_fd_limit()
+    root_slave = os.geteuid() == 0
+    confinement = Confinement(
+        read_only=args.read_only,
+        no_setuid=root_slave and not args.allow_setuid,
+        max_handles=args.max_handles,
+    )
+    drop = confinement.no_setuid  # a root slave: give up what makes setuid files too
     if args.command == "run":
         from fsys.slave.lending import run_command
 
@@ -106,10 +176,44 @@ def main(argv: list[str] | None = None) -> int:
             print("fsys-slave run: no command given (fsys-slave run -- CMD ARGS)",
                   file=sys.stderr)  # fmt: skip
             return 2
-        status = run_command(command, args.root)
+        status = run_command(command, args.root, confinement, drop=drop)
         sys.stderr.flush()
         os._exit(status)
-    read_fd, write_fd = take_stdio()
-    status = serve_fds(read_fd, write_fd, args.root)
+    if args.listen is not None:
+        return _listen(args, confinement, drop)
+    try:
+        read_fd, write_fd = take_stdio()
+    except OSError:
+        print("fsys-slave: serve --stdio: its standard input or output is closed (the "
+              "session is spoken there)", file=sys.stderr)  # fmt: skip
+        return 2
+    if drop:
+        drop_privileges()
+    status = serve_fds(read_fd, write_fd, args.root, confinement)
     sys.stderr.flush()
     os._exit(status)  # without waiting for worker threads still blocked in a call
+
+
+def _listen(args: argparse.Namespace, confinement: Confinement, drop: bool) -> int:
+    from fsys import auth
+    from fsys.address import AddressError, parse
+    from fsys.slave import listener
+
+    try:
+        address = parse(args.listen)
+        secret = auth.load_secret(args.secret_file)
+        if secret is None and not address.is_unix:
+            raise auth.AuthError(f"--listen {address} needs a secret: --secret-file FILE "
+                                 "(mode 0600) or FSYS_SECRET")  # fmt: skip
+        sock = listener.bind(address)
+    except (AddressError, auth.AuthError, listener.ListenError) as exc:
+        print(f"fsys-slave: {exc}", file=sys.stderr)
+        return 2
+    # Loaded before the first fork: each session starts serving at once.
+    import fsys.slave.fshub  # noqa: F401
+
+    bound = listener.bound_address(sock, address)
+    service = listener.Service(bound, args.root, secret, confinement, args.max_sessions, drop)
+    guard = "with a secret" if secret is not None else "mode 0600, no secret"
+    print(f"fsys-slave: listening on {bound} ({guard})", file=sys.stderr, flush=True)
+    return listener.serve(service, sock, serve_fds)

@@ -62,6 +62,7 @@ from fsys.protocol import (
     Operation,
     watch_key,
 )
+from fsys.slave.confinement import Confinement, privileged
 from fsys.slave.watches import Watches
 
 Result = tuple[int, bytes]
@@ -89,6 +90,9 @@ UNCHANGING: frozenset[type] = frozenset(
      wire.Statfs, wire.Getxattr, wire.Listxattr, wire.HandlePath, wire.Chdir, wire.Close,
      wire.Lock, wire.Flock, wire.Listdir}
 )  # fmt: skip
+#: Open flags that may write or create: checked on a read-only slave.
+_WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_TRUNC
+_WRITE_OPEN = _WRITE_FLAGS | linux.O_CREAT
 #: Operations on a handle that wait when the handle is a stream (pipe, socket, tty).
 _ON_STREAMS: frozenset[type] = frozenset(
     {wire.Read, wire.Write, wire.Getdents, wire.Ioctl, wire.Fcntl, wire.Tty}
@@ -189,7 +193,15 @@ def _proc_fd(fd: int) -> bytes:
 class Executor:
     """Runs operations for one session, confined to ``root``."""
 
-    def __init__(self, root: str = "/", *, lend: dict[int, int] | None = None) -> None:
+    def __init__(
+        self,
+        root: str = "/",
+        *,
+        lend: dict[int, int] | None = None,
+        confinement: Confinement | None = None,
+    ) -> None:
+        self.confinement = confinement or Confinement()
+        self._checks = self.confinement.checks
         self.root = os.path.realpath(root)
         if not os.path.isdir(self.root):
             raise NotADirectoryError(errno.ENOTDIR, "root is not a directory", root)
@@ -240,6 +252,8 @@ class Executor:
         if type(op) is wire.Close:
             self.op_close_handle(op.handle)
             return 0, b""
+        if self._checks:
+            op = self.confinement.check(op)
         return self._dispatch[type(op)](op)
 
     def may_block(self, op: Operation) -> bool:
@@ -302,6 +316,8 @@ class Executor:
         return self.root_fd if dir_id == 0 else self.fd(dir_id)
 
     def _new_handle(self, fd: int) -> int:
+        if len(self.handles) >= self.confinement.max_handles:
+            raise OSError(errno.EMFILE, "too many handles for one session (--max-handles)")
         kind = stat.S_IFMT(os.fstat(fd).st_mode)
         handle_id = next(self._ids)
         self.handles[handle_id] = Handle(fd, kind)
@@ -413,6 +429,8 @@ class Executor:
     def _open(self, o: wire.Open, *, blocking: bool = False) -> Result:
         dir_id, flags, mode, resolve, path = o
         flags &= ~O_CLOEXEC
+        if flags & _WRITE_OPEN and self.confinement.read_only:
+            flags, mode = self._read_only_open(o), 0  # (openat2: no mode without O_CREAT)
         if not flags & O_PATH:
             flags |= O_NOCTTY  # never take the slave's terminal (openat2 refuses it with O_PATH)
         if blocking or flags & (O_PATH | O_NONBLOCK):
@@ -431,6 +449,10 @@ class Executor:
                 os.close(fd)
                 raise MustBlock
             fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~O_NONBLOCK)
+        read_only = self.confinement.read_only
+        if flags & _WRITE_FLAGS and read_only and stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)  # a file put there since _read_only_open looked: nothing written yet
+            raise OSError(errno.EROFS, "the slave is read-only")
         try:
             handle_id = self._new_handle(fd)
         except BaseException:
@@ -440,6 +462,39 @@ class Executor:
         if handle.kind == stat.S_IFDIR and not dir_id and self.watches.enabled:
             handle.key = path if path == b"/" or watch_key(path) == path else None
         return handle_id, bytes([handle.kind >> 12])
+
+    def _read_only_open(self, o: wire.Open) -> int:
+        """The flags an open that may write or create runs with on a read-only slave,
+        or its errno, as on a read-only mount: EROFS to write or truncate a regular
+        file, or to create one; an existing file opened with O_CREAT opens (EEXIST with
+        O_EXCL, EISDIR for a directory)."""
+        flags = o.flags
+        if flags & linux.O_TMPFILE == linux.O_TMPFILE:
+            raise OSError(errno.EROFS, "the slave is read-only")
+        try:
+            follow = flags & (O_NOFOLLOW | O_DIRECTORY)
+            fd = self.open_at(o.dir, o.path, O_PATH | follow, 0, o.resolve)
+        except FileNotFoundError:
+            if not flags & linux.O_CREAT:
+                raise
+            parent, _ = self._parent(o.dir, o.path)  # ENOENT: no directory to create in
+            os.close(parent)
+            raise OSError(errno.EROFS, "the slave is read-only") from None
+        try:
+            mode = os.fstat(fd).st_mode
+        finally:
+            os.close(fd)
+        if flags & linux.O_CREAT:
+            if flags & os.O_EXCL:
+                raise OSError(errno.EEXIST, "exists")
+            if stat.S_ISDIR(mode):
+                raise OSError(errno.EISDIR, "is a directory")
+        if flags & _WRITE_FLAGS and stat.S_ISREG(mode):
+            raise OSError(errno.EROFS, "the slave is read-only")
+        # Anything else opens as it would on a read-only mount: a directory or a final
+        # symlink refuses to be written (EISDIR, ELOOP), a device, FIFO or socket may be.
+        # O_TRUNC does nothing to what is left; without O_CREAT nothing is made.
+        return flags & ~(linux.O_CREAT | os.O_EXCL | os.O_TRUNC)
 
     def _wait_readable(self, fd: int) -> None:
         """Until the stream ``fd`` has data (or EOF, an error), without reading it;
@@ -702,6 +757,8 @@ class Executor:
         try:
             if new.endswith(b"/"):
                 raise OSError(errno.ENOENT, "a trailing slash names a directory")
+            if self.confinement.no_setuid and privileged(os.fstat(source).st_mode):
+                raise OSError(errno.EPERM, "no links to setuid files from this slave")
             new_parent, new_name = self._parent(newdir, new)
             try:
                 # linkat(2) of /proc/self/fd/N with AT_SYMLINK_FOLLOW links the object

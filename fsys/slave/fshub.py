@@ -52,6 +52,7 @@ from fsys.protocol import (
     Stat,
     Stopped,
 )
+from fsys.slave.confinement import Confinement
 from fsys.slave.executor import PRIMED_MASK, UNCHANGING, Executor, MustBlock, Watched
 from fsys.slave.watches import batches
 
@@ -405,8 +406,14 @@ class SlaveSession:
         return bool(data)
 
 
-async def serve_transport(transport: FdTransport, root: str = "/", *, spin_us: float = 0.0) -> None:
-    executor = Executor(root)
+async def serve_transport(
+    transport: FdTransport,
+    root: str = "/",
+    *,
+    spin_us: float = 0.0,
+    confinement: Confinement | None = None,
+) -> None:
+    executor = Executor(root, confinement=confinement)
     session = SlaveSession(transport, executor, spin_us=spin_us)
     try:
         await session.serve()

@@ -33,6 +33,7 @@ import trio
 
 from fsys.errors import LinkClosed, RemoteProtocolError
 from fsys.iostream import FdTransport
+from fsys.slave.confinement import Confinement, drop_privileges
 from fsys.slave.executor import Executor
 from fsys.slave.fshub import SlaveSession
 
@@ -100,8 +101,11 @@ def _status(returncode: int) -> int:
     return 128 - returncode if returncode < 0 else returncode
 
 
-def run_command(command: list[str], root: str) -> int:
-    """Start ``command`` and serve its session with this side's streams lent."""
+def run_command(
+    command: list[str], root: str, confinement: Confinement | None = None, *, drop: bool = False
+) -> int:
+    """Start ``command`` and serve its session with this side's streams lent; with
+    ``drop``, give up the privileges of setuid files once it is started."""
     lent = _lent_streams()
     terminal = Terminal(lent)
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -116,12 +120,14 @@ def run_command(command: list[str], root: str) -> int:
     finally:
         theirs.close()
     try:
-        executor = Executor(root, lend=lent)
+        executor = Executor(root, lend=lent, confinement=confinement)
     except OSError as exc:
         print(f"fsys-slave: --root {root}: {exc.strerror}", file=sys.stderr)
         process.kill()
         process.wait()
         return 1
+    if drop:
+        drop_privileges()  # after CMD started: fsys-master keeps its own
     fd = ours.detach()
     session = SlaveSession(FdTransport(fd, fd), executor)
     interrupted = 0
