@@ -19,8 +19,9 @@
 - git:    `git status` in a repository of 2,000 files on the slave.
 - transports: a forwarded stat (µs, --no-cache) and `cat` of a 1 GiB slave file
           (MB/s, whole session) through each way of reaching a rooted slave: a slave
-          command's stdio (the default), a listening slave on a unix socket and on TCP
-          (with a secret), and over SSH (--ssh, through the loopback sshd);
+          command's stdio (the default), a listening slave on a unix socket, on TCP
+          (with a secret) and on TCP with TLS, and over SSH (--ssh, through the
+          loopback sshd);
 - tree:   metadata-heavy commands on a 5,000-file tree (ls -lR, find, du, tar, grep
           -r, Python reading 1,000 files) on a rooted slave, against native and
           against sshfs (default options) through a loopback sshd the bench starts
@@ -432,14 +433,29 @@ def bench_transports(
     secret.write_bytes(os.urandom(24).hex().encode())
     secret.chmod(0o600)
     ways: dict[str, tuple[str, ...]] = {"stdio (--slave)": ("--slave", fs.rooted(box))}
+    cert, key = work / "cert.pem", work / "key.pem"
+    made = subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt",
+                           "ec_paramgen_curve:prime256v1", "-nodes", "-keyout", str(key),
+                           "-out", str(cert), "-days", "2", "-subj", "/CN=localhost",
+                           "-addext", "subjectAltName=IP:127.0.0.1"],
+                          capture_output=True, check=False).returncode == 0  # fmt: skip
+    tcp = ["tcp:127.0.0.1:0", "--secret-file", str(secret)]
+    listens = {"unix": [f"unix:{work}/fsys.sock"], "tcp": tcp}
+    if made:
+        listens["tcp + TLS"] = [*tcp, "--tls-cert", str(cert), "--tls-key", str(key)]
+    else:
+        print("bench: TLS not measured: openssl could not make a certificate", file=sys.stderr)
     with ExitStack() as stack:
-        for listen in ([f"unix:{work}/fsys.sock"],
-                       ["tcp:127.0.0.1:0", "--secret-file", str(secret)]):  # fmt: skip
+        for name, listen in listens.items():
             proc, address = _service(fs, box, *listen)
             stack.callback(proc.wait)
             stack.callback(proc.terminate)
-            extra = ("--secret-file", str(secret)) if address.startswith("tcp:") else ()
-            ways[address.split(":")[0]] = ("--connect", address, *extra)
+            extra: tuple[str, ...] = ()
+            if address.startswith("tcp:"):
+                extra = ("--secret-file", str(secret))
+            if "TLS" in name:
+                extra += ("--tls-ca", str(cert))
+            ways[name] = ("--connect", address, *extra)
         why = sshd_missing()
         if why is None:
             sshd = stack.enter_context(loopback_sshd(work / "sshd"))

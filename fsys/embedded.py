@@ -26,6 +26,6 @@ def fork_slave(theirs: socket.socket, ours: socket.socket) -> int:
         ours.close()
         os.setpgid(0, 0)  # the terminal's Ctrl-C is the program's, not ours
         fd = theirs.detach()
-        status = serve_fds(fd, fd, "/")
+        status = serve_fds(fd, fd, "/", label=f"embedded, for fsys-master {os.getppid()}")
     finally:
         os._exit(status)

@@ -80,6 +80,9 @@ class Kind(enum.IntEnum):
     ATTRS = 8
     SIGNAL = 9
     STOPPED = 10
+    CENSUS = 11
+    PROCESSES = 12
+    CANCEL = 13
 
 
 class Op(enum.IntEnum):
@@ -697,9 +700,44 @@ class Goodbye(NamedTuple):
 
 class Signal(NamedTuple):
     """Slave -> master: the slave got ``signum`` for the session (its terminal's Ctrl-C,
-    a resize, SIGTERM...): deliver it to the program's foreground process group."""
+    a resize, SIGTERM...): deliver it to the program's foreground process group; with
+    ``pid``, to that process of the session alone (``fsys-slave kill``)."""
 
     signum: int
+    pid: int = 0
+
+
+class Cancel(NamedTuple):
+    """Master -> slave: the program was signalled while CALL ``request`` of ``pairing``
+    waits: end it now if that takes nothing (a read still waiting for data) and
+    answer EINTR, or let it finish and answer as usual."""
+
+    pairing: int
+    request: int
+
+
+class Census(NamedTuple):
+    """Slave -> master: which processes the session has now (``fsys-slave ps``); the
+    master answers PROCESSES with the same ``request``."""
+
+    request: int
+
+
+class Process(NamedTuple):
+    """One process of a session, as PROCESSES lists it."""
+
+    pid: int
+    ppid: int
+    pgid: int
+    state: bytes  # one letter, as in /proc/PID/stat (R, S, T, Z...)
+    name: bytes  # its comm: at most 15 bytes in Linux, at most MAX_NAME here
+
+
+class Processes(NamedTuple):
+    """Master -> slave: the answer to CENSUS ``request``: the session's processes."""
+
+    request: int
+    entries: tuple[Process, ...]
 
 
 class Stopped(NamedTuple):
@@ -711,10 +749,13 @@ class Stopped(NamedTuple):
 
 Event = (
     Hello | Call | Reply | OpenPairing | ClosePairing | Goodbye | Invalidate | Attrs
-    | Signal | Stopped
+    | Signal | Stopped | Census | Processes | Cancel
 )  # fmt: skip
 #: The signal numbers SIGNAL and STOPPED may carry (1 .. SIGRTMAX).
 MAX_SIGNAL: Final = 64
+#: The longest process name PROCESSES carries.
+MAX_NAME: Final = 64
+_PROCESS: Final = struct.Struct("<IIIcB")  # pid, ppid, pgid, state, name length
 
 
 class _Sentinel(enum.Enum):
@@ -754,6 +795,9 @@ TRANSITIONS: Final[dict[tuple[Role, State, type[Event]], State]] = {
     (Role.SLAVE, State.OPEN, Attrs): State.OPEN,
     (Role.SLAVE, State.OPEN, Signal): State.OPEN,
     (Role.MASTER, State.OPEN, Stopped): State.OPEN,
+    (Role.SLAVE, State.OPEN, Census): State.OPEN,
+    (Role.MASTER, State.OPEN, Processes): State.OPEN,
+    (Role.MASTER, State.OPEN, Cancel): State.OPEN,
     (Role.MASTER, State.HANDSHAKE, Goodbye): State.DONE,
     (Role.SLAVE, State.HANDSHAKE, Goodbye): State.DONE,
     (Role.MASTER, State.OPEN, Goodbye): State.DONE,
@@ -897,8 +941,32 @@ def encode(event: Event) -> bytes:
     if isinstance(event, Signal | Stopped):
         if not 0 < event.signum <= MAX_SIGNAL:
             raise LocalProtocolError(f"signal {event.signum} out of range")
-        kind = Kind.SIGNAL if isinstance(event, Signal) else Kind.STOPPED
-        return HEADER.pack(4, kind, 0, 0, 0, 0) + _U32.pack(event.signum)
+        if isinstance(event, Stopped):
+            return HEADER.pack(4, Kind.STOPPED, 0, 0, 0, 0) + _U32.pack(event.signum)
+        if not 0 <= event.pid < 2**31:
+            raise LocalProtocolError(f"pid {event.pid} out of range")
+        return (
+            HEADER.pack(8, Kind.SIGNAL, 0, 0, 0, 0) + _U32.pack(event.signum) + _U32.pack(event.pid)
+        )
+    if isinstance(event, Census):
+        _check_ids(event.request)
+        return HEADER.pack(0, Kind.CENSUS, 0, 0, 0, event.request)
+    if isinstance(event, Cancel):
+        _check_ids(event.pairing, event.request)
+        return HEADER.pack(0, Kind.CANCEL, 0, 0, event.pairing, event.request)
+    if isinstance(event, Processes):
+        _check_ids(event.request)
+        parts = [_U32.pack(len(event.entries))]
+        for entry in event.entries:
+            if len(entry.state) != 1 or len(entry.name) > MAX_NAME:
+                raise LocalProtocolError(f"a PROCESSES entry out of range: {entry}")
+            _check_ids(entry.pid, entry.ppid, entry.pgid)
+            parts.append(_PROCESS.pack(entry.pid, entry.ppid, entry.pgid, entry.state,
+                                       len(entry.name)) + entry.name)  # fmt: skip
+        body = b"".join(parts)
+        if len(body) > MAX_SMALL:
+            raise LocalProtocolError("PROCESSES too long")
+        return HEADER.pack(len(body), Kind.PROCESSES, 0, 0, 0, event.request) + body
     if isinstance(event, OpenPairing):
         _check_ids(event.pairing, event.parent)
         head = HEADER.pack(4, Kind.OPEN_PAIRING, 0, 0, event.pairing, 0)
@@ -1012,12 +1080,27 @@ def decode(
             raise RemoteProtocolError("bad CLOSE_PAIRING body")
         return ClosePairing(pairing)
     if kind_value in (Kind.SIGNAL, Kind.STOPPED):
-        if len(body) != 4:
+        if len(body) != (8 if kind_value == Kind.SIGNAL else 4):
             raise RemoteProtocolError(f"bad {Kind(kind_value).name} body")
         (signum,) = _U32.unpack_from(body)
         if not 0 < signum <= MAX_SIGNAL:
             raise RemoteProtocolError(f"{Kind(kind_value).name}: signal {signum} out of range")
-        return Signal(signum) if kind_value == Kind.SIGNAL else Stopped(signum)
+        if kind_value == Kind.STOPPED:
+            return Stopped(signum)
+        (pid,) = _U32.unpack_from(body, 4)
+        if pid >= 2**31:
+            raise RemoteProtocolError(f"SIGNAL: pid {pid} out of range")
+        return Signal(signum, pid)
+    if kind_value == Kind.CENSUS:
+        if len(body):
+            raise RemoteProtocolError("bad CENSUS body")
+        return Census(request)
+    if kind_value == Kind.CANCEL:
+        if len(body):
+            raise RemoteProtocolError("bad CANCEL body")
+        return Cancel(pairing, request)
+    if kind_value == Kind.PROCESSES:
+        return _decode_processes(request, body)
     if kind_value == Kind.GOODBYE:
         if len(body) > MAX_SMALL:
             raise RemoteProtocolError("GOODBYE reason too long")
@@ -1025,7 +1108,29 @@ def decode(
     raise RemoteProtocolError(f"unknown frame kind {kind_value}")
 
 
+def _decode_processes(request: int, body: memoryview) -> Processes:
+    if len(body) > MAX_SMALL or len(body) < 4:
+        raise RemoteProtocolError("bad PROCESSES body")
+    (count,) = _U32.unpack_from(body)
+    at, entries = 4, []
+    for _ in range(count):
+        if at + _PROCESS.size > len(body):
+            raise RemoteProtocolError("truncated PROCESSES entry")
+        pid, ppid, pgid, state, size = _PROCESS.unpack_from(body, at)
+        at += _PROCESS.size
+        if size > MAX_NAME or at + size > len(body):
+            raise RemoteProtocolError("bad PROCESSES name")
+        entries.append(Process(pid, ppid, pgid, state, bytes(body[at : at + size])))
+        at += size
+    if at != len(body):
+        raise RemoteProtocolError("trailing bytes after PROCESSES")
+    return Processes(request, tuple(entries))
+
+
 # --- the connection -------------------------------------------------------------------
+
+#: Events that neither use nor change pairings.
+_NO_PAIRING_CHANGE = (Reply, Invalidate, Attrs, Signal, Stopped, Census, Processes, Cancel)
 
 
 def _rules(sender: Role) -> dict[State, dict[type, State]]:
@@ -1137,7 +1242,9 @@ class Connection:
         if isinstance(event, Call):
             if event.pairing not in self.pairings.open:
                 raise RemoteProtocolError(f"pairing {event.pairing} is not open")
-        elif not isinstance(event, Reply | Invalidate | Attrs | Signal | Stopped):
+        elif not isinstance(
+            event, Reply | Invalidate | Attrs | Signal | Stopped | Census | Processes
+        ):
             if isinstance(event, Hello):
                 if event.version != VERSION:
                     raise RemoteProtocolError(

@@ -148,13 +148,24 @@ def session(tmp_path: Path) -> Session:
     return Session(box, master_dir)
 
 
+def build_c(tmp_path_factory: pytest.TempPathFactory, name: str, *flags: str) -> Path:
+    """tests/NAME.c, built with gcc into a directory of its own."""
+    source = Path(__file__).with_name(f"{name}.c")
+    out = tmp_path_factory.mktemp(name) / name
+    subprocess.run(["gcc", "-O1", *flags, "-o", str(out), str(source)], check=True)
+    return out
+
+
 @pytest.fixture(scope="session")
 def static_binary(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A statically linked C program (no loader, no libc.so) built with gcc."""
-    source = Path(__file__).with_name("static_prog.c")
-    out = tmp_path_factory.mktemp("static") / "static_prog"
-    subprocess.run(["gcc", "-O1", "-static", "-o", str(out), str(source)], check=True)
-    return out
+    return build_c(tmp_path_factory, "static_prog", "-static")
+
+
+@pytest.fixture(scope="session")
+def interrupted_read(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """tests/interrupted_read.c: a read(2) a signal interrupts."""
+    return build_c(tmp_path_factory, "interrupted_read")
 
 
 #: A master binary whose stdlib is under /usr (a master prefix by the default policy).

@@ -15,10 +15,12 @@ from fsys.protocol import (
     HEADER,
     MAX_BODY,
     MAX_IO,
+    MAX_NAME,
     MAX_PATH,
     NEED_DATA,
     SPECS,
     Call,
+    Census,
     Close,
     ClosePairing,
     Connection,
@@ -28,6 +30,8 @@ from fsys.protocol import (
     Kind,
     Op,
     OpenPairing,
+    Process,
+    Processes,
     Reply,
     Role,
     Signal,
@@ -53,7 +57,17 @@ def one_event(conn: Connection, data: bytes) -> Event:
     event = conn.next_event()
     assert conn.next_event() is NEED_DATA
     assert isinstance(
-        event, Hello | Call | Reply | OpenPairing | ClosePairing | Goodbye | Signal | Stopped
+        event,
+        Hello
+        | Call
+        | Reply
+        | OpenPairing
+        | ClosePairing
+        | Goodbye
+        | Signal
+        | Stopped
+        | Census
+        | Processes,
     )
     return event
 
@@ -346,7 +360,7 @@ def test_a_signal_out_of_range_is_refused_both_ways(signum: int) -> None:
     slave, master = opened(Role.SLAVE), opened(Role.MASTER)
     with pytest.raises(LocalProtocolError):
         slave.send(Signal(signum if signum < 2**32 - 1 else 0))
-    forged = HEADER.pack(4, Kind.SIGNAL, 0, 0, 0, 0) + signum.to_bytes(4, "little")
+    forged = HEADER.pack(8, Kind.SIGNAL, 0, 0, 0, 0) + signum.to_bytes(4, "little") + bytes(4)
     master.receive_data(forged)
     with pytest.raises(RemoteProtocolError, match="out of range"):
         master.next_event()
@@ -354,6 +368,53 @@ def test_a_signal_out_of_range_is_refused_both_ways(signum: int) -> None:
 
 def test_a_signal_with_a_body_of_another_size_is_refused() -> None:
     master = opened(Role.MASTER)
-    master.receive_data(HEADER.pack(8, Kind.SIGNAL, 0, 0, 0, 0) + bytes(8))
+    master.receive_data(HEADER.pack(4, Kind.SIGNAL, 0, 0, 0, 0) + bytes(4))
     with pytest.raises(RemoteProtocolError, match="bad SIGNAL body"):
+        master.next_event()
+
+
+def test_a_signal_for_one_process() -> None:
+    slave, master = opened(Role.SLAVE), opened(Role.MASTER)
+    data = slave.send(Signal(9, 4242))
+    assert data == HEADER.pack(8, Kind.SIGNAL, 0, 0, 0, 0) + struct.pack("<II", 9, 4242)
+    assert one_event(master, data) == Signal(9, 4242)
+    with pytest.raises(LocalProtocolError, match="pid"):
+        slave.send(Signal(9, 2**31))
+    master.receive_data(HEADER.pack(8, Kind.SIGNAL, 0, 0, 0, 0) + struct.pack("<II", 9, 2**31))
+    with pytest.raises(RemoteProtocolError, match="pid"):
+        master.next_event()
+
+
+def test_a_census_and_its_answer() -> None:
+    slave, master = opened(Role.SLAVE), opened(Role.MASTER)
+    assert one_event(master, slave.send(Census(7))) == Census(7)
+    entries = (Process(10, 1, 10, b"S", b"sh"), Process(11, 10, 10, b"R", b"x" * MAX_NAME))
+    data = master.send(Processes(7, entries))
+    assert len(data) == 16 + 4 + 2 * 14 + 2 + MAX_NAME
+    assert one_event(slave, data) == Processes(7, entries)
+    assert one_event(slave, master.send(Processes(8, ()))) == Processes(8, ())
+    with pytest.raises(LocalProtocolError):
+        master.send(Census(1))  # the slave asks, the master answers
+    with pytest.raises(LocalProtocolError):
+        slave.send(Processes(1, ()))
+    with pytest.raises(LocalProtocolError, match="out of range"):
+        master.send(Processes(1, (Process(1, 0, 1, b"S", b"y" * (MAX_NAME + 1)),)))
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [(b"", "bad PROCESSES body"),
+     (struct.pack("<I", 1), "truncated PROCESSES entry"),
+     (struct.pack("<I", 1) + struct.pack("<IIIcB", 1, 0, 1, b"S", 5) + b"ab", "name"),
+     (struct.pack("<I", 1) + struct.pack("<IIIcB", 1, 0, 1, b"S", 200) + bytes(200), "name"),
+     (struct.pack("<I", 0) + b"x", "trailing bytes")],
+)  # fmt: skip
+def test_a_forged_processes_answer_is_named(body: bytes, message: str) -> None:
+    slave = opened(Role.SLAVE)
+    slave.receive_data(HEADER.pack(len(body), Kind.PROCESSES, 0, 0, 0, 1) + body)
+    with pytest.raises(RemoteProtocolError, match=message):
+        slave.next_event()
+    master = opened(Role.MASTER)
+    master.receive_data(HEADER.pack(1, Kind.CENSUS, 0, 0, 0, 1) + b"x")
+    with pytest.raises(RemoteProtocolError, match="bad CENSUS body"):
         master.next_event()

@@ -7,7 +7,9 @@ another directory, and raw protocol clients where a thousand sessions are wanted
 
 from __future__ import annotations
 
+import hashlib
 import os
+import shutil
 import signal
 import socket
 import stat
@@ -254,7 +256,7 @@ async def test_the_master_says_why_it_cannot_connect(tmp_path: Path) -> None:
                            cwd=tmp_path)  # fmt: skip
     assert got.status == 2 and "--slave and --connect each name the slave" in got.err
     got = await run_master(["run", "--secret-file", "/x", "--", "true"], cwd=tmp_path)
-    assert got.status == 2 and "--secret-file goes with --connect" in got.err
+    assert got.status == 2 and "--secret-file, --tls and --tls-ca go with --connect" in got.err
     for line in got.err.splitlines():
         assert "Traceback" not in line
 
@@ -275,6 +277,85 @@ async def test_beyond_max_sessions_a_peer_is_told_why(tmp_path: Path) -> None:
         assert got.status == 0, got.err
     finally:
         assert service.stop() == 0
+
+
+# --- TLS ----------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def certificate(tmp_path: Path) -> tuple[Path, Path]:
+    """A self-signed certificate for 127.0.0.1 and its key (made by openssl)."""
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl is not installed")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt",
+                    "ec_paramgen_curve:prime256v1", "-nodes", "-keyout", str(key), "-out",
+                    str(cert), "-days", "2", "-subj", "/CN=localhost", "-addext",
+                    "subjectAltName=IP:127.0.0.1,DNS:localhost"],
+                   check=True, capture_output=True)  # fmt: skip
+    return cert, key
+
+
+@pytest.fixture
+def tls_service(tmp_path: Path, secret_file: Path, certificate: tuple[Path, Path]) -> Service:
+    cert, key = certificate
+    tls = ("--tls-cert", str(cert), "--tls-key", str(key))
+    return start_service(tmp_path, "--listen", "tcp:127.0.0.1:0", "--secret-file",
+                         str(secret_file), *tls)  # fmt: skip
+
+
+async def test_tls_carries_the_session(
+    tls_service: Service, secret_file: Path, certificate: tuple[Path, Path]
+) -> None:
+    data = os.urandom(3 << 20)  # more than the relay holds at once
+    (tls_service.box / "big").write_bytes(data)
+    tls = ("--secret-file", str(secret_file), "--tls-ca", str(certificate[0]))
+    got = await tls_service.run("/bin/sh", "-c", "sha256sum < /big; cp /big /copy", extra=tls)
+    assert got.status == 0, got.err
+    assert got.out.split()[0] == hashlib.sha256(data).hexdigest()
+    assert (tls_service.box / "copy").read_bytes() == data
+    assert "TLS, with a secret" in tls_service.log[0]
+    assert tls_service.stop() == 0
+
+
+async def test_tls_refuses_what_does_not_verify(
+    tls_service: Service, secret_file: Path, tmp_path: Path
+) -> None:
+    secret = ("--secret-file", str(secret_file))
+    got = await tls_service.run("true", extra=(*secret, "--tls"))  # the system's CAs
+    assert got.status == SESSION_FAILED
+    assert "the slave's certificate does not verify: self-signed certificate" in got.err
+    quick = {**os.environ, "FSYS_CONNECT_TIMEOUT": "1"}
+    got = await tls_service.run("true", extra=secret, env=quick)  # no TLS at all
+    assert got.status == SESSION_FAILED
+    assert "no greeting within 1 s (a slave listening with TLS wants --tls)" in got.err
+    await tls_service.heard("refused")
+    assert tls_service.stop() == 0
+
+
+async def test_tls_to_a_plain_slave_is_named(
+    tcp_service: Service, secret_file: Path, certificate: tuple[Path, Path]
+) -> None:
+    extra = ("--secret-file", str(secret_file), "--tls-ca", str(certificate[0]))
+    got = await tcp_service.run("true", extra=extra)
+    assert got.status == SESSION_FAILED
+    assert "TLS handshake failed" in got.err and "--tls-cert?" in got.err
+
+
+def test_tls_options_are_checked(
+    tmp_path: Path, secret_file: Path, certificate: tuple[Path, Path]
+) -> None:
+    cert, key = certificate
+    secret = ("--secret-file", str(secret_file))
+    done = run_slave_cli("--listen", "tcp:127.0.0.1:0", *secret, "--tls-cert", str(cert))
+    assert done.returncode == 2 and "--tls-cert and --tls-key" in done.stderr
+    done = run_slave_cli("--listen", f"unix:{tmp_path}/s", "--tls-cert", str(cert),
+                         "--tls-key", str(key))  # fmt: skip
+    assert done.returncode == 2 and "needs --listen tcp" in done.stderr
+    done = run_slave_cli("--listen", "tcp:127.0.0.1:0", *secret, "--tls-cert", str(key),
+                         "--tls-key", str(key))  # fmt: skip
+    assert done.returncode == 2 and "--tls-cert" in done.stderr
+    assert "Traceback" not in done.stderr
 
 
 # --- raw sessions: many, stuck, garbage -------------------------------------------------
@@ -314,6 +395,17 @@ def raw_session(address: str, secret: bytes | None = None) -> int:
         return result
     finally:
         sock.close()
+
+
+def open_files(pid: int) -> list[str]:
+    """What ``pid``'s fds name now (one closed meanwhile is left out)."""
+    out = []
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            out.append(os.readlink(f"/proc/{pid}/fd/{fd}"))
+        except OSError:
+            continue
+    return out
 
 
 def status_of(pid: int, field_name: str) -> int:
@@ -445,23 +537,20 @@ async def test_a_session_killed_mid_write_fails_the_program_cleanly(
     assert unix_service.children() == []
 
 
-async def test_a_killed_master_ends_its_session(unix_service: Service) -> None:
-    (unix_service.box / "f").write_bytes(b"held open")
+async def test_a_master_killed_mid_write_ends_its_session(unix_service: Service) -> None:
     proc = subprocess.Popen(
         [PYTHON, "-m", "fsys.master", "run", "--connect", unix_service.address, "--",
-         "/bin/sh", "-c", "exec 3</f; sleep 60"],
+         "dd", "if=/dev/zero", "of=/big", "bs=1M", "count=100000"],
         cwd=unix_service.master_dir, start_new_session=True,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
     try:
         await unix_service.heard("began")
         (child,) = unix_service.children()
-        for _ in range(100):  # the session holds /f open on the slave
-            if any(os.readlink(f"/proc/{child}/fd/{fd}").endswith("/box/f")
-                   for fd in os.listdir(f"/proc/{child}/fd")):  # fmt: skip
-                break
-            await trio.sleep(0.05)
-        else:
-            raise AssertionError("the session never opened /f")
+        big = unix_service.box / "big"
+        while not big.exists() or big.stat().st_size < 4 << 20:  # writing, through a handle
+            await trio.sleep(0.02)
+        assert any(path.endswith("/box/big") for path in open_files(child))
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
         for _ in range(200):
@@ -469,6 +558,10 @@ async def test_a_killed_master_ends_its_session(unix_service: Service) -> None:
                 break
             await trio.sleep(0.05)
         assert not Path(f"/proc/{child}").exists()  # gone, and every handle with it
+        size = big.stat().st_size
+        await trio.sleep(0.3)
+        assert big.stat().st_size == size  # nothing writes on
+        assert unix_service.children() == []
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)

@@ -124,14 +124,6 @@ def start(term: list[Terminal], argv: list[str], cwd: Path, **size: int) -> Term
     return t
 
 
-@pytest.fixture(scope="module")
-def tty_read(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("tty_read") / "tty_read"
-    source = Path(__file__).with_name("tty_read.c")
-    subprocess.run(["gcc", "-O1", "-o", str(out), str(source)], check=True)
-    return out
-
-
 PROBE = """
 import os, sys, termios
 print("tty", os.isatty(0), os.isatty(1), os.isatty(2), os.get_terminal_size())
@@ -232,14 +224,14 @@ def test_a_resize_is_seen_by_the_program(term: list[Terminal], dirs: tuple[Path,
 
 @pytest.mark.parametrize("how", ["restart", "eintr"])
 def test_an_interrupted_read_is_exactly_native(
-    term: list[Terminal], dirs: tuple[Path, Path], tty_read: Path, how: str
+    term: list[Terminal], dirs: tuple[Path, Path], interrupted_read: Path, how: str
 ) -> None:
     box, here = dirs
     shown = []
-    for argv in ([str(tty_read), how], fsys(box, str(tty_read), how)):
+    for argv in ([str(interrupted_read), how], fsys(box, str(interrupted_read), how)):
         t = start(term, argv, here)
         t.expect("ready")
-        _blocked_in_read(tty_read.name)  # not a moment before: the handler would run first
+        _blocked_in_read(interrupted_read.name)  # not a moment before: the handler would run first
         t.type("\x03")  # the terminal's SIGINT: the handler runs during the read
         t.expect("handler ran")
         if how == "restart":

@@ -100,6 +100,15 @@ def _parser() -> argparse.ArgumentParser:
         "or FSYS_SECRET)",
     )  # fmt: skip
     run.add_argument(
+        "--tls", action="store_true",
+        help="with --connect tcp: TLS, verifying the slave's certificate and name against "
+        "the system's CAs (or --tls-ca)",
+    )  # fmt: skip
+    run.add_argument(
+        "--tls-ca", metavar="FILE",
+        help="with --tls: trust this CA (or the slave's own certificate) instead (PEM)",
+    )  # fmt: skip
+    run.add_argument(
         "--ssh", metavar="[USER@]HOST",
         help="the slave is fsys-slave on HOST, started over ssh (docs/ssh.md)",
     )  # fmt: skip
@@ -326,12 +335,12 @@ def _start_slave(args: argparse.Namespace) -> Slave | None:
              ("--connect", args.connect), ("--ssh", args.ssh)) if value]  # fmt: skip
     if len(given) > 1:
         raise SlaveError(f"{' and '.join(given)} each name the slave: give one", 2)
-    if args.secret_file and not args.connect:
-        raise SlaveError("--secret-file goes with --connect", 2)
+    if (args.secret_file or args.tls or args.tls_ca) and not args.connect:
+        raise SlaveError("--secret-file, --tls and --tls-ca go with --connect", 2)
     if (args.ssh_option or args.ssh_slave) and not args.ssh:
         raise SlaveError("--ssh-option and --ssh-slave go with --ssh", 2)
     if args.connect:
-        return _connect(args.connect, args.secret_file)
+        return _connect(args.connect, args.secret_file, args.tls or bool(args.tls_ca), args.tls_ca)
     command = args.slave
     if args.ssh:
         command = ssh_command(args.ssh, args.ssh_option, args.ssh_slave)
@@ -343,33 +352,61 @@ def _start_slave(args: argparse.Namespace) -> Slave | None:
         raise SlaveError(f"cannot start the slave: {exc}") from None
 
 
-def _connect(text: str, secret_file: str | None) -> Slave:
+def _connect_timeout() -> float:
+    """FSYS_CONNECT_TIMEOUT seconds (default 10) for the connection, the TLS handshake
+    and the greeting each."""
     from fsys import auth
+
+    try:
+        return max(0.1, float(os.environ.get("FSYS_CONNECT_TIMEOUT", auth.TIMEOUT)))
+    except ValueError:
+        return auth.TIMEOUT
+
+
+def _connect(text: str, secret_file: str | None, with_tls: bool, ca: str | None) -> Slave:
+    from fsys import auth, tls
     from fsys.address import AddressError, connect, parse
 
     try:
         address = parse(text)
         secret = auth.load_secret(secret_file)
-    except (AddressError, auth.AuthError) as exc:
+        if with_tls and address.is_unix:
+            raise tls.TlsError("--tls is for --connect tcp:HOST:PORT")
+        context = tls.client_context(ca) if with_tls else None
+    except (AddressError, auth.AuthError, tls.TlsError) as exc:
         raise SlaveError(str(exc), 2) from None
+    relay = -1
     try:
-        sock = connect(address, auth.TIMEOUT)
+        sock = connect(address, _connect_timeout())
+        link = sock
+        try:
+            if context is not None:
+                assert not isinstance(address.where, str)
+                link = tls.handshake(sock, context, address.where[0])
+            auth.answer(link, secret)
+            if context is not None:
+                link.settimeout(None)
+                link, relay = tls.relay(link)  # type: ignore[arg-type]
+            link.settimeout(None)
+        except BaseException:
+            sock.close()
+            raise
     except OSError as exc:
         why = exc.strerror or str(exc)
         raise SlaveError(f"cannot connect to {address}: {why} (is fsys-slave serve "
                          f"--listen {address} running?)") from None  # fmt: skip
+    except (auth.AuthError, tls.TlsError) as exc:
+        hint = ""
+        if context is None and "no greeting" in str(exc):
+            hint = " (a slave listening with TLS wants --tls)"
+        elif context is not None and "handshake failed" in str(exc):
+            hint = " (is the slave listening with --tls-cert?)"
+        raise SlaveError(f"{address}: {exc}{hint}") from None
     except KeyboardInterrupt:
         raise SlaveError("interrupted while connecting to the slave", 130) from None
-    try:
-        auth.answer(sock, secret)
-        sock.settimeout(None)
-    except (auth.AuthError, OSError) as exc:
-        sock.close()
-        raise SlaveError(f"{address}: {exc}") from None
-    except KeyboardInterrupt:
-        sock.close()
-        raise SlaveError("interrupted while connecting to the slave", 130) from None
-    return Slave(None, sock=sock, address=str(address))
+    slave = Slave(None, sock=link, address=str(address))
+    slave.pid = relay  # the TLS relay, our child: reaped with the session
+    return slave
 
 
 # --- run ----------------------------------------------------------------------------

@@ -33,13 +33,16 @@ import sys
 import time
 import traceback
 from collections.abc import Callable
+from dataclasses import dataclass
 from types import GeneratorType
 
 import trio
 
+from fsys import protocol
 from fsys.errors import Errno, LinkClosed, LocalProtocolError
 from fsys.kmod.table import Table
 from fsys.linux import AT_EMPTY_PATH, O_CLOEXEC, STATX, STATX_BASIC_STATS
+from fsys.master import census
 from fsys.master.cache import AttrCache
 from fsys.master.device import Listener, Notification
 from fsys.master.link import SlaveLink, poll_spinning
@@ -89,6 +92,18 @@ _I64 = struct.Struct("<q")
 _FLUSHING = frozenset({signal.SIGINT, signal.SIGQUIT, signal.SIGTSTP})
 
 
+#: How often, and after how long, a forwarded call's thread is looked at for a signal.
+INTERRUPT_POLL = 0.02
+ERESTARTSYS = 512
+
+
+@dataclass(eq=False)
+class _Waiting:
+    request: int
+    since: float
+    cancelled: bool = False
+
+
 class Hub:
     def __init__(
         self,
@@ -133,11 +148,15 @@ class Hub:
         #: shell under fsys moves it with TIOCSPGRP); 0 without a lent terminal.
         self.program_pid = 0
         self.foreground = 0
+        #: Forwarded calls waiting for the slave, which a signal may interrupt.
+        self._waiting: dict[Trapped, _Waiting] = {}
+        self._waiting_begins = trio.Event()
         #: The program's first fds (number -> fmhub's copy), put in place at its first
         #: trapped call: its execve.
         self._initial_fds: dict[int, int] = {}
         self._keep: list[socket.socket] = []
         link.on_signal = self.deliver_signal
+        link.on_census = self.census
 
     # --- the notification loop ----------------------------------------------------
 
@@ -155,6 +174,7 @@ class Hub:
             for stream in self.streams.values():  # data from the program: to trio
                 poller.register(stream.peer.fileno(), select.POLLIN)
             nursery.start_soon(self._reap_closed)
+            nursery.start_soon(self._watch_interrupts)
             while True:
                 notif = await self.listener.receive()
                 if notif is None:
@@ -167,6 +187,26 @@ class Hub:
             for pages in self.placeholders.paged():
                 self.write_back(pages)
             nursery.cancel_scope.cancel()
+
+    async def _watch_interrupts(self) -> None:
+        """While forwarded calls wait on the slave: one whose thread has a caught,
+        unblocked signal pending (the kernel holds it: the thread waits killably in
+        the filter) is cancelled on the slave (CANCEL); answered EINTR, it becomes
+        -ERESTARTSYS (``_resume``), so the kernel runs the handler and restarts the
+        call (SA_RESTART) or fails it with EINTR, as for a native call."""
+        procfs = self.processes.procfs
+        while True:
+            if not self._waiting:
+                self._waiting_begins = trio.Event()
+                await self._waiting_begins.wait()
+            await trio.sleep(INTERRUPT_POLL)
+            now = time.monotonic()
+            for call, waited in list(self._waiting.items()):
+                if waited.cancelled or now - waited.since < INTERRUPT_POLL:
+                    continue
+                if procfs.caught_signal_pending(call.process.tgid, call.tid):
+                    waited.cancelled = True
+                    self.link.cancel(call.process.id, waited.request)
 
     def close(self) -> None:
         """Release what fmhub holds: placeholder peers, memory descriptors. Idempotent."""
@@ -328,10 +368,14 @@ class Hub:
                 except LocalProtocolError:
                     sent = Errno(errno.EINVAL)  # an argument the wire cannot carry
                     continue
-                self.link.submit(
+                request = self.link.submit(
                     process.id, op, functools.partial(self._resume, call, steps),
                     self._announce(process),
                 )  # fmt: skip
+                if request:
+                    if not self._waiting:
+                        self._waiting_begins.set()
+                    self._waiting[call] = _Waiting(request, time.monotonic())
                 return
             self._answer(call, outcome)
             return
@@ -359,6 +403,12 @@ class Hub:
 
     def _resume(self, call: Trapped, steps: Steps, reply: Reply | LinkClosed) -> None:
         """The slave answered ``call``'s operation: go on with its handler."""
+        waited = self._waiting.pop(call, None)
+        cancelled = waited is not None and waited.cancelled
+        if cancelled and isinstance(reply, Reply) and reply.result == -errno.EINTR:
+            steps.close()  # ended for a signal, nothing taken:
+            self._answer(call, -ERESTARTSYS)  # the kernel restarts it, or says EINTR
+            return
         sent: Reply | BaseException
         if isinstance(reply, LinkClosed):
             sent = reply
@@ -478,10 +528,14 @@ class Hub:
         except ProcessLookupError:
             raise Errno(errno.ENOTTY) from None
 
-    def deliver_signal(self, signum: int) -> None:
+    def deliver_signal(self, signum: int, pid: int = 0) -> None:
         """The slave relays ``signum`` (SIGNAL): to the foreground process group, as a
         terminal sends it (the program's, if the group is gone); without a lent
-        terminal, to the program."""
+        terminal, to the program. With ``pid``, to that process, if it is one of the
+        session's (no other: a slave may not signal the master's other processes)."""
+        if pid:
+            census.signal_member(pid, signum, self.members)
+            return
         terminal = self.router.terminal
         if signum in _FLUSHING and terminal is not None and terminal.stream is not None:
             terminal.stream.flush_input()  # what was typed before it goes, as natively
@@ -585,14 +639,15 @@ class Hub:
     def _links_in_use(self, store: Store) -> set[int]:
         """The handles whose page links the session's processes hold: every process
         under the filter, including children that have not made a trapped call yet."""
-        seen: set[int] = set()
-        todo = [process.tgid for process in self.processes]
-        while todo:
-            pid = todo.pop()
-            if pid not in seen:
-                seen.add(pid)
-                todo.extend(self.processes.procfs.children(pid) or ())
-        return links_in_use(seen, store)
+        return links_in_use(self.members(), store)
+
+    def census(self) -> tuple[protocol.Process, ...]:
+        """The session's processes now (CENSUS: ``fsys-slave ps``)."""
+        return census.describe(self.members())
+
+    def members(self) -> set[int]:
+        """Every process of the session: under the filter, or born to one."""
+        return census.tree((p.tgid for p in self.processes), self.processes.procfs.children)
 
     def _settle_pages(self, call: Trapped) -> None:
         """Before a call on a mapped remote file, the slave gets the mappings' writes

@@ -30,6 +30,8 @@ from fsys.protocol import (
     NEED_DATA,
     Attrs,
     Call,
+    Cancel,
+    Census,
     Connection,
     CopyRange,
     Event,
@@ -42,6 +44,8 @@ from fsys.protocol import (
     Listdir,
     Listxattr,
     Operation,
+    Process,
+    Processes,
     Read,
     Readlink,
     Reply,
@@ -147,7 +151,9 @@ class SlaveLink:
         #: Called with each ATTRS (watched answers not asked for), in order too.
         self.on_attrs: Callable[[Attrs], None] | None = None
         #: Called with each signal the slave relays (SIGNAL).
-        self.on_signal: Callable[[int], None] | None = None
+        self.on_signal: Callable[[int, int], None] | None = None
+        #: The session's processes, for CENSUS (``fsys-slave ps``); none if unset.
+        self.on_census: Callable[[], tuple[Process, ...]] | None = None
 
     # --- life cycle ---------------------------------------------------------------
 
@@ -198,7 +204,13 @@ class SlaveLink:
                         self.on_attrs(event)
                 elif isinstance(event, Signal):
                     if self.on_signal is not None:
-                        self.on_signal(event.signum)
+                        self.on_signal(event.signum, event.pid)
+                elif isinstance(event, Census):
+                    found = self.on_census() if self.on_census is not None else ()
+                    try:
+                        self.send([Processes(event.request, found)])
+                    except LinkClosed:
+                        pass  # ending: the slave's question goes unanswered
                 elif isinstance(event, Hello):
                     self._hello.set()
                 elif isinstance(event, Goodbye):
@@ -320,15 +332,16 @@ class SlaveLink:
         prelude: Callable[[Connection], list[Event]] | None = None,
         *,
         patient: bool = False,
-    ) -> None:
+    ) -> int:
         """Send ``op`` for ``pairing``; ``on_reply`` runs once with its REPLY or LinkClosed.
+        The request's id (0 if the link is down: ``on_reply`` has run).
 
         ``prelude`` gives the events to send first (the pairing's announcement).
         ``patient``: the reply may take forever, as a read of a terminal may (no stall).
         """
         if not self.alive or self._closing:
             on_reply(LinkClosed(self.failure or "the session is ending"))
-            return
+            return 0
         self._next_request = self._next_request % 0xFFFFFFFF + 1
         request = self._next_request
         events: list[Event] = prelude(self.conn) if prelude is not None else []
@@ -341,7 +354,17 @@ class SlaveLink:
         try:
             self.send(events)
         except LinkClosed:
-            pass  # _fail has run every pending continuation, this one included
+            return 0  # _fail has run every pending continuation, this one included
+        return request
+
+    def cancel(self, pairing: int, request: int) -> None:
+        """Ask the slave to end ``request`` now if it can (CANCEL): its reply still
+        comes, EINTR if it ended so."""
+        if request in self._pending and self.alive and not self._closing:
+            try:
+                self.send([Cancel(pairing, request)])
+            except LinkClosed:
+                pass
 
     async def perform(self, pairing: int, op: Operation) -> Reply:
         """``submit`` for trio code: wait (shielded) for the reply."""

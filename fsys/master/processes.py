@@ -95,6 +95,27 @@ class ProcFS:
         """Where ``pid``'s argument strings start in its memory."""
         return self.stat_field(pid, 48)
 
+    def caught_signal_pending(self, tgid: int, tid: int) -> bool:
+        """Whether thread ``tid`` has a signal pending that it does not block and has a
+        handler for: one sent to the thread, or to the process when the thread is its
+        only one (with others, the kernel may give a process's signal to another)."""
+        try:
+            with open(f"/proc/{tgid}/task/{tid}/status", "rb") as f:
+                text = f.read()
+        except OSError:
+            return False
+        fields: dict[bytes, bytes] = {}
+        for line in text.splitlines():
+            key, _, value = line.partition(b":")
+            fields[key] = value.strip()
+        try:
+            pending = int(fields[b"SigPnd"], 16)
+            if fields[b"Threads"] == b"1":
+                pending |= int(fields[b"ShdPnd"], 16)
+            return bool(pending & ~int(fields[b"SigBlk"], 16) & int(fields[b"SigCgt"], 16))
+        except (KeyError, ValueError):
+            return False
+
     def children(self, pid: int) -> list[int] | None:
         """The children of every thread of ``pid``; None if it is gone."""
         task_dir = f"/proc/{pid}/task"

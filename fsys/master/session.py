@@ -100,6 +100,7 @@ async def _session(plan: Plan) -> int:
             return SESSION_FAILED
 
         streams = []
+        hub.program_pid = launched.pid  # what a relayed signal goes to, without a terminal
         if link.peer is not None and link.peer.features & FEATURE_STDIO:
             streams = await hub.lend_stdio(launched.pid)
             for stream in streams:

@@ -15,6 +15,7 @@ import trio
 
 from fsys.errors import SESSION_FAILED, Interrupted, LinkClosed
 from fsys.iostream import FdTransport
+from fsys.master import census
 from fsys.master.fuse import Opcode
 from fsys.master.launcher import (
     MOUNTED,
@@ -26,6 +27,7 @@ from fsys.master.launcher import (
     view_failure,
 )
 from fsys.master.link import SlaveLink
+from fsys.master.processes import ProcFS
 from fsys.master.program import (
     relay_signals,
     report_stalls,
@@ -119,6 +121,7 @@ async def _view_session(plan: ViewPlan) -> int:
                     print(f"fsys-master: {link.failure}", file=sys.stderr)
                 status = exc.status
             else:
+                _answer_the_slave(link, launched.pid)
                 nursery.start_soon(relay_signals, launched, None)
                 nursery.start_soon(report_stalls, link, slave.name)
                 status = await wait_program(launched)
@@ -140,6 +143,21 @@ async def _view_session(plan: ViewPlan) -> int:
     if view.failure is not None:
         print(f"fsys-master: {view.failure}", file=sys.stderr)
     return SESSION_FAILED if link.failure is not None else status
+
+
+def _answer_the_slave(link: SlaveLink, program: int) -> None:
+    """CENSUS and SIGNAL from the slave (``fsys-slave ps``, ``kill``): about the
+    program and what descends from it, nothing else."""
+    procfs = ProcFS()
+
+    def members() -> set[int]:
+        return census.tree([program], procfs.children)
+
+    def deliver(signum: int, pid: int) -> None:
+        census.signal_member(pid or program, signum, members)
+
+    link.on_census = lambda: census.describe(members())
+    link.on_signal = deliver
 
 
 def run_view(plan: ViewPlan) -> int:

@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import fcntl
 import os
+import signal
 import sys
 
 import trio
@@ -93,10 +94,21 @@ def _parser() -> argparse.ArgumentParser:
         "or FSYS_SECRET)",
     )  # fmt: skip
     serve.add_argument(
+        "--tls-cert", metavar="FILE",
+        help="with --listen tcp: TLS with this certificate (chain, PEM) and --tls-key",
+    )  # fmt: skip
+    serve.add_argument("--tls-key", metavar="FILE", help="the private key of --tls-cert (PEM)")
+    serve.add_argument(
         "--max-sessions", type=_positive, default=MAX_SESSIONS, metavar="N",
         help=f"sessions at once with --listen (default {MAX_SESSIONS})",
     )  # fmt: skip
     _confinement_args(serve)
+    sub.add_parser("ps", help="list this slave's sessions and their processes")
+    kill = sub.add_parser(
+        "kill", help="signal a session's foreground process group, or one of its processes"
+    )
+    kill.add_argument("target", metavar="[-SIG] SESSION[:PID]", nargs="+",
+                      help="-SIG: a name (-TERM, -INT) or number (-9); default TERM")  # fmt: skip
     run = sub.add_parser(
         "run", help="start CMD (fsys-master run --stdio ...) and lend it this terminal"
     )
@@ -123,7 +135,12 @@ def take_stdio() -> tuple[int, int]:
 
 
 def serve_fds(
-    read_fd: int, write_fd: int, root: str, confinement: Confinement | None = None
+    read_fd: int,
+    write_fd: int,
+    root: str,
+    confinement: Confinement | None = None,
+    *,
+    label: str = "serve --stdio",
 ) -> int:
     """Serve one session on two fds (possibly the same socket). Returns an exit status."""
     from fsys.iostream import FdTransport
@@ -137,9 +154,8 @@ def serve_fds(
         spin_us = 0.0
 
     async def run() -> None:
-        await serve_transport(
-            FdTransport(read_fd, write_fd), root, spin_us=spin_us, confinement=confinement
-        )
+        await serve_transport(FdTransport(read_fd, write_fd), root, spin_us=spin_us,
+                              confinement=confinement, label=label)  # fmt: skip
 
     try:
         trio.run(run)
@@ -152,7 +168,15 @@ def serve_fds(
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["kill"]:  # "-9", "-TERM" are not options here
+        argv = ["kill", "--", *argv[1:]] if argv[1:2] != ["--"] else argv
     args = _parser().parse_args(argv)
+    if args.command in ("ps", "kill"):
+        from fsys.slave.sessions import cmd_kill, cmd_ps
+
+        signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # (| head ends us quietly)
+        return cmd_ps() if args.command == "ps" else cmd_kill(args.target)
     try:
         os.close(os.open(args.root, os.O_PATH | os.O_DIRECTORY))
     except OSError as exc:
@@ -195,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _listen(args: argparse.Namespace, confinement: Confinement, drop: bool) -> int:
-    from fsys import auth
+    from fsys import auth, tls
     from fsys.address import AddressError, parse
     from fsys.slave import listener
 
@@ -205,15 +229,23 @@ def _listen(args: argparse.Namespace, confinement: Confinement, drop: bool) -> i
         if secret is None and not address.is_unix:
             raise auth.AuthError(f"--listen {address} needs a secret: --secret-file FILE "
                                  "(mode 0600) or FSYS_SECRET")  # fmt: skip
+        context = None
+        if args.tls_cert or args.tls_key:
+            if not (args.tls_cert and args.tls_key) or address.is_unix:
+                raise tls.TlsError("TLS needs --listen tcp:..., --tls-cert and --tls-key")
+            context = tls.server_context(args.tls_cert, args.tls_key)
         sock = listener.bind(address)
-    except (AddressError, auth.AuthError, listener.ListenError) as exc:
+    except (AddressError, auth.AuthError, tls.TlsError, listener.ListenError) as exc:
         print(f"fsys-slave: {exc}", file=sys.stderr)
         return 2
     # Loaded before the first fork: each session starts serving at once.
     import fsys.slave.fshub  # noqa: F401
 
     bound = listener.bound_address(sock, address)
-    service = listener.Service(bound, args.root, secret, confinement, args.max_sessions, drop)
+    service = listener.Service(bound, args.root, secret, confinement, args.max_sessions, drop,
+                               context)  # fmt: skip
     guard = "with a secret" if secret is not None else "mode 0600, no secret"
+    if context is not None:
+        guard = "TLS, " + guard
     print(f"fsys-slave: listening on {bound} ({guard})", file=sys.stderr, flush=True)
     return listener.serve(service, sock, serve_fds)

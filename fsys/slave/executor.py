@@ -220,6 +220,8 @@ class Executor:
         #: without reading (``_wait_readable``), so nothing is taken from a terminal or
         #: a pipe that another process would have had.
         self._ended_r, self._ended_w = os.pipe2(O_CLOEXEC)
+        #: Per worker thread: the CANCEL pipe of the call it runs (``cancelled_by``).
+        self._thread = threading.local()
         self._dispatch: dict[type, Callable[[Any], Result]] = {
             spec.record: getattr(self, "op_" + spec.op.name.lower())
             for spec in SPECS.values()
@@ -496,19 +498,29 @@ class Executor:
         # O_TRUNC does nothing to what is left; without O_CREAT nothing is made.
         return flags & ~(linux.O_CREAT | os.O_EXCL | os.O_TRUNC)
 
+    def cancelled_by(self, fd: int) -> None:
+        """This thread's call ends, if it is waiting and has taken nothing, when ``fd``
+        becomes readable (fshub's CANCEL pipe; -1: none)."""
+        self._thread.cancel = fd
+
     def _wait_readable(self, fd: int) -> None:
         """Until the stream ``fd`` has data (or EOF, an error), without reading it;
-        EINTR if the session ends first."""
+        EINTR if the session ends first, or the master cancels the call."""
         ended = self._ended_r  # (close() sets the attribute to -1)
         if ended < 0:
             raise OSError(errno.EINTR, "the session is over")
         poller = select.poll()
         poller.register(fd, select.POLLIN)
         poller.register(ended, select.POLLIN)
+        cancel = getattr(self._thread, "cancel", -1)
+        if cancel >= 0:
+            poller.register(cancel, select.POLLIN)
         while True:
             ready = dict(poller.poll())
             if ended in ready:
                 raise OSError(errno.EINTR, "the session is over")
+            if cancel in ready:
+                raise OSError(errno.EINTR, "cancelled: the program got a signal")
             if fd in ready:
                 return
 

@@ -15,6 +15,7 @@ GOODBYE and on stderr; the executor then closes every handle the session opened.
 from __future__ import annotations
 
 import errno
+import itertools
 import os
 import select
 import struct
@@ -35,6 +36,8 @@ from fsys.protocol import (
     NEED_DATA,
     Attrs,
     Call,
+    Cancel,
+    Census,
     ClosePairing,
     Connection,
     Getdents,
@@ -45,6 +48,8 @@ from fsys.protocol import (
     Open,
     OpenPairing,
     Operation,
+    Process,
+    Processes,
     Read,
     Reply,
     Role,
@@ -53,6 +58,7 @@ from fsys.protocol import (
     Stopped,
 )
 from fsys.slave.confinement import Confinement
+from fsys.slave.control import serve_control
 from fsys.slave.executor import PRIMED_MASK, UNCHANGING, Executor, MustBlock, Watched
 from fsys.slave.watches import batches
 
@@ -135,6 +141,13 @@ def before_reply(executor: Executor, conn: Connection, op: Operation | None) -> 
     return bytes(out)
 
 
+def _poke(fd: int) -> None:
+    try:
+        os.write(fd, b"x")
+    except BlockingIOError:
+        pass  # poked before: one byte is enough
+
+
 class _Shared:
     """A worker thread's reply, and whether the trio side has abandoned it: whichever
     side learns second that both happened undoes the call's effect."""
@@ -148,7 +161,17 @@ class _Shared:
 
 
 class SlaveSession:
-    def __init__(self, transport: FdTransport, executor: Executor, *, spin_us: float = 0.0) -> None:
+    def __init__(
+        self, transport: FdTransport, executor: Executor, *, spin_us: float = 0.0,
+        label: str = "serve --stdio",
+    ) -> None:  # fmt: skip
+        #: What started the session, for ``fsys-slave ps`` (``fsys.slave.control``).
+        self.label = label
+        #: CENSUS requests awaiting their PROCESSES: request -> (answered, answer).
+        self._census: dict[int, tuple[trio.Event, list[tuple[Process, ...]]]] = {}
+        self._census_ids = itertools.count(1)
+        #: The calls running in threads, by (pairing, request): their CANCEL pipe.
+        self._cancels: dict[tuple[int, int], int] = {}
         self.spin = spin_us / 1e6
         self.transport = transport
         self.executor = executor
@@ -167,15 +190,35 @@ class SlaveSession:
         #: Set once both HELLOs are exchanged.
         self.opened = trio.Event()
 
-    def send_signal(self, signum: int) -> bool:
-        """Relay ``signum`` to the master (SIGNAL); False if the session is not open."""
+    def send_signal(self, signum: int, pid: int = 0) -> bool:
+        """Relay ``signum`` to the master (SIGNAL), for the foreground group or process
+        ``pid``; False if the session is not open."""
         if not self.opened.is_set():
             return False
         try:
-            self.transport.write(self.conn.send(Signal(signum)))
+            self.transport.write(self.conn.send(Signal(signum, pid)))
         except (LinkClosed, LocalProtocolError):
             return False
         return True
+
+    async def census(self, timeout: float) -> tuple[Process, ...] | None:
+        """The master's processes of the session (CENSUS), or None if it does not say
+        within ``timeout`` seconds (or the session is not open)."""
+        if not self.opened.is_set():
+            return None
+        request = next(self._census_ids)
+        answered: trio.Event = trio.Event()
+        answer: list[tuple[Process, ...]] = []
+        self._census[request] = (answered, answer)
+        try:
+            self.transport.write(self.conn.send(Census(request)))
+            with trio.move_on_after(timeout):
+                await answered.wait()
+        except (LinkClosed, LocalProtocolError):
+            return None
+        finally:
+            self._census.pop(request, None)
+        return answer[0] if answer else None
 
     def _ordered(self, call: Call) -> int | None:
         """The stream handle ``call`` must wait its turn on, if any: every call on a
@@ -215,9 +258,18 @@ class SlaveSession:
 
     async def _threaded(self, call: Call, context: PairingContext) -> None:
         shared = _Shared()
+        # CANCEL of this call writes to the pipe: a wait that takes nothing ends (EINTR).
+        cancel_r, cancel_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+        key = (call.pairing, call.request)
+        self._cancels[key] = cancel_w
 
         def work() -> Reply:
-            reply = perform(self.executor, call, blocking=True)
+            self.executor.cancelled_by(cancel_r)
+            try:
+                reply = perform(self.executor, call, blocking=True)
+            finally:
+                self.executor.cancelled_by(-1)
+                os.close(cancel_r)  # here, not by the trio side: the thread may outlive it
             with shared.lock:
                 shared.reply = reply
                 abandoned = shared.abandoned
@@ -240,6 +292,10 @@ class SlaveSession:
         finally:
             self._threads -= 1
             context.waiting.discard(scope)
+            del self._cancels[key]
+            if reply is None:
+                _poke(cancel_w)  # abandoned: a wait that takes nothing ends now
+            os.close(cancel_w)
         if reply is None:  # abandoned: its process is gone
             with shared.lock:
                 shared.abandoned = True
@@ -280,6 +336,7 @@ class SlaveSession:
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self.transport.serve_writer)
+                nursery.start_soon(serve_control, self, self.label)
                 features = FEATURE_STDIO if self.executor.lent else 0
                 self.transport.write(self.conn.send(Hello(features=features, info=info)))
                 await self._read_loop(nursery)
@@ -391,6 +448,15 @@ class SlaveSession:
             elif isinstance(event, Stopped):
                 if self.on_stopped is not None:
                     self.on_stopped(event.signum)
+            elif isinstance(event, Cancel):
+                cancel = self._cancels.get((event.pairing, event.request))
+                if cancel is not None:
+                    _poke(cancel)
+            elif isinstance(event, Processes):
+                waiting = self._census.get(event.request)
+                if waiting is not None:
+                    waiting[1].append(event.entries)
+                    waiting[0].set()
             elif isinstance(event, OpenPairing):
                 self.pairings[event.pairing] = PairingContext(event.pairing, event.parent)
             elif isinstance(event, ClosePairing):
@@ -412,9 +478,10 @@ async def serve_transport(
     *,
     spin_us: float = 0.0,
     confinement: Confinement | None = None,
+    label: str = "serve --stdio",
 ) -> None:
     executor = Executor(root, confinement=confinement)
-    session = SlaveSession(transport, executor, spin_us=spin_us)
+    session = SlaveSession(transport, executor, spin_us=spin_us, label=label)
     try:
         await session.serve()
     except* LinkClosed:

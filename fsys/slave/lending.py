@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import shlex
 import signal
 import socket
 import subprocess
@@ -129,7 +130,7 @@ def run_command(
     if drop:
         drop_privileges()  # after CMD started: fsys-master keeps its own
     fd = ours.detach()
-    session = SlaveSession(FdTransport(fd, fd), executor)
+    session = SlaveSession(FdTransport(fd, fd), executor, label="run " + shlex.join(command))
     interrupted = 0
     try:
         interrupted = trio.run(_serve, session, process, terminal)

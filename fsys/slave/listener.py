@@ -25,13 +25,14 @@ import os
 import selectors
 import signal
 import socket
+import ssl
 import struct
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from fsys import auth
+from fsys import auth, tls
 from fsys.address import Address, enable_keepalive
 from fsys.slave.confinement import Confinement, drop_privileges
 
@@ -55,6 +56,8 @@ class Service:
     max_sessions: int = MAX_SESSIONS
     #: Give up CAP_FSETID, CAP_MKNOD, CAP_SETFCAP in each session (a root slave).
     drop: bool = False
+    #: TLS for each connection (``fsys.tls``), before the secret's exchange.
+    tls: ssl.SSLContext | None = None
 
 
 def _say(text: str) -> None:
@@ -219,18 +222,28 @@ def _child(
         if not service.address.is_unix:
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             enable_keepalive(conn)
+        link: socket.socket = conn
         try:
-            auth.greet(conn, service.secret)
-        except (auth.AuthError, OSError) as exc:
+            if service.tls is not None:
+                link = tls.handshake(conn, service.tls, None)
+            auth.greet(link, service.secret)
+        except (auth.AuthError, tls.TlsError, OSError) as exc:
             _say(f"refused {peer}: {exc}")
             return
-        conn.settimeout(None)
+        relay = 0
+        if isinstance(link, ssl.SSLSocket):
+            link.settimeout(None)
+            link, relay = tls.relay(link)
+        link.settimeout(None)
         if service.drop:
             drop_privileges()
         _say(f"session {number} ({peer}) began")
-        fd = conn.detach()
-        status = serve_fds(fd, fd, service.root, service.confinement)
+        fd = link.detach()
+        label = f"{service.address}, from {peer}"
+        status = serve_fds(fd, fd, service.root, service.confinement, label=label)
         _say(f"session {number} ({peer}) ended")
+        if relay:
+            os.waitpid(relay, 0)  # it ends with the session (whose end closed the fd)
     finally:
         sys.stderr.flush()
         os._exit(status)
