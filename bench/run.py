@@ -61,7 +61,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from sshd import loopback_sshd  # (bench/sshd.py, next to this file)
+from certs import self_signed  # (bench/certs.py, next to this file)
+from sshd import loopback_sshd  # (bench/sshd.py)
 from sshd import missing as sshd_missing
 from sshfs import mounted  # (bench/sshfs.py)
 
@@ -434,17 +435,13 @@ def bench_transports(
     secret.chmod(0o600)
     ways: dict[str, tuple[str, ...]] = {"stdio (--slave)": ("--slave", fs.rooted(box))}
     cert, key = work / "cert.pem", work / "key.pem"
-    made = subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt",
-                           "ec_paramgen_curve:prime256v1", "-nodes", "-keyout", str(key),
-                           "-out", str(cert), "-days", "2", "-subj", "/CN=localhost",
-                           "-addext", "subjectAltName=IP:127.0.0.1"],
-                          capture_output=True, check=False).returncode == 0  # fmt: skip
+    why_not = self_signed(cert, key)
     tcp = ["tcp:127.0.0.1:0", "--secret-file", str(secret)]
     listens = {"unix": [f"unix:{work}/fsys.sock"], "tcp": tcp}
-    if made:
+    if why_not is None:
         listens["tcp + TLS"] = [*tcp, "--tls-cert", str(cert), "--tls-key", str(key)]
     else:
-        print("bench: TLS not measured: openssl could not make a certificate", file=sys.stderr)
+        print(f"bench: TLS not measured: {why_not}", file=sys.stderr)
     with ExitStack() as stack:
         for name, listen in listens.items():
             proc, address = _service(fs, box, *listen)

@@ -14,6 +14,7 @@ A closed or broken fd becomes LinkClosed, here and nowhere else.
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 
 import trio
@@ -21,6 +22,23 @@ import trio
 from fsys.errors import LinkClosed
 
 RECEIVE_SIZE = 1 << 20
+
+
+def take_stdio() -> tuple[int, int]:
+    """The link on fds 0 and 1 (``--stdio`` on either side), moved off them (close on
+    exec, above 2) with /dev/null left there; OSError (EBADF) if either is closed."""
+    read_fd = fcntl.fcntl(0, fcntl.F_DUPFD_CLOEXEC, 3)  # (not onto 0-2 if one is closed)
+    try:
+        write_fd = fcntl.fcntl(1, fcntl.F_DUPFD_CLOEXEC, 3)
+    except OSError:
+        os.close(read_fd)
+        raise
+    null = os.open(os.devnull, os.O_RDWR)
+    os.dup2(null, 0)
+    os.dup2(null, 1)
+    if null > 2:  # (if stderr was closed, /dev/null is left there)
+        os.close(null)
+    return read_fd, write_fd
 
 
 class FdTransport:

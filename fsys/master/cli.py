@@ -17,7 +17,6 @@ did not start, died, or broke the protocol).
 from __future__ import annotations
 
 import argparse
-import fcntl
 import os
 import select
 import signal
@@ -186,12 +185,9 @@ class Slave:
         if stdio:
             # The link is fds 0 and 1 now; the program gets /dev/null there, unless the
             # slave lends it its own streams.
-            self._fds = (fcntl.fcntl(0, fcntl.F_DUPFD_CLOEXEC, 3),
-                         fcntl.fcntl(1, fcntl.F_DUPFD_CLOEXEC, 3))  # fmt: skip
-            null = os.open(os.devnull, os.O_RDWR)
-            os.dup2(null, 0)
-            os.dup2(null, 1)
-            os.close(null)
+            from fsys.iostream import take_stdio
+
+            self._fds = take_stdio()
             return
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         self.socket = ours
@@ -364,6 +360,8 @@ def _connect_timeout() -> float:
 
 
 def _connect(text: str, secret_file: str | None, with_tls: bool, ca: str | None) -> Slave:
+    import ssl
+
     from fsys import auth, tls
     from fsys.address import AddressError, connect, parse
 
@@ -384,9 +382,8 @@ def _connect(text: str, secret_file: str | None, with_tls: bool, ca: str | None)
                 assert not isinstance(address.where, str)
                 link = tls.handshake(sock, context, address.where[0])
             auth.answer(link, secret)
-            if context is not None:
-                link.settimeout(None)
-                link, relay = tls.relay(link)  # type: ignore[arg-type]
+            if isinstance(link, ssl.SSLSocket):
+                link, relay = tls.relay(link)
             link.settimeout(None)
         except BaseException:
             sock.close()

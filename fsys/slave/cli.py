@@ -28,7 +28,6 @@ Every form takes the confinement options (``fsys.slave.confinement``): --read-on
 from __future__ import annotations
 
 import argparse
-import fcntl
 import os
 import signal
 import sys
@@ -117,23 +116,6 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def take_stdio() -> tuple[int, int]:
-    """Move the session off fds 0 and 1, leaving /dev/null there; OSError (EBADF)
-    if either is closed."""
-    read_fd = fcntl.fcntl(0, fcntl.F_DUPFD_CLOEXEC, 3)  # (not onto 0-2 if one is closed)
-    try:
-        write_fd = fcntl.fcntl(1, fcntl.F_DUPFD_CLOEXEC, 3)
-    except OSError:
-        os.close(read_fd)
-        raise
-    null = os.open(os.devnull, os.O_RDWR)
-    os.dup2(null, 0)
-    os.dup2(null, 1)
-    if null > 2:  # (if stderr was closed, /dev/null is left there)
-        os.close(null)
-    return read_fd, write_fd
-
-
 def serve_fds(
     read_fd: int,
     write_fd: int,
@@ -205,6 +187,8 @@ def main(argv: list[str] | None = None) -> int:
         os._exit(status)
     if args.listen is not None:
         return _listen(args, confinement, drop)
+    from fsys.iostream import take_stdio
+
     try:
         read_fd, write_fd = take_stdio()
     except OSError:

@@ -51,6 +51,8 @@ _WRITING: frozenset[type] = frozenset(
      wire.Chown, wire.Truncate, wire.Utimens, wire.Setxattr, wire.Removexattr}
 )  # fmt: skip
 _DEVICES = (stat.S_IFBLK, stat.S_IFCHR)
+#: The operations whose mode is their second field (after ``dir``).
+_MODE_SECOND: frozenset[type] = frozenset({wire.Mkdir, wire.Chmod, wire.Mknod})
 
 
 @dataclass(frozen=True)
@@ -76,14 +78,10 @@ class Confinement:
         if kind is wire.Open:
             if op.flags & os.O_CREAT or op.flags & linux.O_TMPFILE == linux.O_TMPFILE:
                 return op._make((op.dir, op.flags, op.mode & ~PRIVILEGE_BITS, op.resolve, op.path))
-        elif kind is wire.Mkdir or kind is wire.Chmod:
-            fields = list(op)
-            fields[op._fields.index("mode")] &= ~PRIVILEGE_BITS
-            return op._make(fields)
-        elif kind is wire.Mknod:
-            if stat.S_IFMT(op.mode) in _DEVICES:
+        elif kind in _MODE_SECOND:
+            if kind is wire.Mknod and stat.S_IFMT(op.mode) in _DEVICES:
                 raise OSError(errno.EPERM, "no device nodes from this slave (--allow-setuid)")
-            return op._make((op.dir, op.mode & ~PRIVILEGE_BITS, op.dev, op.path))
+            return op._make((op[0], op.mode & ~PRIVILEGE_BITS, *op[2:]))
         elif kind is wire.Setxattr and op.name in PRIVILEGE_XATTRS:
             raise OSError(errno.EPERM, "no file capabilities from this slave (--allow-setuid)")
         return op

@@ -232,8 +232,7 @@ def _child(
             return
         relay = 0
         if isinstance(link, ssl.SSLSocket):
-            link.settimeout(None)
-            link, relay = tls.relay(link)
+            link, relay = tls.relay(link)  # (which sets it non-blocking)
         link.settimeout(None)
         if service.drop:
             drop_privileges()
