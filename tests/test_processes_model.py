@@ -8,6 +8,7 @@ import errno
 import os
 import signal
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import AsyncIterator
@@ -683,3 +684,59 @@ async def test_procfs_without_a_pidfd_polls_until_the_process_is_gone() -> None:
         child.wait()
         with trio.fail_after(5):
             await done.wait()
+
+
+# --- a caught signal pending for a thread waiting in the filter (fmhub._watch_interrupts)
+
+_CHILD = """
+import signal, sys, time
+signal.signal(signal.SIGUSR1, lambda *a: None)            # caught
+signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR2}) # blocked (and caught)
+signal.signal(signal.SIGUSR2, lambda *a: None)
+print("ready", flush=True)
+time.sleep(60)
+"""
+
+
+def _stopped_child() -> subprocess.Popen[bytes]:
+    """A child that catches SIGUSR1 and SIGUSR2 (blocked), stopped: what it is sent
+    stays pending, as for a thread that waits in the filter."""
+    child = subprocess.Popen([sys.executable, "-c", _CHILD], stdout=subprocess.PIPE)
+    assert child.stdout is not None and child.stdout.readline() == b"ready\n"
+    os.kill(child.pid, signal.SIGSTOP)
+    for _ in range(200):
+        if _state(child.pid) == "T":
+            break
+        time.sleep(0.01)
+    return child
+
+
+def _state(pid: int) -> str:
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+
+
+@pytest.mark.parametrize(
+    ("signum", "pending"),
+    [(signal.SIGUSR1, True),   # caught, not blocked: the call is to be interrupted
+     (signal.SIGUSR2, False),  # caught but blocked: it waits, as natively
+     (signal.SIGTERM, False),  # not caught (default action): the kernel's own business
+     (0, False)],              # nothing pending
+)  # fmt: skip
+def test_a_caught_unblocked_pending_signal_is_seen(signum: int, pending: bool) -> None:
+    child = _stopped_child()
+    try:
+        procfs = ProcFS()
+        assert not procfs.caught_signal_pending(child.pid, child.pid)
+        if signum:  # (sent to the process: with one thread, ShdPnd counts)
+            os.kill(child.pid, signum)
+        for _ in range(100):
+            if procfs.caught_signal_pending(child.pid, child.pid) == pending:
+                break
+            time.sleep(0.01)
+        assert procfs.caught_signal_pending(child.pid, child.pid) == pending
+    finally:
+        child.kill()
+        child.wait()
+        assert child.stdout is not None
+        child.stdout.close()
+    assert not ProcFS().caught_signal_pending(child.pid, child.pid)  # gone: False
