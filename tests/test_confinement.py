@@ -159,14 +159,20 @@ def test_no_setuid_takes_the_bits_out_of_every_mode(box: Path) -> None:
         assert run(ex, Mkdir(dir=0, mode=0o2775, path=b"/dir")) == 0
         assert run(ex, Mknod(dir=0, mode=stat.S_IFREG | 0o4755, dev=0, path=b"/node")) == 0
         assert run(ex, Chmod(dir=0, mode=0o4755, flags=0, path=b"/f")) == 0
-        assert run(ex, Chmod(dir=0, mode=0o1777, flags=0, path=b"/d")) == 0  # sticky stays
+        assert run(ex, Chmod(dir=0, mode=0o5777, flags=0, path=b"/d")) == 0  # sticky stays
+        assert run(ex, Chmod(dir=0, mode=0o6775, flags=0, path=b"/dir")) == 0
+        nofollow = Chmod(dir=0, mode=0o6755, flags=linux.AT_SYMLINK_NOFOLLOW, path=b"/node")
+        assert run(ex, nofollow) in (0, -errno.EOPNOTSUPP)
     finally:
         ex.close()
     assert stat.S_IMODE((box / "made").stat().st_mode) == 0o755
-    assert stat.S_IMODE((box / "dir").stat().st_mode) == 0o775
+    # A directory keeps its setgid bit (new files take its group: no privilege);
+    # mkdir's own mode never carries it (Linux ignores it there, natively too).
+    assert stat.S_IMODE((box / "dir").stat().st_mode) == 0o2775
     assert stat.S_IMODE((box / "node").stat().st_mode) == 0o755
     assert stat.S_IMODE((box / "f").stat().st_mode) == 0o755
     assert stat.S_IMODE((box / "d").stat().st_mode) == 0o1777
+    assert not (box / "node").stat().st_mode & 0o6000  # by name, not following: no bits
 
 
 def test_no_setuid_refuses_devices_capabilities_and_links_to_setuid_files(box: Path) -> None:

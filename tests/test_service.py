@@ -583,7 +583,7 @@ async def test_a_program_as_nobody_plants_no_setuid_file(unix_service: Service) 
     assert planted.exists() and planted.stat().st_uid == 0  # made, by the root slave...
     assert stat.S_IMODE(planted.stat().st_mode) == 0o755  # ...but runs as nobody's own
     assert b"security.capability" not in "".join(os.listxattr(planted)).encode()
-    assert stat.S_IMODE((unix_service.box / "dir").stat().st_mode) == 0o777
+    assert stat.S_IMODE((unix_service.box / "dir").stat().st_mode) == 0o2777  # (a directory)
     assert not (unix_service.box / "null").exists()
 
 

@@ -15,7 +15,8 @@ the program gets:
   file capability is made, by any forwarded call, so a program may not leave behind
   a file that gives whoever runs it outside fsys the slave's privileges. The bits are
   taken out of the modes of open(O_CREAT), mkdir, mknod and chmod, silently, as the
-  kernel itself drops a setgid bit a caller may not set; mknod of a block or
+  kernel itself drops a setgid bit a caller may not set (a directory keeps its setgid
+  bit: it only makes new files take the directory's group); mknod of a block or
   character device and setting ``security.capability`` fail with EPERM, as for a
   process without CAP_MKNOD or CAP_SETFCAP; a hard link to a setuid or setgid file
   fails with EPERM (``Executor.op_link``). A slave running as root also gives up
@@ -51,8 +52,6 @@ _WRITING: frozenset[type] = frozenset(
      wire.Chown, wire.Truncate, wire.Utimens, wire.Setxattr, wire.Removexattr}
 )  # fmt: skip
 _DEVICES = (stat.S_IFBLK, stat.S_IFCHR)
-#: The operations whose mode is their second field (after ``dir``).
-_MODE_SECOND: frozenset[type] = frozenset({wire.Mkdir, wire.Chmod, wire.Mknod})
 
 
 @dataclass(frozen=True)
@@ -66,6 +65,13 @@ class Confinement:
         """Whether ``check`` may change or refuse anything."""
         return self.read_only or self.no_setuid
 
+    def mode_bits(self, mode: int, *, directory: bool) -> int:
+        """``mode`` as no_setuid lets it be set: no setuid bit; no setgid bit but on a
+        directory (where it only makes new files take the directory's group)."""
+        if not self.no_setuid:
+            return mode
+        return mode & ~(stat.S_ISUID if directory else PRIVILEGE_BITS)
+
     def check(self, op: Any) -> Any:
         """``op`` as it may run, or OSError (EROFS, EPERM)."""
         kind = type(op)
@@ -77,13 +83,17 @@ class Confinement:
             return op
         if kind is wire.Open:
             if op.flags & os.O_CREAT or op.flags & linux.O_TMPFILE == linux.O_TMPFILE:
-                return op._make((op.dir, op.flags, op.mode & ~PRIVILEGE_BITS, op.resolve, op.path))
-        elif kind in _MODE_SECOND:
-            if kind is wire.Mknod and stat.S_IFMT(op.mode) in _DEVICES:
+                mode = self.mode_bits(op.mode, directory=False)
+                return op._make((op.dir, op.flags, mode, op.resolve, op.path))
+        elif kind is wire.Mkdir:
+            return op._make((op.dir, self.mode_bits(op.mode, directory=True), op.path))
+        elif kind is wire.Mknod:
+            if stat.S_IFMT(op.mode) in _DEVICES:
                 raise OSError(errno.EPERM, "no device nodes from this slave (--allow-setuid)")
-            return op._make((op[0], op.mode & ~PRIVILEGE_BITS, *op[2:]))
+            return op._make((op.dir, self.mode_bits(op.mode, directory=False), op.dev, op.path))
         elif kind is wire.Setxattr and op.name in PRIVILEGE_XATTRS:
             raise OSError(errno.EPERM, "no file capabilities from this slave (--allow-setuid)")
+        # (chmod: the executor, which knows whether it sets a directory's mode)
         return op
 
 

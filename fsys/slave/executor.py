@@ -791,7 +791,10 @@ class Executor:
 
     def op_chmod(self, o: wire.Chmod) -> Result:
         dir_id, mode, flags, path = o
+        no_setuid = self.confinement.no_setuid
         if flags & AT_SYMLINK_NOFOLLOW and path:
+            if no_setuid:
+                mode = self.confinement.mode_bits(mode, directory=bool(self._is_dir(dir_id, path)))
 
             def chmod_name(d: int, n: bytes) -> None:
                 linux.fchmodat2(d, n, mode, AT_SYMLINK_NOFOLLOW)
@@ -799,6 +802,9 @@ class Executor:
             return self._at_name(dir_id, path, chmod_name)
         fd, owned = self._object(dir_id, path, flags)
         try:
+            if no_setuid:
+                directory = stat.S_ISDIR(os.fstat(fd).st_mode)
+                mode = self.confinement.mode_bits(mode, directory=directory)
             os.chmod(_proc_fd(fd), mode)
         finally:
             if owned:
