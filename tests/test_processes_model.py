@@ -19,6 +19,7 @@ import pytest
 import trio
 import trio.testing
 
+from fsys import linux
 from fsys.errors import Errno
 from fsys.master.memory import TargetMemory
 from fsys.master.processes import SIGNAL_QUEUE, Inherited, Process, Processes, ProcFS
@@ -716,18 +717,23 @@ def _state(pid: int) -> str:
 
 
 @pytest.mark.parametrize(
-    ("signum", "pending"),
-    [(signal.SIGUSR1, True),   # caught, not blocked: the call is to be interrupted
-     (signal.SIGUSR2, False),  # caught but blocked: it waits, as natively
-     (signal.SIGTERM, False),  # not caught (default action): the kernel's own business
-     (0, False)],              # nothing pending
+    ("signum", "pending", "to_thread"),
+    [(signal.SIGUSR1, True, False),   # caught, not blocked: the call is to be interrupted
+     (signal.SIGUSR1, True, True),    # the same, sent to the thread (SigPnd, not ShdPnd)
+     (signal.SIGUSR2, False, False),  # caught but blocked: it waits, as natively
+     (signal.SIGTERM, False, False),  # not caught (default action): the kernel's business
+     (0, False, False)],              # nothing pending
 )  # fmt: skip
-def test_a_caught_unblocked_pending_signal_is_seen(signum: int, pending: bool) -> None:
+def test_a_caught_unblocked_pending_signal_is_seen(
+    signum: int, pending: bool, to_thread: bool
+) -> None:
     child = _stopped_child()
     try:
         procfs = ProcFS()
         assert not procfs.caught_signal_pending(child.pid, child.pid)
-        if signum:  # (sent to the process: with one thread, ShdPnd counts)
+        if signum and to_thread:
+            linux.tgkill(child.pid, child.pid, signum)
+        elif signum:  # (sent to the process: with one thread, ShdPnd counts)
             os.kill(child.pid, signum)
         for _ in range(100):
             if procfs.caught_signal_pending(child.pid, child.pid) == pending:
