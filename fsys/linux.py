@@ -401,3 +401,84 @@ TTY_IOCTLS: Final[dict[int, tuple[int, int]]] = {
     0x5424: (0, 4),  # TIOCGETD
     0x5423: (4, 0),  # TIOCSETD
 }
+
+
+# --- sockets with raw addresses (the slave's network: fsys.master.net) --------------
+#
+# Python's socket module turns addresses into tuples and back; the wire carries the
+# program's struct sockaddr as it is, so the slave hands it to the kernel unchanged
+# (the kernel's own checks, and errnos, for any family).
+
+SYS_SOCKET, SYS_CONNECT, SYS_ACCEPT4, SYS_SENDTO, SYS_RECVFROM = 41, 42, 288, 44, 45
+SYS_SHUTDOWN, SYS_BIND, SYS_LISTEN, SYS_GETSOCKNAME, SYS_GETPEERNAME = 48, 49, 50, 51, 52
+SYS_SETSOCKOPT, SYS_GETSOCKOPT = 54, 55
+SOCKADDR_MAX: Final = 128  # sizeof(struct sockaddr_storage)
+_socklen = ctypes.c_uint32
+_socket = _proto(_c_int, _c_int, _c_int)
+_addr_call = _proto(_c_int, _char_p, _c_uint)  # bind, connect
+_accept4 = _proto(_c_int, _void_p, _void_p, _c_int)
+_name_call = _proto(_c_int, _void_p, _void_p)  # getsockname, getpeername
+_sendto = _proto(_c_int, _char_p, _size_t, _c_int, _char_p, _c_uint)
+_recvfrom = _proto(_c_int, _void_p, _size_t, _c_int, _void_p, _void_p)
+_int_call = _proto(_c_int, _c_int)  # listen, shutdown
+_getsockopt = _proto(_c_int, _c_int, _c_int, _void_p, _void_p)
+_setsockopt = _proto(_c_int, _c_int, _c_int, _char_p, _c_uint)
+
+
+def socket_fd(family: int, kind: int, protocol: int) -> int:
+    return _check(_socket(SYS_SOCKET, family, kind, protocol))
+
+
+def bind(fd: int, addr: bytes) -> None:
+    _check(_addr_call(SYS_BIND, fd, addr, len(addr)))
+
+
+def connect(fd: int, addr: bytes) -> None:
+    _check(_addr_call(SYS_CONNECT, fd, addr, len(addr)))
+
+
+def listen(fd: int, backlog: int) -> None:
+    _check(_int_call(SYS_LISTEN, fd, backlog))
+
+
+def shutdown(fd: int, how: int) -> None:
+    _check(_int_call(SYS_SHUTDOWN, fd, how))
+
+
+def _address(buf: ctypes.Array[ctypes.c_char], size: ctypes.c_uint32) -> bytes:
+    return buf.raw[: min(size.value, SOCKADDR_MAX)]
+
+
+def accept4(fd: int, flags: int) -> tuple[int, bytes]:
+    """(the connection's fd, the peer's address)."""
+    buf, size = ctypes.create_string_buffer(SOCKADDR_MAX), _socklen(SOCKADDR_MAX)
+    new = _check(_accept4(SYS_ACCEPT4, fd, buf, ctypes.byref(size), flags))
+    return new, _address(buf, size)
+
+
+def sockname(fd: int, *, peer: bool) -> bytes:
+    buf, size = ctypes.create_string_buffer(SOCKADDR_MAX), _socklen(SOCKADDR_MAX)
+    _check(_name_call(SYS_GETPEERNAME if peer else SYS_GETSOCKNAME, fd, buf, ctypes.byref(size)))
+    return _address(buf, size)
+
+
+def sendto(fd: int, data: bytes, flags: int, addr: bytes) -> int:
+    return _check(_sendto(SYS_SENDTO, fd, data, len(data), flags, addr or None, len(addr)))
+
+
+def recvfrom(fd: int, size: int, flags: int) -> tuple[int, bytes, bytes]:
+    """(the length the kernel returned, the data it wrote, the sender's address)."""
+    data = ctypes.create_string_buffer(max(size, 1))
+    buf, alen = ctypes.create_string_buffer(SOCKADDR_MAX), _socklen(SOCKADDR_MAX)
+    n = _check(_recvfrom(SYS_RECVFROM, fd, data, size, flags, buf, ctypes.byref(alen)))
+    return n, data.raw[: min(n, size)], _address(buf, alen)
+
+
+def getsockopt(fd: int, level: int, name: int, size: int) -> bytes:
+    buf, length = ctypes.create_string_buffer(max(size, 1)), _socklen(size)
+    _check(_getsockopt(SYS_GETSOCKOPT, fd, level, name, buf, ctypes.byref(length)))
+    return buf.raw[: min(length.value, size)]
+
+
+def setsockopt(fd: int, level: int, name: int, value: bytes) -> None:
+    _check(_setsockopt(SYS_SETSOCKOPT, fd, level, name, value or None, len(value)))

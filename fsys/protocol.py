@@ -50,6 +50,9 @@ FEATURE_STDIO: Final = 2
 """In the slave's HELLO: it lends the session its standard input, output and error
 (``fsys-slave run``): LEND answers for fds 0, 1 and 2, and the slave relays the
 signals it gets for the session (SIGNAL) and stops when the program stops (STOPPED)."""
+FEATURE_NET: Final = 4
+"""In the slave's HELLO: the program may use this side's network (SOCKET and the
+other socket operations); without it its sockets stay the master's."""
 
 MAX_IO: Final = 4 << 20
 #: The largest errno a reply may carry (the kernel's MAX_ERRNO).
@@ -127,6 +130,18 @@ class Op(enum.IntEnum):
     LISTDIR = 37
     LEND = 38
     TTY = 39
+    SOCKET = 40
+    BIND = 41
+    CONNECT = 42
+    LISTEN = 43
+    ACCEPT = 44
+    SOCKNAME = 45
+    GETSOCKOPT = 46
+    SETSOCKOPT = 47
+    SHUTDOWN = 48
+    SENDTO = 49
+    RECVFROM = 50
+    POLL = 51
 
 
 class Blob(enum.Enum):
@@ -592,12 +607,123 @@ class Tty(Record):
     data: bytes
 
 
+# --- sockets (fsys.master.net). A socket handle's calls never block the slave: one
+# that must wait (``wait`` 1) waits in a task of its own, which CANCEL ends (EINTR);
+# ``wait`` 0 answers EAGAIN (EINPROGRESS for a connect) instead. Addresses are struct
+# sockaddr as the kernel takes them; an AF_UNIX path is the slave's, from its root.
+
+
+@_wire(Op.SOCKET)
+class Socket(Record):
+    """-> a new socket handle (``type`` without SOCK_NONBLOCK and SOCK_CLOEXEC)."""
+
+    family: int
+    type: int
+    protocol: int
+
+
+@_wire(Op.BIND, _S)
+class Bind(Record):
+    handle: int
+    addr: bytes
+
+
+@_wire(Op.CONNECT, _S)
+class Connect(Record):
+    """-> 0 once connected (``wait``), or EINPROGRESS while it goes on."""
+
+    handle: int
+    wait: int
+    addr: bytes
+
+
+@_wire(Op.LISTEN)
+class Listen(Record):
+    handle: int
+    backlog: int
+
+
+@_wire(Op.ACCEPT)
+class Accept(Record):
+    """-> the new connection's socket handle; blob: the peer's address."""
+
+    handle: int
+    wait: int
+
+
+@_wire(Op.SOCKNAME)
+class Sockname(Record):
+    """-> the address's length; blob: the socket's address (``peer``: its peer's)."""
+
+    handle: int
+    peer: int
+
+
+@_wire(Op.GETSOCKOPT)
+class Getsockopt(Record):
+    """-> the value's length; blob: the value, at most ``size`` bytes."""
+
+    handle: int
+    level: int
+    name: int
+    size: int
+
+
+@_wire(Op.SETSOCKOPT, _S)
+class Setsockopt(Record):
+    handle: int
+    level: int
+    name: int
+    value: bytes
+
+
+@_wire(Op.SHUTDOWN)
+class Shutdown(Record):
+    handle: int
+    how: int
+
+
+@_wire(Op.SENDTO, _S, _D)
+class Sendto(Record):
+    """-> count sent; ``addr`` empty: to the peer. ``flags``: MSG_* bits."""
+
+    handle: int
+    flags: int
+    wait: int
+    addr: bytes
+    data: bytes
+
+
+@_wire(Op.RECVFROM)
+class Recvfrom(Record):
+    """-> the length received (the datagram's whole length with MSG_TRUNC); blob:
+    RECV_HEAD (the msghdr's flags, the address's length), the address, the data."""
+
+    handle: int
+    flags: int
+    size: int
+    wait: int
+
+
+@_wire(Op.POLL)
+class Poll(Record):
+    """-> revents, once any of ``events`` (or POLLERR, POLLHUP) holds: waits, never
+    takes anything (the readiness of a socket whose data goes call by call)."""
+
+    handle: int
+    events: int
+
+
+RECV_HEAD: Final = struct.Struct("<IH")
+
+
 Operation = (
     Open | Close | Read | Write | Lseek | Stat | Getdents | Access | Readlink | Mkdir
     | Mknod | Unlink | Rename | Link | Symlink | Chmod | Chown | Truncate | Ftruncate
     | Fsync | Utimens | Statfs | Fcntl | Lock | Flock | Ioctl | Fallocate | CopyRange
     | Sendfile | Getxattr | Setxattr | Listxattr | Removexattr | Chdir | HandlePath | Syncfs
-    | Listdir | Lend | Tty
+    | Listdir | Lend | Tty | Socket | Bind | Connect | Listen | Accept | Sockname
+    | Getsockopt | Setsockopt | Shutdown | Sendto | Recvfrom | Poll
 )  # fmt: skip
 """One operation the slave performs, with its arguments by name."""
 

@@ -7,7 +7,8 @@ share one action. Numbers the table does not list (gaps, calls newer than the
 table) get ENOSYS, as from a kernel that lacks them: no unknown call can bypass the
 routing. A few calls are trapped only under a condition on an argument
 (``nativeif`` in the table): mmap only when it maps a file, fcntl only for commands
-that touch the open file description.
+that touch the open file description; one only when it matches (``trapif``): socket
+only for the slave's address families.
 
 ``evaluate`` interprets the generated program in Python so the tests can check
 every syscall's action without loading the filter into a kernel.
@@ -62,6 +63,12 @@ def _leaf(action: int | NativeIf) -> list[_Item]:
     if isinstance(action, int):
         return [_Insn(abi.BPF_RET_K, k=action)]
     out: list[_Item] = [_ld_arg_low(action.arg)]
+    if action.trap:
+        for value in action.values:
+            out.append(_Insn(abi.BPF_JMP_JEQ_K, jt=0, jf=1, k=value))
+            out.append(_Insn(abi.BPF_RET_K, k=NOTIFY))
+        out.append(_Insn(abi.BPF_RET_K, k=ALLOW))
+        return out
     if action.mask is not None:
         out.append(_Insn(abi.BPF_JMP_JSET_K, jt=0, jf=1, k=action.mask))
         out.append(_Insn(abi.BPF_RET_K, k=ALLOW))

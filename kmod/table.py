@@ -92,12 +92,14 @@ class NativeIf:
     """The filter lets the call run natively when ``args[arg]`` matches.
 
     Either ``mask`` is set (any of its bits set in the low 32 bits of the argument)
-    or ``values`` (the low 32 bits equal one of them).
+    or ``values`` (the low 32 bits equal one of them). ``trap`` turns it round: the
+    call is trapped only when the argument equals one of ``values`` (``trapif``).
     """
 
     arg: int
     mask: int | None = None
     values: tuple[int, ...] = ()
+    trap: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -155,6 +157,8 @@ class Syscall:
             ni = self.native_if
             if ni.mask is not None:
                 out.append(f"nativeif:arg{ni.arg}&{ni.mask:#x}")
+            elif ni.trap:
+                out.append(f"trapif:arg{ni.arg}=" + ",".join(f"{v:#x}" for v in ni.values))
             else:
                 out.append(f"nativeif:arg{ni.arg}=" + ",".join(f"{v:#x}" for v in ni.values))
         return " ".join(out) or "-"
@@ -178,7 +182,8 @@ class Table:
 
 _TOKEN = re.compile(
     r"fd(?P<fd>\d)$|path(?P<path>\d)$|at(?P<dirfd>\d):(?P<atpath>\d)$|flags(?P<flags>\d)$"
-    r"|nativeif:arg(?P<arg>\d)(?:&(?P<mask>0x[0-9a-fA-F]+|\d+)|=(?P<values>[0-9a-fA-Fx,]+))$"
+    r"|(?P<cond>native|trap)if:arg(?P<arg>\d)"
+    r"(?:&(?P<mask>0x[0-9a-fA-F]+|\d+)|=(?P<values>[0-9a-fA-Fx,]+))$"
 )
 
 
@@ -305,10 +310,12 @@ def _parse_row(fields: list[str], where: str) -> Syscall:
         elif m["flags"] is not None:
             flags = int(m["flags"])
         elif m["mask"] is not None:
+            if m["cond"] == "trap":
+                raise TableError(f"{where}: trapif takes values, not a mask")
             native_if = NativeIf(int(m["arg"]), mask=int(m["mask"], 0))
         else:
             values = tuple(int(v, 0) for v in m["values"].split(","))
-            native_if = NativeIf(int(m["arg"]), values=values)
+            native_if = NativeIf(int(m["arg"]), values=values, trap=m["cond"] == "trap")
     err: int | None = None
     if errno_s != "-":
         err = getattr(errno_mod, errno_s, None)

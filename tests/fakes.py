@@ -30,6 +30,7 @@ from fsys.master.device import Notification
 from fsys.master.fmhub import Hub
 from fsys.master.link import check_reply, reply_bound, reply_shape
 from fsys.master.memory import TargetMemory
+from fsys.master.net import SOCKET_HANDLERS, Network
 from fsys.master.pages import links_in_use
 from fsys.master.placeholders import Placeholders
 from fsys.master.policy import Policy
@@ -152,6 +153,7 @@ class FakeProc(ProcFS):
         self.status_reads = 0
         self.identities: dict[bytes, tuple[int, int]] = {}  # master path -> (dev, ino)
         self.files: dict[tuple[int, int], int] = {}  # (tgid, fd) -> a real master fd
+        self.installed: dict[tuple[int, int], int] = {}  # (tgid, fd) -> a placeholder copy
         self.no_pidfd: set[int] = set()  # pids whose pidfd cannot be had (EMFILE)
 
     def add(self, tid: int, tgid: int, ppid: int, **kw: object) -> Task:
@@ -196,7 +198,7 @@ class FakeProc(ProcFS):
         return self.identities.get(path)
 
     def take_fd(self, pid: int, pidfd: int, fd: int) -> int:
-        real = self.files.get((pid, fd))
+        real = self.files.get((pid, fd), self.installed.get((pid, fd)))
         if real is None or pidfd not in (-1, 10_000 + pid):  # pidfd_getfd: EBADF for both
             raise OSError(errno.EBADF, "no such fd")
         return os.dup(real)
@@ -241,6 +243,7 @@ class FakeListener:
         self.procfs = procfs
         self.answers: dict[int, int | Continue] = {}
         self.kept: dict[tuple[int, int], int] = {}  # (tgid, fd) -> our copy of the socket
+        procfs.installed = self.kept  # (what pidfd_getfd copies, as for the program's own)
         self.cloexec: dict[tuple[int, int], bool] = {}  # (tgid, fd) -> O_CLOEXEC
         self.callers: dict[int, int] = {}  # notification id -> tid
         self.invalid: set[int] = set()
@@ -520,6 +523,7 @@ class Rig:
     policy: Policy = field(default_factory=Policy.build)
     stage: Stage | None = None
     cache: bool = False  # the hub keeps an attribute cache, the slave watches
+    network: bool = False  # the program's sockets are the slave's (fsys.master.net)
 
     def __post_init__(self) -> None:
         # The slave runs with umask 0: the master applies the program's (fsys-slave's
@@ -544,6 +548,10 @@ class Rig:
             placeholders=self.placeholders,
             cache=AttrCache() if self.cache else None,
         )
+        if self.network:
+            self.tasks = TaskList()
+            self.hub.net = Network(self.hub, self.tasks)  # type: ignore[arg-type]
+            self.hub.router.socket_handlers = SOCKET_HANDLERS
         self._nid = 0
 
     def close(self) -> None:
@@ -577,6 +585,16 @@ class Rig:
                 await trio.sleep(0.001)
                 self.link.pump()
         return self.listener.answers[nid]
+
+
+class TaskList:
+    """Stands for a nursery: records the tasks started in it (run by no one)."""
+
+    def __init__(self) -> None:
+        self.started: list[tuple[str, tuple[object, ...]]] = []
+
+    def start_soon(self, fn: Callable[..., object], *args: object) -> None:
+        self.started.append((getattr(fn, "__name__", repr(fn)), args))
 
 
 class _NoAnswer(int):

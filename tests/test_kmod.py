@@ -58,6 +58,9 @@ def test_filter_action_matches_the_table(syscall: object) -> None:
         if cond.mask is not None:
             native[cond.arg] = cond.mask & -cond.mask  # one of the mask's bits
             trapped[cond.arg] = ~cond.mask & 0xFFFFFFFF
+        elif cond.trap:
+            trapped[cond.arg] = cond.values[-1]
+            native[cond.arg] = max(cond.values) + 1
         else:
             native[cond.arg] = cond.values[-1]
             trapped[cond.arg] = max(cond.values) + 1
@@ -71,6 +74,14 @@ def test_conditional_traps() -> None:
         assert bpf.evaluate(PROGRAM, fcntl, (3, cmd, 0, 0, 0, 0)) == abi.SECCOMP_RET_ALLOW
     for cmd in (3, 4, 5, 6, 7):  # F_GETFL, F_SETFL, locks
         assert bpf.evaluate(PROGRAM, fcntl, (3, cmd, 0, 0, 0, 0)) == abi.SECCOMP_RET_USER_NOTIF
+
+
+def test_only_the_slaves_socket_families_trap() -> None:
+    nr = TABLE["socket"].nr
+    for family in (2, 10):  # AF_INET, AF_INET6: the slave's network
+        assert bpf.evaluate(PROGRAM, nr, (family, 1, 0, 0, 0, 0)) == abi.SECCOMP_RET_USER_NOTIF
+    for family in (1, 16, 17):  # AF_UNIX (until it binds or connects), netlink, packet
+        assert bpf.evaluate(PROGRAM, nr, (family, 1, 0, 0, 0, 0)) == abi.SECCOMP_RET_ALLOW
 
 
 def test_arch_x32_io_uring_and_unknown_numbers() -> None:

@@ -149,7 +149,7 @@ def test_hub_calls_always_run_their_handler(rig: Rig) -> None:
 def test_a_remote_call_without_a_handler_gets_the_tables_errno(rig: Rig) -> None:
     p = rig.process()
     placeholder(rig, p, 3, handle=7, kind=0o100000)
-    decision, call = routed(rig, p, "connect", 3, 0, 0)
+    decision, call = routed(rig, p, "sendto", 3, 0, 0)
     assert decision == -errno.ENOTSOCK
     assert (call.side, call.note) == ("hub", "not forwarded")
 

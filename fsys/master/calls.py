@@ -1407,3 +1407,7 @@ def _read_whole(hub: Hub, target: Target) -> Asks[bytes]:
     finally:
         hub.close_handle(handle)
     return b"".join(chunks)
+
+
+# The socket calls (socket, bind, connect...) register here too: one table of handlers.
+from fsys.master import net as _net  # noqa: E402, F401

@@ -131,6 +131,12 @@ def _parser() -> argparse.ArgumentParser:
         "cannot see: a network filesystem changed from elsewhere)",
     )  # fmt: skip
     run.add_argument(
+        "--network", choices=("slave", "master"), default="slave",
+        help="whose network the program's sockets use: the slave's (default: its "
+        "connections leave from the slave, its servers listen there, names resolve "
+        "there) or the master's (docs/usage.md)",
+    )  # fmt: skip
+    run.add_argument(
         "--view", action="store_true",
         help="give the program the slave's files as a file system of its own kernel "
         "(FUSE, in a mount namespace of its own; needs root): no call is trapped, and "
@@ -503,7 +509,15 @@ def cmd_run(args: argparse.Namespace, *, nofile: tuple[int, int] | None = None) 
     status = SESSION_FAILED
     try:
         plan = session.Plan(
-            launched, slave, policy, trace, args.trace_all, stage, staged, not args.no_cache
+            launched,
+            slave,
+            policy,
+            trace,
+            args.trace_all,
+            stage,
+            staged,
+            not args.no_cache,
+            network=args.network == "slave",
         )
         status = session.run(plan)
         return status

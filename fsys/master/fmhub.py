@@ -35,6 +35,7 @@ import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 from types import GeneratorType
+from typing import TYPE_CHECKING
 
 import trio
 
@@ -76,6 +77,9 @@ from fsys.protocol import (
     Stat,
     check_call,
 )
+
+if TYPE_CHECKING:
+    from fsys.master.net import Network
 
 HOT_QUIET_MS = 2
 HOT_SLICE = 0.010
@@ -144,6 +148,8 @@ class Hub:
         self._notifies: dict[tuple[int, int], trio.CancelScope] = {}
         #: The streams the slave lends (fsys.master.streams), by handle.
         self.streams: dict[int, Stream] = {}
+        #: The slave's network, if the program uses it (set by the session).
+        self.net: Network | None = None
         #: The program's process group, and the one its terminal's signals go to (a
         #: shell under fsys moves it with TIOCSPGRP); 0 without a lent terminal.
         self.program_pid = 0
@@ -155,6 +161,10 @@ class Hub:
         #: trapped call: its execve.
         self._initial_fds: dict[int, int] = {}
         self._keep: list[socket.socket] = []
+        #: The hot loop's poll set (``_hot``): the listener, the link, the placeholders'
+        #: last closes, and the streams' peers.
+        self._poller = select.poll()
+        self._peers: set[int] = set()  # (the streams' peers in it)
         link.on_signal = self.deliver_signal
         link.on_census = self.census
 
@@ -166,13 +176,14 @@ class Hub:
             self._nursery = nursery
             await nursery.start(self.processes.serve)
             task_status.started()
-            poller = select.poll()
+            poller = self._poller
             poller.register(self.listener.fd, select.POLLIN)
             link_fd = self.link.transport.read_fd
             poller.register(link_fd, select.POLLIN)
             poller.register(self.placeholders.fileno(), select.POLLIN)
             for stream in self.streams.values():  # data from the program: to trio
                 poller.register(stream.peer.fileno(), select.POLLIN)
+                self._peers.add(stream.peer.fileno())
             nursery.start_soon(self._reap_closed)
             nursery.start_soon(self._watch_interrupts)
             while True:
@@ -247,8 +258,8 @@ class Hub:
         listener = self.listener
         closed_fd = self.placeholders.fileno()
         deadline = time.monotonic() + HOT_SLICE
-        streams = list(self.streams.values())
-        peers = {stream.peer.fileno() for stream in streams}
+        streams = self.streams
+        peers = self._peers
         while True:
             # While a call waits for the slave, its caller is blocked: spin briefly
             # for the reply. Never while the program may need the CPU.
@@ -272,8 +283,8 @@ class Hub:
                     return False  # POLLHUP: no task left under the filter
             if time.monotonic() > deadline or self.link.transport.backlog:
                 return True
-            if streams and any(stream.woken for stream in streams):
-                for stream in streams:
+            if streams and any(stream.woken for stream in streams.values()):
+                for stream in streams.values():
                     stream.woken = False
                 return True  # a stream's pump has its reply: let it run
 
@@ -475,6 +486,22 @@ class Hub:
                 self.foreground = os.getpgid(pid)
         return list(self.streams.values())
 
+    def add_stream(self, stream: Stream) -> None:
+        """Pump ``stream`` from now on (a connected socket): the hot loop hands what
+        the program writes into it to trio at once."""
+        self.streams[stream.handle] = stream
+        self._poller.register(stream.peer.fileno(), select.POLLIN)
+        self._peers.add(stream.peer.fileno())
+
+    def remove_stream(self, stream: Stream) -> None:
+        if self.streams.pop(stream.handle, None) is not None:
+            fd = stream.peer.fileno()
+            self._peers.discard(fd)
+            try:
+                self._poller.unregister(fd)
+            except (KeyError, ValueError):
+                pass
+
     def _place_initial(self, notif: Notification) -> None:
         fds, self._initial_fds = self._initial_fds, {}
         for number, fd in fds.items():
@@ -593,13 +620,31 @@ class Hub:
 
         ``access``: the open flags that decide what the fd allows (RemoteFile.access).
         """
+        return self.install_remote(call, handle, kind, cloexec=cloexec, access=access)[0]
+
+    def install_remote(
+        self, call: Trapped, handle: int, kind: int, *, cloexec: bool, access: int = 0,
+        stream: bool = False, ready: bool = True, nonblock: bool = False,
+        number: int | None = None,
+    ) -> tuple[int, RemoteFile]:  # fmt: skip
+        """Give the program a placeholder for ``handle`` (see Placeholders.create):
+        as the call's answer, or at its fd ``number`` (which it replaces, as dup2
+        does) without answering. ``nonblock``: its description is O_NONBLOCK."""
         try:
-            app_end, remote = self.placeholders.create(handle, kind, access)
+            app_end, remote = self.placeholders.create(handle, kind, access, stream=stream,
+                                                       ready=ready)  # fmt: skip
         except Errno:
             self.link.post(0, Close(handle))
             raise
         try:
-            fd = self.listener.inject(call.notif.id, app_end.fileno(), cloexec=cloexec)
+            if nonblock:
+                app_end.setblocking(False)  # (the program's description: it is shared)
+            if number is None:
+                fd = self.listener.inject(call.notif.id, app_end.fileno(), cloexec=cloexec)
+            else:
+                placed = self.listener.place(call.notif.id, app_end.fileno(), number,
+                                             cloexec=cloexec)  # fmt: skip
+                fd = placed if placed < 0 else number
         finally:
             app_end.close()
         if fd < 0:
@@ -608,8 +653,9 @@ class Hub:
             if fd == -errno.ENOENT:
                 call.answered = True  # the caller is gone: nobody to answer
             raise Errno(-fd)
-        call.answered = True
-        return fd
+        if number is None:
+            call.answered = True
+        return fd, remote
 
     def release(self, remote: RemoteFile) -> None:
         """The program holds no copy of ``remote`` any more: close the slave's handle

@@ -37,6 +37,7 @@ from fsys.errors import Errno
 from fsys.master.pages import Pages, Store, Watcher
 
 if TYPE_CHECKING:
+    from fsys.master.net import Sock
     from fsys.master.streams import Stream
 
 _SOCKET_PREFIX = "socket:["
@@ -57,6 +58,8 @@ class RemoteFile:
     file: tuple[int, ...] | None = None
     #: A pumped stream (``fsys.master.streams``): its reads and writes are native.
     stream: Stream | None = None
+    #: A socket on the slave (``fsys.master.net``).
+    sock: Sock | None = None
 
     @property
     def is_dir(self) -> bool:
@@ -119,12 +122,13 @@ class Placeholders:
         return self._closed.fileno()
 
     def create(
-        self, handle: int, kind: int, access: int = 0, *, stream: bool = False
+        self, handle: int, kind: int, access: int = 0, *, stream: bool = False, ready: bool = True
     ) -> tuple[socket.socket, RemoteFile]:
         """A new placeholder: (the end to install in the program, its record).
 
         ``stream``: for a pumped stream, whose readiness is its data's and whose peer
-        is read by its pump (not watched for the last close here).
+        is read by its pump (not watched for the last close here). ``ready``: it is
+        readable from the start, as a regular file (a socket's is not: fsys.master.net).
         Raises Errno(EMFILE/ENFILE) when fmhub itself is out of descriptors.
         """
         try:
@@ -137,10 +141,21 @@ class Placeholders:
         self.by_inode[inode] = remote
         if stream:
             return app_end, remote
-        peer.send(b"\0")  # readable, like a regular file
-        self._by_peer[peer.fileno()] = remote
-        self._closed.register(peer.fileno(), select.EPOLLIN | select.EPOLLRDHUP)
+        if ready:
+            peer.send(b"\0")  # readable, like a regular file
+        self.watch(remote)
         return app_end, remote
+
+    def watch(self, remote: RemoteFile) -> None:
+        """Release ``remote`` when its last copy is gone (``reap``)."""
+        self._by_peer[remote.peer.fileno()] = remote
+        self._closed.register(remote.peer.fileno(), select.EPOLLIN | select.EPOLLRDHUP)
+
+    def unwatch(self, remote: RemoteFile) -> None:
+        """Its pump reads ``remote``'s peer from now on (and sees its last close)."""
+        fd = remote.peer.fileno()
+        if self._by_peer.pop(fd, None) is not None:
+            self._closed.unregister(fd)
 
     def lookup(self, tid: int, fd: int) -> RemoteFile | None:
         """The remote file behind the program's ``fd`` in thread ``tid``, if any."""
@@ -202,9 +217,7 @@ class Placeholders:
 
     def discard(self, remote: RemoteFile) -> None:
         self.by_inode.pop(remote.inode, None)
-        fd = remote.peer.fileno()
-        if self._by_peer.pop(fd, None) is not None:
-            self._closed.unregister(fd)
+        self.unwatch(remote)
         remote.peer.close()
 
     def reap(

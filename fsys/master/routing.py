@@ -97,10 +97,22 @@ _STDIO = {b"/dev/stdin": 0, b"/dev/stdout": 1, b"/dev/stderr": 2}
 STREAM_NATIVE = frozenset({
     "read", "readv", "pread64", "preadv", "preadv2", "write", "writev", "pwrite64",
     "pwritev", "pwritev2", "sendfile", "splice", "tee", "vmsplice", "fcntl", "lseek",
-    "flock", "fsync", "fdatasync", "sync_file_range", "fadvise64", "readahead", "mmap",
+    "flock", "fsync", "fdatasync", "sync_file_range", "fadvise64", "readahead", "mmap", "epoll_ctl",
     "copy_file_range", "ftruncate", "fallocate", "getdents64", "fchdir", "syncfs",
 })  # fmt: skip
 STREAM_WRITES = frozenset({"write", "writev", "pwrite64", "pwritev", "pwritev2"})
+#: A slave socket's calls that act natively on its placeholder whatever its state (the
+#: O_NONBLOCK and O_ASYNC of its description are the placeholder's); and its data
+#: calls, native once it is a pumped connection (but an error to report first).
+SOCKET_NATIVE = frozenset({"fcntl", "epoll_ctl"})
+SOCKET_DATA = frozenset({"recvfrom", "sendto", "recvmsg", "sendmsg", "recvmmsg", "sendmmsg"})
+SOCKET_READS = frozenset({"read", "readv", "recvfrom", "recvmsg", "recvmmsg"})
+SOCKET_WRITES = STREAM_WRITES | {"sendto", "sendmsg", "sendmmsg"}
+#: Calls whose AF_UNIX address decides the side of a master socket.
+UNIX_ADDRESSED = {"bind": (1, 2), "connect": (1, 2), "sendto": (4, 5)}  # address, length
+UNIX_SWITCH = "unix switch"
+AF_UNIX = 1
+SOCKADDR_UN = 110  # sizeof(struct sockaddr_un)
 _CWD_LINK = re.compile(rb"^/proc/(self|thread-self|\d+)/cwd(?:/+(.*))?$", re.DOTALL)
 
 
@@ -154,11 +166,16 @@ def _join(cwd: bytes, path: bytes) -> bytes:
 
 class Router:
     def __init__(
-        self, *, policy: Policy, placeholders: Placeholders, handlers: dict[str, Handler]
-    ) -> None:
+        self, *, policy: Policy, placeholders: Placeholders, handlers: dict[str, Handler],
+        socket_handlers: dict[str, Handler] | None = None,
+    ) -> None:  # fmt: skip
         self.policy = policy
         self.placeholders = placeholders
         self.handlers = handlers
+        #: The handlers of calls on the slave's sockets (fsys.master.net), which take
+        #: precedence for a socket; UNIX_SWITCH: a master AF_UNIX socket that binds or
+        #: connects to a slave path. Set when the program uses the slave's network.
+        self.socket_handlers = socket_handlers or {}
         #: The terminal the slave lends the session, if any, and the names of it that
         #: lead to it (/dev/tty, and its name on the slave: what ttyname(3) gives).
         self.terminal: RemoteFile | None = None
@@ -177,6 +194,17 @@ class Router:
             lookup = self.placeholders.lookup
             call.files = files = tuple([lookup(notif.tid, notif.arg_int(i)) for i in syscall.fds])
             remote = files.count(None) != len(files)
+            if remote and self.socket_handlers:
+                sock = next((f for f in files if f is not None and f.sock is not None), None)
+                if sock is not None:
+                    return self._socket(call, sock)
+            elif (
+                not remote
+                and syscall.name in UNIX_ADDRESSED
+                and self.socket_handlers
+                and self._unix_remote(call)
+            ):
+                return self.socket_handlers[UNIX_SWITCH]
             # A stream's data calls run natively (but for a write into a stream the
             # slave no longer takes: EPIPE).
             if (
@@ -200,6 +228,45 @@ class Router:
             call.note = "not forwarded"
             return -syscall.errno
         return handler
+
+    def _socket(self, call: Trapped, rf: RemoteFile) -> Handler | int | None:
+        """A call on the slave's socket ``rf``: native on its placeholder where that
+        acts as the socket would (its flags; the data of a pumped connection), else
+        its handler."""
+        name = call.syscall.name
+        stream = rf.stream
+        if name in SOCKET_NATIVE:
+            call.side = "master"
+            return None
+        if (
+            stream is not None
+            and (name in STREAM_NATIVE or name in SOCKET_DATA)
+            and self._streams_only(call.files)
+            and not (name in SOCKET_READS and stream.read_error)
+            and not (name in SOCKET_WRITES and stream.write_closed)
+        ):
+            call.side = "master"
+            return None
+        handler = self.socket_handlers.get(name) or self.handlers.get(name)
+        if handler is None:
+            call.side = "hub"
+            call.note = "not forwarded"
+            return -(call.syscall.errno or errno.EOPNOTSUPP)
+        return handler
+
+    def _unix_remote(self, call: Trapped) -> bool:
+        """Whether a bind, connect or sendto of a master socket names an AF_UNIX path on the
+        slave (the socket becomes the slave's: UNIX_SWITCH). ``call.targets``: where."""
+        at, length = UNIX_ADDRESSED[call.syscall.name]
+        size = call.notif.args[length] & 0xFFFFFFFF
+        if size < 3 or size > SOCKADDR_UN or not call.notif.args[at]:
+            return False
+        raw = call.memory.read(call.notif.args[at], size)
+        if int.from_bytes(raw[:2], "little") != AF_UNIX or raw[2] == 0:
+            return False  # another family, or an abstract name (the master's network)
+        target = self.place(call, raw[2:].split(b"\0", 1)[0])
+        call.targets = (target,)
+        return target.remote
 
     @staticmethod
     def _write_closed(files: tuple[RemoteFile | None, ...]) -> bool:
@@ -261,6 +328,16 @@ class Router:
         flags = notif.arg_int(call.syscall.flags) if call.syscall.flags is not None else 0
         null = addr == 0 and bool(flags & AT_EMPTY_PATH or call.syscall.name == "utimensat")
         path = b"" if null else process.memory.read_cstring(addr)
+        return self._place(call, path, dirfd, flags, null)
+
+    def place(self, call: Trapped, path: bytes) -> Target:
+        """Where ``path`` lives for the caller, as a path argument relative to its
+        working directory would (an AF_UNIX socket's address)."""
+        return self._place(call, path, AT_FDCWD, 0, False)
+
+    def _place(self, call: Trapped, path: bytes, dirfd: int, flags: int, null: bool) -> Target:
+        notif = call.notif
+        process = call.process
         if path.startswith(b"/"):
             if path.startswith((b"/proc/", b"/dev/")):
                 linked = self._fd_link(call, path, flags)

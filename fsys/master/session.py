@@ -23,6 +23,7 @@ from fsys.master.device import Listener
 from fsys.master.fmhub import DEFAULT_SPIN_US, Hub
 from fsys.master.launcher import Launched
 from fsys.master.link import SlaveLink
+from fsys.master.net import SOCKET_HANDLERS, Network
 from fsys.master.policy import Policy
 from fsys.master.program import (
     relay_signals,
@@ -34,7 +35,7 @@ from fsys.master.program import (
 )
 from fsys.master.staging import Stage
 from fsys.master.trace import Tracer
-from fsys.protocol import FEATURE_STDIO, FEATURE_WATCH
+from fsys.protocol import FEATURE_NET, FEATURE_STDIO, FEATURE_WATCH
 
 if TYPE_CHECKING:
     from fsys.master.cli import Slave
@@ -60,6 +61,7 @@ class Plan:
     stage: Stage
     staged: bool  # the program starts in the stage directory (staging.py)
     cache: bool = True  # keep the slave's watched answers (fsys.master.cache)
+    network: bool = True  # the program's sockets are the slave's (fsys.master.net)
 
 
 async def _session(plan: Plan) -> int:
@@ -99,6 +101,9 @@ async def _session(plan: Plan) -> int:
             transport.close()
             return SESSION_FAILED
 
+        if plan.network and link.peer is not None and link.peer.features & FEATURE_NET:
+            hub.net = Network(hub, nursery)
+            hub.router.socket_handlers = SOCKET_HANDLERS
         streams = []
         hub.program_pid = launched.pid  # what a relayed signal goes to, without a terminal
         if link.peer is not None and link.peer.features & FEATURE_STDIO:
@@ -132,6 +137,8 @@ async def _session(plan: Plan) -> int:
         await hub_done.wait()  # until every process under the filter is gone
         for stream in streams:
             await stream.drain()  # what the program wrote reaches the slave's terminal
+        if hub.net is not None:
+            await hub.net.drain()  # and what it wrote into its sockets, their peers
         await link.goodbye()
         nursery.cancel_scope.cancel()
     if tracer is not None:

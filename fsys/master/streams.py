@@ -28,14 +28,14 @@ import fcntl
 import socket
 import struct
 import termios
-from collections.abc import Generator
+from collections.abc import Callable, Generator
 
 import trio
 
 from fsys.errors import Errno, LinkClosed
 from fsys.master.link import SlaveLink
 from fsys.master.placeholders import RemoteFile
-from fsys.protocol import Read, Reply, Write
+from fsys.protocol import Operation, Read, Reply, Write
 
 #: The most one read or write of a stream carries.
 CHUNK = 64 << 10
@@ -44,10 +44,35 @@ _INT = struct.Struct("=i")
 Settling = Generator[Write, Reply, None]
 
 
+async def ask(link: SlaveLink, op: Operation, woken: Callable[[], None]) -> Reply | None:
+    """``op``'s reply; None if the link is down. Cancellable: the reply to an
+    abandoned operation is dropped (the slave takes nothing once the session ends).
+    Patient: a read waits for the user to type, a socket for its peer (no stall to
+    report). ``woken`` runs when the reply comes (fmhub's hot loop goes back to trio)."""
+    done = trio.Event()
+    box: list[Reply | LinkClosed] = []
+
+    def on_reply(outcome: Reply | LinkClosed) -> None:
+        box.append(outcome)
+        done.set()
+        woken()
+
+    try:
+        link.submit(0, op, on_reply, patient=type(op) is not Write)
+    except LinkClosed:
+        return None
+    await done.wait()
+    outcome = box[0]
+    return None if isinstance(outcome, LinkClosed) else outcome
+
+
 class Stream:
     """One pumped remote stream. ``app_end`` is kept, so that more copies of the
     placeholder can be given (an open of /dev/tty is one of the terminal) and so that
     an input flush can drop what the program has not read."""
+
+    #: The most one READ asks of the slave.
+    chunk = CHUNK
 
     def __init__(self, link: SlaveLink, remote: RemoteFile, app_end: socket.socket) -> None:
         self.link = link
@@ -58,6 +83,10 @@ class Stream:
         self._out_done = trio.Event()
         self.read_closed = False  # the program reads end of file now
         self.write_closed = False  # the program's writes fail with EPIPE now
+        #: Why the slave refused a write (EPIPE, ECONNRESET...), once it has; the
+        #: error a read reports before end of file (a socket's ECONNRESET).
+        self.write_error = 0
+        self.read_error = 0
         #: Set when a reply for this stream has woken its pump: fmhub's hot loop,
         #: which does not let trio run, goes back to trio at once (the pumps are
         #: trio tasks: a keystroke must not wait for the loop's quiet spell).
@@ -68,33 +97,22 @@ class Stream:
         return self.remote.handle
 
     async def _ask(self, op: Read | Write) -> Reply | None:
-        """``op``'s reply; None if the link is down. Cancellable: the reply to an
-        abandoned read is dropped (the slave reads nothing once the session ends). A
-        read is patient: it waits for the user to type (no stall to report)."""
-        done = trio.Event()
-        box: list[Reply | LinkClosed] = []
+        return await ask(self.link, op, self._wake)
 
-        def on_reply(outcome: Reply | LinkClosed) -> None:
-            box.append(outcome)
-            done.set()
-            self.woken = True
-
-        try:
-            self.link.submit(0, op, on_reply, patient=type(op) is Read)
-        except LinkClosed:
-            return None
-        await done.wait()
-        outcome = box[0]
-        return None if isinstance(outcome, LinkClosed) else outcome
+    def _wake(self) -> None:
+        self.woken = True
 
     # --- slave -> program -----------------------------------------------------------
 
     async def pump_in(self) -> None:
         """Read the stream on the slave, into the placeholder, until end of file."""
         while True:
-            reply = await self._ask(Read(handle=self.handle, size=CHUNK, offset=-1, rwf=0))
-            if reply is None or (reply.result < 0 and reply.result != -errno.EAGAIN):
-                return  # the link is down, or the stream failed (EIO: hung up)
+            reply = await self._ask(Read(handle=self.handle, size=self.chunk, offset=-1, rwf=0))
+            if reply is None:
+                return  # the link is down
+            if reply.result < 0 and reply.result != -errno.EAGAIN:
+                self.failed(-reply.result)  # (EIO: hung up; ECONNRESET...)
+                return
             if reply.result == -errno.EAGAIN:
                 await trio.sleep(0.05)  # a stream left non-blocking on the slave
                 continue
@@ -112,6 +130,9 @@ class Stream:
                 except OSError:
                     return  # no copy of the placeholder is left
                 view = view[sent:]
+
+    def failed(self, code: int) -> None:
+        """The stream's read on the slave failed with ``code``: no more input."""
 
     def flush_input(self) -> None:
         """Drop what the program has not read yet (TCFLSH, TCSETSF)."""
@@ -162,17 +183,18 @@ class Stream:
             if reply is None:
                 return
             if reply.result < 0:
-                self._refused()
+                self._refused(-reply.result)
                 return
             view = view[reply.result :]
 
-    def _refused(self) -> None:
+    def _refused(self, code: int) -> None:
         """The slave refused a write (EPIPE: no reader; EIO: hung up): from now on the
         program's writes fail with EPIPE and SIGPIPE (fmhub answers them: the routing
         sends them to ``sys_write``), and what it wrote before goes nowhere, as into a
         pipe whose reader is gone. (Not a shutdown of the socket: a write blocked in
         it would fail without SIGPIPE.)"""
         self.write_closed = True
+        self.write_error = code
         while self._take():
             pass
 
@@ -194,8 +216,8 @@ class Stream:
             while view:
                 try:
                     reply = yield Write(handle=self.handle, offset=-1, rwf=0, data=bytes(view))
-                except Errno:  # the slave refused it
-                    self._refused()
+                except Errno as exc:  # the slave refused it
+                    self._refused(exc.errno)
                     return
                 view = view[reply.result :]
 

@@ -63,6 +63,7 @@ from fsys.protocol import (
     watch_key,
 )
 from fsys.slave.confinement import Confinement, privileged
+from fsys.slave.network import SocketOps
 from fsys.slave.watches import Watches
 
 Result = tuple[int, bytes]
@@ -125,6 +126,10 @@ class Handle:
     #: along with what GETDENTS reads of it (Attrs).
     key: bytes | None = None
     lock: threading.Lock = field(default_factory=threading.Lock)
+    #: A socket of the session's own (SOCKET, ACCEPT): non-blocking, and its calls
+    #: wait in trio, never in a thread (fsys.slave.network); ``socktype`` its type.
+    net: bool = False
+    socktype: int = 0
 
     @property
     def streamlike(self) -> bool:
@@ -190,7 +195,7 @@ def _proc_fd(fd: int) -> bytes:
     return b"/proc/self/fd/%d" % fd
 
 
-class Executor:
+class Executor(SocketOps):
     """Runs operations for one session, confined to ``root``."""
 
     def __init__(
@@ -222,6 +227,8 @@ class Executor:
         self._ended_r, self._ended_w = os.pipe2(O_CLOEXEC)
         #: Per worker thread: the CANCEL pipe of the call it runs (``cancelled_by``).
         self._thread = threading.local()
+        #: Called with a socket's fd before it is closed (fshub: its waits end first).
+        self.on_socket_close: Callable[[int], None] = lambda fd: None
         self._dispatch: dict[type, Callable[[Any], Result]] = {
             spec.record: getattr(self, "op_" + spec.op.name.lower())
             for spec in SPECS.values()
@@ -263,7 +270,7 @@ class Executor:
         kind = type(op)
         if kind in _ON_STREAMS:
             handle = self.handles.get(op.handle)  # type: ignore[union-attr]
-            return handle is not None and handle.streamlike
+            return handle is not None and handle.streamlike and not handle.net
         if kind is wire.Lock:  # a waiting lock blocks; an unlock never does
             assert isinstance(op, wire.Lock)
             if op.cmd not in (linux.F_SETLKW, linux.F_OFD_SETLKW) or not op.flock:
@@ -332,6 +339,8 @@ class Executor:
         with handle.lock:
             handle.closing = True
             release = not handle.busy
+        if handle.net:
+            self.on_socket_close(handle.fd)  # a task waiting on it ends first
         if release:
             os.close(handle.fd)
 
@@ -529,6 +538,8 @@ class Executor:
         fd = self.fd(handle_id)
         count = max(0, min(count, MAX_IO))
         handle = self.handles.get(handle_id)
+        if handle is not None and handle.net:
+            return self.net_read(handle, count)
         if handle is not None and handle.streamlike and offset < 0 and not rwf:
             # A blocking stream's read waits here, where the session's end stops it.
             while os.get_blocking(fd):
@@ -548,6 +559,9 @@ class Executor:
     def op_write(self, o: wire.Write) -> Result:
         handle_id, offset, rwf, data = o
         fd = self.fd(handle_id)
+        handle = self.handles.get(handle_id)
+        if handle is not None and handle.net:
+            return self.net_write(handle, data)
         if rwf:  # pwritev2(2) flags, RWF_APPEND among them
             return os.pwritev(fd, [data], offset, rwf), b""
         n = os.write(fd, data) if offset < 0 else os.pwrite(fd, data, offset)

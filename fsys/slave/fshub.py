@@ -15,6 +15,7 @@ GOODBYE and on stderr; the executor then closes every handle the session opened.
 from __future__ import annotations
 
 import errno
+import functools
 import itertools
 import os
 import select
@@ -32,12 +33,14 @@ from fsys.errors import LinkClosed, LocalProtocolError, RemoteProtocolError
 from fsys.iostream import FdTransport
 from fsys.protocol import (
     CLOSED,
+    FEATURE_NET,
     FEATURE_STDIO,
     NEED_DATA,
     Attrs,
     Call,
     Cancel,
     Census,
+    Close,
     ClosePairing,
     Connection,
     Getdents,
@@ -53,16 +56,21 @@ from fsys.protocol import (
     Read,
     Reply,
     Role,
+    Sendto,
     Signal,
     Stat,
     Stopped,
+    Write,
 )
 from fsys.slave.confinement import Confinement
 from fsys.slave.control import serve_control
 from fsys.slave.executor import PRIMED_MASK, UNCHANGING, Executor, MustBlock, Watched
+from fsys.slave.network import NET_OPS, MustWait
 from fsys.slave.watches import batches
 
 MAX_THREADS = 64
+#: A socket's operations that run in the order they came: its writes, and its close.
+_ORDERED = (Write, Sendto, Close)
 #: Entries per ATTRS frame (~300 bytes each: well under a frame's limit).
 ATTRS_BATCH = 2048
 HOT_QUIET_MS = 2
@@ -113,7 +121,7 @@ def perform(executor: Executor, call: Call, *, blocking: bool = False) -> Reply:
         return Reply(call.pairing, call.request, -(exc.errno or errno.EIO))
     except (ValueError, OverflowError, struct.error):
         return Reply(call.pairing, call.request, -errno.EINVAL)
-    except MustBlock:
+    except (MustBlock, MustWait):
         raise
     except Exception:  # noqa: BLE001 - a bug must not end the session
         print(f"fsys-slave: internal error in {type(call.op).__name__}:", file=sys.stderr)
@@ -148,6 +156,15 @@ def _poke(fd: int) -> None:
         pass  # poked before: one byte is enough
 
 
+def _retried(call: Call, retry: Callable[[], tuple[int, bytes]]) -> Reply:
+    """The reply of a call that waited, from ``retry`` (a connect's SO_ERROR)."""
+    try:
+        result, blob = retry()
+    except OSError as exc:
+        return Reply(call.pairing, call.request, -(exc.errno or errno.EIO))
+    return Reply(call.pairing, call.request, result, blob)
+
+
 class _Shared:
     """A worker thread's reply, and whether the trio side has abandoned it: whichever
     side learns second that both happened undoes the call's effect."""
@@ -170,8 +187,17 @@ class SlaveSession:
         #: CENSUS requests awaiting their PROCESSES: request -> (answered, answer).
         self._census: dict[int, tuple[trio.Event, list[tuple[Process, ...]]]] = {}
         self._census_ids = itertools.count(1)
-        #: The calls running in threads, by (pairing, request): their CANCEL pipe.
-        self._cancels: dict[tuple[int, int], int] = {}
+        #: The calls that wait (in threads, or for a socket), by (pairing, request):
+        #: what their CANCEL does.
+        self._cancels: dict[tuple[int, int], Callable[[], None]] = {}
+        #: The sockets' waits: one trio task per (fd, writable) that some call waits
+        #: for, and the event it sets (``_armed``); its fd is in the hot loop's poll
+        #: set meanwhile, so that the hot loop goes back to trio when it is ready.
+        self._arms: dict[tuple[int, bool], trio.Event] = {}
+        #: The last write still to finish on each socket handle: the next one waits.
+        self._sending: dict[int, trio.Event] = {}
+        self._tasks: trio.Nursery  # (serve's)
+        executor.on_socket_close = self._socket_closing
         self.spin = spin_us / 1e6
         self.transport = transport
         self.executor = executor
@@ -261,7 +287,7 @@ class SlaveSession:
         # CANCEL of this call writes to the pipe: a wait that takes nothing ends (EINTR).
         cancel_r, cancel_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
         key = (call.pairing, call.request)
-        self._cancels[key] = cancel_w
+        self._cancels[key] = functools.partial(_poke, cancel_w)
 
         def work() -> Reply:
             self.executor.cancelled_by(cancel_r)
@@ -304,6 +330,137 @@ class SlaveSession:
                 self._undo(call, late)
             # Every call is answered once (link.py); nobody waits for this one now.
             reply = Reply(call.pairing, call.request, -errno.EINTR)
+        self._answer(call, reply)
+
+    # --- sockets: calls that wait in trio tasks (fsys.slave.network) ---------------
+
+    def _on_socket(self, op: Operation) -> bool:
+        kind = type(op)
+        if kind in NET_OPS:
+            return True
+        if kind is Read or kind is Write or kind is Close:
+            handle = self.executor.handles.get(op.handle)  # type: ignore[union-attr]
+            return handle is not None and handle.net
+        return False
+
+    def _socket_call(
+        self, nursery: trio.Nursery, call: Call, context: PairingContext
+    ) -> Reply | None:
+        """``call``'s reply if it needs no wait; else None, and a task answers it."""
+        handle_id: int = call.op.handle  # type: ignore[union-attr]
+        ordered = type(call.op) in _ORDERED
+        if ordered and handle_id in self._sending:  # a write before it still waits
+            self._start_socket_wait(nursery, call, context, None)
+            return None
+        try:
+            return perform(self.executor, call)
+        except MustWait as wait:
+            self._start_socket_wait(nursery, call, context, wait)
+            return None
+
+    def _start_socket_wait(
+        self, nursery: trio.Nursery, call: Call, context: PairingContext, wait: MustWait | None
+    ) -> None:
+        handle_id: int = call.op.handle  # type: ignore[union-attr]
+        before = done = None
+        if type(call.op) in _ORDERED:
+            before = self._sending.get(handle_id)
+            done = self._sending[handle_id] = trio.Event()
+        armed = self._arm(nursery, wait) if wait is not None else None
+        nursery.start_soon(self._socket_wait, call, context, wait, armed, before, done)
+
+    def _arm(self, nursery: trio.Nursery, wait: MustWait) -> trio.Event:
+        """The event set once ``wait.fd`` is ready (or closed), shared by its waiters."""
+        key = (wait.fd, wait.writable)
+        armed = self._arms.get(key)
+        if armed is None:
+            armed = self._arms[key] = trio.Event()
+            self._poll_arms(wait.fd)
+            nursery.start_soon(self._watch_socket, key, armed)
+        return armed
+
+    def _poll_arms(self, fd: int) -> None:
+        mask = select.POLLIN * ((fd, False) in self._arms)
+        mask |= select.POLLOUT * ((fd, True) in self._arms)
+        try:
+            if mask:
+                self._poller.register(fd, mask)
+            else:
+                self._poller.unregister(fd)
+        except (KeyError, OSError):
+            pass
+
+    def _socket_closing(self, fd: int) -> None:
+        """A socket's fd is about to be closed: its waits end (its calls find EBADF),
+        and a watch not started yet never waits on the number."""
+        trio.lowlevel.notify_closing(fd)
+        for key in ((fd, False), (fd, True)):
+            armed = self._arms.pop(key, None)
+            if armed is not None:
+                armed.set()
+        self._poll_arms(fd)
+
+    async def _watch_socket(self, key: tuple[int, bool], armed: trio.Event) -> None:
+        fd, writable = key
+        if self._arms.get(key) is not armed:
+            return  # its socket was closed before this task began
+        try:
+            if writable:
+                await trio.lowlevel.wait_writable(fd)
+            else:
+                await trio.lowlevel.wait_readable(fd)
+        except (trio.ClosedResourceError, OSError):
+            pass  # its handle is closed: its waiters find EBADF
+        finally:
+            if self._arms.get(key) is armed:
+                del self._arms[key]
+                self._poll_arms(fd)
+            armed.set()
+
+    async def _socket_wait(
+        self, call: Call, context: PairingContext, wait: MustWait | None,
+        armed: trio.Event | None, before: trio.Event | None, done: trio.Event | None,
+    ) -> None:  # fmt: skip
+        """Answer ``call`` once its socket lets it run; EINTR if CANCEL (a signal in
+        the program) or the end of its process comes first."""
+        key = (call.pairing, call.request)
+        scope = trio.CancelScope()
+        if context.closed:
+            scope.cancel()
+        self._cancels[key] = scope.cancel
+        context.waiting.add(scope)
+        reply: Reply | None = None
+        try:
+            with scope:
+                if before is not None:
+                    await before.wait()
+                while True:
+                    if wait is not None:
+                        assert armed is not None
+                        await armed.wait()
+                        retry = wait.retry
+                    else:
+                        retry = None
+                    try:
+                        reply = (
+                            perform(self.executor, call) if retry is None else _retried(call, retry)
+                        )
+                        break
+                    except MustWait as again:
+                        wait, armed = again, self._arm(self._tasks, again)
+        finally:
+            self._cancels.pop(key, None)
+            context.waiting.discard(scope)
+            if done is not None:
+                done.set()
+                if self._sending.get(call.op.handle) is done:  # type: ignore[union-attr]
+                    del self._sending[call.op.handle]  # type: ignore[union-attr]
+        if reply is None:
+            reply = Reply(call.pairing, call.request, -errno.EINTR)
+        self._answer(call, reply)
+
+    def _answer(self, call: Call, reply: Reply) -> None:
+        """Send the reply of a call that waited (and what changed before it)."""
         try:
             out = before_reply(self.executor, self.conn, call.op)
             if call.request:
@@ -335,9 +492,10 @@ class SlaveSession:
         info = f"fsys-slave pid={os.getpid()} root={self.executor.root}".encode()
         try:
             async with trio.open_nursery() as nursery:
+                self._tasks = nursery
                 nursery.start_soon(self.transport.serve_writer)
                 nursery.start_soon(serve_control, self, self.label)
-                features = FEATURE_STDIO if self.executor.lent else 0
+                features = (FEATURE_STDIO if self.executor.lent else 0) | FEATURE_NET
                 self.transport.write(self.conn.send(Hello(features=features, info=info)))
                 await self._read_loop(nursery)
                 with trio.move_on_after(5):
@@ -378,14 +536,17 @@ class SlaveSession:
                 events = self._spin(poller, self.spin) or poller.poll(HOT_QUIET_MS)
                 if not events:
                     break
+                armed = False
                 for fd, _mask in events:
                     if fd == self.executor.watches.fd:
                         self._send_changes()
+                    elif fd != self.transport.read_fd:
+                        armed = True  # a socket that a call waits for: to trio
                     else:
                         more = self.transport.receive_nowait()
                         if more is not None and not self._feed(more, nursery):
                             return
-                if time.monotonic() > deadline:
+                if armed or time.monotonic() > deadline:
                     break
 
     @staticmethod
@@ -425,6 +586,13 @@ class SlaveSession:
             if isinstance(event, Call):
                 context = self.pairings[event.pairing]
                 context.calls += 1
+                if executor.handles and self._on_socket(event.op):
+                    reply = self._socket_call(nursery, event, context)
+                    if reply is not None:
+                        out += before_reply(executor, conn, event.op)
+                        if event.request:
+                            out += conn.send(reply)
+                    continue
                 key = self._ordered(event) if executor.handles else None
                 if key is not None:
                     self._start_chained(nursery, event, context, key)
@@ -451,7 +619,7 @@ class SlaveSession:
             elif isinstance(event, Cancel):
                 cancel = self._cancels.get((event.pairing, event.request))
                 if cancel is not None:
-                    _poke(cancel)
+                    cancel()
             elif isinstance(event, Processes):
                 waiting = self._census.get(event.request)
                 if waiting is not None:
