@@ -26,6 +26,11 @@
           -r, Python reading 1,000 files) on a rooted slave, against native and
           against sshfs (default options) through a loopback sshd the bench starts
           itself (bench/sshfs.py; skipped, with the reason, without sshd or sshfs).
+- network: TCP over 127.0.0.1 with a Python client under fsys (its sockets are the
+          embedded slave's, pumped through a placeholder) and a Python server run
+          natively: 1 GiB sent to a server that discards it, 1 GiB read from a server,
+          and 2,000 1-byte ping-pong round trips with an echo server; against the same
+          client run natively (the client times itself).
 
 As root with /dev/fuse, each row is also measured with `--view` (its own column;
 `--no-view` skips it). With sshfs available, the stat row has its figure too. fsys
@@ -68,7 +73,7 @@ from sshfs import mounted  # (bench/sshfs.py)
 
 HERE = Path(__file__).resolve().parent
 BENCHES = ("start", "stat", "continued", "read", "write", "fork", "make", "git", "tree", "memory",
-           "transports")  # fmt: skip
+           "transports", "network")  # fmt: skip
 
 
 def timed(cmd: list[str], **kwargs: object) -> float:
@@ -111,9 +116,10 @@ def build(work: Path, name: str) -> Path:
     return binary
 
 
-def c_loop(cmd: list[str]) -> float:
+def c_loop(cmd: list[str], timeout: float | None = None) -> float:
     """Runs a C loop that prints its microseconds per call on its last line."""
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True,
+                         timeout=timeout).stdout  # fmt: skip
     return float(out.split()[-1])
 
 
@@ -475,6 +481,134 @@ def bench_transports(
     return out
 
 
+#: The network bench's peers, written to work/netpeer.py. `serve` listens on
+#: 127.0.0.1 (it prints its port) and reads each connection's first byte: s (sink:
+#: read to end of file, answer the count in 8 bytes), r SIZE (send SIZE bytes, then
+#: end of file), e (echo each byte). The client (`send|recv|echo PORT COUNT`) prints
+#: its seconds (send, recv: until the sink's answer, or the end of file) or its
+#: microseconds per round trip (echo) on its last line.
+NETPEER = """\
+import socket, sys, threading, time
+
+CHUNK = 1 << 20
+
+
+def recv_exact(conn, size):
+    out = b""
+    while len(out) < size:
+        got = conn.recv(size - len(out))
+        if not got:
+            raise SystemExit("netpeer: short read")
+        out += got
+    return out
+
+
+def handle(conn):
+    conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    with conn:
+        mode = conn.recv(1)
+        if mode == b"s":
+            buf, total = bytearray(CHUNK), 0
+            while n := conn.recv_into(buf):
+                total += n
+            conn.sendall(total.to_bytes(8, "big"))
+        elif mode == b"r":
+            size, data = int.from_bytes(recv_exact(conn, 8), "big"), memoryview(bytes(CHUNK))
+            while size > 0:
+                conn.sendall(data[: min(size, CHUNK)])
+                size -= CHUNK
+        elif mode == b"e":
+            while b := conn.recv(1):
+                conn.sendall(b)
+
+
+def serve():
+    server = socket.create_server(("127.0.0.1", 0))
+    print(server.getsockname()[1], flush=True)
+    while True:
+        conn, _ = server.accept()
+        threading.Thread(target=handle, args=(conn,), daemon=True).start()
+
+
+def client(mode, port, count):
+    conn = socket.create_connection(("127.0.0.1", port))
+    conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    start = time.perf_counter()
+    if mode == "send":
+        conn.sendall(b"s")
+        data, left = memoryview(bytes(CHUNK)), count
+        while left > 0:
+            conn.sendall(data[: min(left, CHUNK)])
+            left -= CHUNK
+        conn.shutdown(socket.SHUT_WR)
+        got = int.from_bytes(recv_exact(conn, 8), "big")
+        figure = time.perf_counter() - start
+    elif mode == "recv":
+        conn.sendall(b"r" + count.to_bytes(8, "big"))
+        buf, got = bytearray(CHUNK), 0
+        while n := conn.recv_into(buf):
+            got += n
+        figure = time.perf_counter() - start
+    else:
+        conn.sendall(b"ex")  # one round trip before the clock starts
+        recv_exact(conn, 1)
+        start = time.perf_counter()
+        for _ in range(count):
+            conn.sendall(b"x")
+            if conn.recv(1) != b"x":
+                raise SystemExit("netpeer: echo lost")
+        figure, got = (time.perf_counter() - start) / count * 1e6, count
+    conn.close()
+    if got != count:
+        raise SystemExit(f"netpeer: {mode} moved {got} bytes of {count}")
+    print(f"{figure:.6f}")
+
+
+if sys.argv[1] == "serve":
+    serve()
+else:
+    client(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]))
+"""
+
+
+def bench_network(
+    fs: Fsys, work: Path, size_mib: int, count: int, runs: int
+) -> dict[str, dict[str, float]]:
+    """TCP over 127.0.0.1: a client under fsys (embedded slave), a native server."""
+    script = work / "netpeer.py"
+    script.write_text(NETPEER)
+    server = subprocess.Popen([sys.executable, str(script), "serve"], stdout=subprocess.PIPE)
+    try:
+        assert server.stdout is not None
+        port = server.stdout.readline().decode().strip()
+        if not port.isdigit():
+            raise RuntimeError(f"the bench's TCP server did not start: {port!r}")
+        size = size_mib << 20
+        loops = {"send": [sys.executable, str(script), "send", port, str(size)],
+                 "recv": [sys.executable, str(script), "recv", port, str(size)],
+                 "echo": [sys.executable, str(script), "echo", port, str(count)]}  # fmt: skip
+        modes = [("native", None), ("fsys", ())] + ([("view", VIEW)] if fs.view else [])
+        figures: dict[str, dict[str, list[float]]] = {
+            name: {mode: [] for mode, _ in modes} for name in loops
+        }
+        for _ in range(runs):  # interleaved, so that native and fsys see the same moments
+            for name, cmd in loops.items():
+                for mode, options in modes:
+                    under = cmd if options is None else fs.run(*cmd, options=options)
+                    figures[name][mode].append(c_loop(under, timeout=120))
+    finally:
+        server.kill()
+        server.wait()
+    out: dict[str, dict[str, float]] = {}
+    for name, fig in figures.items():
+        unit = "us" if name == "echo" else "s"
+        out[name] = {f"{mode}_{unit}": median(values) for mode, values in fig.items()}
+        if name != "echo":
+            for mode in fig:
+                out[name][f"{mode}_MBps"] = size / out[name][f"{mode}_s"] / 1e6
+    return out
+
+
 def header() -> None:
     print("| measure | native | sshfs | fsys | fsys --view | note |")
     print("| --- | --- | --- | --- | --- | --- |")
@@ -634,6 +768,30 @@ def main() -> int:
                     f"x{fig['fsys_s'] / fig['native_s']:.1f} native{versus}; rooted slave",
                     seconds(fig["sshfs_s"]) if "sshfs_s" in fig else "",
                     seconds(fig["view_s"]) if "view_s" in fig else "")  # fmt: skip
+        if "network" in only:
+            size_mib = 256 if args.quick else 1024
+            count = 500 if args.quick else 2000
+            net = bench_network(fs, work, size_mib, count, runs)
+            size = "256 MiB" if args.quick else "1 GiB"
+
+            def rate(fig: dict[str, float], mode: str) -> str:
+                if f"{mode}_s" not in fig:
+                    return ""
+                return f"{fig[mode + '_MBps']:.0f} MB/s ({seconds(fig[mode + '_s'])})"
+
+            for name, what in (("send", f"TCP send {size} to a sink"),
+                               ("recv", f"TCP receive {size} from a source")):  # fmt: skip
+                fig = net[name]
+                row(what, rate(fig, "native"), rate(fig, "fsys"),
+                    f"x{fig['fsys_MBps'] / fig['native_MBps']:.2f} native; 127.0.0.1, Python "
+                    "client under fsys (embedded slave), server native; timed in the client",
+                    view=rate(fig, "view"))  # fmt: skip
+            echo = net["echo"]
+            row("TCP ping-pong, 1 byte", f"{echo['native_us']:.1f} us",
+                f"{echo['fsys_us']:.0f} us",
+                f"+{echo['fsys_us'] - echo['native_us']:.0f} us per round trip; x{count} in the "
+                "loop, TCP_NODELAY; echo server native",
+                view=f"{echo['view_us']:.1f} us" if "view_us" in echo else "")  # fmt: skip
     return 0
 
 
