@@ -14,6 +14,7 @@ import socket
 import subprocess
 import textwrap
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,26 +36,26 @@ class NetNS:
     def enter(self) -> list[str]:
         return ["nsenter", f"--net=/proc/{self.pid}/ns/net"]
 
-    def server(self, script: str, *args: str) -> tuple[subprocess.Popen[str], str]:
-        """Start ``script`` (python) in the namespace; (its process, its first line)."""
+    @contextmanager
+    def server(self, script: str) -> Iterator[str]:
+        """Run ``script`` (python) in the namespace while the block runs; its first
+        line (the port it serves)."""
         proc = subprocess.Popen(
-            [*self.enter, PYTHON, "-c", textwrap.dedent(script), *args],
-            stdout=subprocess.PIPE, text=True,
+            [*self.enter, PYTHON, "-c", textwrap.dedent(script)], stdout=subprocess.PIPE,
+            text=True,
         )  # fmt: skip
         assert proc.stdout is not None
-        return proc, proc.stdout.readline().strip()
+        try:
+            yield proc.stdout.readline().strip()
+        finally:
+            proc.kill()
+            proc.wait()
+            proc.stdout.close()
 
     def run(self, *args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
             [*self.enter, *args], capture_output=True, text=True, timeout=30, check=False
         )
-
-
-def _stop(server: subprocess.Popen[str]) -> None:
-    server.kill()
-    server.wait()
-    assert server.stdout is not None
-    server.stdout.close()
 
 
 @pytest.fixture
@@ -75,11 +76,10 @@ def netns() -> Iterator[NetNS]:
 
 @dataclass
 class NetSession(Session):
-    ns: NetNS | None = None
+    ns: NetNS
 
     @property
     def slave(self) -> str:
-        assert self.ns is not None
         return slave_command(self.box, prefix=self.ns.enter)
 
     async def py(self, script: str, *args: str, extra: tuple[str, ...] = ()) -> Result:
@@ -119,17 +119,13 @@ CLIENT = """
 
 
 async def test_a_client_connects_from_the_slave(net: NetSession) -> None:
-    assert net.ns is not None
-    server, port = net.ns.server(TCP_SERVER)
-    try:
+    with net.ns.server(TCP_SERVER) as port:
         got = await net.py(CLIENT, port)
         assert got.status == 0, got.err
         assert got.out == "slave says hello 127.0.0.1\n"
         # The same program with the master's network: nothing listens there.
         got = await net.py(CLIENT, port, extra=("--network", "master"))
         assert got.status != 0 and "ConnectionRefusedError" in got.err
-    finally:
-        _stop(server)
 
 
 UDP_SERVER = """
@@ -158,18 +154,13 @@ UDP_CLIENT = """
 
 
 async def test_udp_keeps_datagrams_and_addresses(net: NetSession) -> None:
-    assert net.ns is not None
-    server, port = net.ns.server(UDP_SERVER)
-    try:
+    with net.ns.server(UDP_SERVER) as port:
         got = await net.py(UDP_CLIENT, port)
         assert got.status == 0, got.err
         assert got.out == "a@ME True\nbb@ME True\nccc@ME True\n2 of a longer datagram\n"
-    finally:
-        _stop(server)
 
 
 async def test_a_server_under_fsys_listens_on_the_slave(net: NetSession) -> None:
-    assert net.ns is not None
     (net.box / "index.txt").write_text("served from the box\n")
     ns = net.ns
 
@@ -275,15 +266,11 @@ POLL_SERVER = """
 async def test_poll_on_a_local_pipe_and_a_remote_socket(
     net: NetSession, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
-    assert net.ns is not None
     program = build_c(tmp_path_factory, "poll_mixed")
-    server, port = net.ns.server(POLL_SERVER)
-    try:
+    with net.ns.server(POLL_SERVER) as port:
         got = await net.run(str(program), port)
         assert got.status == 0, got.out + got.err
         assert got.out == "pipe: pipe\nsocket: sock\n"  # the pipe first: the server waits
-    finally:
-        _stop(server)
 
 
 NONBLOCKING = """
@@ -305,14 +292,10 @@ NONBLOCKING = """
 
 
 async def test_a_nonblocking_connect_ends_in_success_or_its_error(net: NetSession) -> None:
-    assert net.ns is not None
-    server, port = net.ns.server(TCP_SERVER)
-    try:
+    with net.ns.server(TCP_SERVER) as port:
         got = await net.py(NONBLOCKING, port, "1")
         assert got.status == 0, got.err
         assert got.out == "ECONNREFUSED\n0 slave says late\n"
-    finally:
-        _stop(server)
 
 
 RESETTING_SERVER = """
@@ -352,9 +335,7 @@ RESET_CLIENT = """
 
 
 async def test_a_reset_and_a_broken_pipe_reach_the_program(net: NetSession) -> None:
-    assert net.ns is not None
-    server, port = net.ns.server(RESETTING_SERVER)
-    try:
+    with net.ns.server(RESETTING_SERVER) as port:
         native = await trio.to_thread.run_sync(
             net.ns.run, PYTHON, "-c", textwrap.dedent(RESET_CLIENT), port
         )
@@ -362,8 +343,6 @@ async def test_a_reset_and_a_broken_pipe_reach_the_program(net: NetSession) -> N
         assert got.status == 0, got.err
         assert native.stdout.startswith("read ECONNRESET\nthen b''\nwrite ")
         assert got.out == native.stdout
-    finally:
-        _stop(server)
 
 
 UNIX = """
@@ -428,17 +407,13 @@ RESOLVE = """
 
 
 async def test_names_resolve_the_slaves_way(net: NetSession) -> None:
-    assert net.ns is not None
     etc = net.box / "etc"
     etc.mkdir()
     (etc / "hosts").write_text("127.0.0.1 localhost\n10.1.2.3 slaveonly.test\n")
     (etc / "resolv.conf").write_text("nameserver 127.0.0.1\noptions timeout:2 attempts:1\n")
     (etc / "nsswitch.conf").write_text("hosts: files dns\n")
-    server, line = net.ns.server(DNS_SERVER)
-    try:
+    with net.ns.server(DNS_SERVER) as line:
         assert line == "ready"
         got = await net.py(RESOLVE)
         assert got.status == 0, got.err
         assert got.out == "slaveonly.test 10.1.2.3\ndnsonly.test 10.9.8.7\n"
-    finally:
-        _stop(server)

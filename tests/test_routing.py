@@ -333,7 +333,7 @@ def stream(rig: Rig, p: FakeProcess, fd: int, handle: int) -> RemoteFile:
 
     app_end, remote = rig.placeholders.create(handle, 0o020000, stream=True)
     p.fds[fd] = f"socket:[{os.fstat(app_end.fileno()).st_ino}]"
-    remote.stream = Stream(rig.hub.link, remote, app_end)
+    remote.stream = Stream(rig.hub.link, remote, app_end, rig.hub.wake)
     rig.hub.streams[handle] = remote.stream
     rig.hub.router.terminal = remote
     return remote

@@ -165,6 +165,7 @@ class Hub:
         #: last closes, and the streams' peers.
         self._poller = select.poll()
         self._peers: set[int] = set()  # (the streams' peers in it)
+        self._woken = False  # (``wake``)
         link.on_signal = self.deliver_signal
         link.on_census = self.census
 
@@ -258,7 +259,6 @@ class Hub:
         listener = self.listener
         closed_fd = self.placeholders.fileno()
         deadline = time.monotonic() + HOT_SLICE
-        streams = self.streams
         peers = self._peers
         while True:
             # While a call waits for the slave, its caller is blocked: spin briefly
@@ -283,10 +283,9 @@ class Hub:
                     return False  # POLLHUP: no task left under the filter
             if time.monotonic() > deadline or self.link.transport.backlog:
                 return True
-            if streams and any(stream.woken for stream in streams.values()):
-                for stream in streams.values():
-                    stream.woken = False
-                return True  # a stream's pump has its reply: let it run
+            if self._woken:
+                self._woken = False
+                return True  # a stream's pump (or a socket's task) has its reply: let it run
 
     def route(self, notif: Notification) -> None:
         """Route one notification and, unless a handler waits for the slave, answer it."""
@@ -465,7 +464,9 @@ class Hub:
                 app_end, remote = self.placeholders.create(reply.result, kind, stream=not plain)
                 by_handle[reply.result] = (app_end, remote)
                 if not plain:
-                    remote.stream = self.streams[remote.handle] = Stream(self.link, remote, app_end)
+                    remote.stream = self.streams[remote.handle] = Stream(
+                        self.link, remote, app_end, self.wake
+                    )
                     if kind == 0o020000 and self.router.terminal is None:
                         self.router.terminal = remote
             self._initial_fds[number] = by_handle[reply.result][0].fileno()
@@ -485,6 +486,11 @@ class Hub:
             except OSError:
                 self.foreground = os.getpgid(pid)
         return list(self.streams.values())
+
+    def wake(self) -> None:
+        """A task of fmhub's (a stream's pump, a socket's) has its slave's reply: the
+        hot loop goes back to trio, so that it runs at once."""
+        self._woken = True
 
     def add_stream(self, stream: Stream) -> None:
         """Pump ``stream`` from now on (a connected socket): the hot loop hands what

@@ -72,7 +72,8 @@ SOCKET_CHUNK = 1 << 20
 DRAIN_PATIENCE = 10.0
 #: The socket options the placeholder itself must have too (its reads and writes
 #: wait natively once pumped): SO_RCVTIMEO, SO_SNDTIMEO, SO_RCVLOWAT.
-_PLACEHOLDER_OPTIONS = {(socket.SOL_SOCKET, 20), (socket.SOL_SOCKET, 21),
+_PLACEHOLDER_OPTIONS = {(socket.SOL_SOCKET, socket.SO_RCVTIMEO),
+                        (socket.SOL_SOCKET, socket.SO_SNDTIMEO),
                         (socket.SOL_SOCKET, socket.SO_RCVLOWAT)}  # fmt: skip
 
 
@@ -114,8 +115,10 @@ class SocketStream(Stream):
 
     chunk = SOCKET_CHUNK
 
-    def __init__(self, link: SlaveLink, remote: RemoteFile, filling: int) -> None:
-        super().__init__(link, remote, None)  # type: ignore[arg-type]
+    def __init__(
+        self, link: SlaveLink, remote: RemoteFile, filling: int, wake: Callable[[], None]
+    ) -> None:
+        super().__init__(link, remote, None, wake)  # type: ignore[arg-type]
         #: Bytes of the connect's filling still in the peer, before the program's.
         self.filling = filling
 
@@ -139,14 +142,8 @@ class SocketStream(Stream):
             self.filling -= len(dropped)
         return super()._take()
 
-    def queued(self) -> int:
-        return 0  # (no copy of the placeholder is kept: see sys_socket_ioctl)
-
-    def flush_input(self) -> None:
-        pass
-
     def close(self) -> None:
-        pass
+        pass  # (no copy of the placeholder is kept: its last close is the program's)
 
 
 class Network:
@@ -186,7 +183,7 @@ class Network:
         """``sock`` is connected: its data goes through its placeholder from now on."""
         remote = sock.remote
         self.hub.placeholders.unwatch(remote)  # (its pump sees the last close)
-        stream = SocketStream(self.link, remote, filling)
+        stream = SocketStream(self.link, remote, filling, self.hub.wake)
         remote.stream = stream
         self.hub.add_stream(stream)
         done = trio.Event()
@@ -235,7 +232,7 @@ class Network:
         try:
             while not sock.closed and not sock.pumped:
                 op = wire.Poll(handle=sock.handle, events=select.POLLIN)
-                reply = await ask(self.link, op, self._wake)
+                reply = await ask(self.link, op, self.hub.wake)
                 if reply is None or reply.result < 0 or sock.closed or sock.pumped:
                     return
                 sock.taken = trio.Event()
@@ -248,11 +245,6 @@ class Network:
                 await sock.taken.wait()
         finally:
             sock.watching = False
-
-    def _wake(self) -> None:
-        for stream in self.hub.streams.values():
-            stream.woken = True
-            return
 
     def take_token(self, call: Trapped, sock: Sock) -> None:
         """A receive or accept is done: take the token back (the POLL task gives it
@@ -286,7 +278,7 @@ class Network:
 
     async def _connect(self, sock: Sock, filling: int) -> None:
         op = wire.Poll(handle=sock.handle, events=select.POLLOUT)
-        reply = await ask(self.link, op, self._wake)
+        reply = await ask(self.link, op, self.hub.wake)
         if reply is not None and reply.result > 0 and not reply.result & select.POLLERR:
             self.pump(sock, filling)
             return

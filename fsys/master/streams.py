@@ -74,7 +74,10 @@ class Stream:
     #: The most one READ asks of the slave.
     chunk = CHUNK
 
-    def __init__(self, link: SlaveLink, remote: RemoteFile, app_end: socket.socket) -> None:
+    def __init__(
+        self, link: SlaveLink, remote: RemoteFile, app_end: socket.socket,
+        wake: Callable[[], None],
+    ) -> None:  # fmt: skip
         self.link = link
         self.remote = remote
         self.app_end = app_end
@@ -87,10 +90,10 @@ class Stream:
         #: error a read reports before end of file (a socket's ECONNRESET).
         self.write_error = 0
         self.read_error = 0
-        #: Set when a reply for this stream has woken its pump: fmhub's hot loop,
+        #: Called when a reply for this stream has woken its pump: fmhub's hot loop,
         #: which does not let trio run, goes back to trio at once (the pumps are
         #: trio tasks: a keystroke must not wait for the loop's quiet spell).
-        self.woken = False
+        self._wake = wake
 
     @property
     def handle(self) -> int:
@@ -98,9 +101,6 @@ class Stream:
 
     async def _ask(self, op: Read | Write) -> Reply | None:
         return await ask(self.link, op, self._wake)
-
-    def _wake(self) -> None:
-        self.woken = True
 
     # --- slave -> program -----------------------------------------------------------
 

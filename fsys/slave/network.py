@@ -21,7 +21,8 @@ import os
 import select
 import socket
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
 from fsys import linux
@@ -52,6 +53,17 @@ class MustWait(FsysError):
         self.fd = fd
         self.writable = writable
         self.retry = retry
+
+
+@contextmanager
+def _or_wait(fd: int, *, writable: bool, wait: bool = True) -> Iterator[None]:
+    """A call on a socket that would block: MustWait (or EAGAIN when not ``wait``)."""
+    try:
+        yield
+    except BlockingIOError:
+        if not wait:
+            raise
+        raise MustWait(fd, writable=writable) from None
 
 
 def _connected(fd: int) -> Result:
@@ -161,12 +173,8 @@ class SocketOps:
 
     def op_accept(self, o: wire.Accept) -> Result:
         handle = self._net(o.handle)
-        try:
+        with _or_wait(handle.fd, writable=False, wait=bool(o.wait)):
             fd, addr = linux.accept4(handle.fd, socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
-        except BlockingIOError:
-            if not o.wait:
-                raise
-            raise MustWait(handle.fd, writable=False) from None
         return self._new_socket(fd, handle.socktype), self._unix_out(addr)
 
     def op_sockname(self, o: wire.Sockname) -> Result:
@@ -188,24 +196,16 @@ class SocketOps:
     def op_sendto(self, o: wire.Sendto) -> Result:
         handle = self._net(o.handle)
         addr = self._unix_in(o.addr, creates=False) if o.addr else b""
-        try:
+        with _or_wait(handle.fd, writable=True, wait=bool(o.wait)):
             return linux.sendto(handle.fd, o.data, o.flags | socket.MSG_NOSIGNAL, addr), b""
-        except BlockingIOError:
-            if not o.wait:
-                raise
-            raise MustWait(handle.fd, writable=True) from None
 
     def op_recvfrom(self, o: wire.Recvfrom) -> Result:
         handle = self._net(o.handle)
         size = max(0, min(o.size, wire.MAX_IO))
         flags = o.flags & ~socket.MSG_DONTWAIT
         datagram = handle.socktype in (socket.SOCK_DGRAM, socket.SOCK_SEQPACKET)
-        try:
+        with _or_wait(handle.fd, writable=False, wait=bool(o.wait)):
             n, data, addr = linux.recvfrom(handle.fd, size, flags | (socket.MSG_TRUNC * datagram))
-        except BlockingIOError:
-            if not o.wait:
-                raise
-            raise MustWait(handle.fd, writable=False) from None
         msg_flags = socket.MSG_TRUNC if datagram and n > size else 0
         result = n if o.flags & socket.MSG_TRUNC or not datagram else min(n, size)
         addr = self._unix_out(addr)
@@ -223,14 +223,10 @@ class SocketOps:
     # --- a socket's data through READ and WRITE (a pumped stream) ------------------
 
     def net_read(self, handle: Handle, count: int) -> Result:
-        try:
+        with _or_wait(handle.fd, writable=False):
             data = os.read(handle.fd, count)
-        except BlockingIOError:
-            raise MustWait(handle.fd, writable=False) from None
         return len(data), data
 
     def net_write(self, handle: Handle, data: bytes) -> Result:
-        try:
+        with _or_wait(handle.fd, writable=True):
             return linux.sendto(handle.fd, data, socket.MSG_NOSIGNAL, b""), b""
-        except BlockingIOError:
-            raise MustWait(handle.fd, writable=True) from None
