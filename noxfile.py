@@ -87,10 +87,11 @@ def docs(session: nox.Session) -> None:
 # must kill their mutants. With no argument (and no FSYS_MUTANTS), the set is the one
 # in pyproject.toml's [tool.mutmut] (only_mutate, pytest_add_cli_args_test_selection):
 # fsys/master/{calls,processes,routing}.py against tests/test_{handlers,
-# processes_model,routing,pages,cache}.py.
+# processes_model,routing,pages,cache,net_handlers}.py.
 MUTANT_SETS: dict[str, tuple[list[str], list[str]]] = {
     "protocol": (["fsys/protocol.py"], ["tests/test_protocol.py"]),
     "pages": (["fsys/master/pages.py"], ["tests/test_pages.py"]),
+    "net": (["fsys/master/net.py", "fsys/slave/network.py"], ["tests/test_net_handlers.py"]),
     "cache": (["fsys/master/cache.py", "fsys/slave/watches.py"], ["tests/test_cache.py"]),
     "service": (
         ["fsys/auth.py", "fsys/address.py", "fsys/slave/confinement.py"],
