@@ -16,12 +16,42 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+import socket
+import stat
 
 import trio
 
 from fsys.errors import LinkClosed
 
 RECEIVE_SIZE = 1 << 20
+#: The kernel buffer asked for each way of the link: room for a few of the largest
+#: frames (1 MiB of data), so that a big reply is written, and read, in one go rather
+#: than in a wake-up of each hub per 200 KiB (the default socket buffer) or 64 KiB (a
+#: pipe's). The kernel caps it (net.core.wmem_max, rmem_max; fs.pipe-max-size).
+LINK_BUFFER = 4 << 20
+#: What a pipe may have without privilege (fs.pipe-max-size's default).
+PIPE_BUFFER = 1 << 20
+F_SETPIPE_SZ = 1031
+
+
+def widen(fd: int) -> None:
+    """Ask for LINK_BUFFER of kernel buffer on ``fd`` (a socket or a pipe), as far as
+    the kernel grants it; an fd of another kind is left as it is."""
+    try:
+        mode = os.fstat(fd).st_mode
+        if stat.S_ISSOCK(mode):
+            with socket.socket(fileno=os.dup(fd)) as sock:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, LINK_BUFFER)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, LINK_BUFFER)
+        elif stat.S_ISFIFO(mode):
+            for size in (LINK_BUFFER, PIPE_BUFFER):
+                try:
+                    fcntl.fcntl(fd, F_SETPIPE_SZ, size)
+                    break
+                except PermissionError:
+                    pass  # (beyond fs.pipe-max-size without CAP_SYS_RESOURCE)
+    except OSError:
+        pass
 
 
 def take_stdio() -> tuple[int, int]:
@@ -45,6 +75,7 @@ class FdTransport:
     def __init__(self, read_fd: int, write_fd: int) -> None:
         for fd in {read_fd, write_fd}:
             os.set_blocking(fd, False)
+            widen(fd)
         self.read_fd = read_fd
         self.write_fd = write_fd
         self._pending = bytearray()

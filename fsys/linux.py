@@ -420,6 +420,7 @@ _accept4 = _proto(_c_int, _void_p, _void_p, _c_int)
 _name_call = _proto(_c_int, _void_p, _void_p)  # getsockname, getpeername
 _sendto = _proto(_c_int, _char_p, _size_t, _c_int, _char_p, _c_uint)
 _recvfrom = _proto(_c_int, _void_p, _size_t, _c_int, _void_p, _void_p)
+_send_from = _proto(_c_int, _void_p, _size_t, _c_int, _void_p, _c_uint)
 _int_call = _proto(_c_int, _c_int)  # listen, shutdown
 _getsockopt = _proto(_c_int, _c_int, _c_int, _void_p, _void_p)
 _setsockopt = _proto(_c_int, _c_int, _c_int, _char_p, _c_uint)
@@ -464,6 +465,12 @@ def sockname(fd: int, *, peer: bool) -> bytes:
 
 def sendto(fd: int, data: bytes, flags: int, addr: bytes) -> int:
     return _check(_sendto(SYS_SENDTO, fd, data, len(data), flags, addr or None, len(addr)))
+
+
+def send_from(fd: int, data: bytes, start: int, flags: int) -> int:
+    """send(2) of ``data[start:]``, without copying it."""
+    base = ctypes.cast(_char_p(data), _void_p).value or 0
+    return _check(_send_from(SYS_SENDTO, fd, base + start, len(data) - start, flags, None, 0))
 
 
 def recvfrom(fd: int, size: int, flags: int) -> tuple[int, bytes, bytes]:

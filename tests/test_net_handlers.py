@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from fsys.master.net import SOCKET_BUFFER
 from fsys.master.routing import CONTINUE
 from tests.fakes import FakeProcess, Rig
 
@@ -22,6 +23,7 @@ STREAM, DGRAM = socket.SOCK_STREAM, socket.SOCK_DGRAM
 NONBLOCK, CLOEXEC = socket.SOCK_NONBLOCK, socket.SOCK_CLOEXEC
 SOL_SOCKET, SO_TYPE, SO_REUSEADDR = socket.SOL_SOCKET, socket.SO_TYPE, socket.SO_REUSEADDR
 _INT = struct.Struct("=i")
+WMEM_MAX = int(Path("/proc/sys/net/core/wmem_max").read_text())
 
 
 def sin(port: int = 0) -> bytes:
@@ -75,8 +77,15 @@ def test_an_inet_socket_is_made_on_the_slave(net: Rig, app: FakeProcess) -> None
     assert handle.net and os.get_blocking(handle.fd) is False  # the slave never blocks
     # Not readable: its readiness is the slave socket's (no byte as for a file).
     kept = socket.socket(fileno=os.dup(net.listener.kept[(app.tgid, fd)]))
-    with kept, pytest.raises(BlockingIOError):
-        kept.recv(1, socket.MSG_DONTWAIT)
+    with kept:
+        with pytest.raises(BlockingIOError):
+            kept.recv(1, socket.MSG_DONTWAIT)
+        # Room for a pump's chunks each way once it connects; a datagram socket, none.
+        stream_room = kept.getsockopt(SOL_SOCKET, socket.SO_SNDBUF)
+    assert stream_room >= 2 * min(SOCKET_BUFFER, WMEM_MAX)
+    udp = sock(app, kind=DGRAM)
+    with socket.socket(fileno=os.dup(net.listener.kept[(app.tgid, udp)])) as datagrams:
+        assert datagrams.getsockopt(SOL_SOCKET, socket.SO_SNDBUF) < stream_room
     assert app.call("socket", AF_INET, STREAM | 0x100, 0) == -errno.EINVAL
     assert app.call("socket", 99, STREAM, 0) == -errno.EAFNOSUPPORT  # the slave's answer
 

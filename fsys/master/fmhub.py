@@ -631,14 +631,14 @@ class Hub:
     def install_remote(
         self, call: Trapped, handle: int, kind: int, *, cloexec: bool, access: int = 0,
         stream: bool = False, ready: bool = True, nonblock: bool = False,
-        number: int | None = None,
+        number: int | None = None, buffer: int = 0,
     ) -> tuple[int, RemoteFile]:  # fmt: skip
         """Give the program a placeholder for ``handle`` (see Placeholders.create):
         as the call's answer, or at its fd ``number`` (which it replaces, as dup2
         does) without answering. ``nonblock``: its description is O_NONBLOCK."""
         try:
             app_end, remote = self.placeholders.create(handle, kind, access, stream=stream,
-                                                       ready=ready)  # fmt: skip
+                                                       ready=ready, buffer=buffer)  # fmt: skip
         except Errno:
             self.link.post(0, Close(handle))
             raise

@@ -22,7 +22,9 @@ modes:
   the placeholder's send buffer, so it is not writable until the connect ends, as
   natively; then the pump drops that filling before anything the program wrote.
 
-The pumps keep flow bounded both ways (one READ and one WRITE in flight). A pumped
+The pumps keep flow bounded both ways (two READs and two WRITEs of 1 MiB in flight:
+the slave runs a socket's reads in order, and its writes, shutdown and close in
+order, each WRITE taken whole). A pumped
 socket's last close is the end of file its pump reads from the peer end (fmhub
 never shuts the placeholder itself down: a shutdown is forwarded, and the writes
 after it fail with EPIPE here); what the program wrote before closing is sent
@@ -68,6 +70,10 @@ _MSGHDR = struct.Struct("=QI4xQQQQi4x")
 _MMSGHDR = 64  # struct mmsghdr: a msghdr and its msg_len, padded
 #: How much one READ of a pumped socket asks for (a connection is a fast stream).
 SOCKET_CHUNK = 1 << 20
+#: The placeholder's send buffer each way for a stream socket (it may be pumped):
+#: room for a few chunks, so that a READ's data goes to the program in one send and
+#: the program's writes are taken a chunk at a time (Placeholders.create).
+SOCKET_BUFFER = 4 * SOCKET_CHUNK
 #: How long the end of a session waits for the sockets' last bytes to be sent.
 DRAIN_PATIENCE = 10.0
 #: The socket options the placeholder itself must have too (its reads and writes
@@ -114,6 +120,8 @@ class SocketStream(Stream):
     """A connected slave socket's pump: its errors reach the program's calls."""
 
     chunk = SOCKET_CHUNK
+    window = 2  # (the slave's net_write takes all of a WRITE, or fails)
+    reads = 2
 
     def __init__(
         self, link: SlaveLink, remote: RemoteFile, filling: int, wake: Callable[[], None]
@@ -169,6 +177,7 @@ class Network:
         fd, remote = self.hub.install_remote(
             call, handle, S_IFSOCK, cloexec=cloexec, stream=pumped, ready=False,
             nonblock=nonblock, number=number,
+            buffer=SOCKET_BUFFER if kind == socket.SOCK_STREAM else 0,
         )  # fmt: skip
         sock = Sock(remote, family, kind)
         remote.sock = sock

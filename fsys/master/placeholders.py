@@ -122,13 +122,16 @@ class Placeholders:
         return self._closed.fileno()
 
     def create(
-        self, handle: int, kind: int, access: int = 0, *, stream: bool = False, ready: bool = True
-    ) -> tuple[socket.socket, RemoteFile]:
+        self, handle: int, kind: int, access: int = 0, *, stream: bool = False,
+        ready: bool = True, buffer: int = 0,
+    ) -> tuple[socket.socket, RemoteFile]:  # fmt: skip
         """A new placeholder: (the end to install in the program, its record).
 
         ``stream``: for a pumped stream, whose readiness is its data's and whose peer
         is read by its pump (not watched for the last close here). ``ready``: it is
         readable from the start, as a regular file (a socket's is not: fsys.master.net).
+        ``buffer``: the send buffer asked for each way (SO_SNDBUF, as far as
+        net.core.wmem_max allows), so that a pump moves big chunks in one go.
         Raises Errno(EMFILE/ENFILE) when fmhub itself is out of descriptors.
         """
         try:
@@ -137,6 +140,9 @@ class Placeholders:
             raise Errno(exc.errno or errno.EMFILE) from None
         inode = os.fstat(app_end.fileno()).st_ino
         peer.setblocking(False)
+        if buffer:
+            for end in (app_end, peer):
+                end.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, buffer)
         remote = RemoteFile(handle, kind, inode, peer, access)
         self.by_inode[inode] = remote
         if stream:

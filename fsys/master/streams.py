@@ -10,9 +10,10 @@ for the next read). What the program writes is read from the peer end and writte
 on the slave, in order. Control calls (terminal ioctls, fstat) are forwarded, after
 the data written before them (``settle``), as the kernel would order them.
 
-Flow is bounded both ways: one read of at most CHUNK bytes is asked of the slave at
-a time, and asked again only once the program's socket took the last one; one
-write is in flight, and the next is read from the socket only once it is answered
+Flow is bounded both ways: ``reads`` reads of at most ``chunk`` bytes are asked of
+the slave at a time (one of 64 KiB for a terminal or pipe), and asked again only
+once the program's socket took the data; ``window`` writes are in flight (one for a
+terminal or pipe), and the next is read from the socket only once there is room
 (a terminal that stops output, with Ctrl-S, stops the program's writes).
 
 Ends: the stream's end of file (a pipe's, or Ctrl-D on a terminal in canonical mode)
@@ -23,6 +24,7 @@ write fails with EPIPE and SIGPIPE, as on a closed pipe.
 
 from __future__ import annotations
 
+import collections
 import errno
 import fcntl
 import socket
@@ -44,26 +46,39 @@ _INT = struct.Struct("=i")
 Settling = Generator[Write, Reply, None]
 
 
+class Asked:
+    """An operation sent to the slave, and its reply once it comes (``reply``: None
+    while it is awaited, and if the link went down)."""
+
+    __slots__ = ("done", "op", "reply")
+
+    def __init__(self, link: SlaveLink, op: Operation, woken: Callable[[], None]) -> None:
+        self.op = op
+        self.done = trio.Event()
+        self.reply: Reply | None = None
+
+        def on_reply(outcome: Reply | LinkClosed) -> None:
+            if not isinstance(outcome, LinkClosed):
+                self.reply = outcome
+            self.done.set()
+            woken()
+
+        try:
+            link.submit(0, op, on_reply, patient=type(op) is not Write)
+        except LinkClosed:
+            self.done.set()
+
+    async def wait(self) -> Reply | None:
+        await self.done.wait()
+        return self.reply
+
+
 async def ask(link: SlaveLink, op: Operation, woken: Callable[[], None]) -> Reply | None:
     """``op``'s reply; None if the link is down. Cancellable: the reply to an
     abandoned operation is dropped (the slave takes nothing once the session ends).
     Patient: a read waits for the user to type, a socket for its peer (no stall to
     report). ``woken`` runs when the reply comes (fmhub's hot loop goes back to trio)."""
-    done = trio.Event()
-    box: list[Reply | LinkClosed] = []
-
-    def on_reply(outcome: Reply | LinkClosed) -> None:
-        box.append(outcome)
-        done.set()
-        woken()
-
-    try:
-        link.submit(0, op, on_reply, patient=type(op) is not Write)
-    except LinkClosed:
-        return None
-    await done.wait()
-    outcome = box[0]
-    return None if isinstance(outcome, LinkClosed) else outcome
+    return await Asked(link, op, woken).wait()
 
 
 class Stream:
@@ -73,6 +88,13 @@ class Stream:
 
     #: The most one READ asks of the slave.
     chunk = CHUNK
+    #: How many WRITEs may be in flight at once (the slave runs a stream's writes in
+    #: the order they came). One for a terminal or pipe: a write the slave takes
+    #: only in part is sent again, its rest before anything after it.
+    window = 1
+    #: How many READs may be in flight at once (the slave runs a socket's reads in
+    #: the order they came; a terminal's or pipe's waits in a thread: one).
+    reads = 1
 
     def __init__(
         self, link: SlaveLink, remote: RemoteFile, app_end: socket.socket,
@@ -84,6 +106,7 @@ class Stream:
         self.peer = remote.peer
         self._out_scope = trio.CancelScope()
         self._out_done = trio.Event()
+        self._flight: collections.deque[tuple[Asked, bytes | memoryview]] = collections.deque()
         self.read_closed = False  # the program reads end of file now
         self.write_closed = False  # the program's writes fail with EPIPE now
         #: Why the slave refused a write (EPIPE, ECONNRESET...), once it has; the
@@ -106,8 +129,13 @@ class Stream:
 
     async def pump_in(self) -> None:
         """Read the stream on the slave, into the placeholder, until end of file."""
+        flight: collections.deque[Asked] = collections.deque()
         while True:
-            reply = await self._ask(Read(handle=self.handle, size=self.chunk, offset=-1, rwf=0))
+            while len(flight) < self.reads:
+                flight.append(Asked(self.link, Read(handle=self.handle, size=self.chunk,
+                                                    offset=-1, rwf=0), self._wake))  # fmt: skip
+            reply = await flight[0].wait()
+            flight.popleft()
             if reply is None:
                 return  # the link is down
             if reply.result < 0 and reply.result != -errno.EAGAIN:
@@ -122,10 +150,10 @@ class Stream:
                 return
             view = memoryview(reply.blob)
             while view:
-                await trio.lowlevel.wait_writable(self.peer)
                 try:
                     sent = self.peer.send(view)
                 except BlockingIOError:
+                    await trio.lowlevel.wait_writable(self.peer)
                     continue
                 except OSError:
                     return  # no copy of the placeholder is left
@@ -165,27 +193,47 @@ class Stream:
                     with trio.CancelScope(shield=True):  # (drain waits for it)
                         await self._write(data)
         finally:
+            with trio.CancelScope(shield=True):
+                await self._landed(0)
             self._out_done.set()
 
     def _take(self) -> bytes | None:
         """What the program wrote and fmhub has not sent yet; None: nothing now."""
         try:
-            return self.peer.recv(CHUNK)
+            return self.peer.recv(self.chunk)
         except BlockingIOError:
             return None
         except OSError:
             return b""
 
     async def _write(self, data: bytes) -> None:
-        view = memoryview(data)
-        while view and not self.write_closed:
-            reply = await self._ask(Write(handle=self.handle, offset=-1, rwf=0, data=bytes(view)))
+        """Send ``data`` after what was sent before; back once fewer than ``window``
+        writes wait for their answer."""
+        if not self.write_closed:
+            self._flight.append((self._ask_write(data), data))
+        await self._landed(self.window - 1)
+
+    def _ask_write(self, data: bytes | memoryview) -> Asked:
+        return Asked(self.link, Write(handle=self.handle, offset=-1, rwf=0, data=bytes(data)),
+                     self._wake)  # fmt: skip
+
+    async def _landed(self, most: int) -> None:
+        """Wait until at most ``most`` writes are in flight; take their answers."""
+        flight = self._flight
+        while len(flight) > most:
+            reply = await flight[0][0].wait()
+            data = flight.popleft()[1]
             if reply is None:
-                return
-            if reply.result < 0:
-                self._refused(-reply.result)
-                return
-            view = view[reply.result :]
+                flight.clear()  # the link is down
+            elif reply.result < 0:
+                flight.clear()  # (the writes after it find the same error)
+                if not self.write_closed:
+                    self._refused(-reply.result)
+            elif reply.result < len(data) and not self.write_closed:
+                # Taken in part (a terminal's write cut short; a connection that
+                # broke part way, whose next write fails): the rest goes next.
+                rest = memoryview(data)[reply.result :]
+                flight.appendleft((self._ask_write(rest), rest))
 
     def _refused(self, code: int) -> None:
         """The slave refused a write (EPIPE: no reader; EIO: hung up): from now on the
@@ -223,13 +271,14 @@ class Stream:
 
     async def drain(self) -> None:
         """The session ends: every byte the program wrote reaches the slave first."""
-        self._out_scope.cancel()  # (a write in flight finishes: it is shielded)
+        self._out_scope.cancel()  # (writes in flight finish: they are shielded)
         await self._out_done.wait()
         while not self.write_closed:
             data = self._take()
             if not data:
-                return
+                break
             await self._write(data)
+        await self._landed(0)
 
     def close(self) -> None:
         self.app_end.close()

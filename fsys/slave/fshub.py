@@ -54,9 +54,11 @@ from fsys.protocol import (
     Process,
     Processes,
     Read,
+    Recvfrom,
     Reply,
     Role,
     Sendto,
+    Shutdown,
     Signal,
     Stat,
     Stopped,
@@ -69,8 +71,11 @@ from fsys.slave.network import NET_OPS, MustWait
 from fsys.slave.watches import batches
 
 MAX_THREADS = 64
-#: A socket's operations that run in the order they came: its writes, and its close.
-_ORDERED = (Write, Sendto, Close)
+#: A socket's operations that run in the order they came: its writes, its shutdown
+#: (after the data the program wrote before it) and its close; and, among
+#: themselves, its reads (a pumped socket has more than one READ in flight).
+_ORDERED = (Write, Sendto, Shutdown, Close)
+_ORDERED_READS = (Read, Recvfrom)
 #: Entries per ATTRS frame (~300 bytes each: well under a frame's limit).
 ATTRS_BATCH = 2048
 HOT_QUIET_MS = 2
@@ -194,8 +199,10 @@ class SlaveSession:
         #: for, and the event it sets (``_armed``); its fd is in the hot loop's poll
         #: set meanwhile, so that the hot loop goes back to trio when it is ready.
         self._arms: dict[tuple[int, bool], trio.Event] = {}
-        #: The last write still to finish on each socket handle: the next one waits.
+        #: The last write (read) still to finish on each socket handle: the next
+        #: one waits for it (_chain).
         self._sending: dict[int, trio.Event] = {}
+        self._receiving: dict[int, trio.Event] = {}
         self._tasks: trio.Nursery  # (serve's)
         executor.on_socket_close = self._socket_closing
         self.spin = spin_us / 1e6
@@ -348,8 +355,8 @@ class SlaveSession:
     ) -> Reply | None:
         """``call``'s reply if it needs no wait; else None, and a task answers it."""
         handle_id: int = call.op.handle  # type: ignore[union-attr]
-        ordered = type(call.op) in _ORDERED
-        if ordered and handle_id in self._sending:  # a write before it still waits
+        chain = self._chain(call.op)
+        if chain is not None and handle_id in chain:  # a call before it still waits
             self._start_socket_wait(nursery, call, context, None)
             return None
         try:
@@ -363,11 +370,19 @@ class SlaveSession:
     ) -> None:
         handle_id: int = call.op.handle  # type: ignore[union-attr]
         before = done = None
-        if type(call.op) in _ORDERED:
-            before = self._sending.get(handle_id)
-            done = self._sending[handle_id] = trio.Event()
+        chain = self._chain(call.op)
+        if chain is not None:
+            before = chain.get(handle_id)
+            done = chain[handle_id] = trio.Event()
         armed = self._arm(nursery, wait) if wait is not None else None
         nursery.start_soon(self._socket_wait, call, context, wait, armed, before, done)
+
+    def _chain(self, op: Operation) -> dict[int, trio.Event] | None:
+        """The calls ``op`` must come after, by handle: the last one's end, if any."""
+        kind = type(op)
+        if kind in _ORDERED:
+            return self._sending
+        return self._receiving if kind in _ORDERED_READS else None
 
     def _arm(self, nursery: trio.Nursery, wait: MustWait) -> trio.Event:
         """The event set once ``wait.fd`` is ready (or closed), shared by its waiters."""
@@ -453,8 +468,10 @@ class SlaveSession:
             context.waiting.discard(scope)
             if done is not None:
                 done.set()
-                if self._sending.get(call.op.handle) is done:  # type: ignore[union-attr]
-                    del self._sending[call.op.handle]  # type: ignore[union-attr]
+                chain = self._chain(call.op)
+                assert chain is not None
+                if chain.get(call.op.handle) is done:  # type: ignore[union-attr]
+                    del chain[call.op.handle]  # type: ignore[union-attr]
         if reply is None:
             reply = Reply(call.pairing, call.request, -errno.EINTR)
         self._answer(call, reply)

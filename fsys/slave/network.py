@@ -17,6 +17,7 @@ hands the kernel the directory's real path and the name; the addresses it report
 from __future__ import annotations
 
 import errno
+import functools
 import os
 import select
 import socket
@@ -228,5 +229,21 @@ class SocketOps:
         return len(data), data
 
     def net_write(self, handle: Handle, data: bytes) -> Result:
-        with _or_wait(handle.fd, writable=True):
-            return linux.sendto(handle.fd, data, socket.MSG_NOSIGNAL, b""), b""
+        """All of ``data``, or an error: the master keeps more than one WRITE of a
+        pumped socket in flight, so a WRITE never ends part way while the connection
+        lives. If it breaks part way, the count sent (the next WRITE finds the error)."""
+        return _send_all(handle.fd, data, 0)
+
+
+def _send_all(fd: int, data: bytes, sent: int) -> Result:
+    while sent < len(data):
+        try:
+            sent += linux.send_from(fd, data, sent, socket.MSG_NOSIGNAL)
+        except BlockingIOError:
+            retry = functools.partial(_send_all, fd, data, sent)
+            raise MustWait(fd, writable=True, retry=retry) from None
+        except OSError:
+            if not sent:
+                raise
+            break
+    return sent, b""

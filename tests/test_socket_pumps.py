@@ -1,0 +1,226 @@
+"""A pumped socket's data between the hubs, in one process: fshub runs a socket's
+reads in order among themselves and its writes, shutdown and close in order; a
+WRITE is taken whole or fails; fmhub keeps two READs and two WRITEs in flight."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import socket
+import struct
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+
+from fsys.errors import LinkClosed
+from fsys.iostream import LINK_BUFFER, PIPE_BUFFER, FdTransport
+from fsys.master.link import OnReply, SlaveLink
+from fsys.master.net import SOCKET_BUFFER, SocketStream
+from fsys.master.placeholders import Placeholders, RemoteFile
+from fsys.protocol import Connect, Operation, Read, Reply, Setsockopt, Shutdown, Socket, Write
+from tests.conftest import served_link
+
+Answers = list[Reply]
+F_GETPIPE_SZ = 1032
+
+
+@asynccontextmanager
+async def connected(tmp_path: Path) -> AsyncIterator[tuple[SlaveLink, int, socket.socket]]:
+    """The link to a real fshub, a slave TCP socket (its handle) connected to a
+    listener of this test, and the listener's end of the connection."""
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        async with served_link(tmp_path) as link:
+            made = await link.perform(0, Socket(family=socket.AF_INET, type=socket.SOCK_STREAM,
+                                                protocol=0))  # fmt: skip
+            handle = made.result
+            port, ip = server.getsockname()[1], socket.inet_aton("127.0.0.1")
+            addr = struct.pack("=H", socket.AF_INET) + struct.pack("!H4s8x", port, ip)
+            assert (await link.perform(0, Connect(handle=handle, wait=1, addr=addr))).result == 0
+            theirs, _ = server.accept()
+            theirs.setblocking(False)
+            with theirs:
+                yield link, handle, theirs
+
+
+async def small_buffer(link: SlaveLink, handle: int) -> None:
+    """The slave socket's send buffer at its least: a big WRITE must wait for room."""
+    value = struct.pack("=i", 4096)
+    reply = await link.perform(0, Setsockopt(handle=handle, level=socket.SOL_SOCKET,
+                                             name=socket.SO_SNDBUF, value=value))  # fmt: skip
+    assert reply.result == 0
+
+
+def submit(link: SlaveLink, op: Operation, answers: Answers) -> trio.Event:
+    done = trio.Event()
+
+    def on_reply(outcome: Reply | LinkClosed) -> None:
+        assert isinstance(outcome, Reply)
+        answers.append(outcome)
+        done.set()
+
+    link.submit(0, op, on_reply, patient=True)
+    return done
+
+
+async def read_all(sock: socket.socket, size: int) -> bytes:
+    got = bytearray()
+    while len(got) < size:
+        await trio.lowlevel.wait_readable(sock)
+        piece = sock.recv(1 << 20)
+        if not piece:
+            break
+        got += piece
+    return bytes(got)
+
+
+async def test_a_sockets_reads_are_answered_in_the_order_they_came(tmp_path: Path) -> None:
+    async with connected(tmp_path) as (link, handle, theirs):
+        for round_ in range(12):  # (trio runs woken tasks in a random order)
+            firsts: Answers = []
+            seconds: Answers = []
+            first = submit(link, Read(handle=handle, size=3, offset=-1, rwf=0), firsts)
+            second = submit(link, Read(handle=handle, size=3, offset=-1, rwf=0), seconds)
+            await trio.sleep(0.01)  # both wait for data on the slave
+            assert not firsts and not seconds
+            theirs.send(b"abcdef")
+            with trio.fail_after(5):
+                await first.wait()
+                await second.wait()
+            assert (firsts[0].blob, seconds[0].blob) == (b"abc", b"def"), round_
+
+
+async def test_a_write_is_taken_whole_and_two_in_flight_keep_their_order(
+    tmp_path: Path,
+) -> None:
+    size = 3 << 20  # each far beyond the small send buffer below
+    async with connected(tmp_path) as (link, handle, theirs):
+        await small_buffer(link, handle)
+        answers: Answers = []
+        submit(link, Write(handle=handle, offset=-1, rwf=0, data=b"a" * size), answers)
+        submit(link, Write(handle=handle, offset=-1, rwf=0, data=b"b" * size), answers)
+        await trio.sleep(0.05)
+        assert not answers  # both wait for room: neither ends part way
+        with trio.fail_after(10):
+            got = await read_all(theirs, 2 * size)
+            while len(answers) < 2:
+                await trio.sleep(0.01)
+        assert got == b"a" * size + b"b" * size
+        assert [a.result for a in answers] == [size, size]
+
+
+async def test_a_shutdown_waits_for_the_writes_before_it(tmp_path: Path) -> None:
+    size = 2 << 20
+    async with connected(tmp_path) as (link, handle, theirs):
+        await small_buffer(link, handle)
+        answers: Answers = []
+        submit(link, Write(handle=handle, offset=-1, rwf=0, data=b"w" * size), answers)
+        shut = submit(link, Shutdown(handle=handle, how=socket.SHUT_WR), answers)
+        with trio.fail_after(10):
+            got = await read_all(theirs, size + 1)  # to the end of file
+            await shut.wait()
+        assert got == b"w" * size
+        assert [a.result for a in answers] == [size, 0]
+
+
+def counting(link: SlaveLink, kind: type) -> Callable[[], int]:
+    """Wrap ``link.submit``: the most operations of ``kind`` seen in flight at once."""
+    submit_ = link.submit
+    state = {"now": 0, "most": 0}
+
+    def wrapped(pairing: int, op: Operation, on_reply: OnReply, *args: Any, **kw: Any) -> int:
+        if type(op) is not kind:
+            return submit_(pairing, op, on_reply, *args, **kw)
+        state["now"] += 1
+        state["most"] = max(state["most"], state["now"])
+
+        def landed(outcome: Reply | LinkClosed) -> None:
+            state["now"] -= 1
+            on_reply(outcome)
+
+        return submit_(pairing, op, landed, *args, **kw)
+
+    link.submit = wrapped  # type: ignore[method-assign]
+    return lambda: state["most"]
+
+
+@pytest.mark.parametrize("way", ["out", "in"])
+async def test_a_pumped_socket_moves_its_data_whole_with_two_chunks_in_flight(
+    tmp_path: Path, way: str
+) -> None:
+    size = 12 << 20
+    data = bytes(range(256)) * (size // 256)
+    async with connected(tmp_path) as (link, handle, theirs):
+        most = counting(link, Write if way == "out" else Read)
+        app_end, peer = socket.socketpair()
+        peer.setblocking(False)
+        app_end.setblocking(False)
+        remote = RemoteFile(handle, 0o140000, 0, peer)
+        stream = SocketStream(link, remote, 0, lambda: None)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(stream.pump_in)
+            nursery.start_soon(stream.pump_out)
+            sender, receiver = (app_end, theirs) if way == "out" else (theirs, app_end)
+
+            async def send() -> None:
+                view = memoryview(data)
+                while view:
+                    await trio.lowlevel.wait_writable(sender)
+                    try:
+                        view = view[sender.send(view[: 1 << 20]) :]
+                    except BlockingIOError:
+                        pass
+
+            nursery.start_soon(send)
+            with trio.fail_after(20):
+                got = await read_all(receiver, size)
+            nursery.cancel_scope.cancel()
+        app_end.close()
+        peer.close()
+        assert got == data
+        assert most() == 2
+
+
+def granted(wanted: int, sysctl: str) -> int:
+    """The most a socket buffer of ``wanted`` bytes reads back as (the kernel doubles
+    what it is asked for, up to twice the sysctl's cap)."""
+    return 2 * min(wanted, int(Path(f"/proc/sys/net/core/{sysctl}").read_text()))
+
+
+async def test_the_link_asks_for_room_for_its_largest_frames() -> None:
+    ours, theirs = socket.socketpair()
+    theirs.close()
+    read_end, write_end = os.pipe()
+    ours_fd = ours.detach()
+    transports = [FdTransport(ours_fd, ours_fd), FdTransport(read_end, write_end)]
+    try:
+        sock = socket.socket(fileno=os.dup(ours_fd))
+        with sock:
+            assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) >= granted(
+                LINK_BUFFER, "wmem_max"
+            )
+            assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF) >= granted(
+                LINK_BUFFER, "rmem_max"
+            )
+        assert fcntl.fcntl(write_end, F_GETPIPE_SZ) >= PIPE_BUFFER  # (root: LINK_BUFFER)
+    finally:
+        for transport in transports:
+            transport.close()
+
+
+def test_a_stream_sockets_placeholder_holds_chunks_each_way(tmp_path: Path) -> None:
+    placeholders = Placeholders()
+    try:
+        app_end, remote = placeholders.create(5, 0o140000, ready=False, buffer=SOCKET_BUFFER)
+        with app_end:
+            for end in (app_end, remote.peer):
+                room = end.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
+                assert room >= granted(SOCKET_BUFFER, "wmem_max")
+        plain, _ = placeholders.create(6, 0o100000)
+        with plain:
+            assert plain.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) < room
+    finally:
+        placeholders.close()
