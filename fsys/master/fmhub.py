@@ -164,7 +164,7 @@ class Hub:
         #: The hot loop's poll set (``_hot``): the listener, the link, the placeholders'
         #: last closes, and the streams' peers.
         self._poller = select.poll()
-        self._peers: set[int] = set()  # (the streams' peers in it)
+        self._peers: dict[int, Stream] = {}  # (the streams' peers in it)
         self._woken = False  # (``wake``)
         link.on_signal = self.deliver_signal
         link.on_census = self.census
@@ -184,7 +184,7 @@ class Hub:
             poller.register(self.placeholders.fileno(), select.POLLIN)
             for stream in self.streams.values():  # data from the program: to trio
                 poller.register(stream.peer.fileno(), select.POLLIN)
-                self._peers.add(stream.peer.fileno())
+                self._peers[stream.peer.fileno()] = stream
             nursery.start_soon(self._reap_closed)
             nursery.start_soon(self._watch_interrupts)
             while True:
@@ -272,7 +272,8 @@ class Hub:
                     if not self.link.alive:
                         poller.unregister(link_fd)
                 elif fd in peers:
-                    return True  # the program wrote to a stream: its pump, in trio
+                    if not peers[fd].push():  # the program wrote to a stream
+                        return True  # its pump's task must run, in trio
                 elif fd == closed_fd:
                     self.reap()
                 elif mask & select.POLLIN:
@@ -497,12 +498,12 @@ class Hub:
         the program writes into it to trio at once."""
         self.streams[stream.handle] = stream
         self._poller.register(stream.peer.fileno(), select.POLLIN)
-        self._peers.add(stream.peer.fileno())
+        self._peers[stream.peer.fileno()] = stream
 
     def remove_stream(self, stream: Stream) -> None:
         if self.streams.pop(stream.handle, None) is not None:
             fd = stream.peer.fileno()
-            self._peers.discard(fd)
+            self._peers.pop(fd, None)
             try:
                 self._poller.unregister(fd)
             except (KeyError, ValueError):

@@ -48,11 +48,12 @@ Settling = Generator[Write, Reply, None]
 
 class Asked:
     """An operation sent to the slave, and its reply once it comes (``reply``: None
-    while it is awaited, and if the link went down)."""
+    while it is awaited, and if the link went down). ``then`` runs when it comes,
+    where the link reads it (in fmhub's hot loop, or its trio task)."""
 
     __slots__ = ("done", "op", "reply")
 
-    def __init__(self, link: SlaveLink, op: Operation, woken: Callable[[], None]) -> None:
+    def __init__(self, link: SlaveLink, op: Operation, then: Callable[[], None]) -> None:
         self.op = op
         self.done = trio.Event()
         self.reply: Reply | None = None
@@ -61,7 +62,7 @@ class Asked:
             if not isinstance(outcome, LinkClosed):
                 self.reply = outcome
             self.done.set()
-            woken()
+            then()
 
         try:
             link.submit(0, op, on_reply, patient=type(op) is not Write)
@@ -106,58 +107,92 @@ class Stream:
         self.peer = remote.peer
         self._out_scope = trio.CancelScope()
         self._out_done = trio.Event()
+        #: The WRITEs in flight, oldest first, with their data; the READs, and the
+        #: part of the oldest one's data that the placeholder has not taken yet.
         self._flight: collections.deque[tuple[Asked, bytes | memoryview]] = collections.deque()
+        self._reads: collections.deque[Asked] = collections.deque()
+        self._unput: memoryview | None = None
+        self._in_over = False  # pump_in has ended: its READs' answers are dropped
         self.read_closed = False  # the program reads end of file now
         self.write_closed = False  # the program's writes fail with EPIPE now
         #: Why the slave refused a write (EPIPE, ECONNRESET...), once it has; the
         #: error a read reports before end of file (a socket's ECONNRESET).
         self.write_error = 0
         self.read_error = 0
-        #: Called when a reply for this stream has woken its pump: fmhub's hot loop,
-        #: which does not let trio run, goes back to trio at once (the pumps are
-        #: trio tasks: a keystroke must not wait for the loop's quiet spell).
+        #: Called when a reply for this stream needs its pump's task: fmhub's hot
+        #: loop, which does not let trio run, goes back to trio at once (a keystroke
+        #: must not wait for the loop's quiet spell). Replies that need no task (data
+        #: the placeholder takes at once, a write taken whole) are dealt with where
+        #: they arrive, and the hot loop goes on.
         self._wake = wake
 
     @property
     def handle(self) -> int:
         return self.remote.handle
 
-    async def _ask(self, op: Read | Write) -> Reply | None:
-        return await ask(self.link, op, self._wake)
-
     # --- slave -> program -----------------------------------------------------------
 
     async def pump_in(self) -> None:
         """Read the stream on the slave, into the placeholder, until end of file."""
-        flight: collections.deque[Asked] = collections.deque()
-        while True:
-            while len(flight) < self.reads:
-                flight.append(Asked(self.link, Read(handle=self.handle, size=self.chunk,
-                                                    offset=-1, rwf=0), self._wake))  # fmt: skip
-            reply = await flight[0].wait()
-            flight.popleft()
+        try:
+            self._ask_reads()
+            while True:
+                await self._reads[0].done.wait()
+                state = self._put()
+                if state == "end":
+                    return
+                if state == "full":
+                    await trio.lowlevel.wait_writable(self.peer)
+                elif state == "again":
+                    await trio.sleep(0.05)  # a stream left non-blocking on the slave
+                    self._reads.popleft()
+                    self._ask_reads()
+        finally:
+            self._in_over = True
+
+    def _ask_reads(self) -> None:
+        while len(self._reads) < self.reads:
+            op = Read(handle=self.handle, size=self.chunk, offset=-1, rwf=0)
+            self._reads.append(Asked(self.link, op, self._read_landed))
+
+    def _read_landed(self) -> None:
+        """A READ is answered (they are, in order): its data goes into the
+        placeholder now, if it takes it; anything else is the task's."""
+        if not self._in_over and self._unput is None and self._put() != "put":
+            self._wake()
+
+    def _put(self) -> str:
+        """Put the answered READs' data into the placeholder, in order, and ask for
+        more: "put" (all of it), "full" (the placeholder holds its most), "again"
+        (the slave's stream said EAGAIN), "end" (end of file, an error, no link)."""
+        reads = self._reads
+        while reads and reads[0].done.is_set():
+            reply = reads[0].reply
             if reply is None:
-                return  # the link is down
-            if reply.result < 0 and reply.result != -errno.EAGAIN:
-                self.failed(-reply.result)  # (EIO: hung up; ECONNRESET...)
-                return
+                return "end"  # the link is down
             if reply.result == -errno.EAGAIN:
-                await trio.sleep(0.05)  # a stream left non-blocking on the slave
-                continue
+                return "again"
+            if reply.result < 0:
+                self.failed(-reply.result)  # (EIO: hung up; ECONNRESET...)
+                return "end"
             if not reply.blob:
                 self._shut(socket.SHUT_WR)
                 self.read_closed = True
-                return
-            view = memoryview(reply.blob)
-            while view:
-                try:
-                    sent = self.peer.send(view)
-                except BlockingIOError:
-                    await trio.lowlevel.wait_writable(self.peer)
-                    continue
-                except OSError:
-                    return  # no copy of the placeholder is left
-                view = view[sent:]
+                return "end"
+            view = memoryview(reply.blob) if self._unput is None else self._unput
+            try:
+                sent = self.peer.send(view)
+            except BlockingIOError:
+                sent = 0
+            except OSError:
+                return "end"  # no copy of the placeholder is left
+            if sent < len(view):
+                self._unput = view[sent:]
+                return "full"
+            self._unput = None
+            reads.popleft()
+            self._ask_reads()
+        return "put"
 
     def failed(self, code: int) -> None:
         """The stream's read on the slave failed with ``code``: no more input."""
@@ -180,22 +215,43 @@ class Stream:
     # --- program -> slave -----------------------------------------------------------
 
     async def pump_out(self) -> None:
-        """Write what the program writes into the placeholder on the slave, in order."""
+        """Write what the program writes into the placeholder on the slave, in order
+        (fmhub's hot loop sends it first when it can: ``push``)."""
         try:
             with self._out_scope:
                 while True:
+                    await self._landed(self.window - 1)
                     await trio.lowlevel.wait_readable(self.peer)
-                    data = self._take()
-                    if data is None:
-                        continue
-                    if not data:
+                    if self._send_taken() is False:
                         return
-                    with trio.CancelScope(shield=True):  # (drain waits for it)
-                        await self._write(data)
         finally:
-            with trio.CancelScope(shield=True):
+            with trio.CancelScope(shield=True):  # (drain waits for them)
                 await self._landed(0)
             self._out_done.set()
+
+    def push(self) -> bool:
+        """The program wrote into the placeholder: send it now, while the window has
+        room (fmhub's hot loop). False: the pump's task must run (end of file, a
+        refused write, data left with the window full)."""
+        if len(self._flight) >= self.window or self.write_closed:
+            return False
+        while len(self._flight) < self.window:
+            sent = self._send_taken()
+            if not sent:
+                return sent is None
+        return True  # (if some is left, the hot loop sees it again, and comes back)
+
+    def _send_taken(self) -> bool | None:
+        """Take what the program wrote and send it: True; None: nothing there;
+        False: end of file (its last copy is closed)."""
+        data = self._take()
+        if data is None:
+            return None
+        if not data:
+            return False
+        if not self.write_closed:  # (else it goes nowhere, as into a broken pipe)
+            self._flight.append((self._ask_write(data), data))
+        return True
 
     def _take(self) -> bytes | None:
         """What the program wrote and fmhub has not sent yet; None: nothing now."""
@@ -206,34 +262,45 @@ class Stream:
         except OSError:
             return b""
 
-    async def _write(self, data: bytes) -> None:
-        """Send ``data`` after what was sent before; back once fewer than ``window``
-        writes wait for their answer."""
-        if not self.write_closed:
-            self._flight.append((self._ask_write(data), data))
-        await self._landed(self.window - 1)
-
     def _ask_write(self, data: bytes | memoryview) -> Asked:
-        return Asked(self.link, Write(handle=self.handle, offset=-1, rwf=0, data=bytes(data)),
-                     self._wake)  # fmt: skip
+        op = Write(handle=self.handle, offset=-1, rwf=0, data=bytes(data))
+        return Asked(self.link, op, self._write_landed)
+
+    def _write_landed(self) -> None:
+        """A WRITE is answered: take the answers now; the task runs if it waits for
+        room, or a write failed."""
+        full = len(self._flight) >= self.window
+        if not self._answers() or full:
+            self._wake()
 
     async def _landed(self, most: int) -> None:
-        """Wait until at most ``most`` writes are in flight; take their answers."""
-        flight = self._flight
-        while len(flight) > most:
-            reply = await flight[0][0].wait()
-            data = flight.popleft()[1]
+        """Wait until at most ``most`` writes are in flight."""
+        while len(self._flight) > most:
+            await self._flight[0][0].done.wait()
+            self._answers()
+
+    def _answers(self) -> bool:
+        """Take the answers of the oldest writes, as far as they have come. False if
+        one failed or was taken in part."""
+        flight, clean = self._flight, True
+        while flight and flight[0][0].done.is_set():
+            asked, data = flight.popleft()
+            reply = asked.reply
             if reply is None:
                 flight.clear()  # the link is down
-            elif reply.result < 0:
+                return False
+            if reply.result < 0:
                 flight.clear()  # (the writes after it find the same error)
                 if not self.write_closed:
                     self._refused(-reply.result)
-            elif reply.result < len(data) and not self.write_closed:
+                return False
+            if reply.result < len(data) and not self.write_closed:
                 # Taken in part (a terminal's write cut short; a connection that
                 # broke part way, whose next write fails): the rest goes next.
                 rest = memoryview(data)[reply.result :]
                 flight.appendleft((self._ask_write(rest), rest))
+                clean = False
+        return clean
 
     def _refused(self, code: int) -> None:
         """The slave refused a write (EPIPE: no reader; EIO: hung up): from now on the
@@ -273,11 +340,8 @@ class Stream:
         """The session ends: every byte the program wrote reaches the slave first."""
         self._out_scope.cancel()  # (writes in flight finish: they are shielded)
         await self._out_done.wait()
-        while not self.write_closed:
-            data = self._take()
-            if not data:
-                break
-            await self._write(data)
+        while self._send_taken():
+            await self._landed(self.window - 1)
         await self._landed(0)
 
     def close(self) -> None:

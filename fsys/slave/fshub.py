@@ -54,11 +54,8 @@ from fsys.protocol import (
     Process,
     Processes,
     Read,
-    Recvfrom,
     Reply,
     Role,
-    Sendto,
-    Shutdown,
     Signal,
     Stat,
     Stopped,
@@ -68,14 +65,10 @@ from fsys.slave.confinement import Confinement
 from fsys.slave.control import serve_control
 from fsys.slave.executor import PRIMED_MASK, UNCHANGING, Executor, MustBlock, Watched
 from fsys.slave.network import NET_OPS, MustWait
+from fsys.slave.waits import Cancellable, SocketWaits
 from fsys.slave.watches import batches
 
 MAX_THREADS = 64
-#: A socket's operations that run in the order they came: its writes, its shutdown
-#: (after the data the program wrote before it) and its close; and, among
-#: themselves, its reads (a pumped socket has more than one READ in flight).
-_ORDERED = (Write, Sendto, Shutdown, Close)
-_ORDERED_READS = (Read, Recvfrom)
 #: Entries per ATTRS frame (~300 bytes each: well under a frame's limit).
 ATTRS_BATCH = 2048
 HOT_QUIET_MS = 2
@@ -94,13 +87,14 @@ class PairingContext:
     pairing: int
     parent: int
     calls: int = 0
-    waiting: set[trio.CancelScope] = field(default_factory=set)  # calls in threads now
+    #: Its calls that wait now: in threads (their scopes), for sockets (fsys.slave.waits).
+    waiting: set[Cancellable] = field(default_factory=set)
     closed: bool = False
 
     def close(self) -> None:
         self.closed = True
-        for scope in self.waiting:
-            scope.cancel()
+        for waiting in list(self.waiting):  # (a socket's wait leaves the set at once)
+            waiting.cancel()
 
 
 def perform(executor: Executor, call: Call, *, blocking: bool = False) -> Reply:
@@ -195,16 +189,10 @@ class SlaveSession:
         #: The calls that wait (in threads, or for a socket), by (pairing, request):
         #: what their CANCEL does.
         self._cancels: dict[tuple[int, int], Callable[[], None]] = {}
-        #: The sockets' waits: one trio task per (fd, writable) that some call waits
-        #: for, and the event it sets (``_armed``); its fd is in the hot loop's poll
-        #: set meanwhile, so that the hot loop goes back to trio when it is ready.
-        self._arms: dict[tuple[int, bool], trio.Event] = {}
-        #: The last write (read) still to finish on each socket handle: the next
-        #: one waits for it (_chain).
-        self._sending: dict[int, trio.Event] = {}
-        self._receiving: dict[int, trio.Event] = {}
-        self._tasks: trio.Nursery  # (serve's)
-        executor.on_socket_close = self._socket_closing
+        #: The socket calls that wait for their sockets (its fd is in the hot
+        #: loop's poll set: the loop runs them when their sockets are ready).
+        self._waits = SocketWaits(self._run, self._answer, self._cancels)
+        executor.on_socket_close = self._waits.closing
         self.spin = spin_us / 1e6
         self.transport = transport
         self.executor = executor
@@ -350,131 +338,9 @@ class SlaveSession:
             return handle is not None and handle.net
         return False
 
-    def _socket_call(
-        self, nursery: trio.Nursery, call: Call, context: PairingContext
-    ) -> Reply | None:
-        """``call``'s reply if it needs no wait; else None, and a task answers it."""
-        handle_id: int = call.op.handle  # type: ignore[union-attr]
-        chain = self._chain(call.op)
-        if chain is not None and handle_id in chain:  # a call before it still waits
-            self._start_socket_wait(nursery, call, context, None)
-            return None
-        try:
-            return perform(self.executor, call)
-        except MustWait as wait:
-            self._start_socket_wait(nursery, call, context, wait)
-            return None
-
-    def _start_socket_wait(
-        self, nursery: trio.Nursery, call: Call, context: PairingContext, wait: MustWait | None
-    ) -> None:
-        handle_id: int = call.op.handle  # type: ignore[union-attr]
-        before = done = None
-        chain = self._chain(call.op)
-        if chain is not None:
-            before = chain.get(handle_id)
-            done = chain[handle_id] = trio.Event()
-        armed = self._arm(nursery, wait) if wait is not None else None
-        nursery.start_soon(self._socket_wait, call, context, wait, armed, before, done)
-
-    def _chain(self, op: Operation) -> dict[int, trio.Event] | None:
-        """The calls ``op`` must come after, by handle: the last one's end, if any."""
-        kind = type(op)
-        if kind in _ORDERED:
-            return self._sending
-        return self._receiving if kind in _ORDERED_READS else None
-
-    def _arm(self, nursery: trio.Nursery, wait: MustWait) -> trio.Event:
-        """The event set once ``wait.fd`` is ready (or closed), shared by its waiters."""
-        key = (wait.fd, wait.writable)
-        armed = self._arms.get(key)
-        if armed is None:
-            armed = self._arms[key] = trio.Event()
-            self._poll_arms(wait.fd)
-            nursery.start_soon(self._watch_socket, key, armed)
-        return armed
-
-    def _poll_arms(self, fd: int) -> None:
-        mask = select.POLLIN * ((fd, False) in self._arms)
-        mask |= select.POLLOUT * ((fd, True) in self._arms)
-        try:
-            if mask:
-                self._poller.register(fd, mask)
-            else:
-                self._poller.unregister(fd)
-        except (KeyError, OSError):
-            pass
-
-    def _socket_closing(self, fd: int) -> None:
-        """A socket's fd is about to be closed: its waits end (its calls find EBADF),
-        and a watch not started yet never waits on the number."""
-        trio.lowlevel.notify_closing(fd)
-        for key in ((fd, False), (fd, True)):
-            armed = self._arms.pop(key, None)
-            if armed is not None:
-                armed.set()
-        self._poll_arms(fd)
-
-    async def _watch_socket(self, key: tuple[int, bool], armed: trio.Event) -> None:
-        fd, writable = key
-        if self._arms.get(key) is not armed:
-            return  # its socket was closed before this task began
-        try:
-            if writable:
-                await trio.lowlevel.wait_writable(fd)
-            else:
-                await trio.lowlevel.wait_readable(fd)
-        except (trio.ClosedResourceError, OSError):
-            pass  # its handle is closed: its waiters find EBADF
-        finally:
-            if self._arms.get(key) is armed:
-                del self._arms[key]
-                self._poll_arms(fd)
-            armed.set()
-
-    async def _socket_wait(
-        self, call: Call, context: PairingContext, wait: MustWait | None,
-        armed: trio.Event | None, before: trio.Event | None, done: trio.Event | None,
-    ) -> None:  # fmt: skip
-        """Answer ``call`` once its socket lets it run; EINTR if CANCEL (a signal in
-        the program) or the end of its process comes first."""
-        key = (call.pairing, call.request)
-        scope = trio.CancelScope()
-        if context.closed:
-            scope.cancel()
-        self._cancels[key] = scope.cancel
-        context.waiting.add(scope)
-        reply: Reply | None = None
-        try:
-            with scope:
-                if before is not None:
-                    await before.wait()
-                while True:
-                    if wait is not None:
-                        assert armed is not None
-                        await armed.wait()
-                        retry = wait.retry
-                    else:
-                        retry = None
-                    try:
-                        reply = (
-                            perform(self.executor, call) if retry is None else _retried(call, retry)
-                        )
-                        break
-                    except MustWait as again:
-                        wait, armed = again, self._arm(self._tasks, again)
-        finally:
-            self._cancels.pop(key, None)
-            context.waiting.discard(scope)
-            if done is not None:
-                done.set()
-                chain = self._chain(call.op)
-                assert chain is not None
-                if chain.get(call.op.handle) is done:  # type: ignore[union-attr]
-                    del chain[call.op.handle]  # type: ignore[union-attr]
-        if reply is None:
-            reply = Reply(call.pairing, call.request, -errno.EINTR)
-        self._answer(call, reply)
+    def _run(self, call: Call, retry: Callable[[], tuple[int, bytes]] | None) -> Reply:
+        """A socket call, or the retry of one that waited (SocketWaits)."""
+        return perform(self.executor, call) if retry is None else _retried(call, retry)
 
     def _answer(self, call: Call, reply: Reply) -> None:
         """Send the reply of a call that waited (and what changed before it)."""
@@ -509,8 +375,8 @@ class SlaveSession:
         info = f"fsys-slave pid={os.getpid()} root={self.executor.root}".encode()
         try:
             async with trio.open_nursery() as nursery:
-                self._tasks = nursery
                 nursery.start_soon(self.transport.serve_writer)
+                nursery.start_soon(self._waits.serve)
                 nursery.start_soon(serve_control, self, self.label)
                 features = (FEATURE_STDIO if self.executor.lent else 0) | FEATURE_NET
                 self.transport.write(self.conn.send(Hello(features=features, info=info)))
@@ -520,6 +386,7 @@ class SlaveSession:
                 nursery.cancel_scope.cancel()
         finally:
             self.executor.close()
+            self._waits.close()
         if self.error is not None:
             raise self.error
 
@@ -541,6 +408,8 @@ class SlaveSession:
     async def _serve_requests(self, nursery: trio.Nursery) -> None:
         poller = self._poller
         poller.register(self.transport.read_fd, select.POLLIN)
+        waits_fd = self._waits.fileno()
+        poller.register(waits_fd, select.POLLIN)
         while True:
             data = await self.transport.receive()
             if not self._feed(data, nursery):
@@ -553,17 +422,16 @@ class SlaveSession:
                 events = self._spin(poller, self.spin) or poller.poll(HOT_QUIET_MS)
                 if not events:
                     break
-                armed = False
                 for fd, _mask in events:
-                    if fd == self.executor.watches.fd:
+                    if fd == waits_fd:
+                        self._waits.fire()  # sockets that calls wait for are ready
+                    elif fd == self.executor.watches.fd:
                         self._send_changes()
-                    elif fd != self.transport.read_fd:
-                        armed = True  # a socket that a call waits for: to trio
                     else:
                         more = self.transport.receive_nowait()
                         if more is not None and not self._feed(more, nursery):
                             return
-                if armed or time.monotonic() > deadline:
+                if time.monotonic() > deadline:
                     break
 
     @staticmethod
@@ -604,7 +472,7 @@ class SlaveSession:
                 context = self.pairings[event.pairing]
                 context.calls += 1
                 if executor.handles and self._on_socket(event.op):
-                    reply = self._socket_call(nursery, event, context)
+                    reply = self._waits.call(event, context)
                     if reply is not None:
                         out += before_reply(executor, conn, event.op)
                         if event.request:
