@@ -106,6 +106,32 @@ class FdTransport:
             self._pending += memoryview(data)[n:]
             self._wake.set()
 
+    def writev(self, parts: list[bytes | bytearray]) -> None:
+        """``write`` of ``parts`` one after the other, without joining them: a large
+        blob goes from where it is into the kernel (only what the kernel does not
+        take at once is copied, to wait)."""
+        if self._broken is not None:
+            raise LinkClosed(self._broken)
+        if self._pending:
+            for part in parts:
+                self._pending += part
+            return
+        try:
+            n = os.writev(self.write_fd, parts)
+        except BlockingIOError:
+            n = 0
+        except OSError as exc:
+            self._break(f"write failed: {os.strerror(exc.errno or errno.EIO)}")
+            raise LinkClosed(self._broken or "write failed") from exc
+        for part in parts:
+            if n >= len(part):
+                n -= len(part)
+                continue
+            self._pending += memoryview(part)[n:]
+            n = 0
+        if self._pending:
+            self._wake.set()
+
     @property
     def backlog(self) -> int:
         return len(self._pending)

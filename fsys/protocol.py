@@ -170,6 +170,7 @@ SPECS: Final[dict[type, Spec]] = {}
 _BY_CODE: Final[dict[int, Spec]] = {}
 
 _R = TypeVar("_R")
+_T = TypeVar("_T")
 
 
 _tuple_new = tuple.__new__
@@ -1007,6 +1008,11 @@ def check_call(op: Operation) -> None:
 
 
 def _encode_call(event: Call) -> bytes:
+    parts = _call_parts(event)
+    return parts[0] if len(parts) == 1 else b"".join(parts)
+
+
+def _call_parts(event: Call) -> list[bytes]:
     pairing, request, op = event
     spec = SPECS[type(op)]
     if not (0 <= pairing <= _U32_MAX and 0 <= request <= _U32_MAX):
@@ -1028,9 +1034,29 @@ def _encode_call(event: Call) -> bytes:
     except struct.error as exc:
         raise LocalProtocolError(f"{spec.op.name}: {exc}") from None
     if not limits:
-        return first
+        return [first]
     parts[0] = first
-    return b"".join(parts)
+    return parts
+
+
+def encode_iov(event: Event) -> list[bytes]:
+    """The bytes of one frame in pieces, its strings and blobs not copied (for
+    writev: a WRITE's data, a READ's reply). Raises LocalProtocolError as ``encode``."""
+    if isinstance(event, Call):
+        return _call_parts(event)
+    if isinstance(event, Reply):
+        return [_reply_head(event), event.blob]
+    return [encode(event)]
+
+
+def _reply_head(event: Reply) -> bytes:
+    """A REPLY frame but its blob."""
+    blob = event.blob
+    if len(blob) > MAX_IO:
+        raise LocalProtocolError(f"reply of {len(blob)} bytes")
+    _check_ids(event.pairing, event.request)
+    head = HEADER.pack(8 + len(blob), Kind.REPLY, event.flags, 0, event.pairing, event.request)
+    return head + _I64.pack(event.result)
 
 
 def encode(event: Event) -> bytes:
@@ -1038,12 +1064,7 @@ def encode(event: Event) -> bytes:
     if isinstance(event, Call):
         return _encode_call(event)
     if isinstance(event, Reply):
-        blob = event.blob
-        if len(blob) > MAX_IO:
-            raise LocalProtocolError(f"reply of {len(blob)} bytes")
-        _check_ids(event.pairing, event.request)
-        head = HEADER.pack(8 + len(blob), Kind.REPLY, event.flags, 0, event.pairing, event.request)
-        return head + _I64.pack(event.result) + blob
+        return _reply_head(event) + event.blob
     if isinstance(event, Invalidate):
         body = b"".join([_U32.pack(len(p)) + p for p in event.paths])
         if len(body) > MAX_BODY or any(len(p) >= MAX_PATH for p in event.paths):
@@ -1388,6 +1409,14 @@ class Connection:
     # sending
 
     def send(self, event: Event) -> bytes:
+        """The bytes of ``event``; LocalProtocolError if this side cannot send it now."""
+        return self._send(event, encode)
+
+    def send_iov(self, event: Event) -> list[bytes]:
+        """``send``, in pieces (``encode_iov``): a large blob is not copied."""
+        return self._send(event, encode_iov)
+
+    def _send(self, event: Event, encoder: Callable[[Event], _T]) -> _T:
         event_type = type(event)
         new = self._our_allowed.get(event_type)
         if new is None:
@@ -1400,7 +1429,7 @@ class Connection:
             problem = _check_pairings(self.pairings, event)
             if problem is not None:
                 raise LocalProtocolError(problem)
-        data = encode(event)
+        data = encoder(event)
         if master and (event_type is OpenPairing or event_type is ClosePairing):
             self.pairings.apply(event)
         if new is not self.our_state:

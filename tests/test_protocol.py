@@ -40,6 +40,7 @@ from fsys.protocol import (
     Write,
     check_call,
     encode,
+    encode_iov,
 )
 
 
@@ -418,3 +419,33 @@ def test_a_forged_processes_answer_is_named(body: bytes, message: str) -> None:
     master.receive_data(HEADER.pack(1, Kind.CENSUS, 0, 0, 0, 1) + b"x")
     with pytest.raises(RemoteProtocolError, match="bad CENSUS body"):
         master.next_event()
+
+
+@pytest.mark.parametrize(
+    "event",
+    [
+        Call(1, 2, Write(handle=3, offset=-1, rwf=0, data=b"d" * 70000)),
+        Call(1, 2, Stat(dir=0, flags=0, mask=0x7FF, path=b"/a/b")),
+        Call(1, 2, Close(handle=5)),
+        Reply(1, 2, 70000, b"r" * 70000, 0),
+        Reply(1, 2, -2),
+        Goodbye(b"bye"),
+    ],
+)
+def test_a_frame_in_pieces_is_the_frame(event: Event) -> None:
+    pieces = encode_iov(event)
+    assert b"".join(pieces) == encode(event)
+    blob = getattr(event, "blob", None)
+    if isinstance(event, Call) and isinstance(event.op, Write):
+        blob = event.op.data
+    if blob:
+        assert any(piece is blob for piece in pieces)  # not copied
+
+
+def test_sending_in_pieces_keeps_the_rules_of_sending() -> None:
+    conn = Connection(Role.SLAVE)
+    with pytest.raises(LocalProtocolError):
+        conn.send_iov(Reply(1, 2, 0, b"x"))  # before HELLO
+    conn.send_iov(Hello())
+    with pytest.raises(LocalProtocolError):
+        conn.send_iov(Reply(1, 2, 0, bytes(MAX_IO + 1)))

@@ -426,3 +426,28 @@ def test_a_socket_closed_under_its_waits_ends_them_with_ebadf(gate: Gate) -> Non
     os.write(gate.w, b"x")
     gate.waits.fire()  # the fd is out of the set: nothing runs
     assert gate.runs == [1] and len(gate.answers) == 1
+
+
+async def test_the_links_writev_keeps_order_through_a_full_socket() -> None:
+    ours, theirs = socket.socketpair()
+    theirs.setblocking(False)
+    ours_fd = ours.detach()
+    transport = FdTransport(ours_fd, ours_fd)
+    try:
+        with socket.socket(fileno=os.dup(ours_fd)) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)  # (after widen)
+        first, second = b"a" * (3 << 20), bytearray(b"b" * 100)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(transport.serve_writer)
+            transport.writev([first, second])
+            second[:] = b"c" * 100  # (what waits was copied: the caller may reuse it)
+            assert transport.backlog > 0
+            transport.write(b"z")  # after them
+            transport.writev([b"y"])
+            with trio.fail_after(10):
+                got = await read_all(theirs, len(first) + 102)
+            nursery.cancel_scope.cancel()
+        assert got == first + b"b" * 100 + b"zy"
+    finally:
+        transport.close()
+        theirs.close()

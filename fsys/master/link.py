@@ -317,9 +317,11 @@ class SlaveLink:
         """Queue ``events`` for the slave; LinkClosed if the link is down or ending."""
         if not self.alive or self._closing:
             raise LinkClosed(self.failure or "the session is ending")
-        data = b"".join([self.conn.send(e) for e in events])
+        parts: list[bytes | bytearray] = []
+        for event in events:
+            parts += self.conn.send_iov(event)  # (a WRITE's data is not copied)
         try:
-            self.transport.write(data)
+            self.transport.writev(parts)
         except LinkClosed:
             self._fail("the slave went away (write failed)")
             raise

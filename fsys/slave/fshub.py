@@ -72,6 +72,8 @@ MAX_THREADS = 64
 #: Entries per ATTRS frame (~300 bytes each: well under a frame's limit).
 ATTRS_BATCH = 2048
 HOT_QUIET_MS = 2
+#: A reply blob this large is written from where it is, not copied among the frames.
+BIG_BLOB = 64 << 10
 HOT_SLICE = 0.010
 
 
@@ -345,13 +347,24 @@ class SlaveSession:
     def _answer(self, call: Call, reply: Reply) -> None:
         """Send the reply of a call that waited (and what changed before it)."""
         try:
-            out = before_reply(self.executor, self.conn, call.op)
+            out = bytearray(before_reply(self.executor, self.conn, call.op))
             if call.request:
-                out += self.conn.send(reply)
+                self._add(out, reply)
             if out:
                 self.transport.write(out)
         except (LinkClosed, LocalProtocolError):
             pass  # the master is gone, or has said goodbye: the session is over
+
+    def _add(self, out: bytearray, reply: Reply) -> None:
+        """Add ``reply`` to the frames to send (``out``); a large blob is not copied
+        there: it is written at once, after what ``out`` held."""
+        head, blob = self.conn.send_iov(reply)
+        if len(blob) < BIG_BLOB:
+            out += head
+            out += blob
+        else:
+            self.transport.writev([out, head, blob])
+            out.clear()
 
     def _send_changes(self) -> None:
         """Send an INVALIDATE of what changed on the slave since the last look, if any."""
@@ -476,7 +489,7 @@ class SlaveSession:
                     if reply is not None:
                         out += before_reply(executor, conn, event.op)
                         if event.request:
-                            out += conn.send(reply)
+                            self._add(out, reply)
                     continue
                 key = self._ordered(event) if executor.handles else None
                 if key is not None:
@@ -492,7 +505,7 @@ class SlaveSession:
                     continue
                 out += before_reply(executor, conn, event.op)
                 if event.request:
-                    out += conn.send(reply)
+                    self._add(out, reply)
             elif isinstance(event, Hello):
                 if executor.hello(event.features):  # the master keeps a cache: watch
                     self._poller.register(executor.watches.fd, select.POLLIN)
