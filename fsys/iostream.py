@@ -90,21 +90,7 @@ class FdTransport:
 
     def write(self, data: bytes | bytearray) -> None:
         """Queue ``data`` and write as much as the kernel takes now. Never blocks."""
-        if self._broken is not None:
-            raise LinkClosed(self._broken)
-        if self._pending:
-            self._pending += data
-            return
-        try:
-            n = os.write(self.write_fd, data)
-        except BlockingIOError:
-            n = 0
-        except OSError as exc:
-            self._break(f"write failed: {os.strerror(exc.errno or errno.EIO)}")
-            raise LinkClosed(self._broken or "write failed") from exc
-        if n < len(data):
-            self._pending += memoryview(data)[n:]
-            self._wake.set()
+        self.writev([data])
 
     def writev(self, parts: list[bytes | bytearray]) -> None:
         """``write`` of ``parts`` one after the other, without joining them: a large
@@ -117,7 +103,11 @@ class FdTransport:
                 self._pending += part
             return
         try:
-            n = os.writev(self.write_fd, parts)
+            n = (
+                os.writev(self.write_fd, parts)
+                if len(parts) > 1
+                else os.write(self.write_fd, parts[0])
+            )
         except BlockingIOError:
             n = 0
         except OSError as exc:
