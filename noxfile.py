@@ -91,7 +91,15 @@ def docs(session: nox.Session) -> None:
 MUTANT_SETS: dict[str, tuple[list[str], list[str]]] = {
     "protocol": (["fsys/protocol.py"], ["tests/test_protocol.py"]),
     "pages": (["fsys/master/pages.py"], ["tests/test_pages.py"]),
-    "net": (["fsys/master/net.py", "fsys/slave/network.py"], ["tests/test_net_handlers.py"]),
+    "net": (
+        [
+            "fsys/master/net.py",
+            "fsys/master/streams.py",
+            "fsys/slave/network.py",
+            "fsys/slave/waits.py",
+        ],
+        ["tests/test_net_handlers.py", "tests/test_socket_pumps.py"],
+    ),
     "cache": (["fsys/master/cache.py", "fsys/slave/watches.py"], ["tests/test_cache.py"]),
     "service": (
         ["fsys/auth.py", "fsys/address.py", "fsys/slave/confinement.py"],

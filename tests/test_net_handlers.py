@@ -208,3 +208,50 @@ def test_a_unix_socket_at_a_master_path_or_abstract_stays_the_masters(
         assert app.call("bind", 5, app.mem.alloc(b"\1\0\0abstract"), 11) is CONTINUE
         assert app.call("connect", 5, app.mem.alloc(sin()), 16) is CONTINUE
     assert net.link.ops == []
+
+
+def accepted(net: Rig, app: FakeProcess) -> tuple[int, socket.socket]:
+    """A pumped connection of the program's (accepted on the slave), and its peer."""
+    fd = sock(app, kind=STREAM)
+    assert app.call("bind", fd, app.mem.alloc(sin()), 16) == 0
+    assert app.call("listen", fd, 1) == 0
+    client = socket.create_connection(("127.0.0.1", port_of(app, fd)))
+    conn = app.call("accept4", fd, 0, 0, 0)
+    assert isinstance(conn, int) and conn > fd
+    return conn, client
+
+
+def test_a_small_buffer_the_program_sets_is_its_placeholders_too(
+    net: Rig, app: FakeProcess
+) -> None:
+    conn, client = accepted(net, app)
+    with client:
+        remote = net.placeholders.lookup(app.tid, conn)
+        assert remote is not None
+        kept = socket.socket(fileno=os.dup(net.listener.kept[(app.tgid, conn)]))
+        with kept:
+            roomy = kept.getsockopt(SOL_SOCKET, socket.SO_SNDBUF)
+            small = app.mem.alloc(_INT.pack(4096))
+            assert app.call("setsockopt", conn, SOL_SOCKET, socket.SO_SNDBUF, small, 4) == 0
+            assert kept.getsockopt(SOL_SOCKET, socket.SO_SNDBUF) < roomy  # what it writes
+            assert remote.peer.getsockopt(SOL_SOCKET, socket.SO_SNDBUF) == roomy
+            assert app.call("setsockopt", conn, SOL_SOCKET, socket.SO_RCVBUF, small, 4) == 0
+            assert remote.peer.getsockopt(SOL_SOCKET, socket.SO_SNDBUF) < roomy  # its input
+
+
+def test_sendfile_into_a_pumped_socket_goes_after_what_was_written(
+    net: Rig, app: FakeProcess
+) -> None:
+    (net.box / "work" / "f").write_bytes(b"from the file")
+    conn, client = accepted(net, app)
+    with client:
+        remote = net.placeholders.lookup(app.tid, conn)
+        assert remote is not None and remote.stream is not None
+        src = app.call("openat", -100, b"/work/f", os.O_RDONLY, 0)
+        assert isinstance(src, int) and src >= 0
+        assert app.call("sendfile", conn, src, 0, 100) == 13
+        # Into the placeholder, where the pump takes it in order; not the slave's
+        # sendfile straight into its socket, which would pass what waits there.
+        assert remote.peer.recv(100) == b"from the file"
+        remote.stream.write_closed = True  # the slave refused a write
+        assert app.call("sendfile", conn, src, 0, 100) == -errno.EPIPE

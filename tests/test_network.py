@@ -417,3 +417,126 @@ async def test_names_resolve_the_slaves_way(net: NetSession) -> None:
         got = await net.py(RESOLVE)
         assert got.status == 0, got.err
         assert got.out == "slaveonly.test 10.1.2.3\ndnsonly.test 10.9.8.7\n"
+
+
+#: Sends until the kernel has taken nothing for a second: what the buffers on the way
+#: hold. (A hub that buffered without bound would take the loop's 256 MiB.)
+FILL = """
+    def fill(sock):
+        import time
+        sock.setblocking(False)
+        total, idle, chunk = 0, 0, b"x" * 65536
+        while idle < 5 and total < 256 << 20:
+            try:
+                total += sock.send(chunk)
+                idle = 0
+            except BlockingIOError:
+                idle += 1
+                time.sleep(0.2)
+        sock.setblocking(True)
+        return total
+"""
+
+SLOW_READER = """
+    import socket
+    s = socket.create_server(("127.0.0.1", 0), backlog=2)
+    print(s.getsockname()[1], flush=True)
+    data, _ = s.accept()
+    go, _ = s.accept()  # the writer has stalled: read everything now
+    total = 0
+    while more := data.recv(1 << 20):
+        total += len(more)
+    data.sendall(str(total).encode())
+"""
+
+STALLED_WRITER = """
+    import socket, sys
+    port = int(sys.argv[1])
+    data = socket.create_connection(("127.0.0.1", port), timeout=30)
+    total = fill(data)
+    socket.create_connection(("127.0.0.1", port), timeout=30).close()
+    data.shutdown(socket.SHUT_WR)
+    print(total, data.recv(100).decode())
+"""
+
+
+async def test_a_peer_that_does_not_read_stops_the_programs_writes(net: NetSession) -> None:
+    with net.ns.server(SLOW_READER) as port:
+        got = await net.py(textwrap.dedent(FILL) + textwrap.dedent(STALLED_WRITER), port)
+    assert got.status == 0, got.err
+    sent, received = map(int, got.out.split())
+    assert sent == received  # nothing lost on the way
+    assert 0 < sent < 64 << 20  # what the placeholder, the pumps and TCP hold
+
+
+FAST_WRITER = """
+    import socket
+    s = socket.create_server(("127.0.0.1", 0), backlog=2)
+    print(s.getsockname()[1], flush=True)
+    data, _ = s.accept()
+    told, _ = s.accept()
+    total = fill(data)
+    told.sendall(str(total).encode())
+    told.close()
+    data.close()
+"""
+
+STALLED_READER = """
+    import socket, sys
+    port = int(sys.argv[1])
+    data = socket.create_connection(("127.0.0.1", port), timeout=30)
+    told = socket.create_connection(("127.0.0.1", port), timeout=30)
+    stalled = told.recv(100).decode()  # the writer has stalled: read everything now
+    got = 0
+    while more := data.recv(1 << 20):
+        got += len(more)
+    print(stalled, got)
+"""
+
+
+async def test_a_program_that_does_not_read_stops_its_peers_writes(net: NetSession) -> None:
+    script = "\n".join(textwrap.dedent(part) for part in (FILL, FAST_WRITER))
+    with net.ns.server(script) as port:
+        got = await net.py(STALLED_READER, port)
+    assert got.status == 0, got.err
+    sent, received = map(int, got.out.split())
+    assert sent == received
+    assert 0 < sent < 64 << 20
+
+
+CONNECT_AGAIN = """
+    import errno, select, socket
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    addr = listener.getsockname()
+    s = socket.socket()
+    s.setblocking(False)
+    first = s.connect_ex(addr)  # nobody listens yet: refused, at once or soon
+    select.select([], [s], [], 5)
+    print(errno.errorcode.get(first, first), s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR))
+    print(select.select([s], [], [], 0)[0] != [])  # (readable: a read reports the error)
+    listener.listen(1)
+    for _ in range(128):  # as asyncio's sock_connect is retried (test_sock_lowlevel)
+        again = s.connect_ex(addr)  # (ECONNABORTED, the first time after a refusal)
+        if again in (errno.EINPROGRESS, errno.EALREADY):
+            select.select([], [s], [], 5)
+            again = s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if again in (0, errno.EISCONN):
+            break
+    print("connected", again in (0, errno.EISCONN))
+    c, _ = listener.accept()
+    s.setblocking(True)
+    s.sendall(b"hello")
+    print(c.recv(10))
+    c.sendall(b"back")
+    print(s.recv(10))
+"""
+
+
+async def test_a_connect_refused_then_made_again(net: NetSession) -> None:
+    native = subprocess.run([PYTHON, "-c", textwrap.dedent(CONNECT_AGAIN)], capture_output=True,
+                            text=True, timeout=30, check=True)  # fmt: skip
+    got = await net.py(CONNECT_AGAIN)
+    assert got.status == 0, got.err
+    assert got.out == native.stdout
+    assert "b'hello'\nb'back'\n" in got.out

@@ -32,7 +32,7 @@ import stat
 import struct
 import termios
 from collections.abc import Callable, Generator
-from typing import TypeVar
+from typing import NoReturn, TypeVar
 
 from fsys import linux
 from fsys import protocol as wire
@@ -287,10 +287,15 @@ def sys_read(hub: Hub, call: Trapped) -> Asks[int]:
 def sys_write(hub: Hub, call: Trapped) -> Asks[int]:
     rf = _file(call)
     if rf.stream is not None:  # (routed here once the slave refused its writes)
-        hub.processes.procfs.signal_thread(call.process.tgid, call.tid, signal.SIGPIPE)
-        raise Errno(errno.EPIPE)
+        _broken_pipe(hub, call)
     yield from _join_pages(hub, rf)
     return (yield from _write_from(call, rf, *_transfer(call)))
+
+
+def _broken_pipe(hub: Hub, call: Trapped) -> NoReturn:
+    """A write into a stream whose writes the slave refuses: SIGPIPE and EPIPE."""
+    hub.processes.procfs.signal_thread(call.process.tgid, call.tid, signal.SIGPIPE)
+    raise Errno(errno.EPIPE)
 
 
 @handles("lseek")
@@ -870,9 +875,12 @@ def sys_sendfile(hub: Hub, call: Trapped) -> Asks[int]:
     out, src = call.files
     offset = _offset_in(call, call.arg("offset"))
     count = min(call.arg("count"), MAX_RW_COUNT)
-    if out is not None and src is not None:
+    if out is not None and out.stream is not None and out.stream.write_closed:
+        _broken_pipe(hub, call)
+    if out is not None and src is not None and out.stream is None:
         n = (yield wire.Sendfile(out=out.handle, src=src.handle, offset=offset, size=count)).result
-    elif src is not None:  # from a slave file to a master fd (a socket, a pipe...)
+    elif src is not None:  # from a slave file to a master fd (a socket, a pipe...), or
+        # into a pumped stream's placeholder: after what the program wrote before it.
         n = yield from _to_master(hub, call, src, offset, "out_fd", count, nonblock=False)
     else:
         assert out is not None  # to a slave file from a master file

@@ -106,6 +106,15 @@ class Sock:
     #: Set when a receive or accept has taken the token back: the POLL task asks again.
     taken: trio.Event = field(default_factory=trio.Event)
     closed: bool = False
+    #: Bytes a non-blocking connect put in the placeholder (``connecting``) to keep it
+    #: from polling writable, its pump drops them first; the program's end of the
+    #: placeholder meanwhile (its send buffer at its least, so that little fills it);
+    #: the count of such connects (the newest one's end is the one that counts).
+    filling: int = 0
+    app_copy: socket.socket | None = None
+    connects: int = 0
+    #: The send buffer of the program's end of the placeholder (SO_SNDBUF's, if set).
+    send_buffer: int = SOCKET_BUFFER
 
     @property
     def handle(self) -> int:
@@ -183,16 +192,22 @@ class Network:
         remote.sock = sock
         self.sockets[handle] = sock
         if pumped:
-            self.pump(sock, 0)
+            self.pump(sock)
         elif kind != socket.SOCK_STREAM:
             self.watch(sock)  # datagrams may come at any time
         return fd, sock
 
-    def pump(self, sock: Sock, filling: int) -> None:
-        """``sock`` is connected: its data goes through its placeholder from now on."""
+    def pump(self, sock: Sock) -> None:
+        """``sock`` is connected: its data goes through its placeholder from now on
+        (once: a connect in progress may end in the program's second connect, which
+        waits for it, and in ``_connect``)."""
+        if sock.pumped or sock.closed:
+            return
         remote = sock.remote
         self.hub.placeholders.unwatch(remote)  # (its pump sees the last close)
-        stream = SocketStream(self.link, remote, filling, self.hub.wake)
+        stream = SocketStream(self.link, remote, sock.filling, self.hub.wake)
+        sock.filling = 0
+        _unfilled(sock)
         remote.stream = stream
         self.hub.add_stream(stream)
         done = trio.Event()
@@ -221,6 +236,7 @@ class Network:
             del self.sockets[sock.handle]
             sock.closed = True
             sock.taken.set()
+            _unfilled(sock)
 
     async def drain(self) -> None:
         """The program is gone: wait (DRAIN_PATIENCE at most) for its sockets' pumps
@@ -271,40 +287,58 @@ class Network:
 
     def connecting(self, call: Trapped, sock: Sock) -> None:
         """A non-blocking connect goes on: the placeholder is not writable until it
-        ends (``_connect``)."""
+        ends (``_connect``). (Again after a failed one: its token goes.)"""
+        self.take_token(call, sock)
         copy = _copy(self.hub, call, _number(call))
-        filling = 0
         if copy is not None:
-            with copy:
-                piece = bytes(1 << 16)
-                while True:
-                    try:
-                        filling += copy.send(piece, socket.MSG_DONTWAIT)
-                    except OSError:
-                        break
+            _unfilled(sock)
+            sock.app_copy = copy
+            copy.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1)  # (the kernel's least)
+            piece = bytes(1 << 12)
+            while True:
+                try:
+                    sock.filling += copy.send(piece, socket.MSG_DONTWAIT)
+                except OSError:
+                    break
+        sock.connects += 1
         self.hub.placeholders.unwatch(sock.remote)  # (the filling is not the program's)
-        self.nursery.start_soon(self._connect, sock, filling)
+        self.nursery.start_soon(self._connect, sock, sock.connects)
 
-    async def _connect(self, sock: Sock, filling: int) -> None:
+    async def _connect(self, sock: Sock, connect: int) -> None:
         op = wire.Poll(handle=sock.handle, events=select.POLLOUT)
         reply = await ask(self.link, op, self.hub.wake)
+        if sock.pumped or sock.closed or connect != sock.connects:
+            return  # (the program's own connect saw it end first, or connects again)
         if reply is not None and reply.result > 0 and not reply.result & select.POLLERR:
-            self.pump(sock, filling)
+            self.pump(sock)
             return
         # Refused, unreachable...: writable again (the program asks SO_ERROR), and
         # readable (a read reports the error), as natively.
         peer = sock.remote.peer
-        while filling > 0:
+        while sock.filling > 0:
             try:
-                filling -= len(peer.recv(min(filling, 1 << 16))) or filling
+                sock.filling -= len(peer.recv(min(sock.filling, 1 << 16))) or sock.filling
             except OSError:
                 break
+        sock.filling = 0
+        _unfilled(sock)
         try:
             peer.send(b"\1")
             sock.token = True
         except OSError:
             pass
         self.hub.placeholders.watch(sock.remote)
+
+
+def _unfilled(sock: Sock) -> None:
+    """A connect has ended: the program's end of the placeholder has its buffer back."""
+    copy, sock.app_copy = sock.app_copy, None
+    if copy is not None:
+        with copy:
+            try:
+                copy.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, sock.send_buffer)
+            except OSError:
+                pass
 
 
 def _copy(hub: Hub, call: Trapped, fd: int) -> socket.socket | None:
@@ -441,7 +475,7 @@ def _connect(hub: Hub, call: Trapped) -> Steps:
             net.connecting(call, sock)
         raise
     if streams:
-        net.pump(sock, 0)
+        net.pump(sock)
     return 0
 
 
@@ -525,6 +559,20 @@ def sys_setsockopt(hub: Hub, call: Trapped) -> Steps:
         if copy is not None:
             with copy:
                 copy.setsockopt(level, name, value)
+    elif level == socket.SOL_SOCKET and name in (socket.SO_SNDBUF, socket.SO_RCVBUF) and value:
+        # The program wants the socket to hold this little: so does its placeholder
+        # (what it writes in one way, what fmhub puts there for it the other), or a
+        # send would end at once where it would wait, natively, for its peer.
+        room = max(_INT.unpack(value[: _INT.size].ljust(_INT.size, b"\0"))[0], 1)
+        if name == socket.SO_RCVBUF:
+            sock.remote.peer.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, room)
+        elif sock.app_copy is not None:  # (a connect goes on: its end, once it ends)
+            sock.send_buffer = room
+        else:
+            copy = _copy(hub, call, _number(call))
+            if copy is not None:
+                with copy:
+                    copy.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, room)
     return 0
 
 
