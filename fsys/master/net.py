@@ -566,10 +566,9 @@ def sys_setsockopt(hub: Hub, call: Trapped) -> Steps:
         room = max(_INT.unpack(value[: _INT.size].ljust(_INT.size, b"\0"))[0], 1)
         if name == socket.SO_RCVBUF:
             sock.remote.peer.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, room)
-        elif sock.app_copy is not None:  # (a connect goes on: its end, once it ends)
-            sock.send_buffer = room
         else:
-            copy = _copy(hub, call, _number(call))
+            sock.send_buffer = room  # (a connect that goes on gives it back as it ends)
+            copy = None if sock.app_copy is not None else _copy(hub, call, _number(call))
             if copy is not None:
                 with copy:
                     copy.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, room)

@@ -51,10 +51,9 @@ class Asked:
     while it is awaited, and if the link went down). ``then`` runs when it comes,
     where the link reads it (in fmhub's hot loop, or its trio task)."""
 
-    __slots__ = ("done", "op", "reply")
+    __slots__ = ("done", "reply")
 
     def __init__(self, link: SlaveLink, op: Operation, then: Callable[[], None]) -> None:
-        self.op = op
         self.done = trio.Event()
         self.reply: Reply | None = None
 

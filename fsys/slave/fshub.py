@@ -347,17 +347,20 @@ class SlaveSession:
     def _answer(self, call: Call, reply: Reply) -> None:
         """Send the reply of a call that waited (and what changed before it)."""
         try:
-            out = bytearray(before_reply(self.executor, self.conn, call.op))
-            if call.request:
-                self._add(out, reply)
+            out = bytearray()
+            self._add(out, call, reply)
             if out:
                 self.transport.write(out)
         except (LinkClosed, LocalProtocolError):
             pass  # the master is gone, or has said goodbye: the session is over
 
-    def _add(self, out: bytearray, reply: Reply) -> None:
-        """Add ``reply`` to the frames to send (``out``); a large blob is not copied
-        there: it is written at once, after what ``out`` held."""
+    def _add(self, out: bytearray, call: Call, reply: Reply) -> None:
+        """Add ``call``'s reply, and what changed before it, to the frames to send
+        (``out``); a large blob is not copied there: it is written at once, after
+        what ``out`` held."""
+        out += before_reply(self.executor, self.conn, call.op)
+        if not call.request:
+            return
         head, blob = self.conn.send_iov(reply)
         if len(blob) < BIG_BLOB:
             out += head
@@ -487,9 +490,7 @@ class SlaveSession:
                 if executor.handles and self._on_socket(event.op):
                     reply = self._waits.call(event, context)
                     if reply is not None:
-                        out += before_reply(executor, conn, event.op)
-                        if event.request:
-                            self._add(out, reply)
+                        self._add(out, event, reply)
                     continue
                 key = self._ordered(event) if executor.handles else None
                 if key is not None:
@@ -503,9 +504,7 @@ class SlaveSession:
                 except MustBlock:
                     self._start_threaded(nursery, event, context)
                     continue
-                out += before_reply(executor, conn, event.op)
-                if event.request:
-                    self._add(out, reply)
+                self._add(out, event, reply)
             elif isinstance(event, Hello):
                 if executor.hello(event.features):  # the master keeps a cache: watch
                     self._poller.register(executor.watches.fd, select.POLLIN)
