@@ -12,6 +12,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
+import shutil
 import socket
 import stat
 import struct
@@ -919,6 +920,16 @@ async def test_programs_run_on_slave_files_in_the_view(session: Session) -> None
     assert lines[-1] == "2"
     assert (session.box / "in.txt").read_bytes() == b"one\ntwo\nthree\n"
     assert (session.box / "made" / "z").read_bytes() == b"x\n"
+    session.master_untouched()
+
+
+@needs_fuse
+async def test_a_slave_program_runs_in_the_view(session: Session) -> None:
+    # The kernel opens what it executes with __FMODE_EXEC among the open flags, which
+    # the slave's openat2 refuses: the view must not pass it on (it did: EINVAL).
+    shutil.copy("/bin/echo", session.box / "tool")
+    got = await session.run("/bin/sh", "-c", "/tool from the slave", extra=["--view"])
+    assert (got.status, got.out) == (0, "from the slave\n"), got.err
     session.master_untouched()
 
 

@@ -273,6 +273,9 @@ READ_AHEAD = 16
 LIST_AHEAD_SIZE = 64 << 10
 WRITES_IN_FLIGHT = 8
 _SYNC_FLAGS = os.O_DSYNC | os.O_DIRECT  # (O_SYNC includes O_DSYNC's bit)
+#: The kernel's own mark on the open of a file it executes (__FMODE_EXEC), passed in
+#: FUSE_OPEN's flags: no open flag (openat2 refuses it: EINVAL).
+_FMODE_EXEC = 0x20
 _XATTR_READS = frozenset({Opcode.GETXATTR, Opcode.LISTXATTR})
 
 
@@ -1046,7 +1049,7 @@ class View:
         self._real(node)
         path = self._path(node)
         keep = self.cache.lookup(watch_key(path) or b"", False, MASK) is not None
-        flags &= ~(linux.O_CREAT | linux.O_EXCL | linux.O_NOCTTY)
+        flags &= ~(linux.O_CREAT | linux.O_EXCL | linux.O_NOCTTY | _FMODE_EXEC)
         reply = await self.call(Open(dir=0, flags=flags, mode=0, resolve=0, path=path))
         if flags & _SYNC_FLAGS:
             self._sync_handles.add(reply.result)
