@@ -26,6 +26,9 @@
           -r, Python reading 1,000 files) on a rooted slave, against native and
           against sshfs (default options) through a loopback sshd the bench starts
           itself (bench/sshfs.py; skipped, with the reason, without sshd or sshfs).
+- warm:   the tree's commands inside one session, each timed after a first run (as
+          a shell under fsys runs them, and as a mounted sshfs in use serves them),
+          against the same loop natively and on the sshfs mount.
 - network: TCP over 127.0.0.1 with a Python client under fsys (its sockets are the
           embedded slave's, pumped through a placeholder) and a Python server run
           natively: 1 GiB sent to a server that discards it, 1 GiB read from a server,
@@ -72,8 +75,8 @@ from sshd import missing as sshd_missing
 from sshfs import mounted  # (bench/sshfs.py)
 
 HERE = Path(__file__).resolve().parent
-BENCHES = ("start", "stat", "continued", "read", "write", "fork", "make", "git", "tree", "memory",
-           "transports", "network")  # fmt: skip
+BENCHES = ("start", "stat", "continued", "read", "write", "fork", "make", "git", "tree", "warm",
+           "memory", "transports", "network")  # fmt: skip
 
 
 def timed(cmd: list[str], **kwargs: object) -> float:
@@ -214,6 +217,51 @@ def bench_tree(fs: Fsys, work: Path, runs: int, sshfs: Path | None) -> dict[str,
             remote = ["/bin/sh", "-c", script.replace("ROOT", str(sshfs / "treebox"))]
             timed(remote)
             fig["sshfs_s"] = median([timed(remote) for _ in range(runs)])
+        out[name] = fig
+    return out
+
+
+#: Run inside one session (or natively, or on the sshfs mount): the script once to warm
+#: every cache, then RUNS more times, each timed here; prints the median in seconds.
+#: This is how a shell under fsys, or an sshfs mount in use, runs its commands.
+WARM = """
+import statistics, subprocess, sys, time
+runs, cmd = int(sys.argv[1]), ["/bin/sh", "-c", sys.argv[2]]
+subprocess.run(cmd, stdout=subprocess.DEVNULL, check=True)
+times = []
+for _ in range(runs):
+    start = time.perf_counter()
+    subprocess.run(cmd, stdout=subprocess.DEVNULL, check=True)
+    times.append(time.perf_counter() - start)
+print(statistics.median(times))
+"""
+
+
+def warm(cmd: list[str]) -> float:
+    """Runs WARM's loop (``cmd`` ends with its arguments); its median in seconds."""
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    return float(out.split()[-1])
+
+
+def bench_warm_tree(
+    fs: Fsys, work: Path, runs: int, sshfs: Path | None
+) -> dict[str, dict[str, float]]:
+    """The tree's commands run inside one warm session (each after a first run):
+    what a shell under fsys sees, beside a mounted sshfs in use."""
+    box = work / "treebox"
+    if not (box / "tree").exists():
+        make_tree(box / "tree")
+    slave = fs.rooted(box)
+    harness = ["/usr/bin/python3", "-c", WARM, str(runs)]
+    out: dict[str, dict[str, float]] = {}
+    for name, script in TREE.items():
+        inside = script.replace("ROOT", "")
+        fig = {"native_s": warm([*harness, script.replace("ROOT", str(box))]),
+               "fsys_s": warm(fs.run(*harness, inside, slave=slave))}  # fmt: skip
+        if fs.view:
+            fig["view_s"] = warm(fs.run(*harness, inside, slave=slave, options=VIEW))
+        if sshfs is not None:
+            fig["sshfs_s"] = warm([*harness, script.replace("ROOT", str(sshfs / "treebox"))])
         out[name] = fig
     return out
 
@@ -670,7 +718,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="fsys-bench-") as tmp, ExitStack() as stack:
         work = Path(tmp)
         sshfs: Path | None = None
-        if not args.no_sshfs and {"stat", "tree"} & set(only):
+        if not args.no_sshfs and {"stat", "tree", "warm"} & set(only):
             sshfs = stack.enter_context(mounted(work, work / "mnt"))
         start_s: float | None = None
         if "start" in only:
@@ -766,6 +814,18 @@ def main() -> int:
                     versus += f"; --view x{fig['view_s'] / fig['native_s']:.1f} native"
                 row(f"{name}, 5,000 files", seconds(fig["native_s"]), seconds(fig["fsys_s"]),
                     f"x{fig['fsys_s'] / fig['native_s']:.1f} native{versus}; rooted slave",
+                    seconds(fig["sshfs_s"]) if "sshfs_s" in fig else "",
+                    seconds(fig["view_s"]) if "view_s" in fig else "")  # fmt: skip
+        if "warm" in only:
+            tree = bench_warm_tree(fs, work, runs, sshfs)
+            for name, fig in tree.items():
+                versus = (f"; x{fig['fsys_s'] / fig['sshfs_s']:.1f} sshfs"
+                          if "sshfs_s" in fig else "")  # fmt: skip
+                if "view_s" in fig and "sshfs_s" in fig:
+                    versus += f"; --view x{fig['view_s'] / fig['sshfs_s']:.2f} sshfs"
+                row(f"{name}, warm session", seconds(fig["native_s"]), seconds(fig["fsys_s"]),
+                    f"x{fig['fsys_s'] / fig['native_s']:.1f} native{versus}; one session, "
+                    "each after a first run; rooted slave",
                     seconds(fig["sshfs_s"]) if "sshfs_s" in fig else "",
                     seconds(fig["view_s"]) if "view_s" in fig else "")  # fmt: skip
         if "network" in only:
