@@ -20,19 +20,21 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
 
 from fsys import linux
-from fsys.errors import SESSION_FAILED
+from fsys.errors import SESSION_FAILED, LinkClosed
 from fsys.iostream import FdTransport
 from fsys.master import fuse, view
 from fsys.master.fuse import Opcode
 from fsys.master.link import SlaveLink
 from fsys.master.policy import Policy, Rule, Side
 from fsys.master.view import WATCHED, LayoutError, Points, View, layout
-from fsys.protocol import FEATURE_WATCH
+from fsys.protocol import FEATURE_WATCH, Open, Operation, Reply
+from fsys.slave.confinement import Confinement
 from fsys.slave.fshub import serve_transport
 from tests.conftest import PYTHON, Result, Session
 
@@ -179,8 +181,9 @@ def inval_inodes(notices: list[tuple[int, bytes]]) -> set[int]:
 
 @asynccontextmanager
 async def viewed(
-    root: Path, points: Points | None = None, *, watch: bool = True, minor: int = 38
-) -> AsyncIterator[tuple[Kernel, View]]:
+    root: Path, points: Points | None = None, *, watch: bool = True, minor: int = 38,
+    confinement: Confinement | None = None,
+) -> AsyncIterator[tuple[Kernel, View]]:  # fmt: skip
     """A View over a real slave serving ``root``, and the kernel's end of its device.
     ``View.link.slave_scope`` (set here) ends the slave, as if it died."""
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -192,7 +195,7 @@ async def viewed(
         async def slave() -> None:
             fd = slave_end.detach()
             with slave_scope:
-                await serve_transport(FdTransport(fd, fd), str(root))
+                await serve_transport(FdTransport(fd, fd), str(root), confinement=confinement)
 
         nursery.start_soon(slave)
         mine = master_end.detach()
@@ -760,6 +763,129 @@ async def test_opening_a_watched_file_keeps_its_pages(box: Path) -> None:
         f = await kernel.node(b"/f")
         opened = await kernel.ask(Opcode.OPEN, f, fuse.OPEN_IN.pack(os.O_RDONLY, 0))
         assert not opened.fh()[1] & fuse.FOPEN_KEEP_CACHE
+
+
+def sent_opens(v: View) -> list[bytes]:
+    """The paths of the OPENs the view sends the slave from now on (a spy)."""
+    paths: list[bytes] = []
+    submit = v.link.submit
+
+    def spy(pairing: int, op: Operation, resume: Callable[[Reply | LinkClosed], None],
+            *args: Any, **kwargs: Any) -> int:  # fmt: skip
+        if isinstance(op, Open):
+            paths.append(op.path)
+        return submit(pairing, op, resume, *args, **kwargs)
+
+    v.link.submit = spy  # type: ignore[method-assign,assignment]
+    return paths
+
+
+async def release(kernel: Kernel, nodeid: int, fh: int) -> None:
+    assert (await kernel.ask(Opcode.RELEASE, nodeid, fuse.RELEASE_IN.pack(fh, 0, 0, 0))).error == 0
+
+
+async def test_a_file_read_again_is_opened_without_the_slave(box: Path) -> None:
+    async with viewed(box) as (kernel, v):
+        f = await kernel.node(b"/f")
+        await kernel.getattr(f)
+        opens = sent_opens(v)
+        first = await kernel.ask(Opcode.OPEN, f, fuse.OPEN_IN.pack(os.O_RDONLY, 0))
+        fh, flags = first.fh()
+        assert flags & fuse.FOPEN_NOFLUSH  # nothing to report at its close
+        await release(kernel, f, fh)
+        again = await kernel.ask(Opcode.OPEN, f, fuse.OPEN_IN.pack(os.O_RDONLY, 0))
+        assert again.fh() == (fh, fuse.FOPEN_KEEP_CACHE | fuse.FOPEN_NOFLUSH)
+        assert opens == [b"/f"]  # the second open: the handle kept idle
+        # It reads the file as it is now (a change of content keeps it).
+        (box / "f").write_bytes(b"HELLO, view\n")
+        await notice_of(kernel, lambda n: f in inval_inodes(n))
+        assert (await kernel.read(f, fh, 5)).body == b"HELLO"
+        await kernel.getattr(f)  # (the change dropped its attributes: watched again)
+        await release(kernel, f, fh)
+        # Other flags are another open.
+        assert await kernel.open(f, os.O_RDONLY | os.O_NOATIME) != fh
+        assert opens == [b"/f", b"/f"] and fh in v._idle_order
+        before = len(kernel.notices)
+        (box / "f").write_bytes(b"hello again\n")  # content alone: the handle stays
+        await notice_of(kernel, lambda n: len(n) > before)
+        assert (await kernel.open(f)) == fh and opens == [b"/f", b"/f"]
+
+
+async def test_idle_handles_are_bounded(box: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(view, "IDLE_HANDLES", 1)
+    async with viewed(box) as (kernel, v):
+        f, a = await kernel.node(b"/f"), await kernel.node(b"/d/a")
+        fh, ah = await kernel.open(f), await kernel.open(a)
+        await release(kernel, f, fh)
+        await release(kernel, a, ah)
+        assert list(v._idle_order) == [fh]  # the first stays; the second is closed
+        opens = sent_opens(v)
+        assert await kernel.open(f) == fh and await kernel.open(a) != ah
+        assert opens == [b"/d/a"]
+
+
+async def test_without_watching_no_handle_is_kept(box: Path) -> None:
+    async with viewed(box, watch=False) as (kernel, v):
+        f = await kernel.node(b"/f")
+        await release(kernel, f, await kernel.open(f))
+        assert not v._idle_order
+
+
+async def test_a_change_of_mode_or_a_new_file_closes_the_idle_handle(box: Path) -> None:
+    async with viewed(box) as (kernel, v):
+        f = await kernel.node(b"/f")
+        await kernel.getattr(f)
+        fh = await kernel.open(f)
+        await release(kernel, f, fh)
+        opens = sent_opens(v)
+        os.chmod(box / "f", 0o600)  # an open may fail now where it did not
+        await notice_of(kernel, lambda n: f in inval_inodes(n))
+        assert fh not in v._idle_order
+        await kernel.getattr(f)
+        assert await kernel.open(f) != fh and opens == [b"/f"]
+
+
+async def test_handles_written_through_are_not_kept(box: Path) -> None:
+    async with viewed(box) as (kernel, v):
+        f = await kernel.node(b"/f")
+        await kernel.getattr(f)
+        opened = await kernel.ask(Opcode.OPEN, f, fuse.OPEN_IN.pack(os.O_RDWR, 0))
+        fh, flags = opened.fh()
+        assert not flags & fuse.FOPEN_NOFLUSH  # a write behind it reports at its close
+        await release(kernel, f, fh)
+        assert not v._idle_order
+        opens = sent_opens(v)
+        await kernel.open(f)
+        assert opens == [b"/f"]
+
+
+async def test_a_forgotten_node_closes_its_idle_handle(box: Path) -> None:
+    async with viewed(box) as (kernel, v):
+        f = await kernel.node(b"/f")
+        await kernel.getattr(f)
+        await release(kernel, f, await kernel.open(f))
+        assert v._idle_order
+        await kernel.send(Opcode.FORGET, f, fuse.FORGET_IN.pack(1))
+        with trio.fail_after(5):
+            while v._idle_order:
+                await trio.sleep(0.01)
+
+
+async def test_a_slave_out_of_handles_gets_the_idle_ones_back(box: Path) -> None:
+    for i in range(3):
+        (box / f"n{i}").write_bytes(b"%d" % i)
+    async with viewed(box, confinement=Confinement(max_handles=3)) as (kernel, v):
+        nodes = [await kernel.node(b"/n%d" % i) for i in range(3)]
+        for n in nodes[:2]:
+            await kernel.getattr(n)
+            await release(kernel, n, await kernel.open(n))
+        assert len(v._idle_order) == 2
+        held = await kernel.open(await kernel.node(b"/f"))  # the third handle
+        # A fourth would be one too many: the open closes the idle ones and succeeds.
+        fh = await kernel.open(nodes[2])
+        assert (await kernel.read(nodes[2], fh, 1)).body == b"2"
+        assert not v._idle_order
+        assert (await kernel.read(await kernel.node(b"/f"), held, 5)).body == b"hello"
 
 
 async def test_xattrs_known_absent_are_answered_at_once(box: Path) -> None:

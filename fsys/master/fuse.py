@@ -94,6 +94,8 @@ SETXATTR_EXT: Final = 1 << 29
 FOPEN_DIRECT_IO: Final = 1 << 0
 FOPEN_KEEP_CACHE: Final = 1 << 1
 FOPEN_CACHE_DIR: Final = 1 << 3
+#: No FLUSH at each close (the kernel's 5.16 and later; without WRITEBACK_CACHE).
+FOPEN_NOFLUSH: Final = 1 << 5
 
 # fuse_setattr_in.valid
 FATTR_MODE: Final = 1 << 0

@@ -273,9 +273,16 @@ READ_AHEAD = 16
 LIST_AHEAD_SIZE = 64 << 10
 WRITES_IN_FLIGHT = 8
 _SYNC_FLAGS = os.O_DSYNC | os.O_DIRECT  # (O_SYNC includes O_DSYNC's bit)
-#: The kernel's own mark on the open of a file it executes (__FMODE_EXEC), passed in
-#: FUSE_OPEN's flags: no open flag (openat2 refuses it: EINVAL).
-_FMODE_EXEC = 0x20
+#: Flags of FUSE_OPEN not sent to the slave: what the kernel did itself (O_CREAT...),
+#: and its mark on a file it executes (__FMODE_EXEC: no open flag, openat2 refuses it).
+_NOT_SENT = linux.O_CREAT | linux.O_EXCL | linux.O_NOCTTY | 0x20  # 0x20: __FMODE_EXEC
+#: Read-only handles of watched files kept open on the slave once the kernel released
+#: them, for the next open of the same file with the same flags (``View.open_now``);
+#: the slave holds up to 16,384 handles (confinement.MAX_HANDLES), and one that runs
+#: out of descriptors gets these back before an open fails (``View.call``).
+IDLE_HANDLES = 8192
+#: Open flags whose handle may be kept idle and given to a later open: reading only.
+_KEEPABLE = os.O_ACCMODE | os.O_TRUNC | linux.O_PATH | _SYNC_FLAGS
 _XATTR_READS = frozenset({Opcode.GETXATTR, Opcode.LISTXATTR})
 
 
@@ -443,6 +450,12 @@ class View:
         self._behind = WriteBehind(link, self._request)
         #: Handles whose writes must reach the slave before they return (O_SYNC...).
         self._sync_handles: set[int] = set()
+        #: Read-only handles open for the kernel, by handle: (nodeid, flags); and those
+        #: it released, kept open on the slave while their file is watched, oldest
+        #: first (``open_now``): an open of a file read again costs no round trip.
+        self._readers: dict[int, tuple[int, int]] = {}
+        self._idle: dict[tuple[int, int], list[int]] = {}
+        self._idle_order: dict[int, tuple[int, int]] = {}
         self.failure: str | None = None
         link.on_invalidate = self.invalidate
         link.on_attrs = self._attrs
@@ -469,6 +482,7 @@ class View:
             Opcode.READDIRPLUS: self.readdirplus_now, Opcode.READDIR: self.readdir_now,
             Opcode.RELEASE: self.release_now, Opcode.RELEASEDIR: self.releasedir_now,
             Opcode.FLUSH: self.flush_now, Opcode.OPENDIR: self.opendir_now,
+            Opcode.OPEN: self.open_now,
         }  # fmt: skip
 
     # --- serving ------------------------------------------------------------------
@@ -666,6 +680,12 @@ class View:
     async def call(self, op: Operation) -> Reply:
         """``op`` on the slave; Refused with its errno if it failed."""
         reply = await _Ask(op)
+        if reply.result in (-errno.EMFILE, -errno.ENFILE) and self._idle_order:
+            # The slave is out of descriptors: the idle handles give theirs back first
+            # (the CLOSEs go before the open again, in order on the link).
+            for fh in list(self._idle_order):
+                self._close_idle(fh)
+            reply = await _Ask(op)
         if reply.result < 0:
             raise Refused(-reply.result)
         return reply
@@ -769,6 +789,8 @@ class View:
         node.lookups -= n
         if node.lookups <= 0 and not node.pinned:
             del self.nodes[nodeid]
+            if self._idle_order:
+                self._retire({nodeid})
             if node.path is not None and self.by_path.get(node.path) is node:
                 del self.by_path[node.path]
 
@@ -780,6 +802,7 @@ class View:
         notices: list[bytes] = []
         listings = self.listings
         absent = self.xattrs_absent
+        retired: set[int] = set()  # nodes whose idle handles must close
         for path in paths:
             if path.endswith(b"/.."):  # a file's content: the same file, its xattrs stand
                 node = self.by_path.get(path[:-3])
@@ -804,6 +827,7 @@ class View:
                          if p == path or p.startswith(prefix)]  # fmt: skip
             for p, node in below:
                 notices.append(fuse.inval_inode(node.nodeid))
+                retired.add(node.nodeid)
                 if node.pinned:
                     continue  # never its name: that would detach a mount
                 parent = self.by_path.get(p[: p.rfind(b"/")] or b"/")
@@ -817,6 +841,8 @@ class View:
                     notices.append(fuse.inval_entry(parent.nodeid, name, expire=self.expire))
         if notices:
             self.notifier.send(notices)
+        if retired and self._idle_order:
+            self._retire(retired)
 
     # --- handlers: names -------------------------------------------------------------
 
@@ -1044,16 +1070,75 @@ class View:
 
     # --- handlers: files ----------------------------------------------------------------
 
+    def _watched(self, node: Node) -> bool:
+        """Whether the slave watches what ``node``'s path names (its answer is kept)."""
+        path = node.path
+        key = watch_key(path) if path is not None else None
+        return key is not None and self.cache.lookup(key, False, MASK) is not None
+
+    def open_now(self, node: Node, body: memoryview) -> bytes | None:
+        """An open of a watched file the kernel released a handle of, with the same
+        flags: that handle, still open on the slave. Nothing that would make the open
+        fail or open another file can have happened since, or an INVALIDATE would
+        have closed it (``_retire``: a change of content alone keeps it); it reads
+        the file as it is now (pread)."""
+        flags, _ = fuse.OPEN_IN.unpack_from(body)
+        key = (node.nodeid, flags & ~_NOT_SENT)
+        handles = self._idle.get(key)
+        if not handles:
+            return None
+        fh = handles.pop()
+        if not handles:
+            del self._idle[key]
+        del self._idle_order[fh]
+        self._readers[fh] = key
+        return fuse.OPEN_OUT.pack(fh, fuse.FOPEN_KEEP_CACHE | fuse.FOPEN_NOFLUSH, 0)
+
     async def open(self, unique: int, node: Node, body: memoryview) -> bytes:
         flags, _ = fuse.OPEN_IN.unpack_from(body)
         self._real(node)
         path = self._path(node)
-        keep = self.cache.lookup(watch_key(path) or b"", False, MASK) is not None
-        flags &= ~(linux.O_CREAT | linux.O_EXCL | linux.O_NOCTTY | _FMODE_EXEC)
+        keep = self._watched(node)
+        flags &= ~_NOT_SENT
         reply = await self.call(Open(dir=0, flags=flags, mode=0, resolve=0, path=path))
+        fh = reply.result
         if flags & _SYNC_FLAGS:
-            self._sync_handles.add(reply.result)
-        return fuse.OPEN_OUT.pack(reply.result, fuse.FOPEN_KEEP_CACHE if keep else 0, 0)
+            self._sync_handles.add(fh)
+        out = fuse.FOPEN_KEEP_CACHE if keep else 0
+        if flags & _KEEPABLE == os.O_RDONLY and node.kind == stat.S_IFREG:
+            # Nothing to report at its close (no write behind it, no lock: the kernel
+            # keeps those): no FLUSH.
+            self._readers[fh] = (node.nodeid, flags)
+            out |= fuse.FOPEN_NOFLUSH
+        return fuse.OPEN_OUT.pack(fh, out, 0)
+
+    def _keep_idle(self, fh: int) -> bool:
+        """Keep a released read-only handle open for the next open (``open_now``)."""
+        key = self._readers.pop(fh, None)
+        if key is None:
+            return False
+        node = self.nodes.get(key[0])
+        if node is None or not self._watched(node):
+            return False
+        if len(self._idle_order) >= IDLE_HANDLES:
+            return False  # (the first ones stay: a walk larger than this gets some)
+        self._idle.setdefault(key, []).append(fh)
+        self._idle_order[fh] = key
+        return True
+
+    def _close_idle(self, fh: int) -> None:
+        key = self._idle_order.pop(fh)
+        handles = self._idle[key]
+        handles.remove(fh)
+        if not handles:
+            del self._idle[key]
+        self.link.post(PAIRING, Close(handle=fh))
+
+    def _retire(self, nodeids: set[int]) -> None:
+        """Close the idle handles of nodes whose name or attributes may have changed
+        (another file there, another mode...), or that the kernel forgot."""
+        for fh in [fh for fh, key in self._idle_order.items() if key[0] in nodeids]:
+            self._close_idle(fh)
 
     async def create(self, unique: int, parent: Node, body: memoryview) -> bytes:
         flags, mode, _umask, _ = fuse.CREATE_IN.unpack_from(body)
@@ -1088,7 +1173,8 @@ class View:
         (fh, *_) = fuse.RELEASE_IN.unpack_from(body)
         self._behind.errors.pop(fh, None)  # FLUSH, at each close, reported it
         self._sync_handles.discard(fh)
-        self.link.post(PAIRING, Close(handle=fh))
+        if not self._keep_idle(fh):
+            self.link.post(PAIRING, Close(handle=fh))
         return b""
 
     async def release(self, unique: int, node: Node, body: memoryview) -> bytes:
