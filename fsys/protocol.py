@@ -53,6 +53,8 @@ signals it gets for the session (SIGNAL) and stops when the program stops (STOPP
 FEATURE_NET: Final = 4
 """In the slave's HELLO: the program may use this side's network (SOCKET and the
 other socket operations); without it its sockets stay the master's."""
+FEATURE_OPEN_READ: Final = 8
+"""In the slave's HELLO: it answers OPEN_READ (an open that brings the file's start)."""
 
 MAX_IO: Final = 4 << 20
 #: The largest errno a reply may carry (the kernel's MAX_ERRNO).
@@ -142,6 +144,7 @@ class Op(enum.IntEnum):
     SENDTO = 49
     RECVFROM = 50
     POLL = 51
+    OPEN_READ = 52
 
 
 class Blob(enum.Enum):
@@ -274,6 +277,20 @@ class Open(Record):
     flags: int
     mode: int
     resolve: int
+    path: bytes
+
+
+@_wire(Op.OPEN_READ, _P)
+class OpenRead(Record):
+    """OPEN to read (``flags`` neither write nor create: else EINVAL), then a READ of
+    the first ``size`` bytes of a regular file -> a new handle; blob: the file type
+    (S_IFMT >> 12) in one byte, then the data (none for another type of file, or if
+    that read failed: a READ reports it). The handle's position stays at 0."""
+
+    dir: int
+    flags: int
+    resolve: int
+    size: int
     path: bytes
 
 
@@ -724,7 +741,7 @@ Operation = (
     | Fsync | Utimens | Statfs | Fcntl | Lock | Flock | Ioctl | Fallocate | CopyRange
     | Sendfile | Getxattr | Setxattr | Listxattr | Removexattr | Chdir | HandlePath | Syncfs
     | Listdir | Lend | Tty | Socket | Bind | Connect | Listen | Accept | Sockname
-    | Getsockopt | Setsockopt | Shutdown | Sendto | Recvfrom | Poll
+    | Getsockopt | Setsockopt | Shutdown | Sendto | Recvfrom | Poll | OpenRead
 )  # fmt: skip
 """One operation the slave performs, with its arguments by name."""
 

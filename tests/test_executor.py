@@ -32,6 +32,7 @@ from fsys.protocol import (
     Lock,
     Mkdir,
     Open,
+    OpenRead,
     Operation,
     Read,
     Readlink,
@@ -45,7 +46,7 @@ from fsys.protocol import (
     Unlink,
     Write,
 )
-from fsys.slave.executor import Executor
+from fsys.slave.executor import Executor, MustBlock
 from fsys.slave.fshub import perform
 
 
@@ -98,6 +99,45 @@ def test_paths_cannot_leave_the_root(ex: Executor, path: bytes) -> None:
     assert open_(ex, path) in (-errno.ENOENT, -errno.ELOOP)
     result, _ = run(ex, Stat(dir=0, flags=0, mask=linux.STATX_BASIC_STATS, path=path))
     assert result in (-errno.ENOENT, -errno.ELOOP)
+
+
+def open_read(path: bytes, size: int, flags: int = os.O_RDONLY) -> OpenRead:
+    return OpenRead(dir=0, flags=flags, resolve=0, size=size, path=path)
+
+
+def test_open_read_brings_the_files_start_and_leaves_its_position(ex: Executor) -> None:
+    handle, blob = run(ex, open_read(b"/dir/file", 4))
+    assert handle > 0 and blob == bytes([stat.S_IFREG >> 12]) + b"insi"
+    assert run(ex, Read(handle=handle, size=100, offset=-1, rwf=0)) == (6, b"inside")
+    whole = run(ex, open_read(b"/dir/file", 100))[1]
+    assert whole[1:] == b"inside"  # shorter than asked: the whole file
+    assert run(ex, open_read(b"/dir/file", 0))[1] == bytes([stat.S_IFREG >> 12])
+
+
+def test_open_read_of_a_directory_or_fifo_brings_nothing(ex: Executor, box: Path) -> None:
+    handle, blob = run(ex, open_read(b"/dir", 100, os.O_RDONLY | os.O_DIRECTORY))
+    assert handle > 0 and blob == bytes([stat.S_IFDIR >> 12])
+    os.mkfifo(box / "fifo")
+    with pytest.raises(MustBlock):  # it waits for a writer: in a thread, as OPEN does
+        ex.execute(open_read(b"/fifo", 100))
+    writer = os.open(box / "fifo", os.O_RDWR)
+    try:
+        handle, blob = ex.execute_blocking(open_read(b"/fifo", 100))
+        assert handle > 0 and blob == bytes([stat.S_IFIFO >> 12])
+    finally:
+        os.close(writer)
+
+
+@pytest.mark.parametrize("flags", [os.O_WRONLY, os.O_RDWR, os.O_RDONLY | os.O_CREAT,
+                                   os.O_RDONLY | os.O_TRUNC, os.O_RDONLY | os.O_APPEND,
+                                   os.O_RDONLY | linux.O_PATH, linux.O_TMPFILE])  # fmt: skip
+def test_open_read_only_reads(ex: Executor, box: Path, flags: int) -> None:
+    assert fails(ex, open_read(b"/dir/file", 10, flags)) == errno.EINVAL
+    assert (box / "dir" / "file").read_text() == "inside"
+
+
+def test_open_read_of_nothing_fails_as_open(ex: Executor) -> None:
+    assert fails(ex, open_read(b"/dir/none", 10)) == errno.ENOENT
 
 
 def test_dotdot_from_a_directory_handle_stays_inside(ex: Executor, box: Path) -> None:

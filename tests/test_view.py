@@ -33,7 +33,7 @@ from fsys.master.fuse import Opcode
 from fsys.master.link import SlaveLink
 from fsys.master.policy import Policy, Rule, Side
 from fsys.master.view import WATCHED, LayoutError, Points, View, layout
-from fsys.protocol import FEATURE_WATCH, Open, Operation, Reply
+from fsys.protocol import FEATURE_OPEN_READ, FEATURE_WATCH, Open, OpenRead, Operation, Read, Reply
 from fsys.slave.confinement import Confinement
 from fsys.slave.fshub import serve_transport
 from tests.conftest import PYTHON, Result, Session
@@ -772,7 +772,7 @@ def sent_opens(v: View) -> list[bytes]:
 
     def spy(pairing: int, op: Operation, resume: Callable[[Reply | LinkClosed], None],
             *args: Any, **kwargs: Any) -> int:  # fmt: skip
-        if isinstance(op, Open):
+        if isinstance(op, (Open, OpenRead)):
             paths.append(op.path)
         return submit(pairing, op, resume, *args, **kwargs)
 
@@ -1009,10 +1009,107 @@ async def test_a_dead_slave_fails_requests_with_eio(box: Path) -> None:
         with trio.fail_after(5):
             while v.link.alive:
                 await trio.sleep(0.01)
-        assert (await kernel.read(f, fh, 5)).error == errno.EIO
+        # What came with the open still reads; what needs the slave fails.
+        assert (await kernel.read(f, fh, 5)).body == b"hello"
+        opened = await kernel.ask(Opcode.OPEN, f, fuse.OPEN_IN.pack(os.O_RDONLY, 0))
+        assert opened.error == errno.EIO
         assert (await kernel.lookup(ROOT, b"not-cached")).error == errno.EIO
         # What the view knows still answers (a watched answer holds until told).
         assert (await kernel.getattr(f)).attr()[1][1] == 12
+
+
+def sent_reads(v: View) -> list[Read]:
+    """The READs the view sends the slave from now on (a spy)."""
+    reads: list[Read] = []
+    submit = v.link.submit
+
+    def spy(pairing: int, op: Operation, resume: Callable[[Reply | LinkClosed], None],
+            *args: Any, **kwargs: Any) -> int:  # fmt: skip
+        if isinstance(op, Read):
+            reads.append(op)
+        return submit(pairing, op, resume, *args, **kwargs)
+
+    v.link.submit = spy  # type: ignore[method-assign,assignment]
+    return reads
+
+
+async def test_an_open_to_read_brings_the_files_start(box: Path) -> None:
+    async with viewed(box) as (kernel, v):
+        f = await kernel.node(b"/f")
+        await kernel.getattr(f)
+        reads = sent_reads(v)
+        fh = await kernel.open(f)
+        assert (await kernel.read(f, fh, 4096)).body == b"hello, view\n"
+        assert (await kernel.read(f, fh, 4096, 12)).body == b""  # it came whole: the end
+        assert reads == []
+        await release(kernel, f, fh)
+        assert not v._ahead and v._ahead_held == 0
+    async with viewed(box, watch=False) as (kernel, v):  # nothing would say it changed
+        f = await kernel.node(b"/f")
+        reads = sent_reads(v)
+        fh = await kernel.open(f)
+        assert (await kernel.read(f, fh, 4096)).body == b"hello, view\n"
+        assert len(reads) == 1 and not v._ahead
+
+
+async def test_a_file_longer_than_what_came_reads_the_rest(
+    box: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(view, "AHEAD", 5)
+    async with viewed(box) as (kernel, v):
+        f = await kernel.node(b"/f")
+        fh = await kernel.open(f)
+        reads = sent_reads(v)
+        assert (await kernel.read(f, fh, 5)).body == b"hello"
+        assert reads == []
+        assert (await kernel.read(f, fh, 100, 5)).body == b", view\n"
+        assert [r.offset for r in reads] == [5]
+
+
+async def test_a_change_drops_what_came_with_the_open(box: Path) -> None:
+    async with viewed(box) as (kernel, v):
+        f = await kernel.node(b"/f")
+        await kernel.getattr(f)
+        fh = await kernel.open(f)
+        assert v._ahead
+        (box / "f").write_bytes(b"changed since the open\n")
+        await notice_of(kernel, lambda n: f in inval_inodes(n))
+        assert not v._ahead and v._ahead_held == 0
+        assert (await kernel.read(f, fh, 100)).body == b"changed since the open\n"
+
+
+async def test_what_comes_with_opens_is_bounded(box: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(view, "AHEAD_HELD", 12)  # one file's worth
+    async with viewed(box) as (kernel, v):
+        f = await kernel.node(b"/f")
+        await kernel.getattr(f)
+        first = await kernel.open(f)
+        opens = sent_opens(v)
+        reads = sent_reads(v)
+        second = await kernel.open(f)
+        assert opens == [b"/f"] and set(v._ahead) == {first}
+        assert (await kernel.read(f, second, 100)).body == b"hello, view\n"
+        assert len(reads) == 1
+
+
+async def test_a_slave_without_open_read_is_sent_opens(box: Path) -> None:
+    async with viewed(box) as (kernel, v):
+        hello = v.link.conn.peer_hello
+        assert hello is not None
+        v.link.conn.peer_hello = hello._replace(features=hello.features & ~FEATURE_OPEN_READ)
+        sent: list[Operation] = []
+        submit = v.link.submit
+
+        def spy(pairing: int, op: Operation, resume: Callable[[Reply | LinkClosed], None],
+                *args: Any, **kwargs: Any) -> int:  # fmt: skip
+            sent.append(op)
+            return submit(pairing, op, resume, *args, **kwargs)
+
+        v.link.submit = spy  # type: ignore[method-assign,assignment]
+        f = await kernel.node(b"/f")
+        fh = await kernel.open(f)
+        assert (await kernel.read(f, fh, 5)).body == b"hello"
+        assert [type(op) for op in sent if isinstance(op, (Open, OpenRead, Read))] == [Open, Read]
 
 
 def test_entry_sizes_match_readdirplus_budget() -> None:

@@ -57,6 +57,7 @@ from fsys.master.launcher import Mount
 from fsys.master.link import SlaveLink, poll_spinning
 from fsys.master.policy import Policy, Side
 from fsys.protocol import (
+    FEATURE_OPEN_READ,
     REPLY_NO_XATTRS,
     REPLY_WATCHED,
     Access,
@@ -77,6 +78,7 @@ from fsys.protocol import (
     Mkdir,
     Mknod,
     Open,
+    OpenRead,
     Operation,
     Read,
     Readlink,
@@ -281,6 +283,9 @@ _NOT_SENT = linux.O_CREAT | linux.O_EXCL | linux.O_NOCTTY | 0x20  # 0x20: __FMOD
 #: the slave holds up to 16,384 handles (confinement.MAX_HANDLES), and one that runs
 #: out of descriptors gets these back before an open fails (``View.call``).
 IDLE_HANDLES = 8192
+#: How much of a file an open to read brings (OPEN_READ), and of all files at once.
+AHEAD = 128 << 10
+AHEAD_HELD = 16 << 20
 #: Open flags whose handle may be kept idle and given to a later open: reading only.
 _KEEPABLE = os.O_ACCMODE | os.O_TRUNC | linux.O_PATH | _SYNC_FLAGS
 _XATTR_READS = frozenset({Opcode.GETXATTR, Opcode.LISTXATTR})
@@ -456,6 +461,10 @@ class View:
         self._readers: dict[int, tuple[int, int]] = {}
         self._idle: dict[tuple[int, int], list[int]] = {}
         self._idle_order: dict[int, tuple[int, int]] = {}
+        #: What came with a reader's open (OPEN_READ): its data, and whether that is
+        #: the whole file; dropped at its release, or once the file changes.
+        self._ahead: dict[int, tuple[bytes, bool]] = {}
+        self._ahead_held = 0
         self.failure: str | None = None
         link.on_invalidate = self.invalidate
         link.on_attrs = self._attrs
@@ -482,7 +491,7 @@ class View:
             Opcode.READDIRPLUS: self.readdirplus_now, Opcode.READDIR: self.readdir_now,
             Opcode.RELEASE: self.release_now, Opcode.RELEASEDIR: self.releasedir_now,
             Opcode.FLUSH: self.flush_now, Opcode.OPENDIR: self.opendir_now,
-            Opcode.OPEN: self.open_now,
+            Opcode.OPEN: self.open_now, Opcode.READ: self.read_now,
         }  # fmt: skip
 
     # --- serving ------------------------------------------------------------------
@@ -803,11 +812,13 @@ class View:
         listings = self.listings
         absent = self.xattrs_absent
         retired: set[int] = set()  # nodes whose idle handles must close
+        changed: set[int] = set()  # nodes whose content may have changed
         for path in paths:
             if path.endswith(b"/.."):  # a file's content: the same file, its xattrs stand
                 node = self.by_path.get(path[:-3])
                 if node is not None:
                     notices.append(fuse.inval_inode(node.nodeid))
+                    changed.add(node.nodeid)
                 continue
             if path.endswith(b"/."):  # a directory's own attributes (a name came or went)
                 listings.pop(path[:-2] or b"/", None)
@@ -843,6 +854,10 @@ class View:
             self.notifier.send(notices)
         if retired and self._idle_order:
             self._retire(retired)
+        changed |= retired
+        if changed and self._ahead:
+            for fh in [fh for fh in self._ahead if self._readers[fh][0] in changed]:
+                self._drop_ahead(fh)
 
     # --- handlers: names -------------------------------------------------------------
 
@@ -1070,11 +1085,30 @@ class View:
 
     # --- handlers: files ----------------------------------------------------------------
 
-    def _watched(self, node: Node) -> bool:
-        """Whether the slave watches what ``node``'s path names (its answer is kept)."""
+    def _known(self, node: Node) -> tuple[int, bytes] | None:
+        """The watched answer about what ``node``'s path names (None: not watched)."""
         path = node.path
         key = watch_key(path) if path is not None else None
-        return key is not None and self.cache.lookup(key, False, MASK) is not None
+        return self.cache.lookup(key, False, MASK) if key is not None else None
+
+    def _watched(self, node: Node) -> bool:
+        """Whether the slave watches what ``node``'s path names (its answer is kept)."""
+        return self._known(node) is not None
+
+    def _ahead_size(self, node: Node) -> int:
+        """How much of a file being opened to read to bring with the open (OPEN_READ):
+        up to AHEAD bytes, one more than its watched size (so that a file shorter
+        than that comes whole); none if it is not watched, if the slave cannot, or if
+        enough is held."""
+        peer = self.link.peer
+        if peer is None or not peer.features & FEATURE_OPEN_READ:
+            return 0
+        if self._ahead_held >= AHEAD_HELD:
+            return 0
+        known = self._known(node)
+        if known is None or known[0] < 0:
+            return 0  # unwatched: no INVALIDATE would drop it once stale
+        return min(linux.statx_size(known[1]) + 1, AHEAD)
 
     def open_now(self, node: Node, body: memoryview) -> bytes | None:
         """An open of a watched file the kernel released a handle of, with the same
@@ -1100,20 +1134,48 @@ class View:
         path = self._path(node)
         keep = self._watched(node)
         flags &= ~_NOT_SENT
-        reply = await self.call(Open(dir=0, flags=flags, mode=0, resolve=0, path=path))
+        reader = flags & _KEEPABLE == os.O_RDONLY and node.kind == stat.S_IFREG
+        size = self._ahead_size(node) if reader else 0
+        if size:
+            # The file's start comes with the open: its first READ needs no slave.
+            reply = await self.call(OpenRead(dir=0, flags=flags, resolve=0, size=size, path=path))
+        else:
+            reply = await self.call(Open(dir=0, flags=flags, mode=0, resolve=0, path=path))
         fh = reply.result
         if flags & _SYNC_FLAGS:
             self._sync_handles.add(fh)
         out = fuse.FOPEN_KEEP_CACHE if keep else 0
-        if flags & _KEEPABLE == os.O_RDONLY and node.kind == stat.S_IFREG:
+        if reader:
             # Nothing to report at its close (no write behind it, no lock: the kernel
             # keeps those): no FLUSH.
             self._readers[fh] = (node.nodeid, flags)
             out |= fuse.FOPEN_NOFLUSH
+            data = reply.blob[1:]
+            if data:
+                self._ahead[fh] = (data, len(data) < size)
+                self._ahead_held += len(data)
         return fuse.OPEN_OUT.pack(fh, out, 0)
+
+    def read_now(self, node: Node, body: memoryview) -> bytes | None:
+        """A READ of what came with its handle's open (``open``), if it has it all:
+        its range, or the file ends there (it came whole)."""
+        fh, offset, size, *_ = fuse.READ_IN.unpack_from(body)
+        ahead = self._ahead.get(fh)
+        if ahead is None:
+            return None
+        data, whole = ahead
+        if offset + size > len(data) and not whole:
+            return None
+        return data[offset : offset + size]
+
+    def _drop_ahead(self, fh: int) -> None:
+        ahead = self._ahead.pop(fh, None)
+        if ahead is not None:
+            self._ahead_held -= len(ahead[0])
 
     def _keep_idle(self, fh: int) -> bool:
         """Keep a released read-only handle open for the next open (``open_now``)."""
+        self._drop_ahead(fh)
         key = self._readers.pop(fh, None)
         if key is None:
             return False

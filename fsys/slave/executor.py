@@ -112,6 +112,15 @@ class Watched(OSError):
         self.flags = flags
 
 
+#: Open flags an OPEN_READ refuses: it opens to read, and changes nothing.
+_NOT_READ_ONLY = os.O_ACCMODE | os.O_CREAT | os.O_TRUNC | os.O_APPEND | linux.O_PATH
+
+
+def _opening(o: wire.OpenRead) -> wire.Open:
+    """The OPEN an OPEN_READ begins with."""
+    return wire.Open(dir=o.dir, flags=o.flags, mode=0, resolve=o.resolve, path=o.path)
+
+
 class MustBlock(FsysError):
     """Raised by an inline attempt that would block; fshub reruns it in a thread."""
 
@@ -285,6 +294,8 @@ class Executor(SocketOps):
         """Perform ``op`` in a worker thread: an open may wait for a FIFO's peer."""
         if isinstance(op, wire.Open):
             return self.op_open(op, blocking=True)
+        if isinstance(op, wire.OpenRead):  # not a regular file (it would not block)
+            return self.op_open(_opening(op), blocking=True)
         # The handles this call uses stay open until it is done, even if a CLOSE for
         # one of them arrives meanwhile (its fd number must not be reused under us).
         if isinstance(op, wire.CopyRange):
@@ -436,6 +447,18 @@ class Executor(SocketOps):
             if answer[0] == -errno.ENOENT and answer[2] & REPLY_WATCHED:
                 raise Watched(errno.ENOENT, answer[2]) from exc
             raise
+
+    def op_open_read(self, o: wire.OpenRead) -> Result:
+        if o.flags & _NOT_READ_ONLY or o.flags & linux.O_TMPFILE == linux.O_TMPFILE:
+            raise OSError(errno.EINVAL, "OPEN_READ opens to read only")
+        handle_id, kind = self.op_open(_opening(o))
+        if kind[0] << 12 != stat.S_IFREG or o.size <= 0:
+            return handle_id, kind
+        try:
+            data = os.pread(self.fd(handle_id), min(o.size, MAX_IO), 0)
+        except OSError:
+            data = b""  # (a READ reports it)
+        return handle_id, kind + data
 
     def _open(self, o: wire.Open, *, blocking: bool = False) -> Result:
         dir_id, flags, mode, resolve, path = o

@@ -34,6 +34,7 @@ from fsys.iostream import FdTransport
 from fsys.protocol import (
     CLOSED,
     FEATURE_NET,
+    FEATURE_OPEN_READ,
     FEATURE_STDIO,
     NEED_DATA,
     Attrs,
@@ -50,6 +51,7 @@ from fsys.protocol import (
     Listdir,
     Open,
     OpenPairing,
+    OpenRead,
     Operation,
     Process,
     Processes,
@@ -383,7 +385,7 @@ class SlaveSession:
 
     def _undo(self, call: Call, reply: Reply) -> None:
         """An abandoned call succeeded after all: release what it made (a handle)."""
-        if isinstance(call.op, Open) and reply.result > 0:
+        if isinstance(call.op, (Open, OpenRead)) and reply.result > 0:
             self.executor.op_close_handle(reply.result)
 
     async def serve(self) -> None:
@@ -394,7 +396,8 @@ class SlaveSession:
                 nursery.start_soon(self.transport.serve_writer)
                 nursery.start_soon(self._waits.serve)
                 nursery.start_soon(serve_control, self, self.label)
-                features = (FEATURE_STDIO if self.executor.lent else 0) | FEATURE_NET
+                features = FEATURE_NET | FEATURE_OPEN_READ
+                features |= FEATURE_STDIO if self.executor.lent else 0
                 self.transport.write(self.conn.send(Hello(features=features, info=info)))
                 await self._read_loop(nursery)
                 with trio.move_on_after(5):
