@@ -320,15 +320,16 @@ class WireLink:
     a handler is resumed from the "reader", not from inside its own yield.
     """
 
-    def __init__(self, executor: Executor, features: int = 0) -> None:
+    def __init__(self, executor: Executor, features: int = 0, slave_features: int = 0) -> None:
         self.executor = executor
         self.conn = Connection(Role.MASTER)
         self.slave = Connection(Role.SLAVE)
         self.slave.receive_data(self.conn.send(Hello(features=features)))
         executor.hello(features)
-        self.conn.receive_data(self.slave.send(Hello()))
+        self.conn.receive_data(self.slave.send(Hello(features=slave_features)))
         assert self.slave.next_event() == Hello(features=features)
-        assert self.conn.next_event() == Hello()
+        self.peer = self.conn.next_event()
+        assert self.peer == Hello(features=slave_features)
         self.pending: list[tuple[Call, Callable[[Reply | LinkClosed], None] | None]] = []
         self.ops: list[Operation] = []  # every operation the slave performed, in order
         self.events: list[Event] = []  # pairing events the slave received
@@ -524,13 +525,15 @@ class Rig:
     stage: Stage | None = None
     cache: bool = False  # the hub keeps an attribute cache, the slave watches
     network: bool = False  # the program's sockets are the slave's (fsys.master.net)
+    slave_features: int = 0  # FEATURE_* of the slave's HELLO (FEATURE_OPEN_READ...)
 
     def __post_init__(self) -> None:
         # The slave runs with umask 0: the master applies the program's (fsys-slave's
         # serve_fds does the same).
         self._umask = os.umask(0)
         self.executor = Executor(str(self.box))
-        self.link = WireLink(self.executor, FEATURE_WATCH if self.cache else 0)
+        self.link = WireLink(self.executor, FEATURE_WATCH if self.cache else 0,
+                             self.slave_features)  # fmt: skip
         self.listener = FakeListener(self.procfs)
         self.processes = Processes(self.procfs)
         self.placeholders = Placeholders(self.procfs.fd_path, self.listener.fd_info)

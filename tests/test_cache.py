@@ -7,6 +7,8 @@ import errno
 import os
 import socket
 import stat
+import struct
+import termios
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -24,9 +26,12 @@ from fsys.linux import (
     O_PATH,
     STATX_BASIC_STATS,
 )
+from fsys.master import cache, calls, fmhub
 from fsys.master.cache import AttrCache
 from fsys.master.link import SlaveLink
+from fsys.master.routing import CONTINUE
 from fsys.protocol import (
+    FEATURE_OPEN_READ,
     FEATURE_WATCH,
     REPLY_NO_XATTRS,
     REPLY_NOT_LINK,
@@ -35,7 +40,10 @@ from fsys.protocol import (
     Connection,
     Hello,
     Invalidate,
+    Lseek,
     Open,
+    OpenRead,
+    Read,
     Reply,
     Role,
     Stat,
@@ -915,3 +923,152 @@ async def test_a_directory_s_times_follow_names_added_by_another_process(
         result = await session.run(SYSTEM_PYTHON, "-c", script)
     assert result.status == 0, result.err
     assert result.out.split() == ["True"]
+
+
+# --- a file's start with its open (OPEN_READ) ----------------------------------------
+
+
+@pytest.fixture
+def starts(tmp_path: Path) -> Iterator[Rig]:
+    box = tmp_path / "box"
+    (box / "data").mkdir(parents=True)
+    (box / "data/f").write_text("0123456789")
+    rig = Rig(box, cache=True, slave_features=FEATURE_OPEN_READ)
+    yield rig
+    rig.close()
+
+
+def _opened(rig: Rig, proc: FakeProcess, path: bytes = b"/data/f") -> int:
+    """``path`` opened to read, once its attributes are watched (a stat first)."""
+    assert proc.call("stat", path, proc.mem.alloc(144)) == 0
+    fd = proc.call("openat", AT_FDCWD, path, os.O_RDONLY, 0)
+    assert isinstance(fd, int) and fd >= 0
+    return fd
+
+
+def _slave_ops(rig: Rig, kind: type) -> list[object]:
+    return [op for op in rig.link.ops if isinstance(op, kind)]
+
+
+def test_reads_and_seeks_in_a_files_start_need_no_slave(starts: Rig) -> None:
+    proc = starts.process()
+    fd = _opened(starts, proc)
+    opened = starts.link.ops[-1]
+    assert isinstance(opened, OpenRead) and opened.size == 11  # one more than it holds
+    before = len(starts.link.ops)
+    buf = proc.mem.alloc(16)
+    assert proc.call("read", fd, buf, 4) == 4
+    assert proc.call("read", fd, buf + 4, 16) == 6
+    assert proc.call("read", fd, buf, 16) == 0  # it came whole: the end
+    assert proc.mem.bytes_at(buf + 4, 6) == b"456789"
+    assert proc.call("lseek", fd, 0, os.SEEK_CUR) == 10
+    assert proc.call("lseek", fd, 2, os.SEEK_SET) == 2
+    assert proc.call("lseek", fd, -3, os.SEEK_END) == 7
+    assert proc.call("lseek", fd, -8, os.SEEK_CUR) == -errno.EINVAL
+    assert proc.call("pread64", fd, buf, 3, 1) == 3 and proc.mem.bytes_at(buf, 3) == b"123"
+    assert proc.call("read", fd, buf, 2) == 2 and proc.mem.bytes_at(buf, 2) == b"78"
+    assert proc.call("fstat", fd, proc.mem.alloc(144)) == 0
+    assert proc.call("read", fd, buf, 9) == 1 and proc.mem.bytes_at(buf, 1) == b"9"
+    assert starts.link.ops[before:] == []
+
+
+def test_a_call_that_uses_the_position_gets_it_on_the_slave(starts: Rig) -> None:
+    proc = starts.process()
+    fd = _opened(starts, proc)
+    buf = proc.mem.alloc(16)
+    assert proc.call("read", fd, buf, 4) == 4
+    r, w = os.pipe()
+    try:
+        proc.own(9, w)
+        assert proc.call("sendfile", 9, fd, 0, 3) == 3  # from the file position
+        assert os.read(r, 10) == b"456"
+    finally:
+        os.close(r)
+        os.close(w)
+    seeks = _slave_ops(starts, Lseek)
+    assert [(op.offset, op.whence) for op in seeks] == [(4, os.SEEK_SET)]  # type: ignore[attr-defined]
+    # The slave has the position now: reads go there, and go on from it.
+    reads = len(_slave_ops(starts, Read))
+    assert proc.call("read", fd, buf, 16) == 3 and proc.mem.bytes_at(buf, 3) == b"789"
+    assert len(_slave_ops(starts, Read)) == reads + 1
+
+
+def test_an_ioctl_on_the_position_gets_it_on_the_slave(starts: Rig) -> None:
+    proc = starts.process()
+    fd = _opened(starts, proc)
+    assert proc.call("read", fd, proc.mem.alloc(4), 4) == 4
+    count = proc.mem.alloc(4)
+    assert proc.call("ioctl", fd, termios.FIONREAD, count) == 0
+    assert struct.unpack("<i", proc.mem.bytes_at(count, 4))[0] == 6  # what is left to read
+
+
+def test_a_file_longer_than_its_start_reads_on_from_the_slave(
+    starts: Rig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(cache, "START", 4)
+    proc = starts.process()
+    fd = _opened(starts, proc)
+    buf = proc.mem.alloc(16)
+    assert proc.call("read", fd, buf, 4) == 4 and not _slave_ops(starts, Read)
+    assert proc.call("read", fd, buf, 2) == 2 and proc.mem.bytes_at(buf, 2) == b"45"
+    assert [op.offset for op in _slave_ops(starts, Lseek)] == [4]  # type: ignore[attr-defined]
+    assert proc.call("lseek", fd, 0, os.SEEK_END) == 10  # (the size is the slave's)
+    assert proc.call("lseek", fd, 5, os.SEEK_SET) == 5
+    assert proc.call("read", fd, buf, 16) == 5 and proc.mem.bytes_at(buf, 5) == b"56789"
+
+
+def test_a_change_drops_the_start(starts: Rig) -> None:
+    proc = starts.process()
+    fd = _opened(starts, proc)
+    # The program's own write, through another fd: its INVALIDATE comes first.
+    wfd = proc.call("openat", AT_FDCWD, b"/data/f", os.O_WRONLY, 0)
+    assert isinstance(wfd, int) and wfd >= 0
+    assert proc.call("write", wfd, proc.mem.alloc(b"abc"), 3) == 3
+    buf = proc.mem.alloc(16)
+    assert proc.call("read", fd, buf, 16) == 10 and proc.mem.bytes_at(buf, 10) == b"abc3456789"
+    # Another process's change: dropped once the slave says (its INVALIDATE, as
+    # fshub sends it when inotify reports the change).
+    fd2 = _opened(starts, proc)
+    (starts.box / "data/f").write_text("changed!")
+    assert starts.link.on_invalidate is not None
+    starts.link.on_invalidate(tuple(starts.executor.watches.changes()))
+    assert proc.call("read", fd2, buf, 16) == 8 and proc.mem.bytes_at(buf, 8) == b"changed!"
+    assert not starts.hub.started  # (the writer brought none)
+
+
+def test_a_start_is_brought_only_where_it_is_watched_and_the_slave_can(tmp_path: Path) -> None:
+    box = tmp_path / "box"
+    (box / "data").mkdir(parents=True)
+    (box / "data/f").write_text("0123456789")
+    for rig in (Rig(box, cache=True), Rig(box, slave_features=FEATURE_OPEN_READ)):
+        try:
+            proc = rig.process()
+            _opened(rig, proc)
+            assert not _slave_ops(rig, OpenRead) and _slave_ops(rig, Open)
+        finally:
+            rig.close()
+
+
+def test_starts_are_bounded_and_released_at_close(
+    starts: Rig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(fmhub, "STARTS_HELD", 10)
+    monkeypatch.setattr(calls, "STARTS_HELD", 10)
+    proc = starts.process()
+    first = _opened(starts, proc)
+    _opened(starts, proc)
+    assert len(_slave_ops(starts, OpenRead)) == 1 and starts.hub.started_bytes == 10
+    proc.close(first)
+    starts.hub.reap()
+    assert starts.hub.started_bytes == 0 and not starts.hub.started
+
+
+def test_a_mapped_files_start_gives_way_to_its_pages(starts: Rig) -> None:
+    proc = starts.process()
+    fd = _opened(starts, proc)
+    rw = proc.call("openat", AT_FDCWD, b"/data/f", os.O_RDWR, 0)
+    assert isinstance(rw, int) and rw >= 0
+    assert proc.call("mmap", 0, 4096, 0x3, 0x1, rw, 0) is CONTINUE  # shared, read-write
+    os.pwrite(starts.listener.kept[(proc.tgid, rw)], b"X", 0)  # the program writes the map
+    buf = proc.mem.alloc(16)
+    assert proc.call("read", fd, buf, 16) == 10 and proc.mem.bytes_at(buf, 2) == b"X1"

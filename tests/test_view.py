@@ -28,7 +28,7 @@ import trio
 from fsys import linux
 from fsys.errors import SESSION_FAILED, LinkClosed
 from fsys.iostream import FdTransport
-from fsys.master import fuse, view
+from fsys.master import cache, fuse, view
 from fsys.master.fuse import Opcode
 from fsys.master.link import SlaveLink
 from fsys.master.policy import Policy, Rule, Side
@@ -1055,7 +1055,7 @@ async def test_an_open_to_read_brings_the_files_start(box: Path) -> None:
 async def test_a_file_longer_than_what_came_reads_the_rest(
     box: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(view, "AHEAD", 5)
+    monkeypatch.setattr(cache, "START", 5)
     async with viewed(box) as (kernel, v):
         f = await kernel.node(b"/f")
         fh = await kernel.open(f)

@@ -35,7 +35,24 @@ are dropped.
 
 from __future__ import annotations
 
+import stat
+
+from fsys.linux import statx_mode, statx_size
 from fsys.protocol import REPLY_NO_XATTRS, REPLY_NOT_LINK, REPLY_WATCHED, Attrs, watch_key
+
+#: How much of a file an open to read brings with it, at most (OPEN_READ).
+START = 128 << 10
+
+
+def start_size(raw: bytes) -> int:
+    """How much of the file whose watched struct statx is ``raw`` to bring with an
+    open to read it: one byte more than its size (a file shorter than START then
+    comes whole, and says so by coming short), START at most; none but for a
+    regular file."""
+    if not stat.S_ISREG(statx_mode(raw)):
+        return 0
+    return min(statx_size(raw) + 1, START)
+
 
 #: (the statx mask asked for, result (0 or -errno), struct statx or b"", REPLY_* flags)
 Answer = tuple[int, int, bytes, int]

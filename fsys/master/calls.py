@@ -49,8 +49,8 @@ from fsys.linux import (
     UTIME_OMIT,
 )
 from fsys.master import pages, staging
-from fsys.master.cache import AttrCache
-from fsys.master.fmhub import Hub
+from fsys.master.cache import AttrCache, start_size
+from fsys.master.fmhub import STARTS_HELD, Hub
 from fsys.master.pages import SPARSE_SCAN, Pages
 from fsys.master.placeholders import RemoteFile
 from fsys.master.policy import normalize
@@ -175,6 +175,17 @@ def _blob(reply: Reply, limit: int, *, exact: bool = False) -> bytes:
     return blob
 
 
+def _put_into(call: Trapped, iovs: list[tuple[int, int]], done: int, data: bytes) -> None:
+    """Write ``data`` into the program's buffers ``iovs``, from ``done`` bytes in."""
+    pieces = _pieces(iovs, done, len(data))
+    if len(pieces) == 1:  # one buffer: hand the bytes over as they are
+        call.memory.write(pieces[0][0], data)
+    else:
+        view = memoryview(data)
+        for addr, at, length in pieces:
+            call.memory.write(addr, view[at : at + length])
+
+
 def _read_into(
     call: Trapped, rf: RemoteFile, iovs: list[tuple[int, int]], offset: int | None, rwf: int
 ) -> Asks[int]:
@@ -186,13 +197,7 @@ def _read_into(
         try:
             reply = yield wire.Read(handle=rf.handle, size=want, offset=pos, rwf=rwf)
             data = _blob(reply, want)
-            pieces = _pieces(iovs, done, len(data))
-            if len(pieces) == 1:  # one buffer: hand the reply's bytes over as they are
-                call.memory.write(pieces[0][0], data)
-            else:
-                view = memoryview(data)
-                for addr, at, length in pieces:
-                    call.memory.write(addr, view[at : at + length])
+            _put_into(call, iovs, done, data)
         except Errno:
             if done:
                 return done
@@ -279,8 +284,38 @@ def _join_pages(hub: Hub, rf: RemoteFile) -> Asks[None]:
 @handles("read", "pread64", "readv", "preadv", "preadv2")
 def sys_read(hub: Hub, call: Trapped) -> Asks[int]:
     rf = _file(call)
+    iovs, offset, rwf = _transfer(call)
+    if rf.start is not None:
+        done = _from_start(hub, call, rf, iovs, offset, rwf)
+        if done is not None:
+            return done
+    if rf.at is not None and offset is None:
+        yield from hub.settle(rf)  # the slave's handle reads on from there
     yield from _join_pages(hub, rf)
-    return (yield from _read_into(call, rf, *_transfer(call)))
+    return (yield from _read_into(call, rf, iovs, offset, rwf))
+
+
+def _from_start(
+    hub: Hub, call: Trapped, rf: RemoteFile, iovs: list[tuple[int, int]], offset: int | None,
+    rwf: int,
+) -> int | None:  # fmt: skip
+    """A read answered from what came with the file's open, if that holds it all (or
+    the file ends within it); None: the slave reads it."""
+    start = rf.start
+    if start is None or rwf or hub.placeholders.by_file:  # (mapped: pages may be newer)
+        return None
+    at = rf.at if offset is None else offset
+    if at is None:
+        return None  # the slave has the position
+    end = at + min(sum(length for _, length in iovs), MAX_RW_COUNT)
+    if end > len(start) and not rf.whole:
+        return None
+    data = start[at:end]
+    _put_into(call, iovs, 0, data)
+    if offset is None:
+        rf.at = at + len(data)
+    call.side = "cache"
+    return len(data)
 
 
 @handles("write", "pwrite64", "writev", "pwritev", "pwritev2")
@@ -300,9 +335,21 @@ def _broken_pipe(hub: Hub, call: Trapped) -> NoReturn:
 
 @handles("lseek")
 def sys_lseek(hub: Hub, call: Trapped) -> Asks[int]:
-    op = wire.Lseek(handle=_file(call).handle, offset=call.arg_long("offset"),
-               whence=call.arg_int("whence"))  # fmt: skip
-    return (yield op).result
+    rf = _file(call)
+    offset, whence = call.arg_long("offset"), call.arg_int("whence")
+    if rf.at is not None:  # the position is fmhub's (reads from the file's start)
+        if whence == os.SEEK_END and rf.start is not None and rf.whole:
+            base: int | None = len(rf.start)
+        else:
+            base = {os.SEEK_SET: 0, os.SEEK_CUR: rf.at}.get(whence)
+        if base is not None:
+            if base + offset < 0:
+                raise Errno(errno.EINVAL)
+            rf.at = base + offset
+            call.side = "cache"
+            return rf.at
+        yield from hub.settle(rf)
+    return (yield wire.Lseek(handle=rf.handle, offset=offset, whence=whence)).result
 
 
 # --- open -------------------------------------------------------------------------
@@ -362,8 +409,14 @@ def _open(
             if missing is not None and missing[0] == -errno.ENOENT:
                 call.side = "cache"
                 raise Errno(errno.ENOENT)  # a watched answer: nothing by that name
+        size = _start_size(hub, key, flags) if key is not None and not where else 0
         try:
-            reply = yield wire.Open(dir=where, flags=flags, mode=mode, resolve=resolve, path=path)
+            if size:  # the file's start comes with the open (its first reads need no slave)
+                assert key is not None
+                reply = yield wire.OpenRead(dir=0, flags=flags, resolve=0, size=size, path=key)
+            else:
+                reply = yield wire.Open(dir=where, flags=flags, mode=mode, resolve=resolve,
+                                        path=path)  # fmt: skip
         except Errno as exc:
             if key is not None and exc.flags & wire.REPLY_WATCHED:
                 assert hub.cache is not None
@@ -372,15 +425,40 @@ def _open(
         if key is not None and not where and flags & _LINK_ITSELF != _LINK_ITSELF:
             assert hub.cache is not None
             hub.cache.opened(reply.result, key)  # (it names what its key names, followed)
+        if size and len(reply.blob) > 1:
+            assert key is not None
+            start = _blob(reply, size + 1)[1:]
+            fd, rf = hub.install_remote(call, reply.result, reply.blob[0] << 12,
+                                        cloexec=bool(flags & O_CLOEXEC))  # fmt: skip
+            hub.keep_start(rf, start, whole=len(start) < size, key=key)
+            return fd
     kind = reply.blob[0] << 12 if reply.blob else 0
     access = flags & (linux.O_ACCMODE | linux.O_PATH | linux.O_APPEND)
     return hub.install(call, reply.result, kind, cloexec=bool(flags & O_CLOEXEC), access=access)
+
+
+def _start_size(hub: Hub, key: bytes, flags: int) -> int:
+    """How much of the file ``key`` names to bring with an open of it by ``flags``
+    (OPEN_READ): some if the open only reads, the slave watches what the key names
+    (an INVALIDATE drops the start once the file changes) and it can; else none."""
+    peer = hub.link.peer
+    if flags & _NOT_READ_ONLY or flags & O_TMPFILE == O_TMPFILE or hub.cache is None:
+        return 0
+    if peer is None or not peer.features & wire.FEATURE_OPEN_READ:
+        return 0
+    if hub.started_bytes >= STARTS_HELD:
+        return 0
+    known = hub.cache.lookup(key, True, STATX_BASIC_STATS)
+    return start_size(known[1]) if known is not None and known[0] == 0 else 0
 
 
 #: An open of a final symlink itself (not of what it names).
 _LINK_ITSELF = linux.O_PATH | linux.O_NOFOLLOW
 #: Open flags of an open that may change what it opens: never sent by another path.
 _WRITES = linux.O_ACCMODE | linux.O_TRUNC | linux.O_APPEND
+#: Open flags of an open that brings no start (OPEN_READ refuses them; O_DIRECT and
+#: O_NOATIME: the program asked for its reads to reach the file).
+_NOT_READ_ONLY = _WRITES | O_CREAT | linux.O_PATH | os.O_DIRECT | os.O_NOATIME
 
 
 @handles("open", "openat")

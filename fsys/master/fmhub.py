@@ -32,10 +32,11 @@ import struct
 import sys
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 from dataclasses import dataclass
+from termios import FIONREAD
 from types import GeneratorType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 import trio
 
@@ -58,6 +59,7 @@ from fsys.master.routing import (
     Outcome,
     Ready,
     Router,
+    Step,
     Steps,
     Trapped,
 )
@@ -72,6 +74,7 @@ from fsys.protocol import (
     Event,
     HandlePath,
     Lend,
+    Lseek,
     OpenPairing,
     Reply,
     Stat,
@@ -108,6 +111,15 @@ class _Waiting:
     cancelled: bool = False
 
 
+#: The calls, besides reads (``calls.sys_read``) and lseek (``calls.sys_lseek``),
+#: that use or move a file's position: on a file whose reads came from its start
+#: (OPEN_READ), the slave's handle gets the position first (``Hub.settle``). (No other
+#: call on a regular file does; ioctl only for FIONREAD.)
+SETTLES: Final = frozenset({"write", "writev", "sendfile", "splice", "copy_file_range"})
+#: How much of all files' starts fmhub holds at once.
+STARTS_HELD = 16 << 20
+
+
 class Hub:
     def __init__(
         self,
@@ -135,8 +147,12 @@ class Hub:
         #: The slave's watched answers (None: every stat goes to the slave).
         self.cache = cache
         if cache is not None:
-            link.on_invalidate = cache.invalidate
+            link.on_invalidate = self._invalidate
             link.on_attrs = cache.prime
+        #: The remote files whose start came with their open (OPEN_READ), by handle,
+        #: and how many bytes they hold (at most STARTS_HELD).
+        self.started: dict[int, RemoteFile] = {}
+        self.started_bytes = 0
         self.processes = processes if processes is not None else Processes()
         self.processes.on_exit = self._closed
         if placeholders is None:  # (tests give theirs, with a fake of the scan)
@@ -337,7 +353,17 @@ class Hub:
                 self._settle_pages(call)
         call.start = time.perf_counter_ns()
         try:
-            started = decision(self, call)
+            if (
+                call.files
+                and (syscall.name in SETTLES
+                     or (syscall.name == "ioctl" and call.arg("request") & 0xFFFFFFFF == FIONREAD))
+                and any(f is not None and f.at is not None for f in call.files)
+            ):  # fmt: skip
+                # A call on a file whose reads came from its start, other than a
+                # read: the slave's handle gets the file position first.
+                started: object = self._settled(decision, call)
+            else:
+                started = decision(self, call)
         except Errno as exc:
             self._answer(call, -exc.errno)
             return
@@ -664,6 +690,53 @@ class Hub:
             call.answered = True
         return fd, remote
 
+    def _invalidate(self, paths: tuple[bytes, ...]) -> None:
+        """The slave's INVALIDATE: the cache's answers, and the starts of the files it
+        names (their content may have changed), are dropped."""
+        assert self.cache is not None
+        self.cache.invalidate(paths)
+        if not self.started:
+            return
+        for path in paths:  # (a directory's own "D/." names no file's key)
+            base = path[:-3] if path.endswith(b"/..") else path
+            below = base.rstrip(b"/") + b"/"
+            for rf in [rf for rf in self.started.values()
+                       if rf.key == base or rf.key.startswith(below)]:  # fmt: skip
+                self.forget_start(rf)
+
+    def keep_start(self, rf: RemoteFile, data: bytes, *, whole: bool, key: bytes) -> None:
+        """``data``, the start of ``rf``'s file, came with its open: its reads are
+        answered from it (``calls.sys_read``) until the file changes."""
+        rf.start, rf.whole, rf.key, rf.at = data, whole, key, 0
+        self.started[rf.handle] = rf
+        self.started_bytes += len(data)
+
+    def forget_start(self, rf: RemoteFile) -> None:
+        """Drop what came with ``rf``'s open (its position stays where reads left it)."""
+        if self.started.pop(rf.handle, None) is not None and rf.start is not None:
+            self.started_bytes -= len(rf.start)
+        rf.start = None
+
+    def settle(self, rf: RemoteFile) -> Generator[Step, Reply, None]:
+        """Give the slave's handle the position that reads from the start and lseeks
+        left (fmhub's own until now): a call that uses it, or a read past the start,
+        goes to the slave next. The start stays for reads at an offset."""
+        at, rf.at = rf.at, None
+        if at:
+            yield Lseek(handle=rf.handle, offset=at, whence=os.SEEK_SET)
+
+    def _settled(self, decision: Handler, call: Trapped) -> Steps:
+        """``decision`` on files whose position the slave must have first."""
+        for rf in call.files:
+            if rf is not None and rf.at is not None:
+                yield from self.settle(rf)
+        started = decision(self, call)
+        if isinstance(started, GeneratorType):
+            outcome: Outcome = yield from started
+            return outcome
+        assert not isinstance(started, Generator)
+        return started
+
     def release(self, remote: RemoteFile) -> None:
         """The program holds no copy of ``remote`` any more: close the slave's handle
         (after writing back what mappings changed in its file's pages; its dnotify
@@ -674,6 +747,7 @@ class Hub:
             self.write_back(remote.pages)
         if self.cache is not None:
             self.cache.closed(remote.handle)
+        self.forget_start(remote)
         self.close_handle(remote.handle)
 
     def write_back(self, pages: Pages) -> bool:
@@ -687,6 +761,9 @@ class Hub:
                 break
         if ops and self.cache is not None:
             self.cache.clear()  # a reply will bring no INVALIDATE before our next call
+        if ops:
+            for rf in list(self.started.values()):
+                self.forget_start(rf)
         return bool(ops)
 
     def _links_in_use(self, store: Store) -> set[int]:

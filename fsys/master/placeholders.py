@@ -60,6 +60,14 @@ class RemoteFile:
     stream: Stream | None = None
     #: A socket on the slave (``fsys.master.net``).
     sock: Sock | None = None
+    #: What came with the open (OPEN_READ): the file's start, kept until the file
+    #: changes (``Hub.started``); whether that is the whole file; the path it was
+    #: opened by. ``at``: the file position while reads are answered from the start
+    #: (the slave's stays 0 until ``Hub.settle`` moves it there); None: the slave's.
+    start: bytes | None = None
+    whole: bool = False
+    key: bytes = b""
+    at: int | None = None
 
     @property
     def is_dir(self) -> bool:

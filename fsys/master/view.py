@@ -51,7 +51,7 @@ import trio
 from fsys import linux
 from fsys.errors import LinkClosed
 from fsys.master import fuse
-from fsys.master.cache import AttrCache
+from fsys.master.cache import AttrCache, start_size
 from fsys.master.fuse import Opcode
 from fsys.master.launcher import Mount
 from fsys.master.link import SlaveLink, poll_spinning
@@ -283,8 +283,7 @@ _NOT_SENT = linux.O_CREAT | linux.O_EXCL | linux.O_NOCTTY | 0x20  # 0x20: __FMOD
 #: the slave holds up to 16,384 handles (confinement.MAX_HANDLES), and one that runs
 #: out of descriptors gets these back before an open fails (``View.call``).
 IDLE_HANDLES = 8192
-#: How much of a file an open to read brings (OPEN_READ), and of all files at once.
-AHEAD = 128 << 10
+#: How much of all files' starts (OPEN_READ, ``start_size``) the view holds at once.
 AHEAD_HELD = 16 << 20
 #: Open flags whose handle may be kept idle and given to a later open: reading only.
 _KEEPABLE = os.O_ACCMODE | os.O_TRUNC | linux.O_PATH | _SYNC_FLAGS
@@ -1096,10 +1095,9 @@ class View:
         return self._known(node) is not None
 
     def _ahead_size(self, node: Node) -> int:
-        """How much of a file being opened to read to bring with the open (OPEN_READ):
-        up to AHEAD bytes, one more than its watched size (so that a file shorter
-        than that comes whole); none if it is not watched, if the slave cannot, or if
-        enough is held."""
+        """How much of a file being opened to read to bring with the open (OPEN_READ,
+        ``start_size``); none if it is not watched, if the slave cannot, or if enough
+        is held."""
         peer = self.link.peer
         if peer is None or not peer.features & FEATURE_OPEN_READ:
             return 0
@@ -1108,7 +1106,7 @@ class View:
         known = self._known(node)
         if known is None or known[0] < 0:
             return 0  # unwatched: no INVALIDATE would drop it once stale
-        return min(linux.statx_size(known[1]) + 1, AHEAD)
+        return start_size(known[1])
 
     def open_now(self, node: Node, body: memoryview) -> bytes | None:
         """An open of a watched file the kernel released a handle of, with the same
