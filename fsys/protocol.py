@@ -31,6 +31,7 @@ raises RemoteProtocolError and the connection is dead from then on.
 from __future__ import annotations
 
 import enum
+import os
 import struct
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -38,7 +39,7 @@ from operator import itemgetter
 from typing import Any, ClassVar, Final, NamedTuple, Self, TypeVar, dataclass_transform
 
 from fsys.errors import LocalProtocolError, RemoteProtocolError
-from fsys.linux import STATX_SIZE
+from fsys.linux import O_PATH, STATX_SIZE
 
 MAGIC: Final = b"FSYS"
 VERSION: Final = 1
@@ -55,6 +56,8 @@ FEATURE_NET: Final = 4
 other socket operations); without it its sockets stay the master's."""
 FEATURE_OPEN_READ: Final = 8
 """In the slave's HELLO: it answers OPEN_READ (an open that brings the file's start)."""
+OPEN_READ_REFUSES: Final = os.O_ACCMODE | os.O_CREAT | os.O_TRUNC | os.O_APPEND | O_PATH
+"""The open flags an OPEN_READ refuses (EINVAL), with O_TMPFILE: it only reads."""
 
 MAX_IO: Final = 4 << 20
 #: The largest errno a reply may carry (the kernel's MAX_ERRNO).

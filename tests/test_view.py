@@ -804,7 +804,7 @@ async def test_a_file_read_again_is_opened_without_the_slave(box: Path) -> None:
         await release(kernel, f, fh)
         # Other flags are another open.
         assert await kernel.open(f, os.O_RDONLY | os.O_NOATIME) != fh
-        assert opens == [b"/f", b"/f"] and fh in v._idle_order
+        assert opens == [b"/f", b"/f"] and fh in v._idle_handles
         before = len(kernel.notices)
         (box / "f").write_bytes(b"hello again\n")  # content alone: the handle stays
         await notice_of(kernel, lambda n: len(n) > before)
@@ -818,7 +818,7 @@ async def test_idle_handles_are_bounded(box: Path, monkeypatch: pytest.MonkeyPat
         fh, ah = await kernel.open(f), await kernel.open(a)
         await release(kernel, f, fh)
         await release(kernel, a, ah)
-        assert list(v._idle_order) == [fh]  # the first stays; the second is closed
+        assert list(v._idle_handles) == [fh]  # the first stays; the second is closed
         opens = sent_opens(v)
         assert await kernel.open(f) == fh and await kernel.open(a) != ah
         assert opens == [b"/d/a"]
@@ -828,7 +828,7 @@ async def test_without_watching_no_handle_is_kept(box: Path) -> None:
     async with viewed(box, watch=False) as (kernel, v):
         f = await kernel.node(b"/f")
         await release(kernel, f, await kernel.open(f))
-        assert not v._idle_order
+        assert not v._idle_handles
 
 
 async def test_a_change_of_mode_or_a_new_file_closes_the_idle_handle(box: Path) -> None:
@@ -840,7 +840,7 @@ async def test_a_change_of_mode_or_a_new_file_closes_the_idle_handle(box: Path) 
         opens = sent_opens(v)
         os.chmod(box / "f", 0o600)  # an open may fail now where it did not
         await notice_of(kernel, lambda n: f in inval_inodes(n))
-        assert fh not in v._idle_order
+        assert fh not in v._idle_handles
         await kernel.getattr(f)
         assert await kernel.open(f) != fh and opens == [b"/f"]
 
@@ -853,7 +853,7 @@ async def test_handles_written_through_are_not_kept(box: Path) -> None:
         fh, flags = opened.fh()
         assert not flags & fuse.FOPEN_NOFLUSH  # a write behind it reports at its close
         await release(kernel, f, fh)
-        assert not v._idle_order
+        assert not v._idle_handles
         opens = sent_opens(v)
         await kernel.open(f)
         assert opens == [b"/f"]
@@ -864,10 +864,10 @@ async def test_a_forgotten_node_closes_its_idle_handle(box: Path) -> None:
         f = await kernel.node(b"/f")
         await kernel.getattr(f)
         await release(kernel, f, await kernel.open(f))
-        assert v._idle_order
+        assert v._idle_handles
         await kernel.send(Opcode.FORGET, f, fuse.FORGET_IN.pack(1))
         with trio.fail_after(5):
-            while v._idle_order:
+            while v._idle_handles:
                 await trio.sleep(0.01)
 
 
@@ -879,12 +879,12 @@ async def test_a_slave_out_of_handles_gets_the_idle_ones_back(box: Path) -> None
         for n in nodes[:2]:
             await kernel.getattr(n)
             await release(kernel, n, await kernel.open(n))
-        assert len(v._idle_order) == 2
+        assert len(v._idle_handles) == 2
         held = await kernel.open(await kernel.node(b"/f"))  # the third handle
         # A fourth would be one too many: the open closes the idle ones and succeeds.
         fh = await kernel.open(nodes[2])
         assert (await kernel.read(nodes[2], fh, 1)).body == b"2"
-        assert not v._idle_order
+        assert not v._idle_handles
         assert (await kernel.read(await kernel.node(b"/f"), held, 5)).body == b"hello"
 
 
@@ -1050,6 +1050,16 @@ async def test_an_open_to_read_brings_the_files_start(box: Path) -> None:
         fh = await kernel.open(f)
         assert (await kernel.read(f, fh, 4096)).body == b"hello, view\n"
         assert len(reads) == 1 and not v._ahead
+
+
+async def test_an_open_to_read_with_flags_open_read_refuses_is_a_plain_open(box: Path) -> None:
+    async with viewed(box) as (kernel, v):
+        f = await kernel.node(b"/f")
+        await kernel.getattr(f)
+        opens = sent_opens(v)
+        fh = await kernel.open(f, os.O_RDONLY | os.O_APPEND)  # reads only: it opens
+        assert (await kernel.read(f, fh, 5)).body == b"hello"
+        assert opens == [b"/f"] and not v._ahead
 
 
 async def test_a_file_longer_than_what_came_reads_the_rest(

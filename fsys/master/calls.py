@@ -385,6 +385,7 @@ def _open(
         mode = _create_mode(call, mode)
     elif not how:
         mode = 0
+    size, key = 0, None  # (what of the file comes with the open: _start_size)
     if resolve and not target.dir and not target.shown.startswith(b"/"):
         # RESOLVE_* flags apply from the working directory, not from the root: open
         # the slave cwd, then the name from it.
@@ -398,7 +399,6 @@ def _open(
             hub.close_handle(base.result)
     else:
         where, path = target.dir, target.path
-        key = None
         if hub.cache is not None and not target.whole and not resolve:
             key = hub.cache.key_of(where, path)
             if where and key is not None and not creates and not flags & _WRITES:
@@ -425,16 +425,14 @@ def _open(
         if key is not None and not where and flags & _LINK_ITSELF != _LINK_ITSELF:
             assert hub.cache is not None
             hub.cache.opened(reply.result, key)  # (it names what its key names, followed)
-        if size and len(reply.blob) > 1:
-            assert key is not None
-            start = _blob(reply, size + 1)[1:]
-            fd, rf = hub.install_remote(call, reply.result, reply.blob[0] << 12,
-                                        cloexec=bool(flags & O_CLOEXEC))  # fmt: skip
-            hub.keep_start(rf, start, whole=len(start) < size, key=key)
-            return fd
     kind = reply.blob[0] << 12 if reply.blob else 0
     access = flags & (linux.O_ACCMODE | linux.O_PATH | linux.O_APPEND)
-    return hub.install(call, reply.result, kind, cloexec=bool(flags & O_CLOEXEC), access=access)
+    fd, rf = hub.install_remote(call, reply.result, kind, cloexec=bool(flags & O_CLOEXEC),
+                                access=access)  # fmt: skip
+    if size and key is not None and len(reply.blob) > 1:
+        start = _blob(reply, size + 1)[1:]
+        hub.keep_start(rf, start, whole=len(start) < size, key=key)
+    return fd
 
 
 def _start_size(hub: Hub, key: bytes, flags: int) -> int:
@@ -442,12 +440,11 @@ def _start_size(hub: Hub, key: bytes, flags: int) -> int:
     (OPEN_READ): some if the open only reads, the slave watches what the key names
     (an INVALIDATE drops the start once the file changes) and it can; else none."""
     peer = hub.link.peer
-    if flags & _NOT_READ_ONLY or flags & O_TMPFILE == O_TMPFILE or hub.cache is None:
-        return 0
-    if peer is None or not peer.features & wire.FEATURE_OPEN_READ:
-        return 0
+    if flags & _NO_START or peer is None or not peer.features & wire.FEATURE_OPEN_READ:
+        return 0  # (O_TMPFILE names a directory: start_size gives none)
     if hub.started_bytes >= STARTS_HELD:
         return 0
+    assert hub.cache is not None  # (a key is the cache's)
     known = hub.cache.lookup(key, True, STATX_BASIC_STATS)
     return start_size(known[1]) if known is not None and known[0] == 0 else 0
 
@@ -458,7 +455,7 @@ _LINK_ITSELF = linux.O_PATH | linux.O_NOFOLLOW
 _WRITES = linux.O_ACCMODE | linux.O_TRUNC | linux.O_APPEND
 #: Open flags of an open that brings no start (OPEN_READ refuses them; O_DIRECT and
 #: O_NOATIME: the program asked for its reads to reach the file).
-_NOT_READ_ONLY = _WRITES | O_CREAT | linux.O_PATH | os.O_DIRECT | os.O_NOATIME
+_NO_START = wire.OPEN_READ_REFUSES | os.O_DIRECT | os.O_NOATIME
 
 
 @handles("open", "openat")

@@ -58,6 +58,7 @@ from fsys.master.link import SlaveLink, poll_spinning
 from fsys.master.policy import Policy, Side
 from fsys.protocol import (
     FEATURE_OPEN_READ,
+    OPEN_READ_REFUSES,
     REPLY_NO_XATTRS,
     REPLY_WATCHED,
     Access,
@@ -455,11 +456,12 @@ class View:
         #: Handles whose writes must reach the slave before they return (O_SYNC...).
         self._sync_handles: set[int] = set()
         #: Read-only handles open for the kernel, by handle: (nodeid, flags); and those
-        #: it released, kept open on the slave while their file is watched, oldest
-        #: first (``open_now``): an open of a file read again costs no round trip.
+        #: it released, kept open on the slave while their file is watched, by node
+        #: and flags (``open_now``: an open of a file read again costs no round trip),
+        #: and by handle.
         self._readers: dict[int, tuple[int, int]] = {}
-        self._idle: dict[tuple[int, int], list[int]] = {}
-        self._idle_order: dict[int, tuple[int, int]] = {}
+        self._idle: dict[int, dict[int, list[int]]] = {}
+        self._idle_handles: dict[int, tuple[int, int]] = {}
         #: What came with a reader's open (OPEN_READ): its data, and whether that is
         #: the whole file; dropped at its release, or once the file changes.
         self._ahead: dict[int, tuple[bytes, bool]] = {}
@@ -688,10 +690,10 @@ class View:
     async def call(self, op: Operation) -> Reply:
         """``op`` on the slave; Refused with its errno if it failed."""
         reply = await _Ask(op)
-        if reply.result in (-errno.EMFILE, -errno.ENFILE) and self._idle_order:
+        if reply.result in (-errno.EMFILE, -errno.ENFILE) and self._idle_handles:
             # The slave is out of descriptors: the idle handles give theirs back first
             # (the CLOSEs go before the open again, in order on the link).
-            for fh in list(self._idle_order):
+            for fh in list(self._idle_handles):
                 self._close_idle(fh)
             reply = await _Ask(op)
         if reply.result < 0:
@@ -797,7 +799,7 @@ class View:
         node.lookups -= n
         if node.lookups <= 0 and not node.pinned:
             del self.nodes[nodeid]
-            if self._idle_order:
+            if self._idle:
                 self._retire({nodeid})
             if node.path is not None and self.by_path.get(node.path) is node:
                 del self.by_path[node.path]
@@ -851,7 +853,7 @@ class View:
                     notices.append(fuse.inval_entry(parent.nodeid, name, expire=self.expire))
         if notices:
             self.notifier.send(notices)
-        if retired and self._idle_order:
+        if retired and self._idle:
             self._retire(retired)
         changed |= retired
         if changed and self._ahead:
@@ -1115,15 +1117,12 @@ class View:
         have closed it (``_retire``: a change of content alone keeps it); it reads
         the file as it is now (pread)."""
         flags, _ = fuse.OPEN_IN.unpack_from(body)
-        key = (node.nodeid, flags & ~_NOT_SENT)
-        handles = self._idle.get(key)
+        handles = self._idle.get(node.nodeid, {}).get(flags & ~_NOT_SENT)
         if not handles:
             return None
-        fh = handles.pop()
-        if not handles:
-            del self._idle[key]
-        del self._idle_order[fh]
-        self._readers[fh] = key
+        fh = handles[-1]
+        self._take_idle(fh)
+        self._readers[fh] = (node.nodeid, flags & ~_NOT_SENT)
         return fuse.OPEN_OUT.pack(fh, fuse.FOPEN_KEEP_CACHE | fuse.FOPEN_NOFLUSH, 0)
 
     async def open(self, unique: int, node: Node, body: memoryview) -> bytes:
@@ -1133,7 +1132,7 @@ class View:
         keep = self._watched(node)
         flags &= ~_NOT_SENT
         reader = flags & _KEEPABLE == os.O_RDONLY and node.kind == stat.S_IFREG
-        size = self._ahead_size(node) if reader else 0
+        size = self._ahead_size(node) if reader and not flags & OPEN_READ_REFUSES else 0
         if size:
             # The file's start comes with the open: its first READ needs no slave.
             reply = await self.call(OpenRead(dir=0, flags=flags, resolve=0, size=size, path=path))
@@ -1180,25 +1179,34 @@ class View:
         node = self.nodes.get(key[0])
         if node is None or not self._watched(node):
             return False
-        if len(self._idle_order) >= IDLE_HANDLES:
+        if len(self._idle_handles) >= IDLE_HANDLES:
             return False  # (the first ones stay: a walk larger than this gets some)
-        self._idle.setdefault(key, []).append(fh)
-        self._idle_order[fh] = key
+        nodeid, flags = key
+        self._idle.setdefault(nodeid, {}).setdefault(flags, []).append(fh)
+        self._idle_handles[fh] = key
         return True
 
+    def _take_idle(self, fh: int) -> None:
+        """``fh`` is no longer idle (given to an open, or to be closed)."""
+        nodeid, flags = self._idle_handles.pop(fh)
+        by_flags = self._idle[nodeid]
+        by_flags[flags].remove(fh)
+        if not by_flags[flags]:
+            del by_flags[flags]
+            if not by_flags:
+                del self._idle[nodeid]
+
     def _close_idle(self, fh: int) -> None:
-        key = self._idle_order.pop(fh)
-        handles = self._idle[key]
-        handles.remove(fh)
-        if not handles:
-            del self._idle[key]
+        self._take_idle(fh)
         self.link.post(PAIRING, Close(handle=fh))
 
     def _retire(self, nodeids: set[int]) -> None:
         """Close the idle handles of nodes whose name or attributes may have changed
         (another file there, another mode...), or that the kernel forgot."""
-        for fh in [fh for fh, key in self._idle_order.items() if key[0] in nodeids]:
-            self._close_idle(fh)
+        for nodeid in nodeids & self._idle.keys():
+            for handles in list(self._idle[nodeid].values()):
+                for fh in list(handles):
+                    self._close_idle(fh)
 
     async def create(self, unique: int, parent: Node, body: memoryview) -> bytes:
         flags, mode, _umask, _ = fuse.CREATE_IN.unpack_from(body)

@@ -112,10 +112,6 @@ class Watched(OSError):
         self.flags = flags
 
 
-#: Open flags an OPEN_READ refuses: it opens to read, and changes nothing.
-_NOT_READ_ONLY = os.O_ACCMODE | os.O_CREAT | os.O_TRUNC | os.O_APPEND | linux.O_PATH
-
-
 def _opening(o: wire.OpenRead) -> wire.Open:
     """The OPEN an OPEN_READ begins with."""
     return wire.Open(dir=o.dir, flags=o.flags, mode=0, resolve=o.resolve, path=o.path)
@@ -449,7 +445,7 @@ class Executor(SocketOps):
             raise
 
     def op_open_read(self, o: wire.OpenRead) -> Result:
-        if o.flags & _NOT_READ_ONLY or o.flags & linux.O_TMPFILE == linux.O_TMPFILE:
+        if o.flags & wire.OPEN_READ_REFUSES or o.flags & linux.O_TMPFILE == linux.O_TMPFILE:
             raise OSError(errno.EINVAL, "OPEN_READ opens to read only")
         handle_id, kind = self.op_open(_opening(o))
         if kind[0] << 12 != stat.S_IFREG or o.size <= 0:
