@@ -1072,3 +1072,18 @@ def test_a_mapped_files_start_gives_way_to_its_pages(starts: Rig) -> None:
     os.pwrite(starts.listener.kept[(proc.tgid, rw)], b"X", 0)  # the program writes the map
     buf = proc.mem.alloc(16)
     assert proc.call("read", fd, buf, 16) == 10 and proc.mem.bytes_at(buf, 2) == b"X1"
+
+
+def test_a_file_not_known_yet_or_read_with_flags_reads_from_the_slave(starts: Rig) -> None:
+    proc = starts.process()
+    fd = proc.call("openat", AT_FDCWD, b"/data/f", os.O_RDONLY, 0)  # no stat before it
+    assert isinstance(fd, int) and fd >= 0
+    assert not _slave_ops(starts, OpenRead)
+    # A watched failure (not a directory): the open fails as the slave says.
+    assert proc.call("stat", b"/data/f/x", proc.mem.alloc(144)) == -errno.ENOTDIR
+    assert proc.call("openat", AT_FDCWD, b"/data/f/x", os.O_RDONLY, 0) == -errno.ENOTDIR
+    fd = _opened(starts, proc)
+    iov = proc.mem.alloc(struct.pack("<QQ", proc.mem.alloc(4), 4))
+    reads = len(_slave_ops(starts, Read))
+    assert proc.call("preadv2", fd, iov, 1, 0, 0, 0x8) == 4  # RWF_NOWAIT: the kernel's say
+    assert len(_slave_ops(starts, Read)) == reads + 1
