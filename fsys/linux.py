@@ -81,6 +81,11 @@ def chroot(path: bytes) -> None:
     _check(_libc.chroot(path))
 
 
+def setns(fd: int, nstype: int) -> None:
+    """Join the namespace ``fd`` refers to (os.setns is Python 3.12's)."""
+    _check(_libc.setns(fd, nstype))
+
+
 def raise_fd_limit() -> tuple[int, int]:
     """Raise the soft limit on open files to the hard limit; return the limits before.
 

@@ -1167,6 +1167,18 @@ async def test_a_slave_program_runs_in_the_view(session: Session) -> None:
 
 
 @needs_fuse
+@pytest.mark.parametrize("mode", [[], ["--view"]], ids=["trapped", "view"])
+async def test_the_program_gets_the_default_signal_dispositions(
+    session: Session, mode: list[str]
+) -> None:
+    # fsys-master ignores SIGINT and SIGQUIT (the terminal sends them to the program
+    # too); the view's program inherited that, so Ctrl-C did not end it.
+    got = await session.run("/bin/sh", "-c", "grep -E '^Sig(Ign|Blk)' /proc/self/status",
+                            extra=mode)  # fmt: skip
+    assert (got.status, got.out) == (0, "SigBlk:\t0000000000000000\nSigIgn:\t0000000000000000\n")
+
+
+@needs_fuse
 async def test_the_view_sees_another_processs_change(session: Session) -> None:
     (session.box / "v").write_bytes(b"1")
     # The program reads, waits for the file to change on the slave (from this test),

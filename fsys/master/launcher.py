@@ -22,6 +22,7 @@ import errno
 import os
 import resource
 import signal
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from fsys import linux
@@ -224,86 +225,159 @@ def fork_view(
     ``fuse_fd`` (mounted at ``root``, a master directory) with ``mounts`` made over
     it; it waits, filter installed, for a byte on ``go`` before its execve. The
     caller serves ``fuse_fd`` meanwhile: the mounts look names up in the view."""
-    limits = nofile if nofile is not None else resource.getrlimit(resource.RLIMIT_NOFILE)
-    filt = ctypes.create_string_buffer(ALLOW_ALL, len(ALLOW_ALL))
-    fprog = _SockFprog(1, ctypes.addressof(filt))
+
+    def enter(step: list[str], report: int) -> None:
+        _make_view(step, report, fuse_fd, root, mounts)
+
+    program = Program(path, argv, env, cwd, nofile)
+    return _fork(lambda step, report, go: _view_child(step, program, enter, root, report, go))
+
+
+def fork_holder(*, fuse_fd: int, root: bytes, mounts: list[Mount]) -> Forked:
+    """Fork a process that makes the view's mount namespace as ``fork_view`` does and
+    closes ``report`` once it is made, then waits for EOF on ``go`` and exits: the
+    namespace outlives it for as long as the caller holds /proc/PID/ns/mnt open
+    (``fsys-master run --keep``: each program then joins it, ``fork_in_view``)."""
+
+    def hold(step: list[str], report: int, go: int) -> None:
+        _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        _make_view(step, report, fuse_fd, root, mounts)
+        os.close(report)
+        os.read(go, 1)
+        os._exit(0)
+
+    return _fork(hold)
+
+
+@dataclass(frozen=True)
+class Program:
+    """What a program in the view is started with."""
+
+    path: str
+    argv: list[str]
+    env: dict[str, str]
+    cwd: bytes
+    nofile: tuple[int, int] | None = None
+    stdio: tuple[int, int, int] | None = None  # made its 0, 1, 2 (else fsys-master's)
+    umask: int | None = None
+    group: bool = False  # in a process group of its own
+
+
+def fork_in_view(program: Program, *, namespace: int, root: bytes) -> Forked:
+    """Fork ``program`` into the mount namespace ``namespace`` (an fd of a holder's
+    /proc/PID/ns/mnt) and chroot it into ``root``; as ``fork_view`` after that."""
+
+    def enter(step: list[str], report: int) -> None:
+        step[0] = "enter the view"
+        linux.setns(namespace, linux.CLONE_NEWNS)
+
+    return _fork(lambda step, report, go: _view_child(step, program, enter, root, report, go))
+
+
+def _fork(child: Callable[[list[str], int, int], None]) -> Forked:
+    """Fork ``child(step, report, go)``; a failure in it is reported as ``step:errno``
+    on ``report`` (exit 125)."""
     report_r, report_w = os.pipe2(os.O_CLOEXEC)
     go_r, go_w = os.pipe2(os.O_CLOEXEC)
     pid = os.fork()
     if pid == 0:
         os.close(report_r)
         os.close(go_w)
-        _view_child(path, argv, env, fprog, fuse_fd, root, mounts, cwd, limits, report_w, go_r)
+        step = ["start"]
+        try:
+            child(step, report_w, go_r)
+        except OSError as exc:
+            try:
+                os.write(report_w, f"{step[0]}:{exc.errno or errno.EIO}".encode())
+            finally:
+                os._exit(125)
+        except BaseException:  # noqa: BLE001 - the forked child must never return
+            pass
+        os._exit(125)
     os.close(report_w)
     os.close(go_r)
     return Forked(pid, report_r, go_w)
 
 
+def _make_view(
+    step: list[str], report: int, fuse_fd: int, root: bytes, mounts: list[Mount]
+) -> None:
+    """In the child: a mount namespace of its own, the view mounted at ``root`` (then
+    MOUNTED on ``report``) and ``mounts`` over it."""
+    step[0] = "unshare"
+    linux.unshare(linux.CLONE_NEWNS)
+    linux.mount(None, b"/", None, linux.MS_REC | linux.MS_PRIVATE)
+    step[0] = "mount the view"
+    uid, gid = os.getuid(), os.getgid()
+    options = b"fd=%d,rootmode=40000,user_id=%d,group_id=%d,allow_other,max_read=%d" % (
+        fuse_fd, uid, gid, 1 << 20)  # fmt: skip
+    # nosuid, nodev: a slave's setuid file or device node gives nothing on the master.
+    linux.mount(b"fsys", root, b"fuse.fsys", linux.MS_NOSUID | linux.MS_NODEV, options)
+    os.write(report, MOUNTED)  # /dev/fuse can be read from now on
+    for m in mounts:
+        step[0] = "mount " + m.target.decode(errors="replace")
+        linux.mount(m.source, root + m.target, None, linux.MS_BIND | linux.MS_REC)
+
+
+#: Reset in a program in the view (fsys-master ignores SIGINT and SIGQUIT, which the
+#: terminal sends the program too; a kept session's trio loop handles others): the
+#: defaults a program expects, as a shell gives them.
+_DEFAULTS = (signal.SIGINT, signal.SIGQUIT, signal.SIGTERM, signal.SIGHUP, signal.SIGCHLD,
+             signal.SIGTSTP, signal.SIGTTIN, signal.SIGTTOU, signal.SIGWINCH, signal.SIGPIPE,
+             signal.SIGXFSZ)  # fmt: skip
+
+
 def _view_child(
-    path: str,
-    argv: list[str],
-    env: dict[str, str],
-    fprog: _SockFprog,
-    fuse_fd: int,
+    step: list[str],
+    program: Program,
+    enter: Callable[[list[str], int], None],
     root: bytes,
-    mounts: list[Mount],
-    cwd: bytes,
-    nofile: tuple[int, int],
     report: int,
     go: int,
 ) -> None:
-    """Runs in the forked child; never returns."""
-    step = "start"
+    """Runs in the forked child: ``enter`` the view's namespace, chroot into it, install
+    the filter, wait for ``go``, exec."""
+    _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    limits = program.nofile or resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, limits)
+    if program.stdio is not None:
+        for target, fd in enumerate(program.stdio):
+            os.dup2(fd, target)
+    for sig in _DEFAULTS:
+        signal.signal(sig, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_SETMASK, ())
+    if program.umask is not None:
+        os.umask(program.umask)
+    if program.group:
+        os.setpgid(0, 0)
+    enter(step, report)
+    step[0] = "chroot"
+    linux.chroot(root)
     try:
-        _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-        resource.setrlimit(resource.RLIMIT_NOFILE, nofile)
-        step = "unshare"
-        linux.unshare(linux.CLONE_NEWNS)
-        linux.mount(None, b"/", None, linux.MS_REC | linux.MS_PRIVATE)
-        step = "mount the view"
-        uid, gid = os.getuid(), os.getgid()
-        options = b"fd=%d,rootmode=40000,user_id=%d,group_id=%d,allow_other,max_read=%d" % (
-            fuse_fd, uid, gid, 1 << 20)  # fmt: skip
-        # nosuid, nodev: a slave's setuid file or device node gives nothing on the master.
-        linux.mount(b"fsys", root, b"fuse.fsys", linux.MS_NOSUID | linux.MS_NODEV, options)
-        os.write(report, MOUNTED)  # /dev/fuse can be read from now on
-        for m in mounts:
-            step = "mount " + m.target.decode(errors="replace")
-            linux.mount(m.source, root + m.target, None, linux.MS_BIND | linux.MS_REC)
-        step = "chroot"
-        linux.chroot(root)
-        try:
-            os.chdir(cwd)
-        except OSError:
-            os.chdir(b"/")  # as the trap path: the slave's root when it lacks the directory
-        for sig in (signal.SIGPIPE, signal.SIGXFSZ):
-            signal.signal(sig, signal.SIG_DFL)
-        step = "install the filter"
-        syscall = _libc.syscall
-        args = (ctypes.c_long(abi.SYS_SECCOMP), ctypes.c_long(abi.SECCOMP_SET_MODE_FILTER),
-                ctypes.c_long(abi.SECCOMP_FILTER_FLAG_NEW_LISTENER),
-                ctypes.c_void_p(ctypes.addressof(fprog)))  # fmt: skip
-        if syscall(*args) < 0:
-            err = ctypes.get_errno()
-            raise OSError(err, os.strerror(err))
-        os.close(report)  # the filter is in place: the parent takes the listener
-        if not os.read(go, 1):
-            os._exit(125)  # the parent gave up
-        os.close(go)
-        status = 126
-        try:
-            os.execve(path, argv, env)
-        except OSError as exc:
-            os.write(2, f"fsys-master: {path}: {exc.strerror}\n".encode())
-            status = 127 if isinstance(exc, FileNotFoundError) else 126
-        os._exit(status)
+        os.chdir(program.cwd)
+    except OSError:
+        os.chdir(b"/")  # as the trap path: the slave's root when it lacks the directory
+    step[0] = "install the filter"
+    filt = ctypes.create_string_buffer(ALLOW_ALL, len(ALLOW_ALL))
+    fprog = _SockFprog(1, ctypes.addressof(filt))
+    syscall = _libc.syscall
+    args = (ctypes.c_long(abi.SYS_SECCOMP), ctypes.c_long(abi.SECCOMP_SET_MODE_FILTER),
+            ctypes.c_long(abi.SECCOMP_FILTER_FLAG_NEW_LISTENER),
+            ctypes.c_void_p(ctypes.addressof(fprog)))  # fmt: skip
+    if syscall(*args) < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+    os.close(report)  # the filter is in place: the parent takes the listener
+    if not os.read(go, 1):
+        os._exit(125)  # the parent gave up
+    os.close(go)
+    status = 126
+    try:
+        os.execve(program.path, program.argv, program.env)
     except OSError as exc:
-        try:
-            os.write(report, f"{step}:{exc.errno or errno.EIO}".encode())
-        finally:
-            os._exit(125)
-    except BaseException:  # noqa: BLE001 - the forked child must never return
-        os._exit(125)
+        os.write(2, f"fsys-master: {program.path}: {exc.strerror}\n".encode())
+        status = 127 if isinstance(exc, FileNotFoundError) else 126
+    os._exit(status)
 
 
 def view_failure(message: bytes) -> str:
