@@ -29,6 +29,11 @@
 - warm:   the tree's commands inside one session, each timed after a first run (as
           a shell under fsys runs them, and as a mounted sshfs in use serves them),
           against the same loop natively and on the sshfs mount.
+- kept:   each command a whole `fsys-master run --view --keep 120` (a new fsys-master
+          each time, served by the kept session the first one started): what a user
+          typing the tree's commands one by one sees, as with a mounted sshfs; the
+          session start (`true`) too. Against the same commands natively and on the
+          sshfs mount, each timed whole. Needs the view (root and /dev/fuse).
 - network: TCP over 127.0.0.1 with a Python client under fsys (its sockets are the
           embedded slave's, pumped through a placeholder) and a Python server run
           natively: 1 GiB sent to a server that discards it, 1 GiB read from a server,
@@ -76,7 +81,7 @@ from sshfs import mounted  # (bench/sshfs.py)
 
 HERE = Path(__file__).resolve().parent
 BENCHES = ("start", "stat", "continued", "read", "write", "fork", "make", "git", "tree", "warm",
-           "memory", "transports", "network")  # fmt: skip
+           "kept", "memory", "transports", "network")  # fmt: skip
 
 
 def timed(cmd: list[str], **kwargs: object) -> float:
@@ -263,6 +268,36 @@ def bench_warm_tree(
         if sshfs is not None:
             fig["sshfs_s"] = warm([*harness, script.replace("ROOT", str(sshfs / "treebox"))])
         out[name] = fig
+    return out
+
+
+def bench_kept(fs: Fsys, work: Path, runs: int, sshfs: Path | None) -> dict[str, dict[str, float]]:
+    """Each of the tree's commands (and `true`) run as a whole `fsys-master run --view
+    --keep`, after a first run that starts the kept session and warms it."""
+    box = work / "treebox"
+    if not (box / "tree").exists():
+        make_tree(box / "tree")
+    slave = fs.rooted(box)
+    env = {**os.environ, "FSYS_KEEP_DIR": str(work / "kept")}
+    options = ("--view", "--keep", "120")
+    out: dict[str, dict[str, float]] = {}
+    try:
+        for name, script in {"start /bin/true": "true", **TREE}.items():
+            native = ["/bin/sh", "-c", script.replace("ROOT", str(box))]
+            under = fs.run("/bin/sh", "-c", script.replace("ROOT", ""), slave=slave,
+                           options=options)  # fmt: skip
+            timed(native)
+            timed(under, env=env)
+            fig = {"native_s": median([timed(native) for _ in range(runs)]),
+                   "kept_s": median([timed(under, env=env) for _ in range(runs)])}  # fmt: skip
+            if sshfs is not None:
+                remote = ["/bin/sh", "-c", script.replace("ROOT", str(sshfs / "treebox"))]
+                timed(remote)
+                fig["sshfs_s"] = median([timed(remote) for _ in range(runs)])
+            out[name] = fig
+    finally:
+        subprocess.run([*fs.master, "kept", "--stop"], env=env, check=False,
+                       stdout=subprocess.DEVNULL)  # fmt: skip
     return out
 
 
@@ -718,7 +753,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="fsys-bench-") as tmp, ExitStack() as stack:
         work = Path(tmp)
         sshfs: Path | None = None
-        if not args.no_sshfs and {"stat", "tree", "warm"} & set(only):
+        if not args.no_sshfs and {"stat", "tree", "warm", "kept"} & set(only):
             sshfs = stack.enter_context(mounted(work, work / "mnt"))
         start_s: float | None = None
         if "start" in only:
@@ -828,6 +863,19 @@ def main() -> int:
                     "each after a first run; rooted slave",
                     seconds(fig["sshfs_s"]) if "sshfs_s" in fig else "",
                     seconds(fig["view_s"]) if "view_s" in fig else "")  # fmt: skip
+        if "kept" in only and not fs.view:
+            print("bench: kept not measured: it needs the view (root and /dev/fuse)",
+                  file=sys.stderr)  # fmt: skip
+        elif "kept" in only:
+            tree = bench_kept(fs, work, runs, sshfs)
+            for name, fig in tree.items():
+                versus = (f"; x{fig['kept_s'] / fig['sshfs_s']:.2f} sshfs"
+                          if "sshfs_s" in fig else "")  # fmt: skip
+                row(f"{name}, kept session", seconds(fig["native_s"]), "",
+                    f"--view --keep: x{fig['kept_s'] / fig['native_s']:.1f} native{versus}; "
+                    "each command whole, after a first; rooted slave",
+                    seconds(fig["sshfs_s"]) if "sshfs_s" in fig else "",
+                    seconds(fig["kept_s"]))  # fmt: skip
         if "network" in only:
             size_mib = 256 if args.quick else 1024
             count = 500 if args.quick else 2000

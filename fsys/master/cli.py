@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import select
 import signal
 import socket
@@ -142,6 +143,12 @@ def _parser() -> argparse.ArgumentParser:
         "(FUSE, in a mount namespace of its own; needs root): no call is trapped, and "
         "names, attributes and pages are cached by the kernel, exactly (docs/usage.md)",
     )  # fmt: skip
+    run.add_argument(
+        "--keep", metavar="SECONDS", type=_seconds,
+        help="with --view: run PROGRAM in a kept session for these options, started if "
+        "none runs, that stays SECONDS after its last program ends: the next command "
+        "finds the slave, the view and its caches ready (docs/usage.md, \"Kept sessions\")",
+    )  # fmt: skip
     _policy_args(run)
     run.add_argument("program", nargs=argparse.REMAINDER, help="-- PROGRAM [ARGS...]")
 
@@ -150,9 +157,22 @@ def _parser() -> argparse.ArgumentParser:
     policy.add_argument("--program", help="include PROGRAM's install prefix, as run does")
     policy.add_argument("paths", nargs="+", metavar="PATH")
 
+    kept = sub.add_parser("kept", help="list the kept sessions (run --keep), or stop them")
+    kept.add_argument("--stop", action="store_true", help="end them (their programs get SIGTERM)")
+
     syscalls = sub.add_parser("syscalls", help="print the syscall disposition table")
     syscalls.add_argument("--markdown", action="store_true", help="as docs/syscalls.md")
     return parser
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value < 1e9:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds (0 or more)")
+    return value
 
 
 def _build_policy(args: argparse.Namespace, program: str | None) -> Policy:
@@ -440,6 +460,8 @@ def cmd_run(args: argparse.Namespace, *, nofile: tuple[int, int] | None = None) 
     except PolicyError as exc:
         print(f"fsys-master: {exc}", file=sys.stderr)
         return 2
+    if args.keep is not None:
+        return _run_kept(args, argv, env, path, policy, nofile)
     try:
         fuse_fd = _open_fuse(args) if args.view else -1
     except LaunchError as exc:
@@ -588,6 +610,85 @@ def _run_view(
         stage.close()
 
 
+def _run_kept(
+    args: argparse.Namespace,
+    argv: list[str],
+    env: dict[str, str],
+    path: str | None,
+    policy: Policy,
+    nofile: tuple[int, int] | None,
+) -> int:
+    """``fsys-master run --view --keep SECONDS``: the program in the kept session for
+    these options (fsys.master.keeping), started first if none runs."""
+    from fsys.master import keeping
+
+    if not args.view:
+        print("fsys-master: --keep goes with --view (only the view's session can be kept)",
+              file=sys.stderr)  # fmt: skip
+        return 2
+    if args.trace or args.trace_all or args.trace_file or args.stdio:
+        print("fsys-master: --trace and --stdio are not available with --view",
+              file=sys.stderr)  # fmt: skip
+        return 2
+    if path is None:  # perhaps the slave has it: a shell in the view looks for it
+        path, argv = "/bin/sh", ["/bin/sh", "-c", 'exec "$0" "$@"', *argv]
+    slave = [args.slave, args.connect, args.ssh, args.ssh_option, args.ssh_slave,
+             args.secret_file, args.tls, args.tls_ca]  # fmt: skip
+    rules = [(os.fsdecode(rule.prefix), rule.side.value) for rule in policy.rules]
+    umask = os.umask(0)
+    os.umask(umask)
+    request = keeping.Request(path, argv, env, os.getcwd(), umask,
+                              nofile or resource.getrlimit(resource.RLIMIT_NOFILE))  # fmt: skip
+    try:
+        place = keeping.Place.of(keeping.key({"slave": slave, "rules": rules,
+                                              "cache": not args.no_cache}))  # fmt: skip
+        return keeping.run(place, request, lambda place, ready: _serve_kept(args, policy, place,
+                                                                              ready))  # fmt: skip
+    except keeping.KeepError as exc:
+        print(f"fsys-master: {exc}", file=sys.stderr)
+        return SESSION_FAILED
+
+
+def _serve_kept(args: argparse.Namespace, policy: Policy, place: object, ready: int) -> int:
+    """The kept session's own process (a daemon: stderr is its log): listen at
+    ``place``, start the slave, mount the view, serve until it ends."""
+    from fsys.master import keeping, viewing
+    from fsys.master.view import LayoutError, layout
+
+    assert isinstance(place, keeping.Place)
+    control = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        place.socket.unlink(missing_ok=True)  # left by one that died (we hold the lock)
+        control.bind(os.fsencode(place.socket))
+        os.chmod(place.socket, 0o600)
+        control.listen(64)
+    except OSError as exc:
+        print(f"fsys-master: cannot listen at {place.socket}: {exc.strerror}", file=sys.stderr)
+        return SESSION_FAILED
+    try:
+        points, mounts = layout(policy)
+        fuse_fd = _open_fuse(args)
+    except (LayoutError, LaunchError) as exc:
+        print(f"fsys-master: {exc}", file=sys.stderr)
+        return 2
+    try:
+        slave = _start_slave(args) or Slave(None)
+    except (SlaveError, OSError) as exc:
+        print(f"fsys-master: {exc}", file=sys.stderr)
+        os.close(fuse_fd)
+        return SESSION_FAILED
+    stage = Stage()
+    status = SESSION_FAILED
+    try:
+        plan = viewing.KeptPlan(slave, fuse_fd, points, mounts, stage, control, place, ready,
+                                args.keep, cache=not args.no_cache)  # fmt: skip
+        status = viewing.run_kept(plan)
+        return status
+    finally:
+        slave.reap(failed=status == SESSION_FAILED or slave.given_up)
+        stage.close()
+
+
 # --- policy and syscalls ------------------------------------------------------------
 
 
@@ -615,6 +716,26 @@ def cmd_policy(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_kept(args: argparse.Namespace) -> int:
+    """``fsys-master kept [--stop]``: the kept sessions that listen, one a line."""
+    from fsys.master import keeping
+
+    try:
+        sessions = keeping.listening()
+    except keeping.KeepError as exc:
+        print(f"fsys-master: {exc}", file=sys.stderr)
+        return SESSION_FAILED
+    status = 0
+    for kept in sessions:
+        if args.stop:
+            ended = keeping.stop(kept)
+            print(f"{kept.socket}: pid {kept.pid}: {'ended' if ended else 'did not end'}")
+            status = status or (0 if ended else 1)
+        else:
+            print(f"{kept.socket}: pid {kept.pid}")
+    return status
+
+
 def cmd_syscalls(args: argparse.Namespace) -> int:
     from fsys.master.syscalls_doc import render_markdown, render_text
 
@@ -632,4 +753,6 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     if args.command == "policy":
         return cmd_policy(args)
+    if args.command == "kept":
+        return cmd_kept(args)
     return cmd_syscalls(args)

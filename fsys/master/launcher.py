@@ -210,17 +210,7 @@ class Forked:
     go: int  # write end: a byte lets the program exec
 
 
-def fork_view(
-    path: str,
-    argv: list[str],
-    env: dict[str, str],
-    *,
-    fuse_fd: int,
-    root: bytes,
-    mounts: list[Mount],
-    cwd: bytes,
-    nofile: tuple[int, int] | None = None,
-) -> Forked:
+def fork_view(program: Program, *, fuse_fd: int, root: bytes, mounts: list[Mount]) -> Forked:
     """Fork the program into a mount namespace whose root is the FUSE file system on
     ``fuse_fd`` (mounted at ``root``, a master directory) with ``mounts`` made over
     it; it waits, filter installed, for a byte on ``go`` before its execve. The
@@ -229,7 +219,6 @@ def fork_view(
     def enter(step: list[str], report: int) -> None:
         _make_view(step, report, fuse_fd, root, mounts)
 
-    program = Program(path, argv, env, cwd, nofile)
     return _fork(lambda step, report, go: _view_child(step, program, enter, root, report, go))
 
 

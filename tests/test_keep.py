@@ -1,0 +1,493 @@
+"""Kept sessions (``fsys-master run --view --keep SECONDS``: fsys.master.keeping).
+
+In process: the client's frames, the session's key and directory. End to end: a
+rooted slave in a box, the kept sessions' directory a fresh one, every kept session
+started there stopped at the end of each test.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import struct
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import trio
+
+from fsys.master import keeping
+from tests.conftest import PYTHON, Result, run_master, slave_command
+
+# --- in process -------------------------------------------------------------------------
+
+
+def request() -> keeping.Request:
+    return keeping.Request("/bin/echo", ["echo", "a b", "\udcff"], {"K": "v\udcfe"}, "/w", 0o027,
+                           (1024, 4096))  # fmt: skip
+
+
+def test_a_request_survives_its_encoding_with_names_that_are_not_utf8() -> None:
+    assert keeping.Request.decode(request().encode()) == request()
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [b"[]", b"{}", b"not json", b"\xff", b'{"path": "/x", "argv": [], "env": {}, "cwd": "/",'
+     b' "umask": 0, "nofile": [1, 2]}', b'{"path": "/x", "argv": ["x"], "env": {}, "cwd": "/",'
+     b' "umask": 4096, "nofile": [1, 2]}', b'{"path": "/x", "argv": ["x"], "env": [], "cwd": "/",'
+     b' "umask": 0, "nofile": [1, 2]}', b'{"path": "/x", "argv": ["x"], "env": {}, "cwd": "/",'
+     b' "umask": 0, "nofile": [1]}'],
+    ids=["list", "empty", "text", "bytes", "no-argv", "umask", "env", "nofile"],
+)  # fmt: skip
+def test_a_malformed_request_is_refused(raw: bytes) -> None:
+    with pytest.raises(ValueError):
+        keeping.Request.decode(raw)
+
+
+def frame(payload: bytes) -> bytes:
+    return struct.pack("!I", len(payload)) + payload
+
+
+def test_take_request_waits_for_the_whole_frame() -> None:
+    whole = frame(request().encode())
+    assert keeping.take_request(whole[:2], [3, 4, 5]) == (2, None)
+    assert keeping.take_request(whole[:10], [3, 4, 5]) == (len(whole) - 10, None)
+    assert keeping.take_request(whole, [3, 4, 5]) == (0, request())
+
+
+@pytest.mark.parametrize(
+    ("data", "fds"),
+    [(frame(b"{}"), [3, 4]), (frame(b"{}") + b"x", [3, 4, 5]),
+     (struct.pack("!I", keeping.MAX_REQUEST + 1), [3, 4, 5])],
+    ids=["two-fds", "trailing", "too-large"],
+)  # fmt: skip
+def test_take_request_refuses_what_cannot_be_a_request(data: bytes, fds: list[int]) -> None:
+    with pytest.raises(ValueError):
+        keeping.take_request(data, fds)
+
+
+def test_signal_numbers_keep_an_incomplete_one() -> None:
+    data = keeping.status_frame(2) + keeping.status_frame(15) + b"\0\0"
+    assert keeping.signal_numbers(data) == ([2, 15], b"\0\0")
+
+
+def test_the_key_is_one_per_set_of_options() -> None:
+    one = {"slave": ["a"], "rules": [["/usr", "master"]], "cache": True}
+    assert keeping.key(one) == keeping.key(dict(reversed(list(one.items()))))
+    assert keeping.key(one) != keeping.key({**one, "cache": False})
+    assert keeping.key(one) != keeping.key({**one, "slave": ["b"]})
+
+
+def test_the_directory_is_made_private(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("FSYS_KEEP_DIR", str(tmp_path / "k"))
+    assert keeping.directory() == tmp_path / "k"
+    assert (tmp_path / "k").stat().st_mode & 0o777 == 0o700
+
+
+@pytest.mark.parametrize("make", ["open", "symlink", "other"])
+def test_a_directory_others_can_enter_is_refused(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, make: str
+) -> None:
+    where = tmp_path / "k"
+    if make == "symlink":
+        (tmp_path / "real").mkdir(mode=0o700)
+        where.symlink_to(tmp_path / "real")
+    else:
+        where.mkdir(mode=0o700)
+        if make == "open":
+            where.chmod(0o755)
+        elif os.geteuid() == 0:
+            os.chown(where, 65534, 65534)
+        else:
+            pytest.skip("chown to another user needs root")
+    monkeypatch.setenv("FSYS_KEEP_DIR", str(where))
+    with pytest.raises(keeping.KeepError, match="nobody else can enter"):
+        keeping.directory()
+
+
+def test_a_socket_name_too_long_is_refused(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("FSYS_KEEP_DIR", str(tmp_path / ("k" * 100)))
+    with pytest.raises(keeping.KeepError, match="too long"):
+        keeping.Place.of("x" * 20)
+
+
+def test_a_dead_sessions_socket_is_removed(tmp_path: Path) -> None:
+    path = tmp_path / "s.sock"
+    sock = socket.socket(socket.AF_UNIX)
+    sock.bind(str(path))
+    sock.close()  # bound, never listening: as one killed
+    assert keeping.connect(path) is None
+    assert not path.exists()
+
+
+# --- end to end --------------------------------------------------------------------------
+
+needs_fuse = pytest.mark.skipif(
+    not os.path.exists("/dev/fuse") or os.geteuid() != 0,
+    reason="--view needs /dev/fuse and root (as for users: docs/usage.md)",
+)
+
+
+class Kept:
+    """A box for the slave, a master directory, and a kept sessions' directory."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        self.box = tmp_path / "box"
+        self.box.mkdir()
+        self.cwd = tmp_path / "master"
+        self.cwd.mkdir()
+        self.dir = Path(tempfile.mkdtemp(prefix="fk-", dir="/tmp"))
+        self.env = {**os.environ, "FSYS_KEEP_DIR": str(self.dir)}
+
+    def args(self, *program: str, keep: str = "30", extra: tuple[str, ...] = ()) -> list[str]:
+        return ["run", "--view", "--keep", keep, "--slave", slave_command(self.box), *extra,
+                "--", *program]  # fmt: skip
+
+    async def run(self, *program: str, keep: str = "30", stdin: bytes = b"",
+                  extra: tuple[str, ...] = ()) -> Result:  # fmt: skip
+        return await run_master(self.args(*program, keep=keep, extra=extra), cwd=self.cwd,
+                                stdin=stdin, env=self.env)  # fmt: skip
+
+    def popen(self, *program: str) -> subprocess.Popen[bytes]:
+        return subprocess.Popen([PYTHON, "-m", "fsys.master", *self.args(*program)],
+                                cwd=self.cwd, env=self.env, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE)  # fmt: skip
+
+    def sessions(self) -> list[keeping.Kept]:
+        old = os.environ.get("FSYS_KEEP_DIR")
+        os.environ["FSYS_KEEP_DIR"] = str(self.dir)
+        try:
+            return keeping.listening()
+        finally:
+            if old is None:
+                del os.environ["FSYS_KEEP_DIR"]
+            else:
+                os.environ["FSYS_KEEP_DIR"] = old
+
+    def log(self) -> str:
+        return "".join(p.read_text() for p in self.dir.glob("*.log"))
+
+
+def gone(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(") ")[1][0] in "ZX"
+    except FileNotFoundError:
+        return True
+
+
+@pytest.fixture
+def kept(tmp_path: Path) -> Iterator[Kept]:
+    k = Kept(tmp_path)
+    yield k
+    k.dir.chmod(0o700)  # (a test may have opened it)
+    for session in k.sessions():
+        keeping.stop(session)
+    for session in k.sessions():
+        os.kill(session.pid, signal.SIGKILL)
+    subprocess.run(["rm", "-rf", str(k.dir)], check=True)
+
+
+async def wait_until(holds: object, timeout: float = 10.0) -> None:
+    assert callable(holds)
+    with trio.fail_after(timeout):
+        while not holds():
+            await trio.sleep(0.02)
+
+
+@needs_fuse
+async def test_a_second_command_runs_in_the_first_ones_session(kept: Kept) -> None:
+    (kept.box / "f").write_text("from the slave\n")
+    first = await kept.run("/bin/sh", "-c", "cat /f; echo $PPID")
+    second = await kept.run("/bin/sh", "-c", "cat /f; echo $PPID; exit 3")
+    assert first.status == 0, first.stderr
+    assert second.status == 3, second.stderr
+    assert first.out.splitlines()[0] == second.out.splitlines()[0] == "from the slave"
+    daemon = int(first.out.split()[-1])
+    assert daemon == int(second.out.split()[-1])  # both started by the kept session
+    assert [s.pid for s in kept.sessions()] == [daemon]
+    assert list(kept.cwd.iterdir()) == []  # the program's files were the slave's
+
+
+@needs_fuse
+async def test_the_program_gets_the_clients_stdio_cwd_umask_env_and_arguments(
+    kept: Kept,
+) -> None:
+    await kept.run("/bin/true")  # the session's own environment and umask: the first's
+    script = 'cat; echo err >&2; pwd; umask; printf "%s|" "$K" "$@"'
+    old = os.umask(0o077)
+    try:
+        got = await run_master(kept.args("/bin/sh", "-c", script, "sh", "a b", "\udcff"),
+                               cwd=Path("/usr/share"), stdin=b"input\n",
+                               env={**kept.env, "K": "v"})  # fmt: skip
+    finally:
+        os.umask(old)
+    assert (got.status, got.stderr) == (0, b"err\n")
+    # /usr/share is the master's, in the view too (the path policy).
+    assert got.stdout == b"input\n/usr/share\n0077\nv|a b|\xff|"
+
+
+@needs_fuse
+async def test_changes_either_way_are_seen_between_commands(kept: Kept) -> None:
+    (kept.box / "v").write_text("1\n")
+    assert (await kept.run("/bin/cat", "/v")).out == "1\n"
+    (kept.box / "v").write_text("22\n")  # by another process on the slave
+    (kept.box / "new").write_text("n\n")
+    got = await kept.run("/bin/sh", "-c", "cat /v /new; ls /")
+    assert got.out.split()[:2] == ["22", "n"], got.stderr
+    # The program's own writes are on the slave when its command returns.
+    wrote = await kept.run("/bin/sh", "-c", "head -c 3000000 /dev/zero > /big; echo x > /v")
+    assert wrote.status == 0
+    assert (kept.box / "big").stat().st_size == 3000000
+    assert (kept.box / "v").read_text() == "x\n"
+
+
+@needs_fuse
+async def test_the_session_ends_its_keep_after_the_last_program(kept: Kept) -> None:
+    got = await kept.run("/bin/sh", "-c", "echo $PPID", keep="0.5")
+    daemon = int(got.out)
+    socket_file = next(kept.dir.glob("*.sock"))
+    await wait_until(lambda: gone(daemon))
+    assert not socket_file.exists()
+    slaves = subprocess.run(["pgrep", "-f", f"--root {kept.box}"], capture_output=True,
+                            check=False)  # fmt: skip
+    assert slaves.stdout == b""  # the slave ended with it
+    again = await kept.run("/bin/sh", "-c", "echo $PPID", keep="0.5")
+    assert int(again.out) != daemon  # a new one
+
+
+@needs_fuse
+async def test_a_program_running_keeps_the_session(kept: Kept) -> None:
+    async with trio.open_nursery() as nursery:
+        results: list[Result] = []
+
+        async def slow() -> None:
+            results.append(await kept.run("/bin/sh", "-c", "sleep 1.5; echo $PPID", keep="0.3"))
+
+        nursery.start_soon(slow)
+        await trio.sleep(1.0)
+        quick = await kept.run("/bin/sh", "-c", "echo $PPID", keep="0.3")
+    assert int(quick.out) == int(results[0].out)
+
+
+@needs_fuse
+async def test_signals_to_the_client_reach_the_program(kept: Kept) -> None:
+    await kept.run("/bin/true")  # started: the client below is a client only
+    proc = kept.popen("/bin/sh", "-c", 'trap "echo INT; exit 7" INT; trap "echo TERM; exit 8"'
+                      ' TERM; echo ready; while :; do sleep 0.05; done')  # fmt: skip
+    assert proc.stdout is not None
+    assert proc.stdout.readline() == b"ready\n"
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=20)
+    assert (proc.returncode, out) == (7, b"INT\n"), err
+    proc = kept.popen("/bin/sleep", "30")
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    proc.communicate(timeout=20)
+    assert proc.returncode == 128 + signal.SIGTERM  # killed by it, as natively
+
+
+@needs_fuse
+async def test_ctrl_z_stops_the_program_and_fg_continues_it(kept: Kept) -> None:
+    await kept.run("/bin/true")
+    proc = kept.popen("/bin/sh", "-c", "echo $$; while :; do echo tick; sleep 0.05; done")
+    assert proc.stdout is not None
+    program = int(proc.stdout.readline())
+    proc.stdout.readline()
+    proc.send_signal(signal.SIGTSTP)
+    await wait_until(lambda: _state(program) == "T" and _state(proc.pid) == "T")
+    proc.send_signal(signal.SIGCONT)
+    await wait_until(lambda: _state(program) in "RS" and _state(proc.pid) in "RS")
+    proc.send_signal(signal.SIGINT)
+    proc.communicate(timeout=20)
+    assert proc.returncode == 128 + signal.SIGINT
+
+
+def _state(pid: int) -> str:
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().rpartition(") ")[2][0]
+
+
+@needs_fuse
+async def test_a_client_killed_kills_its_program(kept: Kept) -> None:
+    await kept.run("/bin/true")
+    proc = kept.popen("/bin/sh", "-c", "echo $$; exec sleep 30")
+    assert proc.stdout is not None
+    program = int(proc.stdout.readline())
+    proc.kill()
+    proc.wait()
+    proc.stdout.close()  # (the program has them too: communicate would wait for it)
+    assert proc.stderr is not None
+    proc.stderr.close()
+    await wait_until(lambda: gone(program))
+    assert (await kept.run("/bin/echo", "still")).out == "still\n"
+
+
+@needs_fuse
+async def test_a_session_killed_fails_its_clients_and_the_next_starts_anew(kept: Kept) -> None:
+    daemon = int((await kept.run("/bin/sh", "-c", "echo $PPID")).out)
+    proc = kept.popen("/bin/sh", "-c", "echo $$; exec sleep 30")
+    assert proc.stdout is not None
+    program = int(proc.stdout.readline())
+    os.kill(daemon, signal.SIGKILL)
+    _, err = proc.communicate(timeout=20)
+    assert proc.returncode == 125
+    assert b"the kept session ended before the program did" in err
+    await wait_until(lambda: gone(program))
+    again = await kept.run("/bin/sh", "-c", "echo $PPID")
+    assert again.status == 0, again.stderr
+    assert int(again.out) != daemon
+
+
+@needs_fuse
+async def test_clients_starting_together_share_one_session(kept: Kept) -> None:
+    results: list[Result] = []
+    async with trio.open_nursery() as nursery:
+        for _ in range(4):
+
+            async def one() -> None:
+                results.append(await kept.run("/bin/sh", "-c", "echo $PPID"))
+
+            nursery.start_soon(one)
+    assert len({r.out for r in results}) == 1, [r.stderr for r in results]
+    assert len(kept.sessions()) == 1
+
+
+@needs_fuse
+async def test_other_options_are_another_session(kept: Kept) -> None:
+    one = await kept.run("/bin/sh", "-c", "echo $PPID")
+    other = await kept.run("/bin/sh", "-c", "echo $PPID", extra=("--no-cache",))
+    assert one.out != other.out
+    assert len(kept.sessions()) == 2
+
+
+@needs_fuse
+async def test_kept_lists_and_stops_sessions(kept: Kept) -> None:
+    daemon = int((await kept.run("/bin/sh", "-c", "echo $PPID")).out)
+    listed = await run_master(["kept"], cwd=kept.cwd, env=kept.env)
+    assert listed.out == f"{next(kept.dir.glob('*.sock'))}: pid {daemon}\n"
+    proc = kept.popen("/bin/sh", "-c", 'trap "echo TERM; exit 9" TERM; echo ready;'
+                      " while :; do sleep 0.05; done")  # fmt: skip
+    assert proc.stdout is not None
+    assert proc.stdout.readline() == b"ready\n"
+    stopped = await run_master(["kept", "--stop"], cwd=kept.cwd, env=kept.env)
+    assert stopped.out.endswith(f"pid {daemon}: ended\n"), stopped.stderr
+    out, _ = proc.communicate(timeout=20)
+    assert (proc.returncode, out) == (9, b"TERM\n")
+    assert gone(daemon)
+    assert (await run_master(["kept"], cwd=kept.cwd, env=kept.env)).out == ""
+
+
+@needs_fuse
+async def test_a_malformed_request_is_refused_and_the_session_goes_on(kept: Kept) -> None:
+    daemon = int((await kept.run("/bin/sh", "-c", "echo $PPID")).out)
+    path = next(kept.dir.glob("*.sock"))
+    null = os.open(os.devnull, os.O_RDWR)
+    garbage = [(b"\0\0\0\x05hello", 0), (b"\0\0\0\x05hello", 3), (b"\xff\xff\xff\xff", 3),
+               (frame(json.dumps([1]).encode()), 3), (frame(b"{}"), 2)]  # fmt: skip
+    for data, fds in garbage:
+        with socket.socket(socket.AF_UNIX) as sock:
+            sock.connect(str(path))
+            rights = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack("i", null) * fds)]
+            sock.sendmsg([data], rights if fds else [])
+            sock.settimeout(10)
+            assert sock.recv(4) == b""  # closed, no status
+    os.close(null)
+    with socket.socket(socket.AF_UNIX) as sock:  # a client that says nothing, then goes
+        sock.connect(str(path))
+    await wait_until(lambda: kept.log().count("request refused") == len(garbage))
+    got = await kept.run("/bin/sh", "-c", "echo $PPID")
+    assert int(got.out) == daemon
+
+
+@needs_fuse
+async def test_a_client_of_another_user_is_refused(kept: Kept) -> None:
+    daemon = int((await kept.run("/bin/sh", "-c", "echo $PPID")).out)
+    path = next(kept.dir.glob("*.sock"))
+    kept.dir.chmod(0o711)
+    path.chmod(0o666)  # as if the directory's protection were gone
+    probe = (
+        "import os, socket, sys\n"
+        "os.setgid(65534); os.setuid(65534)\n"
+        "s = socket.socket(socket.AF_UNIX); s.connect(sys.argv[1]); s.settimeout(10)\n"
+        "payload = b'{}'\n"
+        "s.sendmsg([len(payload).to_bytes(4, 'big'), payload],"
+        " [(socket.SOL_SOCKET, socket.SCM_RIGHTS, bytes(12))])\n"
+        "try:\n    print(repr(s.recv(4)))\n"
+        "except ConnectionResetError:\n    print(repr(b''))\n"
+    )
+    # (the system's Python: nobody may not enter where the tests' own is installed)
+    probing = ["/usr/bin/python3", "-c", probe, str(path)]
+    out = subprocess.run(probing, capture_output=True, text=True, timeout=20, check=False)
+    assert out.stdout == "b''\n", out.stderr
+    await wait_until(lambda: "refused a client of uid 65534" in kept.log())
+    kept.dir.chmod(0o700)
+    assert int((await kept.run("/bin/sh", "-c", "echo $PPID")).out) == daemon
+
+
+async def test_keep_needs_the_view(kept: Kept) -> None:
+    got = await run_master(["run", "--keep", "5", "--slave", slave_command(kept.box), "--",
+                            "/bin/true"], cwd=kept.cwd, env=kept.env)  # fmt: skip
+    assert (got.status, got.stderr) == (2, b"fsys-master: --keep goes with --view (only the "
+                                           b"view's session can be kept)\n")  # fmt: skip
+
+
+@pytest.mark.parametrize("value", ["-1", "soon", "nan"])
+async def test_a_bad_keep_is_refused(kept: Kept, value: str) -> None:
+    got = await kept.run("/bin/true", keep=value)
+    assert got.status == 2
+    assert f"{value!r} is not a number of seconds".encode() in got.stderr
+
+
+@needs_fuse
+async def test_a_slave_that_does_not_start_is_reported_and_nothing_stays(kept: Kept) -> None:
+    args = ["run", "--view", "--keep", "30", "--slave", "echo no such slave >&2; exit 3", "--",
+            "/bin/true"]  # fmt: skip
+    got = await run_master(args, cwd=kept.cwd, env=kept.env)
+    assert got.status == 125
+    assert b"fsys-master: the slave did not start" in got.stderr, got.stderr
+    assert b"no such slave" in got.stderr
+    assert kept.sessions() == []
+    assert not list(kept.dir.glob("*.sock"))
+
+
+@needs_fuse
+async def test_a_directory_others_can_enter_is_refused_by_run(kept: Kept) -> None:
+    kept.dir.chmod(0o755)
+    got = await kept.run("/bin/true")
+    assert got.status == 125
+    assert b"nobody else can enter (mode 0700)" in got.stderr
+    kept.dir.chmod(0o700)
+    assert kept.sessions() == []
+
+
+@needs_fuse
+async def test_a_command_returns_once_its_last_process_is_done(kept: Kept) -> None:
+    got = await kept.run(
+        "/bin/sh", "-c", "(sleep 0.5; echo late > /late) >/dev/null 2>&1 & echo now"
+    )
+    assert got.out == "now\n"
+    assert (kept.box / "late").read_text() == "late\n"  # as a session of its own waits
+
+
+@needs_fuse
+async def test_a_slave_gone_ends_the_session_and_its_programs(kept: Kept) -> None:
+    daemon = int((await kept.run("/bin/sh", "-c", "echo $PPID")).out)
+    proc = kept.popen("/bin/sh", "-c", "echo $$; exec sleep 30")
+    assert proc.stdout is not None
+    program = int(proc.stdout.readline())
+    # (the slave alone: the client's and the session's own command lines name it too)
+    slave = f"^{PYTHON} -m fsys.slave serve --stdio --root {kept.box}$"
+    subprocess.run(["pkill", "-KILL", "-f", slave], check=True)
+    proc.communicate(timeout=15)
+    assert proc.returncode == 128 + signal.SIGKILL
+    assert gone(program)
+    await wait_until(lambda: gone(daemon))
+    assert "kept session: the slave went away" in kept.log()
+    assert not list(kept.dir.glob("*.sock"))
