@@ -233,6 +233,45 @@ async def test_the_program_gets_the_clients_stdio_cwd_umask_env_and_arguments(
     assert got.stdout == b"input\n/usr/share\n0077\nv|a b|\xff|"
 
 
+def client(kept: Kept, prelude: str, program: tuple[str, ...], after: str = "") -> Result:
+    """fsys-master's main, as a client of ``kept``, in a Python of its own: ``prelude``
+    before it, ``after`` once it returned."""
+    main = f"status = main({kept.args(*program)!r})"
+    script = (f"import sys\n{prelude}\nfrom fsys.master.cli import main\n{main}\n{after}\n"
+              "raise SystemExit(status)\n")  # fmt: skip
+    done = subprocess.run([PYTHON, "-c", script], cwd=kept.cwd, env=kept.env,
+                          capture_output=True, timeout=60, check=False)  # fmt: skip
+    return Result(done.returncode, done.stdout, done.stderr)
+
+
+@needs_fuse
+async def test_the_program_gets_the_clients_file_limits(kept: Kept) -> None:
+    await kept.run("/bin/true")
+    limit = "import resource; resource.setrlimit(resource.RLIMIT_NOFILE, (256, 2048))"
+    got = client(kept, limit, ("/bin/sh", "-c", "ulimit -Sn; ulimit -Hn"))
+    assert (got.status, got.out) == (0, "256\n2048\n"), got.stderr
+
+
+@needs_fuse
+async def test_the_session_raises_its_own_file_limit(kept: Kept) -> None:
+    # (for the embedded slave it forks, a descriptor per file the programs hold open)
+    limit = "import resource; resource.setrlimit(resource.RLIMIT_NOFILE, (256, 4096))"
+    got = client(kept, limit, ("/bin/sh", "-c", "ulimit -Sn"))  # the first: it starts it
+    assert (got.status, got.out) == (0, "256\n"), got.stderr
+    (session,) = kept.sessions()
+    limits = Path(f"/proc/{session.pid}/limits").read_text().splitlines()
+    assert next(line for line in limits if "open files" in line).split()[3:5] == ["4096"] * 2
+
+
+@needs_fuse
+async def test_a_client_loads_neither_trio_nor_the_trapped_modes_launcher(kept: Kept) -> None:
+    await kept.run("/bin/true")
+    heavy = ("print(sorted(m for m in sys.modules if m.split('.')[0] in ('trio', 'ctypes') "
+             "or m in ('fsys.master.launcher', 'fsys.master.staging', 'fsys.linux')))")  # fmt: skip
+    got = client(kept, "", ("/bin/true",), heavy)
+    assert (got.status, got.out) == (0, "[]\n"), got.stderr
+
+
 @needs_fuse
 async def test_changes_either_way_are_seen_between_commands(kept: Kept) -> None:
     (kept.box / "v").write_text("1\n")

@@ -28,9 +28,8 @@ from typing import TYPE_CHECKING, TextIO
 
 from fsys import __version__
 from fsys.errors import SESSION_FAILED
-from fsys.master.launcher import LaunchError, launch, resolve_program
+from fsys.master.finding import LaunchError, resolve_program
 from fsys.master.policy import Policy, PolicyError, Side, normalize
-from fsys.master.staging import Stage
 
 if TYPE_CHECKING:
     from subprocess import Popen
@@ -481,6 +480,8 @@ def cmd_run(args: argparse.Namespace, *, nofile: tuple[int, int] | None = None) 
     from fsys.kmod import bpf
     from fsys.kmod.table import load
     from fsys.master import session
+    from fsys.master.launcher import launch
+    from fsys.master.staging import Stage
 
     if slave is None:
         try:
@@ -576,6 +577,7 @@ def _run_view(
 ) -> int:
     """``fsys-master run --view``: the program in a view of the slave's files."""
     from fsys.master import viewing
+    from fsys.master.staging import Stage
     from fsys.master.view import LayoutError, layout
 
     if slave is None:
@@ -652,10 +654,13 @@ def _run_kept(
 def _serve_kept(args: argparse.Namespace, policy: Policy, place: object, ready: int) -> int:
     """The kept session's own process (a daemon: stderr is its log): listen at
     ``place``, start the slave, mount the view, serve until it ends."""
+    from fsys.linux import raise_fd_limit
     from fsys.master import keeping, viewing
+    from fsys.master.staging import Stage
     from fsys.master.view import LayoutError, layout
 
     assert isinstance(place, keeping.Place)
+    raise_fd_limit()  # the programs get the client's limits (Request.nofile)
     control = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         place.socket.unlink(missing_ok=True)  # left by one that died (we hold the lock)
@@ -746,6 +751,8 @@ def cmd_syscalls(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "run":
+        if args.keep is not None:  # a kept session's client: the session raises its own
+            return cmd_run(args, nofile=None)
         from fsys.linux import raise_fd_limit
 
         return cmd_run(args, nofile=raise_fd_limit())

@@ -26,8 +26,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from fsys import linux
-from fsys.errors import FsysError
 from fsys.kmod import abi
+from fsys.master.finding import LaunchError
 
 _libc = ctypes.CDLL(None, use_errno=True)
 PR_SET_NO_NEW_PRIVS = 38
@@ -35,32 +35,11 @@ PR_SET_PDEATHSIG = 1
 SECCOMP_FLAGS = abi.SECCOMP_FILTER_FLAG_NEW_LISTENER | abi.SECCOMP_FILTER_FLAG_WAIT_KILLABLE_RECV
 
 
-class LaunchError(FsysError):
-    def __init__(self, message: str, status: int) -> None:
-        super().__init__(message)
-        self.status = status
-
-
 @dataclass(frozen=True)
 class Launched:
     pid: int
     pidfd: int
     listener: int
-
-
-def resolve_program(name: str, env: dict[str, str]) -> str:
-    """The master path of the program to run, as execvp would find it."""
-    if "/" in name:
-        if not os.path.exists(name):
-            raise LaunchError(f"{name}: No such file or directory", 127)
-        if os.path.isdir(name) or not os.access(name, os.X_OK):
-            raise LaunchError(f"{name}: Permission denied", 126)
-        return os.path.abspath(name)
-    for directory in env.get("PATH", os.defpath).split(os.pathsep):
-        candidate = os.path.join(directory or ".", name)
-        if os.access(candidate, os.X_OK) and not os.path.isdir(candidate):
-            return os.path.abspath(candidate)
-    raise LaunchError(f"{name}: command not found", 127)
 
 
 class _SockFprog(ctypes.Structure):

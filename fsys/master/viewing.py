@@ -21,12 +21,12 @@ import trio
 from fsys.errors import SESSION_FAILED, Interrupted, LinkClosed
 from fsys.iostream import FdTransport
 from fsys.master import census, keeping
+from fsys.master.finding import LaunchError
 from fsys.master.fuse import Opcode
 from fsys.master.launcher import (
     MOUNTED,
     Forked,
     Launched,
-    LaunchError,
     Mount,
     Program,
     fork_holder,
