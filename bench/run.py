@@ -10,7 +10,8 @@
           of a master file (/usr/bin/true); against the same loop run natively;
 - read:   MB/s of `cat` reading a 1 GiB file of the slave (from the page cache),
           against native `cat`;
-- write:  MB/s of `dd bs=4k conv=fsync` writing 256 MiB to a rooted slave;
+- write:  MB/s of `dd bs=4k conv=fsync` writing 256 MiB to a rooted slave (and
+          through sshfs);
 - memory: peak resident memory of the session's largest process, reading 64 MiB and
           1 GiB and listing 500 and 5,000 files (it must not grow with either);
 - fork:   1,000 fork+exec of /bin/true by one shell inside one session, against
@@ -343,8 +344,11 @@ def bench_read(fs: Fsys, work: Path, size_mib: int, runs: int) -> dict[str, floa
     return out
 
 
-def bench_write(fs: Fsys, work: Path, size_mib: int, runs: int) -> dict[str, float]:
-    """dd bs=4k of SIZE MiB into a slave file, and fsync (rooted slave)."""
+def bench_write(
+    fs: Fsys, work: Path, size_mib: int, runs: int, sshfs: Path | None
+) -> dict[str, float]:
+    """dd bs=4k of SIZE MiB into a slave file, and fsync (rooted slave; the same box
+    through sshfs)."""
     box = work / "writebox"
     box.mkdir()
     slave = fs.rooted(box)
@@ -360,6 +364,9 @@ def bench_write(fs: Fsys, work: Path, size_mib: int, runs: int) -> dict[str, flo
     if fs.view:
         out["view_MBps"] = size / median([timed(fs.run(*dd("/out"), slave=slave, options=VIEW))
                                           for _ in range(runs)]) / 1e6  # fmt: skip
+    if sshfs is not None:
+        remote = sshfs / "writebox" / "out"
+        out["sshfs_MBps"] = size / median([timed(dd(remote)) for _ in range(runs)]) / 1e6
     return out
 
 
@@ -753,7 +760,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="fsys-bench-") as tmp, ExitStack() as stack:
         work = Path(tmp)
         sshfs: Path | None = None
-        if not args.no_sshfs and {"stat", "tree", "warm", "kept"} & set(only):
+        if not args.no_sshfs and {"stat", "write", "tree", "warm", "kept"} & set(only):
             sshfs = stack.enter_context(mounted(work, work / "mnt"))
         start_s: float | None = None
         if "start" in only:
@@ -789,12 +796,13 @@ def main() -> int:
             )
         if "write" in only:
             size_mib = 64 if args.quick else 256
-            write = bench_write(fs, work, size_mib, runs)
+            write = bench_write(fs, work, size_mib, runs, sshfs)
             row(
                 f"write (dd bs=4k, {size_mib} MiB, fsync)",
                 f"{write['native_MBps']:.0f} MB/s",
                 f"{write['fsys_MBps']:.1f} MB/s",
                 "rooted slave",
+                sshfs=f"{write['sshfs_MBps']:.1f} MB/s" if "sshfs_MBps" in write else "",
                 view=f"{write['view_MBps']:.1f} MB/s" if "view_MBps" in write else "",
             )
         if "memory" in only:

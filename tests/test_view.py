@@ -307,6 +307,14 @@ def test_init_asks_only_what_the_kernel_offers() -> None:
     assert fuse.INIT_OUT.unpack(fuse.init_out(50, 0, 0, 1 << 20))[1] == fuse.MINOR
 
 
+def test_init_asks_the_slave_to_clear_privileges_on_write() -> None:
+    # HANDLE_KILLPRIV_V2: the kernel no longer asks for security.capability at each
+    # write (the slave's own write clears suid, sgid and file capabilities).
+    offered = fuse.HANDLE_KILLPRIV | fuse.HANDLE_KILLPRIV_V2
+    flags = fuse.INIT_OUT.unpack(fuse.init_out(34, offered, 4096, 1 << 20))[3]
+    assert flags == offered
+
+
 def test_reply_and_notice_headers() -> None:
     assert fuse.OUT_HEADER.unpack(fuse.reply(9, error=errno.ENOENT)) == (16, -errno.ENOENT, 9)
     assert fuse.OUT_HEADER.unpack_from(fuse.reply(9, b"abc")) == (19, 0, 9)
@@ -1154,6 +1162,26 @@ async def test_programs_run_on_slave_files_in_the_view(session: Session) -> None
     assert (session.box / "in.txt").read_bytes() == b"one\ntwo\nthree\n"
     assert (session.box / "made" / "z").read_bytes() == b"x\n"
     session.master_untouched()
+
+
+@needs_fuse
+@pytest.mark.parametrize("writer", ["root", "nobody"])
+async def test_a_write_clears_the_setuid_bit_as_the_slave_would(session: Session,
+                                                               writer: str) -> None:  # fmt: skip
+    # A root slave without --allow-setuid writes without CAP_FSETID: its kernel clears
+    # the bits at every write, whoever the program is (docs/usage.md, "What a slave
+    # refuses"); a second write, once the view knows the bits are gone, still works.
+    session.box.chmod(0o755)
+    (session.box / "s").write_text("a\n")
+    (session.box / "s").chmod(0o6777)
+    who = (
+        ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"] if writer != "root" else []
+    )
+    got = await session.run(*who, "/bin/sh", "-c", "echo b >> /s; stat -c %a /s; echo c >> /s",
+                            extra=["--view"])  # fmt: skip
+    assert (got.status, got.out) == (0, "777\n"), got.err
+    assert (session.box / "s").read_text() == "a\nb\nc\n"
+    assert (session.box / "s").stat().st_mode & 0o7777 == 0o777
 
 
 @needs_fuse

@@ -88,6 +88,7 @@ PARALLEL_DIROPS: Final = 1 << 18
 HANDLE_KILLPRIV: Final = 1 << 19
 MAX_PAGES: Final = 1 << 22
 CACHE_SYMLINKS: Final = 1 << 23
+HANDLE_KILLPRIV_V2: Final = 1 << 28
 SETXATTR_EXT: Final = 1 << 29
 
 # fuse_open_out.open_flags
@@ -254,12 +255,13 @@ def init_out(kernel_minor: int, kernel_flags: int, max_readahead: int, max_write
 
 #: What the view asks of the kernel: parallel reads and lookups, readdirplus, big
 #: writes and reads (MAX_PAGES), symlink targets kept until a notice drops them, and
-#: suid/sgid bits cleared by the slave's own kernel on write (HANDLE_KILLPRIV). No
-#: WRITEBACK_CACHE: every write reaches the slave before it returns, so its error
-#: is the write's.
+#: suid/sgid bits and file capabilities cleared by the slave's own kernel when the
+#: slave writes (HANDLE_KILLPRIV, and _V2: the kernel then marks a file found without
+#: them, and stops asking for security.capability at every write). No
+#: WRITEBACK_CACHE: the view holds the writes (View._write_behind), not the kernel.
 WANTED: Final = (
     ASYNC_READ | ATOMIC_O_TRUNC | BIG_WRITES | AUTO_INVAL_DATA | DO_READDIRPLUS | ASYNC_DIO
-    | PARALLEL_DIROPS | HANDLE_KILLPRIV | MAX_PAGES | CACHE_SYMLINKS
+    | PARALLEL_DIROPS | HANDLE_KILLPRIV | HANDLE_KILLPRIV_V2 | MAX_PAGES | CACHE_SYMLINKS
 )  # fmt: skip
 
 

@@ -434,7 +434,7 @@ class View:
         self.dirs: dict[int, DirHandle] = {}
         #: Extended attributes known absent, by watched path: the names, or None for
         #: all of them. Only an INVALIDATE of the path (not of its content) drops them:
-        #: the kernel asks for security.capability at each write(2).
+        #: the kernel asks for security.capability at the first write(2) of a file.
         self.xattrs_absent: dict[bytes, set[bytes] | None] = {}
         #: Watched listings by directory path (LISTDIR replies marked REPLY_WATCHED).
         self.listings: dict[bytes, list[tuple[int, int, bytes]]] = {}
