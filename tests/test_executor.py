@@ -289,6 +289,34 @@ def test_xattrs(ex: Executor, box: Path) -> None:
     assert run(ex, Removexattr(dir=0, flags=0, path=b"/dir/file", name=b"user.k"))[0] == 0
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="setting a file capability needs root")
+def test_a_file_capability_is_removed_without_cap_setfcap(
+    ex: Executor, box: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A slave without CAP_SETFCAP may not removexattr it: the kernel's EPERM, faked
+    # here for that name alone; the chown that changes nothing removes it instead.
+    real = os.removexattr
+
+    def no_setfcap(path: object, name: bytes, *, follow_symlinks: bool = True) -> None:
+        if name == b"security.capability":
+            raise PermissionError(errno.EPERM, "Operation not permitted")
+        real(path, name, follow_symlinks=follow_symlinks)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(os, "removexattr", no_setfcap)
+    f = box / "dir" / "file"
+    remove = Removexattr(dir=0, flags=0, path=b"/dir/file", name=b"security.capability")
+    assert fails(ex, remove) == errno.ENODATA  # none to remove: as natively
+    os.setxattr(f, "security.capability", struct.pack("<5I", 0x02000001, 1 << 13, 0, 0, 0))
+    os.setxattr(f, "user.k", b"v")
+    before = f.stat()
+    assert run(ex, remove)[0] == 0
+    with pytest.raises(OSError) as absent:
+        os.getxattr(f, "security.capability")
+    assert absent.value.errno == errno.ENODATA
+    assert os.getxattr(f, "user.k") == b"v"  # nothing else is removed
+    assert (f.stat().st_uid, f.stat().st_gid) == (before.st_uid, before.st_gid)
+
+
 def test_unconfined_executor_sees_the_whole_filesystem() -> None:
     ex = Executor("/")
     try:

@@ -1185,6 +1185,24 @@ async def test_a_write_clears_the_setuid_bit_as_the_slave_would(session: Session
 
 
 @needs_fuse
+@pytest.mark.parametrize("mode", [[], ["--view"]], ids=["trapped", "view"])
+async def test_a_write_drops_a_files_capability_as_natively(session: Session,
+                                                            mode: list[str]) -> None:  # fmt: skip
+    # The view's kernel asks the slave to remove security.capability before the
+    # write; a root slave without --allow-setuid may not (no CAP_SETFCAP): it failed
+    # the write with EPERM.
+    (session.box / "c").write_text("a\n")
+    cap = struct.pack("<5I", 0x02000001, 1 << 13, 0, 0, 0)  # v2, effective, CAP_NET_RAW
+    os.setxattr(session.box / "c", "security.capability", cap)
+    got = await session.run("/bin/sh", "-c", "echo b >> /c", extra=mode)
+    assert got.status == 0, got.err
+    assert (session.box / "c").read_text() == "a\nb\n"
+    with pytest.raises(OSError) as absent:
+        os.getxattr(session.box / "c", "security.capability")
+    assert absent.value.errno == errno.ENODATA
+
+
+@needs_fuse
 async def test_a_slave_program_runs_in_the_view(session: Session) -> None:
     # The kernel opens what it executes with __FMODE_EXEC among the open flags, which
     # the slave's openat2 refuses: the view must not pass it on (it did: EINVAL).

@@ -62,7 +62,7 @@ from fsys.protocol import (
     Operation,
     watch_key,
 )
-from fsys.slave.confinement import Confinement, privileged
+from fsys.slave.confinement import PRIVILEGE_XATTRS, Confinement, privileged
 from fsys.slave.network import SocketOps
 from fsys.slave.watches import Watches
 
@@ -198,6 +198,28 @@ def _no_xattrs(parent: int, name: bytes) -> bool:
 
 def _proc_fd(fd: int) -> bytes:
     return b"/proc/self/fd/%d" % fd
+
+
+def _drop_file_capability(target: int | bytes, follow: bool) -> None:
+    """Remove a file's capability without CAP_SETFCAP (a root slave without
+    --allow-setuid, or one that is not root), as the kernel does when a file is
+    written: a chown that changes nothing drops it (and the setuid and setgid bits,
+    which the write that follows would drop too). The FUSE view asks for this
+    removal before it writes such a file. PermissionError if the file keeps it."""
+    name = b"security.capability"
+    try:
+        os.getxattr(target, name, follow_symlinks=follow)
+    except OSError as exc:
+        if exc.errno == errno.ENODATA:
+            raise  # nothing to remove: as natively
+        raise PermissionError(errno.EPERM, os.strerror(errno.EPERM)) from None
+    os.chown(target, -1, -1, follow_symlinks=follow)
+    try:
+        os.getxattr(target, name, follow_symlinks=follow)
+    except OSError as exc:
+        if exc.errno == errno.ENODATA:
+            return
+    raise PermissionError(errno.EPERM, "the file keeps its capability")
 
 
 class Executor(SocketOps):
@@ -1055,7 +1077,12 @@ class Executor(SocketOps):
         dir_id, flags, path, name = o
         target, follow, close = self._xattr_target(dir_id, path, flags)
         try:
-            os.removexattr(target, name, follow_symlinks=follow)
+            try:
+                os.removexattr(target, name, follow_symlinks=follow)
+            except PermissionError:
+                if name not in PRIVILEGE_XATTRS:
+                    raise
+                _drop_file_capability(target, follow)
         finally:
             if close >= 0:
                 os.close(close)
