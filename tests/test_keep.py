@@ -42,8 +42,10 @@ def test_a_request_survives_its_encoding_with_names_that_are_not_utf8() -> None:
      b' "umask": 0, "nofile": [1, 2]}', b'{"path": "/x", "argv": ["x"], "env": {}, "cwd": "/",'
      b' "umask": 4096, "nofile": [1, 2]}', b'{"path": "/x", "argv": ["x"], "env": [], "cwd": "/",'
      b' "umask": 0, "nofile": [1, 2]}', b'{"path": "/x", "argv": ["x"], "env": {}, "cwd": "/",'
-     b' "umask": 0, "nofile": [1]}'],
-    ids=["list", "empty", "text", "bytes", "no-argv", "umask", "env", "nofile"],
+     b' "umask": 0, "nofile": [1]}', b'{"path": "/x", "argv": ["x"], "env": {}, "cwd": "/",'
+     b' "umask": 1e999, "nofile": [1, 2]}', b"[" * 100000 + b"]" * 100000],
+    ids=["list", "empty", "text", "bytes", "no-argv", "umask", "env", "nofile", "overflow",
+         "nested"],
 )  # fmt: skip
 def test_a_malformed_request_is_refused(raw: bytes) -> None:
     with pytest.raises(ValueError):
@@ -424,12 +426,27 @@ async def test_kept_lists_and_stops_sessions(kept: Kept) -> None:
 
 
 @needs_fuse
+async def test_many_clients_at_once_are_all_served(kept: Kept) -> None:
+    # Each program is forked from the session with copies of its fds; a descriptor
+    # the session closed and whose number came back woke trio for the old one, and a
+    # blocking read or waitpid then hung the whole session (round 2 or 3 of these).
+    await kept.run("/bin/true")
+    for _ in range(4):
+        procs = [kept.popen("/bin/sh", "-c", "ls / >/dev/null; echo ok") for _ in range(16)]
+        for proc in procs:
+            out, err = proc.communicate(timeout=60)
+            assert (proc.returncode, out) == (0, b"ok\n"), err
+
+
+@needs_fuse
 async def test_a_malformed_request_is_refused_and_the_session_goes_on(kept: Kept) -> None:
     daemon = int((await kept.run("/bin/sh", "-c", "echo $PPID")).out)
     path = next(kept.dir.glob("*.sock"))
     null = os.open(os.devnull, os.O_RDWR)
     garbage = [(b"\0\0\0\x05hello", 0), (b"\0\0\0\x05hello", 3), (b"\xff\xff\xff\xff", 3),
-               (frame(json.dumps([1]).encode()), 3), (frame(b"{}"), 2)]  # fmt: skip
+               (frame(json.dumps([1]).encode()), 3), (frame(b"{}"), 2),
+               (frame(request().encode().replace(b'"umask": 23', b'"umask": 1e999')), 3),
+               (frame(b"[" * 100000), 3)]  # fmt: skip
     for data, fds in garbage:
         with socket.socket(socket.AF_UNIX) as sock:
             sock.connect(str(path))

@@ -79,7 +79,10 @@ class Request:
     @classmethod
     def decode(cls, data: bytes) -> Request:
         """The request in ``data``; ValueError if it is not one."""
-        raw = json.loads(data)
+        try:
+            raw = json.loads(data)
+        except RecursionError:
+            raise ValueError("malformed request: nested too deep") from None
         try:
             nofile = raw["nofile"]
             request = cls(
@@ -90,7 +93,7 @@ class Request:
                 int(raw["umask"]),
                 (int(nofile[0]), int(nofile[1])),
             )
-        except (KeyError, TypeError, AttributeError, IndexError) as exc:
+        except (KeyError, TypeError, AttributeError, IndexError, OverflowError) as exc:
             raise ValueError(f"malformed request: {exc!r}") from None
         if not request.argv or not 0 <= request.umask <= 0o777:
             raise ValueError("malformed request: no arguments, or a bad umask")

@@ -116,9 +116,11 @@ def exit_status(status: int) -> int:
 
 
 async def wait_program(launched: Launched) -> int:
-    await trio.lowlevel.wait_readable(launched.pidfd)
-    _, status = os.waitpid(launched.pid, 0)
-    return exit_status(status)
+    while True:
+        await trio.lowlevel.wait_readable(launched.pidfd)
+        pid, status = os.waitpid(launched.pid, os.WNOHANG)  # (a wake-up may be stale)
+        if pid:
+            return exit_status(status)
 
 
 async def report_stops(launched: Launched, link: SlaveLink) -> None:

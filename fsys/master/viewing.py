@@ -74,9 +74,13 @@ async def _reported(forked: Forked, view: View | None, nursery: trio.Nursery | N
     """Until ``forked`` closes its report: serve ``view`` once it says MOUNTED (if it
     mounts it); LaunchError with what it reported if it failed instead."""
     message, mounted = b"", view is None
+    os.set_blocking(forked.report, False)  # (a wake-up may be another fd's: see closing)
     while True:
         await trio.lowlevel.wait_readable(forked.report)
-        chunk = os.read(forked.report, 256)
+        try:
+            chunk = os.read(forked.report, 256)
+        except BlockingIOError:
+            continue
         if not chunk:
             break
         if not mounted and chunk.startswith(MOUNTED):
@@ -107,8 +111,16 @@ async def _started(forked: Forked, view: View | None, nursery: trio.Nursery | No
         os.write(forked.go, b"x")
         return launched
     finally:
-        os.close(forked.report)
+        closing(forked.report)
         os.close(forked.go)
+
+
+def closing(fd: int) -> None:
+    """Close ``fd``, which trio may have waited on. The children forked meanwhile hold
+    copies of it until they exec: trio must forget it first, or its epoll keeps
+    reporting the old file's events under the number a new fd then takes."""
+    trio.lowlevel.notify_closing(fd)
+    os.close(fd)
 
 
 async def _view_session(plan: ViewPlan) -> int:
@@ -147,8 +159,8 @@ async def _view_session(plan: ViewPlan) -> int:
                 status = await wait_program(launched)
                 # POLLHUP: the last process under the filter (the program's) is gone.
                 await trio.lowlevel.wait_readable(launched.listener)
-                os.close(launched.listener)
-                os.close(launched.pidfd)
+                closing(launched.listener)
+                closing(launched.pidfd)
             await view.settle()
             await link.goodbye()
             nursery.cancel_scope.cancel()
@@ -213,7 +225,7 @@ async def _hold_view(plan: KeptPlan, view: View, nursery: trio.Nursery, root: by
         await _reported(forked, view, nursery)
         return os.open(f"/proc/{forked.pid}/ns/mnt", os.O_RDONLY | os.O_CLOEXEC)
     finally:
-        os.close(forked.report)
+        closing(forked.report)
         os.close(forked.go)  # the holder exits: the fd holds the namespace
         with contextlib.suppress(ChildProcessError):
             os.waitpid(forked.pid, 0)
@@ -381,8 +393,8 @@ class _Kept:
                 nursery.cancel_scope.cancel()
         finally:
             del self.programs[pid]
-            os.close(launched.listener)
-            os.close(launched.pidfd)
+            closing(launched.listener)
+            closing(launched.pidfd)
         await self.view.settle()  # its writes are on the slave when its command returns
         await conn.send(keeping.status_frame(status))
 
