@@ -426,6 +426,15 @@ async def test_kept_lists_and_stops_sessions(kept: Kept) -> None:
 
 
 @needs_fuse
+async def test_a_keep_of_zero_runs_its_command(kept: Kept) -> None:
+    # The idle time counts from the first client: the command that started the
+    # session connects after it listens (it went away first, at times: exit 125).
+    for _ in range(4):
+        got = await kept.run("/bin/echo", "ran", keep="0")
+        assert (got.status, got.out) == (0, "ran\n"), got.err
+
+
+@needs_fuse
 async def test_many_clients_at_once_are_all_served(kept: Kept) -> None:
     # Each program is forked from the session with copies of its fds; a descriptor
     # the session closed and whose number came back woke trio for the old one, and a

@@ -134,17 +134,19 @@ def launch(
 def take_listener(pid: int) -> Launched:
     """Take the listener of the child ``pid``, which installed its filter and waits."""
     pidfd = os.pidfd_open(pid)
-    target = _find_listener(pid)
-    if target is None:
-        os.kill(pid, signal.SIGKILL)
-        os.waitpid(pid, 0)
-        raise LaunchError("the program's listener did not appear", 125)
     try:
-        listener = linux.pidfd_getfd(pidfd, target)
-    except OSError as exc:
+        target = _find_listener(pid)
+        if target is None:
+            raise LaunchError("the program's listener did not appear", 125)
+        try:
+            listener = linux.pidfd_getfd(pidfd, target)
+        except OSError as exc:
+            raise LaunchError(f"cannot take the listener: {exc.strerror}", 125) from None
+    except BaseException:
+        os.close(pidfd)
         os.kill(pid, signal.SIGKILL)
         os.waitpid(pid, 0)
-        raise LaunchError(f"cannot take the listener: {exc.strerror}", 125) from None
+        raise
     os.set_inheritable(listener, False)
     return Launched(pid, pidfd, listener)
 

@@ -231,6 +231,10 @@ async def _hold_view(plan: KeptPlan, view: View, nursery: trio.Nursery, root: by
             os.waitpid(forked.pid, 0)
 
 
+#: How long a kept session waits for the command that started it, at least.
+FIRST_CLIENT = 10.0
+
+
 class _Kept:
     """The kept session's programs, asked for by clients on the control socket."""
 
@@ -241,12 +245,14 @@ class _Kept:
         self.root = root
         self.programs: dict[int, Launched] = {}  # by pid: those whose processes run
         self.clients = 0
+        self.served = False  # a client has come
         self._changed = trio.Event()
         # The socket's file, to remove only ours (not one a later session bound there).
         self._bound = os.stat(plan.place.socket).st_ino
 
     def _count(self, change: int) -> None:
         self.clients += change
+        self.served = True
         self._changed.set()
 
     async def serve(self, link: SlaveLink) -> None:
@@ -289,7 +295,12 @@ class _Kept:
                 nursery.cancel_scope.cancel()
 
     async def _idle(self) -> None:
-        """Returns once no client has been served for ``keep`` seconds."""
+        """Returns once no client has been served for ``keep`` seconds (counted from
+        the first: the command that started the session connects after it listens)."""
+        with trio.move_on_after(max(self.plan.keep, FIRST_CLIENT)):
+            while not self.served:
+                await self._changed.wait()
+                self._changed = trio.Event()
         while True:
             changed = self._changed = trio.Event()
             if self.clients:
