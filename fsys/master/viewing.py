@@ -115,6 +115,19 @@ async def _started(forked: Forked, view: View | None, nursery: trio.Nursery | No
         os.close(forked.go)
 
 
+async def _program_gone(launched: Launched) -> int:
+    """The program's exit status, once every process it started is gone too (POLLHUP
+    on the listener: the last process under the filter has exited)."""
+    status = await wait_program(launched)
+    await trio.lowlevel.wait_readable(launched.listener)
+    return status
+
+
+def _release(launched: Launched) -> None:
+    closing(launched.listener)
+    closing(launched.pidfd)
+
+
 def closing(fd: int) -> None:
     """Close ``fd``, which trio may have waited on. The children forked meanwhile hold
     copies of it until they exec: trio must forget it first, or its epoll keeps
@@ -156,11 +169,10 @@ async def _view_session(plan: ViewPlan) -> int:
                 _answer_the_slave(link, lambda: (launched.pid,))
                 nursery.start_soon(relay_signals, launched, None)
                 nursery.start_soon(report_stalls, link, slave.name)
-                status = await wait_program(launched)
-                # POLLHUP: the last process under the filter (the program's) is gone.
-                await trio.lowlevel.wait_readable(launched.listener)
-                closing(launched.listener)
-                closing(launched.pidfd)
+                try:
+                    status = await _program_gone(launched)
+                finally:
+                    _release(launched)
             await view.settle()
             await link.goodbye()
             nursery.cancel_scope.cancel()
@@ -398,14 +410,11 @@ class _Kept:
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._relay, conn, pid)
-                status = await wait_program(launched)
-                # POLLHUP: the last process under the filter (the program's) is gone.
-                await trio.lowlevel.wait_readable(launched.listener)
+                status = await _program_gone(launched)
                 nursery.cancel_scope.cancel()
         finally:
             del self.programs[pid]
-            closing(launched.listener)
-            closing(launched.pidfd)
+            _release(launched)
         await self.view.settle()  # its writes are on the slave when its command returns
         await conn.send(keeping.status_frame(status))
 
