@@ -128,6 +128,50 @@ def test_a_dead_sessions_socket_is_removed(tmp_path: Path) -> None:
     assert not path.exists()
 
 
+def test_start_returns_once_ready_while_a_child_of_the_session_holds_the_pipe(
+    tmp_path: Path,
+) -> None:
+    # The embedded slave is forked before the session is ready and keeps a copy of the
+    # ready pipe: the first command hung until it ended (the README's default slave).
+    place = keeping.Place(tmp_path / "s.sock", tmp_path / "s.lock", tmp_path / "s.log")
+    holder = tmp_path / "holder"
+
+    def serve(_place: keeping.Place, ready: int) -> int:
+        if os.fork() == 0:  # holds the pipe, as the embedded slave does
+            holder.write_text(str(os.getpid()))
+            time.sleep(30)
+            os._exit(0)
+        while not holder.exists():
+            time.sleep(0.01)
+        os.write(ready, keeping.READY)
+        return 0
+
+    def hung(_signum: int, _frame: object) -> None:
+        raise TimeoutError("start waited for the holder of the ready pipe")
+
+    previous = signal.signal(signal.SIGALRM, hung)
+    signal.alarm(10)
+    try:
+        keeping.start(place, serve)
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+        while not holder.exists() or not holder.read_text():
+            time.sleep(0.01)
+        os.kill(int(holder.read_text()), signal.SIGKILL)
+
+
+def test_start_reports_a_session_that_ended_unready(tmp_path: Path) -> None:
+    place = keeping.Place(tmp_path / "s.sock", tmp_path / "s.lock", tmp_path / "s.log")
+
+    def serve(_place: keeping.Place, _ready: int) -> int:
+        os.write(2, b"no slave here\n")
+        return 1
+
+    with pytest.raises(keeping.KeepError, match="no slave here"):
+        keeping.start(place, serve)
+
+
 # --- end to end --------------------------------------------------------------------------
 
 needs_fuse = pytest.mark.skipif(

@@ -206,8 +206,10 @@ def start(place: Place, serve: Callable[[Place, int], int]) -> None:
     os.close(ready_w)
     os.waitpid(pid, 0)
     try:
+        # Up to READY, not to the end: a process the session forked before it was
+        # ready (the embedded slave) holds a copy of the pipe for as long as it lives.
         got = b""
-        while chunk := os.read(ready_r, 64):
+        while len(got) < len(READY) and (chunk := os.read(ready_r, len(READY) - len(got))):
             got += chunk
     finally:
         os.close(ready_r)
