@@ -206,11 +206,10 @@ def start(place: Place, serve: Callable[[Place, int], int]) -> None:
     os.close(ready_w)
     os.waitpid(pid, 0)
     try:
-        # Up to READY, not to the end: a process the session forked before it was
-        # ready (the embedded slave) holds a copy of the pipe for as long as it lives.
-        got = b""
-        while len(got) < len(READY) and (chunk := os.read(ready_r, len(READY) - len(got))):
-            got += chunk
+        # One read, not to the end: a process the session forked before it was ready
+        # (the embedded slave) holds a copy of the pipe for as long as it lives. READY
+        # is one write of less than PIPE_BUF, so it comes whole or not at all (EOF).
+        got = os.read(ready_r, len(READY))
     finally:
         os.close(ready_r)
     if got != READY:
