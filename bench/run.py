@@ -33,8 +33,10 @@
 - kept:   each command a whole `fsys-master run --view --keep 120` (a new fsys-master
           each time, served by the kept session the first one started): what a user
           typing the tree's commands one by one sees, as with a mounted sshfs; the
-          session start (`true`) too. Against the same commands natively and on the
-          sshfs mount, each timed whole. Needs the view (root and /dev/fuse).
+          session start (`true`) too. With the installed fsys-master (the compiled
+          client, next to PY), and with the Python client (`PY -m fsys.master`).
+          Against the same commands natively and on the sshfs mount, each timed
+          whole. Needs the view (root and /dev/fuse).
 - network: TCP over 127.0.0.1 with a Python client under fsys (its sockets are the
           embedded slave's, pumped through a placeholder) and a Python server run
           natively: 1 GiB sent to a server that discards it, 1 GiB read from a server,
@@ -279,8 +281,12 @@ def bench_kept(fs: Fsys, work: Path, runs: int, sshfs: Path | None) -> dict[str,
     if not (box / "tree").exists():
         make_tree(box / "tree")
     slave = fs.rooted(box)
-    env = {**os.environ, "FSYS_KEEP_DIR": str(work / "kept")}
+    env = {**os.environ, "FSYS_KEEP_DIR": str(work / "kept"), "FSYS_MASTER_PYTHON": fs.python}
     options = ("--view", "--keep", "120")
+    # What a user types: the installed fsys-master, the compiled client (setup.py) when
+    # it was built; and fsys.master in Python, that client's fallback, beside it.
+    installed = Path(fs.python).parent / "fsys-master"
+    compiled = installed.exists() and installed.read_bytes()[:4] == b"\x7fELF"
     out: dict[str, dict[str, float]] = {}
     try:
         for name, script in {"start /bin/true": "true", **TREE}.items():
@@ -291,6 +297,11 @@ def bench_kept(fs: Fsys, work: Path, runs: int, sshfs: Path | None) -> dict[str,
             timed(under, env=env)
             fig = {"native_s": median([timed(native) for _ in range(runs)]),
                    "kept_s": median([timed(under, env=env) for _ in range(runs)])}  # fmt: skip
+            if compiled:
+                typed = [str(installed), *under[len(fs.master) :]]
+                timed(typed, env=env)
+                fig["python_s"] = fig["kept_s"]
+                fig["kept_s"] = median([timed(typed, env=env) for _ in range(runs)])
             if sshfs is not None:
                 remote = ["/bin/sh", "-c", script.replace("ROOT", str(sshfs / "treebox"))]
                 timed(remote)
@@ -879,9 +890,11 @@ def main() -> int:
             for name, fig in tree.items():
                 versus = (f"; x{fig['kept_s'] / fig['sshfs_s']:.2f} sshfs"
                           if "sshfs_s" in fig else "")  # fmt: skip
+                client = (f"compiled fsys-master ({seconds(fig['python_s'])} with the Python "
+                          "client)" if "python_s" in fig else "the Python client")  # fmt: skip
                 row(f"{name}, kept session", seconds(fig["native_s"]), "",
                     f"--view --keep: x{fig['kept_s'] / fig['native_s']:.1f} native{versus}; "
-                    "each command whole, after a first; rooted slave",
+                    f"each command whole, after a first; {client}; rooted slave",
                     seconds(fig["sshfs_s"]) if "sshfs_s" in fig else "",
                     seconds(fig["kept_s"]))  # fmt: skip
         if "network" in only:

@@ -7,7 +7,6 @@ started there stopped at the end of each test.
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import socket
@@ -36,20 +35,75 @@ def test_a_request_survives_its_encoding_with_names_that_are_not_utf8() -> None:
     assert keeping.Request.decode(request().encode()) == request()
 
 
+def raw_request(
+    names: list[bytes],
+    *,
+    magic: bytes = keeping.REQUEST_MAGIC,
+    umask: int = 0o22,
+    nofile: tuple[int, int] = (1024, -1),
+    argc: int = 1,
+    envc: int = 0,
+) -> bytes:
+    head = keeping.REQUEST_HEAD.pack(magic, umask, *nofile, argc, envc)
+    return head + b"".join(name + b"\0" for name in names)
+
+
+def test_a_request_is_its_header_then_nul_terminated_names() -> None:
+    # The compiled client (client/fsys-master.c) writes this by hand: it is the format.
+    want = raw_request([b"/bin/echo", b"/w", b"echo", b"a b", b"\xff", b"K=v\xfe"],
+                       umask=0o027, nofile=(1024, 4096), argc=3, envc=1)  # fmt: skip
+    assert request().encode() == want
+    assert keeping.Request.decode(raw_request([b"/x", b"/", b"x", b"A=b=c", b"E="], argc=1,
+                                              envc=2)).env == {"A": "b=c", "E": ""}  # fmt: skip
+
+
 @pytest.mark.parametrize(
     "raw",
-    [b"[]", b"{}", b"not json", b"\xff", b'{"path": "/x", "argv": [], "env": {}, "cwd": "/",'
-     b' "umask": 0, "nofile": [1, 2]}', b'{"path": "/x", "argv": ["x"], "env": {}, "cwd": "/",'
-     b' "umask": 4096, "nofile": [1, 2]}', b'{"path": "/x", "argv": ["x"], "env": [], "cwd": "/",'
-     b' "umask": 0, "nofile": [1, 2]}', b'{"path": "/x", "argv": ["x"], "env": {}, "cwd": "/",'
-     b' "umask": 0, "nofile": [1]}', b'{"path": "/x", "argv": ["x"], "env": {}, "cwd": "/",'
-     b' "umask": 1e999, "nofile": [1, 2]}', b"[" * 100000 + b"]" * 100000],
-    ids=["list", "empty", "text", "bytes", "no-argv", "umask", "env", "nofile", "overflow",
-         "nested"],
+    [b"", b"fsk1", raw_request([b"/x", b"/", b"x"], magic=b"fsk0"),
+     raw_request([b"/x", b"/"], argc=0), raw_request([b"/x", b"/", b"x"], umask=0o1000),
+     raw_request([b"/x", b"/", b"x"], nofile=(-2, 5)), raw_request([b"/x", b"/"]),
+     raw_request([b"/x", b"/", b"x", b"y"]), raw_request([b"/x", b"/", b"x"])[:-1],
+     raw_request([b"/x", b"/", b"x", b"NOEQUALS"], envc=1), raw_request([], argc=1)],
+    ids=["empty", "short", "magic", "no-argv", "umask", "nofile", "too-few", "too-many",
+         "unterminated", "env", "no-names"],
 )  # fmt: skip
 def test_a_malformed_request_is_refused(raw: bytes) -> None:
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="malformed request"):
         keeping.Request.decode(raw)
+
+
+def test_a_quick_record_repeats_its_inputs_then_names_the_session(tmp_path: Path) -> None:
+    place = keeping.Place(tmp_path / "s.sock", tmp_path / "s.lock", tmp_path / "s.log")
+    config = tmp_path / "policy.toml"
+    config.write_text("")
+    inputs = keeping.quick_inputs(["--view", "--keep", "5"], "/bin/sh")
+    tail = [b"--view", b"--keep", b"5", b"--", b"/bin/sh", b""]
+    assert inputs.startswith(b"fsys-quick-1\0") and inputs.endswith(b"\0".join(tail))
+    seen = keeping.witness("/bin/sh", str(config))
+    st = config.stat()
+    identity = f"{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}"
+    assert seen == (os.path.realpath("/bin/sh"), str(config), identity)
+    keeping.remember(place, inputs, seen)
+    (record,) = tmp_path.glob("*.quick")
+    assert record.name == keeping.quick_name(inputs)
+    assert record.read_bytes() == inputs + b"\0".join(
+        os.fsencode(name) for name in (str(place.socket), *seen, "")
+    )
+    assert keeping.witness("/bin/sh", None) == (os.path.realpath("/bin/sh"), "", "")
+
+
+def test_the_quick_name_is_fnv1a_of_the_inputs() -> None:
+    # FNV-1a 64's published test vectors: the compiled client computes the same.
+    assert keeping.quick_name(b"") == "cbf29ce484222325.quick"
+    assert keeping.quick_name(b"a") == "af63dc4c8601ec8c.quick"
+    assert keeping.quick_name(b"foobar") == "85944171f73967e8.quick"
+
+
+def test_a_record_that_cannot_be_written_or_checked_is_none(tmp_path: Path) -> None:
+    assert keeping.witness("/bin/sh", str(tmp_path / "missing.toml")) is None
+    place = keeping.Place(tmp_path / "gone" / "s.sock", tmp_path / "s.lock", tmp_path / "s.log")
+    keeping.remember(place, b"x\0", ("/bin/sh", "", ""))  # its directory is missing
+    assert list(tmp_path.rglob("*.quick*")) == []
 
 
 def frame(payload: bytes) -> bytes:
@@ -65,7 +119,7 @@ def test_take_request_waits_for_the_whole_frame() -> None:
 
 @pytest.mark.parametrize(
     ("data", "fds"),
-    [(frame(b"{}"), [3, 4]), (frame(b"{}") + b"x", [3, 4, 5]),
+    [(frame(b"{}"), [3, 4]), (frame(request().encode()) + b"x", [3, 4, 5]),
      (struct.pack("!I", keeping.MAX_REQUEST + 1), [3, 4, 5])],
     ids=["two-fds", "trailing", "too-large"],
 )  # fmt: skip
@@ -189,7 +243,8 @@ class Kept:
         self.cwd = tmp_path / "master"
         self.cwd.mkdir()
         self.dir = Path(tempfile.mkdtemp(prefix="fk-", dir="/tmp"))
-        self.env = {**os.environ, "FSYS_KEEP_DIR": str(self.dir)}
+        # The compiled client hands over to the Python of the tests.
+        self.env = {**os.environ, "FSYS_KEEP_DIR": str(self.dir), "FSYS_MASTER_PYTHON": PYTHON}
 
     def args(self, *program: str, keep: str = "30", extra: tuple[str, ...] = ()) -> list[str]:
         return ["run", "--view", "--keep", keep, "--slave", slave_command(self.box), *extra,
@@ -200,10 +255,20 @@ class Kept:
         return await run_master(self.args(*program, keep=keep, extra=extra), cwd=self.cwd,
                                 stdin=stdin, env=self.env)  # fmt: skip
 
-    def popen(self, *program: str) -> subprocess.Popen[bytes]:
-        return subprocess.Popen([PYTHON, "-m", "fsys.master", *self.args(*program)],
-                                cwd=self.cwd, env=self.env, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE)  # fmt: skip
+    def popen(self, *program: str, compiled: bool = False, extra: tuple[str, ...] = (),
+              env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:  # fmt: skip
+        """fsys-master in Python, or ``compiled`` (with stdin a pipe: see served)."""
+        master = [str(COMPILED)] if compiled else [PYTHON, "-m", "fsys.master"]
+        return subprocess.Popen([*master, *self.args(*program, extra=extra)], cwd=self.cwd,
+                                env={**self.env, **(env or {})}, stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
+
+    async def warm(self, *programs: tuple[str, ...]) -> None:
+        """Run each of ``programs`` once (the Python client): the session starts, and the
+        compiled client finds the quick record of each program's path."""
+        for program in programs:
+            got = await self.run(*program)
+            assert got.status == 0, got.stderr
 
     def sessions(self) -> list[keeping.Kept]:
         old = os.environ.get("FSYS_KEEP_DIR")
@@ -218,6 +283,17 @@ class Kept:
 
     def log(self) -> str:
         return "".join(p.read_text() for p in self.dir.glob("*.log"))
+
+
+#: fsys-master as installed: the compiled client (setup.py builds it with the package).
+COMPILED = Path(PYTHON).parent / "fsys-master"
+
+
+def served(proc: subprocess.Popen[bytes]) -> bool:
+    """Whether the running ``proc``, a client of a kept session whose program already
+    runs, is the compiled client itself (served without Python), not the Python it
+    hands over to."""
+    return os.readlink(f"/proc/{proc.pid}/exe") == os.path.realpath(COMPILED)
 
 
 def gone(pid: int) -> bool:
@@ -362,29 +438,38 @@ async def test_a_program_running_keeps_the_session(kept: Kept) -> None:
 
 
 @needs_fuse
-async def test_signals_to_the_client_reach_the_program(kept: Kept) -> None:
-    await kept.run("/bin/true")  # started: the client below is a client only
-    proc = kept.popen("/bin/sh", "-c", 'trap "echo INT; exit 7" INT; trap "echo TERM; exit 8"'
-                      ' TERM; echo ready; while :; do sleep 0.05; done')  # fmt: skip
+@pytest.mark.parametrize("compiled", [False, True], ids=["python", "compiled"])
+async def test_signals_to_the_client_reach_the_program(kept: Kept, compiled: bool) -> None:
+    # Started, with the quick records of both programs: the clients below are clients only.
+    await kept.warm(("/bin/sh", "-c", "true"), ("/bin/sleep", "0"))
+    trap = 'trap "echo INT; exit 7" INT; trap "echo TERM; exit 8" TERM'
+    proc = kept.popen("/bin/sh", "-c", f"{trap}; echo ready; while :; do sleep 0.05; done",
+                      compiled=compiled)  # fmt: skip
     assert proc.stdout is not None
     assert proc.stdout.readline() == b"ready\n"
+    assert served(proc) == compiled
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=20)
     assert (proc.returncode, out) == (7, b"INT\n"), err
-    proc = kept.popen("/bin/sleep", "30")
+    proc = kept.popen("/bin/sleep", "30", compiled=compiled)
     time.sleep(0.5)
+    assert served(proc) == compiled
     proc.send_signal(signal.SIGTERM)
     proc.communicate(timeout=20)
     assert proc.returncode == 128 + signal.SIGTERM  # killed by it, as natively
 
 
 @needs_fuse
-async def test_ctrl_z_stops_the_program_and_fg_continues_it(kept: Kept) -> None:
-    await kept.run("/bin/true")
-    proc = kept.popen("/bin/sh", "-c", "echo $$; while :; do echo tick; sleep 0.05; done")
+@pytest.mark.parametrize("compiled", [False, True], ids=["python", "compiled"])
+async def test_ctrl_z_stops_the_program_and_fg_continues_it(kept: Kept, compiled: bool) -> None:
+    await kept.warm(("/bin/sh", "-c", "true"))
+    proc = kept.popen(
+        "/bin/sh", "-c", "echo $$; while :; do echo tick; sleep 0.05; done", compiled=compiled
+    )
     assert proc.stdout is not None
     program = int(proc.stdout.readline())
     proc.stdout.readline()
+    assert served(proc) == compiled
     proc.send_signal(signal.SIGTSTP)
     await wait_until(lambda: _state(program) == "T" and _state(proc.pid) == "T")
     proc.send_signal(signal.SIGCONT)
@@ -400,16 +485,19 @@ def _state(pid: int) -> str:
 
 
 @needs_fuse
-async def test_a_client_killed_kills_its_program(kept: Kept) -> None:
-    await kept.run("/bin/true")
-    proc = kept.popen("/bin/sh", "-c", "echo $$; exec sleep 30")
+@pytest.mark.parametrize("compiled", [False, True], ids=["python", "compiled"])
+async def test_a_client_killed_kills_its_program(kept: Kept, compiled: bool) -> None:
+    await kept.warm(("/bin/sh", "-c", "true"))
+    proc = kept.popen("/bin/sh", "-c", "echo $$; exec sleep 30", compiled=compiled)
     assert proc.stdout is not None
     program = int(proc.stdout.readline())
+    assert served(proc) == compiled
     proc.kill()
     proc.wait()
     proc.stdout.close()  # (the program has them too: communicate would wait for it)
-    assert proc.stderr is not None
+    assert proc.stderr is not None and proc.stdin is not None
     proc.stderr.close()
+    proc.stdin.close()
     await wait_until(lambda: gone(program))
     assert (await kept.run("/bin/echo", "still")).out == "still\n"
 
@@ -497,9 +585,9 @@ async def test_a_malformed_request_is_refused_and_the_session_goes_on(kept: Kept
     path = next(kept.dir.glob("*.sock"))
     null = os.open(os.devnull, os.O_RDWR)
     garbage = [(b"\0\0\0\x05hello", 0), (b"\0\0\0\x05hello", 3), (b"\xff\xff\xff\xff", 3),
-               (frame(json.dumps([1]).encode()), 3), (frame(b"{}"), 2),
-               (frame(request().encode().replace(b'"umask": 23', b'"umask": 1e999')), 3),
-               (frame(b"[" * 100000), 3)]  # fmt: skip
+               (frame(raw_request([b"/x", b"/", b"x"], magic=b"{\"a\"")), 3),
+               (frame(request().encode()), 2), (frame(request().encode()[:-1]), 3),
+               (frame(raw_request([b"/bin/true", b"/", b"true"], umask=1 << 31)), 3)]  # fmt: skip
     for data, fds in garbage:
         with socket.socket(socket.AF_UNIX) as sock:
             sock.connect(str(path))
@@ -602,3 +690,207 @@ async def test_a_slave_gone_ends_the_session_and_its_programs(kept: Kept) -> Non
     await wait_until(lambda: gone(daemon))
     assert "kept session: the slave went away" in kept.log()
     assert not list(kept.dir.glob("*.sock"))
+
+
+# --- the compiled client (client/fsys-master.c) -------------------------------------------
+
+
+def test_fsys_master_is_the_compiled_client() -> None:
+    # setup.py builds it with the package: the command a user types.
+    assert COMPILED.read_bytes()[:4] == b"\x7fELF"
+
+
+def _compiled(*args: str, cwd: Path | None = None,
+              env: dict[str, str] | None = None) -> subprocess.CompletedProcess[bytes]:  # fmt: skip
+    return subprocess.run([str(COMPILED), *args], cwd=cwd, capture_output=True, timeout=60,
+                          env={**os.environ, "FSYS_MASTER_PYTHON": PYTHON, **(env or {})},
+                          check=False)  # fmt: skip
+
+
+def test_the_compiled_client_hands_other_commands_to_python() -> None:
+    python = [PYTHON, "-m", "fsys.master"]
+    for args in (["--version"], ["policy", "/usr/lib", "/home"], ["run"], ["kept", "--bogus"]):
+        native = subprocess.run([*python, *args], capture_output=True, timeout=60, check=False)
+        got = _compiled(*args)
+        assert (got.returncode, got.stdout, got.stderr) == (
+            native.returncode,
+            native.stdout,
+            native.stderr,
+        ), args
+    assert _compiled("--version").stdout.startswith(b"fsys-master ")
+
+
+def test_a_python_that_is_not_there_is_reported() -> None:
+    got = _compiled("--version", env={"FSYS_MASTER_PYTHON": "/nonexistent/python"})
+    assert (got.returncode, got.stdout) == (125, b"")
+    assert got.stderr == (b"fsys-master: cannot start /nonexistent/python: No such file or "
+                          b"directory (FSYS_MASTER_PYTHON names the Python fsys is installed "
+                          b"in)\n")  # fmt: skip
+
+
+def test_the_hand_over_does_not_import_the_working_directorys_modules(tmp_path: Path) -> None:
+    (tmp_path / "fsys").mkdir()
+    (tmp_path / "fsys" / "__init__.py").write_text("raise SystemExit('the wrong fsys')\n")
+    got = _compiled("--version", cwd=tmp_path)
+    assert (got.returncode, got.stderr) == (0, b""), got.stderr
+
+
+#: A program that says it runs, then waits for a line: while it waits, served() can
+#: tell who its client is.
+WAITS = 'echo ready; read x; echo "got $x"; umask; printf "%s|" "$K" "$@"; exit 5'
+
+
+def _served(proc: subprocess.Popen[bytes]) -> tuple[bool, int, bytes, bytes]:
+    """(served by the compiled client, status, output, errors) of a client of WAITS."""
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    assert line == b"ready\n", proc.communicate(timeout=30)
+    by = served(proc)
+    out, err = proc.communicate(b"in\n", timeout=30)
+    return by, proc.returncode, out, err
+
+
+@needs_fuse
+async def test_a_command_python_ran_is_then_served_without_python(kept: Kept) -> None:
+    await kept.warm(("/bin/sh", "-c", "true"))  # the Python client: session and record
+    old = os.umask(0o077)
+    try:
+        proc = kept.popen("/bin/sh", "-c", WAITS, "sh", "a b", "\udcff", compiled=True,
+                          env={"K": "v\udcfe"})  # fmt: skip
+        got = _served(proc)
+    finally:
+        os.umask(old)
+    assert got == (True, 5, b"got in\n0077\nv\xfe|a b|\xff|", b"")
+    assert len(kept.sessions()) == 1
+
+
+@needs_fuse
+async def test_the_compiled_client_finds_the_program_as_python_does(kept: Kept) -> None:
+    await kept.warm(("/bin/sh", "-c", "true"))
+    # Another spelling of the same path (PATH entries are normalised as abspath does).
+    odd = {"PATH": "/nonexistent:/usr/./../bin//"}
+    assert _served(kept.popen("sh", "-c", WAITS, compiled=True, env=odd))[:2] == (True, 5)
+    # A name it has no record of: handed over; Python's run leaves the record.
+    (kept.cwd / "tool").symlink_to("/bin/sh")
+    for expect in (False, True):
+        got = _served(kept.popen("./tool", "-c", WAITS, compiled=True))
+        assert got[:2] == (expect, 5), got
+
+
+@needs_fuse
+async def test_a_record_that_no_longer_holds_is_handed_over(kept: Kept) -> None:
+    tool = kept.cwd / "tool"
+    tool.symlink_to("/bin/sh")
+    config = kept.cwd / "policy.toml"
+    config.write_text("")
+    extra = ("--config", str(config))
+    await kept.run(str(tool), "-c", "true", extra=extra)
+    assert _served(kept.popen(str(tool), "-c", WAITS, compiled=True, extra=extra))[:2] == (True, 5)
+    tool.unlink()
+    tool.symlink_to("/bin/bash")  # the same path, another program
+    for expect in (False, True):
+        got = _served(kept.popen(str(tool), "-c", WAITS, compiled=True, extra=extra))
+        assert got[:2] == (expect, 5), got
+    config.write_text("# another policy\n")
+    for expect in (False, True):
+        got = _served(kept.popen(str(tool), "-c", WAITS, compiled=True, extra=extra))
+        assert got[:2] == (expect, 5), got
+    (before,) = kept.sessions()
+    assert keeping.stop(before)
+    got = _served(kept.popen(str(tool), "-c", WAITS, compiled=True, extra=extra))
+    assert got[:2] == (False, 5), got  # no session: Python starts one
+    assert [s.pid for s in kept.sessions()] != [before.pid]
+
+
+@needs_fuse
+async def test_a_relative_config_leaves_no_record(kept: Kept) -> None:
+    (kept.cwd / "policy.toml").write_text("")
+    got = await kept.run("/bin/true", extra=("--config", "policy.toml"))
+    assert got.status == 0, got.stderr
+    assert list(kept.dir.glob("*.quick")) == []
+    await kept.run("/bin/true")
+    assert len(list(kept.dir.glob("*.quick"))) == 1
+
+
+def test_a_relative_python_is_refused() -> None:
+    got = _compiled("--version", env={"FSYS_MASTER_PYTHON": "python3"})
+    assert (got.returncode, got.stdout) == (125, b"")
+    assert got.stderr == b"fsys-master: FSYS_MASTER_PYTHON must be an absolute path, not python3\n"
+
+
+@needs_fuse
+@pytest.mark.parametrize("compiled", [False, True], ids=["python", "compiled"])
+async def test_a_closed_stdin_is_dev_null_not_the_sessions_socket(
+    kept: Kept, compiled: bool
+) -> None:
+    await kept.warm(("/bin/sh", "-c", "true"))
+    master = [str(COMPILED)] if compiled else [PYTHON, "-m", "fsys.master"]
+    got = subprocess.run([*master, *kept.args("/bin/sh", "-c", "readlink /proc/self/fd/0")],
+                         cwd=kept.cwd, env=kept.env, capture_output=True, timeout=60,
+                         preexec_fn=lambda: os.close(0), check=False)  # fmt: skip
+    assert (got.returncode, got.stdout, got.stderr) == (0, b"/dev/null\n", b"")
+
+
+def _environ_run(argv: list[str], envp: list[bytes]) -> bytes:
+    """The output of ``argv`` run with exactly ``envp`` (duplicates too, which
+    os.execve cannot pass): execve(2) through ctypes in a child."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    args = (ctypes.c_char_p * (len(argv) + 1))(*map(os.fsencode, argv), None)
+    env = (ctypes.c_char_p * (len(envp) + 1))(*envp, None)
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        os.dup2(write, 1)
+        libc.execve(args[0], args, env)
+        os._exit(127)
+    os.close(write)
+    with os.fdopen(read, "rb") as out:
+        data = out.read()
+    os.waitpid(pid, 0)
+    return data
+
+
+@needs_fuse
+async def test_the_first_of_two_environment_entries_of_a_name_is_the_programs(
+    kept: Kept,
+) -> None:
+    await kept.warm(("/bin/sh", "-c", "true"))
+    envp = [f"{k}={v}".encode() for k, v in kept.env.items()] + [b"K=first", b"K=second"]
+    command = kept.args("/bin/sh", "-c", 'echo "$K"; readlink /proc/$PPID/exe')
+    python = _environ_run([PYTHON, "-m", "fsys.master", *command], envp)
+    compiled = _environ_run([str(COMPILED), *command], envp)
+    assert python.split(b"\n")[0] == compiled.split(b"\n")[0] == b"first"
+
+
+@needs_fuse
+async def test_a_c_locale_python_would_coerce_is_pythons(kept: Kept) -> None:
+    # Python adds LC_CTYPE=C.UTF-8 to the environment it passes on (PEP 538): the
+    # compiled client leaves such a command to it, so the program's is the same.
+    await kept.warm(("/bin/sh", "-c", "true"))
+    plain = {k: v for k, v in kept.env.items() if not k.startswith(("LC_", "LANG"))}
+    script = 'echo ready; read x; echo "[$LC_CTYPE]"'
+    for extra, expect in (({}, (False, 0, b"[C.UTF-8]\n")), ({"LC_ALL": "C.UTF-8"},
+                                                           (True, 0, b"[]\n"))):  # fmt: skip
+        proc = subprocess.Popen([str(COMPILED), *kept.args("/bin/sh", "-c", script)],
+                                cwd=kept.cwd, env={**plain, **extra}, stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
+        assert _served(proc)[:3] == expect
+
+
+@needs_fuse
+async def test_a_directory_named_with_a_trailing_slash_is_checked_as_python_does(
+    kept: Kept,
+) -> None:
+    await kept.warm(("/bin/true",))
+    link = kept.dir.parent / f"{kept.dir.name}-link"
+    link.symlink_to(kept.dir)
+    try:
+        env = {**kept.env, "FSYS_KEEP_DIR": f"{link}/"}
+        for master in ([str(COMPILED)], [PYTHON, "-m", "fsys.master"]):
+            got = subprocess.run([*master, *kept.args("/bin/true")], cwd=kept.cwd, env=env,
+                                 capture_output=True, timeout=60, check=False)  # fmt: skip
+            assert got.returncode == 125 and b"nobody else can enter" in got.stderr, got
+    finally:
+        link.unlink()

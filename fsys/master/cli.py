@@ -454,6 +454,8 @@ def cmd_run(args: argparse.Namespace, *, nofile: tuple[int, int] | None = None) 
             print(f"fsys-master: {exc}", file=sys.stderr)
             return exc.status
         path = None  # perhaps the slave has it: see below
+    if args.keep is not None:
+        args.witness = _witness(args, path)  # before the policy reads them
     try:
         policy = _build_policy(args, path)
     except PolicyError as exc:
@@ -644,11 +646,43 @@ def _run_kept(
     try:
         place = keeping.Place.of(keeping.key({"slave": slave, "rules": rules,
                                               "cache": not args.no_cache}))  # fmt: skip
+        _remember(args, place, request)
         return keeping.run(place, request, lambda place, ready: _serve_kept(args, policy, place,
                                                                               ready))  # fmt: skip
     except keeping.KeepError as exc:
         print(f"fsys-master: {exc}", file=sys.stderr)
         return SESSION_FAILED
+
+
+def _witness(args: argparse.Namespace, program: str | None) -> tuple[str, str, str] | None:
+    """What the quick record of this command will check (keeping.witness), taken
+    before the policy is built from it; None if it gets no record: its program was
+    not found, or its --config is given by a relative path."""
+    from fsys.master import keeping
+
+    config = None if args.config is None else str(args.config)
+    if program is None or (config is not None and not os.path.isabs(config)):
+        return None
+    return keeping.witness(program, config)
+
+
+def _remember(args: argparse.Namespace, place: object, request: object) -> None:
+    """The quick record of this command for the compiled client (keeping.remember),
+    when what decides its session is all in the words it sees: the options before the
+    first ``--``, the program found as execvp would find it, and a --config file given
+    by its absolute path (the rules' prefixes are absolute, or refused)."""
+    from fsys.master import keeping
+
+    assert isinstance(place, keeping.Place)
+    assert isinstance(request, keeping.Request)
+    tokens: list[str] = args.tokens
+    seen: tuple[str, str, str] | None = getattr(args, "witness", None)
+    if seen is None or tokens[:1] != ["run"] or "--" not in tokens:
+        return
+    dash = tokens.index("--")
+    if args.program != tokens[dash:] or request.argv != tokens[dash + 1 :]:
+        return  # the options hold a `--` of their own, or the program was not found
+    keeping.remember(place, keeping.quick_inputs(tokens[1:dash], request.path), seen)
 
 
 def _serve_kept(args: argparse.Namespace, policy: Policy, place: object, ready: int) -> int:
@@ -749,7 +783,9 @@ def cmd_syscalls(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    tokens = sys.argv[1:] if argv is None else list(argv)
+    args = _parser().parse_args(tokens)
+    args.tokens = tokens
     if args.command == "run":
         if args.keep is not None:  # a kept session's client: the session raises its own
             return cmd_run(args, nofile=None)

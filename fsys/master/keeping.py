@@ -18,9 +18,11 @@ This module is the client's side, and loads no trio: a command that finds its ke
 session starts in the time Python takes to start. The kept session itself is in
 ``fsys.master.viewing``.
 
-The socket's frames: the client sends a 4-byte length and the request (JSON), with
-its three descriptors; then a 4-byte signal number for each signal it gets. The kept
-session answers with a 4-byte exit status and closes.
+The socket's frames (docs/protocol.md, "A kept session's socket"): the client sends a
+4-byte length and the request (Request: a header and NUL-terminated names), with its
+three descriptors; then a 4-byte signal number for each signal it gets. The kept
+session answers with a 4-byte exit status and closes. The compiled client
+(client/fsys-master.c) is the other client: it loads nothing at all.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ import stat
 import struct
 import sys
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 from fsys.errors import SESSION_FAILED, FsysError
@@ -64,7 +66,12 @@ class KeepError(FsysError):
 
 @dataclass(frozen=True)
 class Request:
-    """A program to run in the kept session (the names are fsdecoded)."""
+    """A program to run in the kept session (the names are fsdecoded).
+
+    On the wire (the compiled client, client/fsys-master.c, writes it too): a header
+    (REQUEST_HEAD: magic, umask, the file limit's soft and hard values, how many
+    arguments, how many environment entries), then NUL-terminated strings: the path,
+    the working directory, each argument, each environment entry as KEY=VALUE."""
 
     path: str
     argv: list[str]
@@ -74,30 +81,37 @@ class Request:
     nofile: tuple[int, int]
 
     def encode(self) -> bytes:
-        return json.dumps(asdict(self)).encode()
+        names = [self.path, self.cwd, *self.argv, *(f"{k}={v}" for k, v in self.env.items())]
+        head = REQUEST_HEAD.pack(REQUEST_MAGIC, self.umask, *self.nofile, len(self.argv),
+                                 len(self.env))  # fmt: skip
+        return head + b"".join(os.fsencode(name) + b"\0" for name in names)
 
     @classmethod
     def decode(cls, data: bytes) -> Request:
         """The request in ``data``; ValueError if it is not one."""
-        try:
-            raw = json.loads(data)
-        except RecursionError:
-            raise ValueError("malformed request: nested too deep") from None
-        try:
-            nofile = raw["nofile"]
-            request = cls(
-                str(raw["path"]),
-                [str(a) for a in raw["argv"]],
-                {str(k): str(v) for k, v in raw["env"].items()},
-                str(raw["cwd"]),
-                int(raw["umask"]),
-                (int(nofile[0]), int(nofile[1])),
-            )
-        except (KeyError, TypeError, AttributeError, IndexError, OverflowError) as exc:
-            raise ValueError(f"malformed request: {exc!r}") from None
-        if not request.argv or not 0 <= request.umask <= 0o777:
-            raise ValueError("malformed request: no arguments, or a bad umask")
-        return request
+        if len(data) < REQUEST_HEAD.size:
+            raise ValueError("malformed request: shorter than its header")
+        magic, umask, soft, hard, argc, envc = REQUEST_HEAD.unpack_from(data)
+        if magic != REQUEST_MAGIC:
+            raise ValueError(f"malformed request: magic {magic!r} (another fsys's client?)")
+        if argc < 1 or umask > 0o777 or min(soft, hard) < -1:
+            raise ValueError("malformed request: no arguments, a bad umask or a bad limit")
+        names = [os.fsdecode(name) for name in data[REQUEST_HEAD.size :].split(b"\0")]
+        if names.pop() != "" or len(names) != 2 + argc + envc:
+            raise ValueError(f"malformed request: {len(names)} names for {argc} arguments "
+                             f"and {envc} environment entries")  # fmt: skip
+        env = {}
+        for entry in names[2 + argc :]:
+            name, equals, value = entry.partition("=")
+            if not equals:
+                raise ValueError(f"malformed request: environment entry {entry!r}")
+            env[name] = value
+        return cls(names[0], names[2 : 2 + argc], env, names[1], umask, (soft, hard))
+
+
+#: The request's header (see Request): the compiled client writes the same.
+REQUEST_HEAD = struct.Struct("!4sIqqII")
+REQUEST_MAGIC = b"fsk1"
 
 
 def key(parts: dict[str, object]) -> str:
@@ -148,10 +162,79 @@ class Place:
         return place
 
 
+# --- quick records: how the compiled client finds a session without Python -------------
+#
+# fsys-master is a compiled program (client/fsys-master.c) when `pip install .` found a C
+# compiler. For `run ... -- PROGRAM ARGS` it looks for a quick record of the options
+# before `--` and the program's path, written here by the Python client that last ran
+# them; if the record holds (the program is the same file, the --config file is
+# unchanged) and its session listens, it sends the request itself. Anything else (no
+# record, no session, a session ending) it hands to Python, the one that decides.
+
+#: The first of a quick record's inputs: the compiled client's own is the same.
+QUICK_MAGIC = b"fsys-quick-1"
+
+
+def quick_inputs(options: list[str], program: str) -> bytes:
+    """What the compiled client knows of a command before it finds its session: this
+    fsys and its Python, the options before ``--``, the program's path (resolved as
+    execvp would); NUL-terminated."""
+    from fsys import __version__
+
+    names = [QUICK_MAGIC, __version__.encode(), os.fsencode(sys.executable),
+             *map(os.fsencode, options), b"--", os.fsencode(program)]  # fmt: skip
+    return b"".join(name + b"\0" for name in names)
+
+
+def quick_name(inputs: bytes) -> str:
+    """The record's file name: FNV-1a of its inputs (which the record repeats, so that a
+    collision is a miss, not another session)."""
+    digest = 0xCBF29CE484222325
+    for byte in inputs:
+        digest = ((digest ^ byte) * 0x100000001B3) & 0xFFFFFFFFFFFFFFFF
+    return f"{digest:016x}.quick"
+
+
+def witness(program: str, config: str | None) -> tuple[str, str, str] | None:
+    """What a quick record checks before it is used: the program's real path, the
+    --config file and its identity (device, inode, size, mtime; "" without one).
+    Taken before the policy is built from them, so that a change in between makes
+    the record miss, never name another session; None if the file cannot be seen."""
+    identity = ""
+    try:
+        if config is not None:
+            st = os.stat(config)
+            identity = f"{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}"
+        return os.path.realpath(program), config or "", identity
+    except OSError:
+        return None
+
+
+def remember(place: Place, inputs: bytes, seen: tuple[str, str, str]) -> None:
+    """Write the quick record of ``inputs`` for the session at ``place``: its inputs,
+    the socket, then what ``witness`` saw (the program's real path, the --config
+    file, its identity), each NUL-terminated. A record that cannot be written is no
+    record: the compiled client then hands the command to Python."""
+    names = [os.path.abspath(place.socket), *seen]
+    record = inputs + b"".join(os.fsencode(name) + b"\0" for name in names)
+    path = place.socket.with_name(quick_name(inputs))
+    partial = path.with_name(f"{path.name}.{os.getpid()}")
+    try:
+        partial.write_bytes(record)
+        os.replace(partial, path)
+    except OSError:
+        with contextlib.suppress(OSError):
+            partial.unlink()
+
+
 def connect(path: Path) -> socket.socket | None:
     """A connection to the kept session listening at ``path``; None if none listens
     (a socket left by one that died is removed)."""
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    if sock.fileno() < 3:  # a standard stream is closed: not it, or it is sent as one
+        high = fcntl.fcntl(sock.fileno(), fcntl.F_DUPFD_CLOEXEC, 3)
+        sock.close()
+        sock = socket.socket(fileno=high)
     try:
         sock.connect(os.fsencode(path))
     except (FileNotFoundError, ConnectionRefusedError) as exc:
@@ -261,8 +344,9 @@ def _stdio() -> list[int]:
 def _converse(sock: socket.socket, request: Request, place: Place) -> int:
     payload = request.encode()
     fds = array.array("i", _stdio())
-    sock.sendmsg([_LENGTH.pack(len(payload)), payload],
-                 [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)])  # fmt: skip
+    frame = _LENGTH.pack(len(payload)) + payload
+    sent = sock.sendmsg([frame], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)])
+    sock.sendall(frame[sent:])  # (a large request may go in parts)
 
     def relay(signum: int, _frame: object) -> None:
         with contextlib.suppress(OSError):
