@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import tempfile
@@ -122,3 +123,21 @@ async def test_run_from_a_removed_directory_is_one_line(tmp_path: Path) -> None:
         result.stderr == b"fsys-master: the working directory has been removed: cd to another one\n"
     )
     assert set(Path(tempfile.gettempdir()).glob("fsys-stage-*")) == stages
+
+
+def test_what_fsys_master_printed_is_all_there_when_it_exits(tmp_path: Path) -> None:
+    # fsys-master ends with os._exit (cli.run): what it buffered is written first.
+    paths = [f"/p{i}" for i in range(100)]
+    outputs = []
+    for unbuffered in ("", "1"):
+        env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+        if unbuffered:
+            env["PYTHONUNBUFFERED"] = unbuffered
+        out = tmp_path / f"out{unbuffered}"
+        with out.open("wb") as f:
+            done = subprocess.run([PYTHON, "-m", "fsys.master", "policy", *paths], stdout=f,
+                                  env=env, timeout=60, check=False)  # fmt: skip
+        assert done.returncode == 0
+        outputs.append(out.read_text())
+    assert outputs[0] == outputs[1]
+    assert len(outputs[0].splitlines()) == len(paths)

@@ -1,3 +1,3 @@
-from fsys.master.cli import main
+from fsys.master.cli import run
 
-raise SystemExit(main())
+run()

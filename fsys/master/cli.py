@@ -24,7 +24,7 @@ import signal
 import socket
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, TextIO
+from typing import TYPE_CHECKING, NoReturn, TextIO
 
 from fsys import __version__
 from fsys.errors import SESSION_FAILED
@@ -780,6 +780,20 @@ def cmd_syscalls(args: argparse.Namespace) -> int:
 
     sys.stdout.write(render_markdown() if args.markdown else render_text())
     return 0
+
+
+def run() -> NoReturn:
+    """fsys-master's entry (``python -m fsys.master``, the script): main(), then an
+    exit at once. The interpreter's own end frees trio and every module one by one,
+    ~50 ms of a session of ~0.2 s, and nothing of ours needs it: every file,
+    directory and process is closed, removed or reaped before main returns."""
+    status = main()
+    try:
+        sys.stdout.flush()
+        sys.stderr.flush()
+    except (OSError, ValueError):
+        raise SystemExit(status) from None  # Python's own end reports it (exit 120)
+    os._exit(status)
 
 
 def main(argv: list[str] | None = None) -> int:
