@@ -67,6 +67,39 @@ async def test_embedded_slave_reads_etc_hostname(tmp_path: Path) -> None:
     ), result.err
 
 
+#: A script listing the descriptors from 3 up of the master (the program's parent:
+#: "M TARGET" lines) and of its other children, the slave ("S TARGET").
+HELD = """
+held() { for f in /proc/$2/fd/*; do [ "${f##*/}" -lt 3 ] || echo "$1 $(readlink "$f")"; done; }
+held M $PPID
+for p in $(pgrep -P $PPID); do [ $p = $$ ] || held S $p; done
+"""
+
+
+@pytest.mark.parametrize("mode", VIEW_OR_NOT)
+def test_the_embedded_slave_holds_none_of_the_masters_descriptors(
+    tmp_path: Path, mode: list[str]
+) -> None:
+    # /proc is the master's: the program sees both. The master holds a pipe it was
+    # given, the view's /dev/fuse, its own sockets; the slave must hold none of them.
+    given_r, given_w = os.pipe()
+    try:
+        done = subprocess.run([PYTHON, "-m", "fsys.master", "run", *mode, "--", "/bin/sh", "-c",
+                               HELD], cwd=tmp_path, pass_fds=(given_w,), capture_output=True,
+                              timeout=60, check=False)  # fmt: skip
+        given = f"pipe:[{os.fstat(given_w).st_ino}]"
+    finally:
+        os.close(given_r)
+        os.close(given_w)
+    assert done.returncode == 0, done.stderr
+    lines = [line.split(" ", 1) for line in done.stdout.decode().splitlines()]
+    master = {target for who, target in lines if who == "M"}
+    slave = {target for who, target in lines if who == "S"}
+    assert given in master and slave and (mode != ["--view"] or "/dev/fuse" in master)
+    shared = {t for t in master & slave if t.startswith(("pipe:", "socket:", "/dev/fuse"))}
+    assert shared == set()
+
+
 async def test_coreutils(session: Session) -> None:
     populate(session.box)
     script = """
