@@ -63,6 +63,7 @@ always `PY -m fsys.slave serve --stdio --root DIR`.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import platform
 import shlex
@@ -274,12 +275,65 @@ def bench_warm_tree(
     return out
 
 
-def bench_kept(fs: Fsys, work: Path, runs: int, sshfs: Path | None) -> dict[str, dict[str, float]]:
-    """Each of the tree's commands (and `true`) run as a whole `fsys-master run --view
-    --keep`, after a first run that starts the kept session and warms it."""
+#: The anchor benchmark's other rows (issue 8), for kept sessions: files made by
+#: make_files in the box; each command leaves the box as it found it.
+KEPT_MORE = {
+    "cat BIG": "cat ROOT/big > /dev/null",
+    "dd bs=4k 256 MiB, fsync": ("dd if=/dev/zero of=ROOT/dd.out bs=4k count=65536 conv=fsync "
+                                "status=none; rm ROOT/dd.out"),
+    "write 512 MiB, fsync": ("dd if=/dev/zero of=ROOT/w.out bs=1M count=512 conv=fsync "
+                             "status=none; rm ROOT/w.out"),
+    "cp -r tree (and rm -r)": "cp -r ROOT/tree ROOT/copy; rm -r ROOT/copy",
+    "sqlite scan, 27 MB db": (
+        "python3 -c 'import sqlite3, sys; print(sqlite3.connect(sys.argv[1]).execute("
+        '"select count(*), sum(length(v)) from t").fetchone())\' ROOT/db.sqlite'
+    ),
+    "git status, 2,000 files": "git -C ROOT/repo status --short",
+    "gcc -c x20": "cd ROOT/src && for i in $(seq 20); do gcc -pipe -c f$i.c; done; rm f*.o",
+}  # fmt: skip
+
+
+def make_files(box: Path, big_mib: int) -> None:
+    """KEPT_MORE's files in ``box``: a file of ``big_mib`` MiB, a 27 MB SQLite database,
+    a git repository of 2,000 files, 20 C sources."""
+    import sqlite3
+
+    if not (box / "big").exists() or (box / "big").stat().st_size != big_mib << 20:
+        with (box / "big").open("wb") as f:
+            for _ in range(big_mib):
+                f.write(os.urandom(1 << 20))
+    if not (box / "db.sqlite").exists():
+        with contextlib.closing(sqlite3.connect(box / "db.sqlite")) as db:
+            db.execute("create table t (k integer primary key, v text)")
+            db.executemany("insert into t (v) values (?)",
+                           ((f"{i:08d}" * 16,) for i in range(200_000)))  # fmt: skip
+            db.commit()
+    if not (box / "repo").exists():
+        make_repo(box / "repo", 2000)
+    (box / "src").mkdir(exist_ok=True)
+    for i in range(1, 21):
+        (box / "src" / f"f{i}.c").write_text(
+            f"#include <stdio.h>\n#include <string.h>\n#include <stdlib.h>\n"
+            f'int f{i}(const char *s) {{ char b[64]; snprintf(b, sizeof b, "%s{i}", s); '
+            f"return (int)strlen(b) + atoi(s); }}\n"
+        )
+
+
+#: Rows of KEPT_MORE slow on sshfs (seconds a run): measured at most this many times.
+HEAVY_RUNS = 3
+
+
+def bench_kept(
+    fs: Fsys, work: Path, runs: int, sshfs: Path | None, big_mib: int
+) -> dict[str, dict[str, float]]:
+    """Each of the tree's commands (and `true`), then the anchor benchmark's other rows
+    (KEPT_MORE), run as a whole `fsys-master run --view --keep`, after a first run that
+    starts the kept session and warms it."""
     box = work / "treebox"
     if not (box / "tree").exists():
         make_tree(box / "tree")
+    make_files(box, big_mib)
+    more = {name.replace("BIG", f"{big_mib} MiB"): script for name, script in KEPT_MORE.items()}
     slave = fs.rooted(box)
     env = {**os.environ, "FSYS_KEEP_DIR": str(work / "kept"), "FSYS_MASTER_PYTHON": fs.python}
     options = ("--view", "--keep", "120")
@@ -289,23 +343,24 @@ def bench_kept(fs: Fsys, work: Path, runs: int, sshfs: Path | None) -> dict[str,
     compiled = installed.exists() and installed.read_bytes()[:4] == b"\x7fELF"
     out: dict[str, dict[str, float]] = {}
     try:
-        for name, script in {"start /bin/true": "true", **TREE}.items():
+        for name, script in {"start /bin/true": "true", **TREE, **more}.items():
+            n = min(runs, HEAVY_RUNS) if name in more else runs
             native = ["/bin/sh", "-c", script.replace("ROOT", str(box))]
             under = fs.run("/bin/sh", "-c", script.replace("ROOT", ""), slave=slave,
                            options=options)  # fmt: skip
             timed(native)
             timed(under, env=env)
-            fig = {"native_s": median([timed(native) for _ in range(runs)]),
-                   "kept_s": median([timed(under, env=env) for _ in range(runs)])}  # fmt: skip
+            fig = {"native_s": median([timed(native) for _ in range(n)]),
+                   "kept_s": median([timed(under, env=env) for _ in range(n)])}  # fmt: skip
             if compiled:
                 typed = [str(installed), *under[len(fs.master) :]]
                 timed(typed, env=env)
                 fig["python_s"] = fig["kept_s"]
-                fig["kept_s"] = median([timed(typed, env=env) for _ in range(runs)])
+                fig["kept_s"] = median([timed(typed, env=env) for _ in range(n)])
             if sshfs is not None:
                 remote = ["/bin/sh", "-c", script.replace("ROOT", str(sshfs / "treebox"))]
                 timed(remote)
-                fig["sshfs_s"] = median([timed(remote) for _ in range(runs)])
+                fig["sshfs_s"] = median([timed(remote) for _ in range(n)])
             out[name] = fig
     finally:
         subprocess.run([*fs.master, "kept", "--stop"], env=env, check=False,
@@ -485,20 +540,25 @@ def bench_make(fs: Fsys, work: Path, runs: int) -> dict[str, float]:
     return out
 
 
-def bench_git(fs: Fsys, work: Path, files: int, runs: int) -> dict[str, float]:
-    """git status in a repository of ``files`` committed files on the slave."""
-    box = work / "gitbox"
-    repo = box / "repo"
+def make_repo(repo: Path, files: int) -> None:
+    """A git repository of ``files`` committed files, one of them modified."""
     repo.mkdir(parents=True)
     for i in range(files):
         sub = repo / f"d{i % 20}"
         sub.mkdir(exist_ok=True)
         (sub / f"f{i}.txt").write_text(f"file {i}\n")
-    env = dict(os.environ, GIT_CONFIG_NOSYSTEM="1", HOME=str(box))
+    env = dict(os.environ, GIT_CONFIG_NOSYSTEM="1", HOME=str(repo.parent))
     git = ["git", "-c", "user.name=bench", "-c", "user.email=bench@example.org"]
     for args in (["init", "-q"], ["add", "."], ["commit", "-qm", "tree"]):
         subprocess.run([*git, "-C", str(repo), *args], check=True, env=env)
     (repo / "d3" / "f3.txt").write_text("changed\n")  # one modified file to report
+
+
+def bench_git(fs: Fsys, work: Path, files: int, runs: int) -> dict[str, float]:
+    """git status in a repository of ``files`` committed files on the slave."""
+    box = work / "gitbox"
+    repo = box / "repo"
+    make_repo(repo, files)
     slave = fs.rooted(box)
     status = ["git", "status", "--short"]
     timed(["git", "-C", str(repo), *status[1:]])  # warm the index and the page cache
@@ -886,7 +946,7 @@ def main() -> int:
             print("bench: kept not measured: it needs the view (root and /dev/fuse)",
                   file=sys.stderr)  # fmt: skip
         elif "kept" in only:
-            tree = bench_kept(fs, work, runs, sshfs)
+            tree = bench_kept(fs, work, runs, sshfs, 256 if args.quick else 1024)
             for name, fig in tree.items():
                 versus = (f"; x{fig['kept_s'] / fig['sshfs_s']:.2f} sshfs"
                           if "sshfs_s" in fig else "")  # fmt: skip

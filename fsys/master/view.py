@@ -42,9 +42,8 @@ import struct
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Coroutine, Generator, Iterable, MutableMapping
+from collections.abc import Callable, Coroutine, Generator, Iterable
 from dataclasses import dataclass, field
-from typing import Any
 
 import trio
 
@@ -55,6 +54,7 @@ from fsys.master.cache import AttrCache, start_size
 from fsys.master.fuse import Opcode
 from fsys.master.launcher import Mount
 from fsys.master.link import SlaveLink, poll_spinning
+from fsys.master.pathdict import PathDict
 from fsys.master.policy import Policy, Side
 from fsys.protocol import (
     FEATURE_OPEN_READ,
@@ -429,15 +429,16 @@ class View:
         self.cache = cache if cache is not None else AttrCache()
         root = Node(fuse.ROOT_ID, b"/", 1, stat.S_IFDIR, lookups=1, pinned=True)
         self.nodes: dict[int, Node] = {fuse.ROOT_ID: root}
-        self.by_path: dict[bytes, Node] = {b"/": root}
+        self.by_path: PathDict[Node] = PathDict()
+        self.by_path[b"/"] = root
         self._next_node = fuse.ROOT_ID + 1
         self.dirs: dict[int, DirHandle] = {}
         #: Extended attributes known absent, by watched path: the names, or None for
         #: all of them. Only an INVALIDATE of the path (not of its content) drops them:
         #: the kernel asks for security.capability at the first write(2) of a file.
-        self.xattrs_absent: dict[bytes, set[bytes] | None] = {}
+        self.xattrs_absent: PathDict[set[bytes] | None] = PathDict()
         #: Watched listings by directory path (LISTDIR replies marked REPLY_WATCHED).
-        self.listings: dict[bytes, list[tuple[int, int, bytes]]] = {}
+        self.listings: PathDict[list[tuple[int, int, bytes]]] = PathDict()
         self._next_dir = 1
         #: Directories being read ahead (LISTDIR sent): the requests waiting for each.
         self._prefetching: dict[bytes, list[Callable[[Reply | LinkClosed], None]]] = {}
@@ -446,7 +447,7 @@ class View:
         #: Whether to read directories ahead (their listings are kept: the slave watches).
         self.read_ahead = True
         #: The names of each listing (kept with the listing they were made from).
-        self._names: dict[bytes, tuple[list[tuple[int, int, bytes]], set[bytes]]] = {}
+        self._names: PathDict[tuple[list[tuple[int, int, bytes]], set[bytes]]] = PathDict()
         self.notifier = Notifier(fd)
         #: Names are expired rather than dropped (the kernel's FUSE is 7.38 or newer).
         self.expire = False
@@ -828,15 +829,10 @@ class View:
                 if node is not None:
                     notices.append(fuse.inval_inode(node.nodeid))
                 continue
-            _drop_below(absent, path)
-            _drop_below(listings, path)
-            _drop_below(self._names, path)
-            if path == b"/":
-                below = list(self.by_path.items())
-            else:
-                prefix = path + b"/"
-                below = [(p, n) for p, n in self.by_path.items()
-                         if p == path or p.startswith(prefix)]  # fmt: skip
+            absent.drop_below(path)
+            listings.drop_below(path)
+            self._names.drop_below(path)
+            below = [(p, self.by_path[p]) for p in self.by_path.subtree(path)]
             for p, node in below:
                 notices.append(fuse.inval_inode(node.nodeid))
                 retired.add(node.nodeid)
@@ -1057,8 +1053,7 @@ class View:
         """Our rename of ``old`` to ``new`` is done: the nodes follow it."""
 
         def below(p: bytes) -> list[tuple[bytes, Node]]:
-            prefix = p + b"/"
-            return [(k, n) for k, n in self.by_path.items() if k == p or k.startswith(prefix)]
+            return [(k, self.by_path[k]) for k in self.by_path.subtree(p)]
 
         moving, replaced = below(old), below(new)
         for k, _ in moving + replaced:
@@ -1599,18 +1594,6 @@ class View:
 
 
 # --- the layout: what the launcher mounts ---------------------------------------------------
-
-
-def _drop_below(known: MutableMapping[bytes, Any], path: bytes) -> None:
-    """Drop ``path`` and every path below it from ``known`` (b"/": all of them)."""
-    if not known:
-        return
-    if path == b"/":
-        known.clear()
-        return
-    prefix = path + b"/"
-    for gone in [p for p in known if p == path or p.startswith(prefix)]:
-        del known[gone]
 
 
 class LayoutError(Exception):
