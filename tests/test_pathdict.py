@@ -1,11 +1,11 @@
-"""fsys.master.pathdict: a dict of paths with subtrees found without a scan."""
+"""fsys.pathdict: a dict of paths with subtrees found without a scan."""
 
 from __future__ import annotations
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fsys.master.pathdict import PathDict
+from fsys.pathdict import PathDict
 
 #: Paths over a small alphabet, so that operations meet each other's subtrees.
 PATHS = st.lists(st.sampled_from([b"a", b"b", b"ab"]), max_size=4).map(

@@ -54,8 +54,8 @@ from fsys.master.cache import AttrCache, start_size
 from fsys.master.fuse import Opcode
 from fsys.master.launcher import Mount
 from fsys.master.link import SlaveLink, poll_spinning
-from fsys.master.pathdict import PathDict
 from fsys.master.policy import Policy, Side
+from fsys.pathdict import PathDict
 from fsys.protocol import (
     FEATURE_OPEN_READ,
     OPEN_READ_REFUSES,

@@ -32,6 +32,7 @@ from collections.abc import Callable
 
 from fsys import linux
 from fsys.linux import O_CLOEXEC, O_DIRECTORY, O_PATH, RESOLVE_IN_ROOT
+from fsys.pathdict import PathDict
 from fsys.protocol import MAX_SMALL
 
 #: openat2(dirfd, path, flags, mode, resolve) -> fd
@@ -66,7 +67,7 @@ class Watches:
             self.resolve |= RESOLVE_IN_ROOT
         self.fd = -1  # no inotify instance until ``start``: nothing is watched
         #: directory key -> (watch descriptor, O_PATH fd of the directory)
-        self.dirs: dict[bytes, tuple[int, int]] = {}
+        self.dirs: PathDict[tuple[int, int]] = PathDict()
         self.keys: dict[int, set[bytes]] = {}  # watch descriptor -> directory keys
         self.full = False  # no watch left (max_user_watches, MAX_DIRS)
         self.missing = 0  # see parent()
@@ -184,8 +185,7 @@ class Watches:
         if b"/" in moved:
             gone = set(self.dirs)
         else:
-            prefixes = tuple(p + b"/" for p in moved)
-            gone = {k for k in self.dirs if k in moved or k.startswith(prefixes)}
+            gone = {k for path in moved for k in self.dirs.subtree(path)}
         if gone:
             self.full = False
         for key in gone:
