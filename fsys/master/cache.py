@@ -38,6 +38,7 @@ from __future__ import annotations
 import stat
 
 from fsys.linux import statx_mode, statx_size
+from fsys.pathdict import PathDict
 from fsys.protocol import REPLY_NO_XATTRS, REPLY_NOT_LINK, REPLY_WATCHED, Attrs, watch_key
 
 #: How much of a file an open to read brings with it, at most (OPEN_READ).
@@ -60,17 +61,13 @@ Answer = tuple[int, int, bytes, int]
 LIMIT = 65536
 
 
-def _parent(key: bytes) -> bytes:
-    return key[: key.rfind(b"/")] or b"/"
-
-
 class AttrCache:
     """Watched STAT answers by path: [not following a final symlink, following it]."""
 
     def __init__(self, limit: int = LIMIT) -> None:
         self.limit = limit
-        self.entries: dict[bytes, list[Answer | None]] = {}
-        self._below: dict[bytes, set[bytes]] = {}  # directory key -> its cached children
+        #: Found by subtree: an INVALIDATE of a directory drops every answer below it.
+        self.entries: PathDict[list[Answer | None]] = PathDict()
         #: Handles opened by a key path, while no INVALIDATE said otherwise.
         self.handles: dict[int, bytes] = {}
         self.hits = 0
@@ -123,7 +120,6 @@ class AttrCache:
             if len(self.entries) >= self.limit:
                 self._shrink()
             entry = self.entries[key] = [None, None]
-            self._link(key)
         answer = (mask, result, raw, flags)
         if flags & REPLY_NOT_LINK:
             entry[0] = entry[1] = answer
@@ -148,20 +144,6 @@ class AttrCache:
         self.hits += 1
         return True
 
-    def _link(self, key: bytes) -> None:
-        """Make ``key`` reachable from each of its ancestors (an invalidation of any of
-        them must find it), up to one already linked."""
-        below = self._below
-        while key != b"/":
-            parent = _parent(key)
-            children = below.get(parent)
-            if children is None:
-                children = below[parent] = set()
-            elif key in children:
-                return
-            children.add(key)
-            key = parent
-
     def invalidate(self, paths: tuple[bytes, ...] | list[bytes]) -> None:
         """Drop each path and everything below it (b"/": everything); a path
         ``D/.`` drops the answer about the directory ``D`` alone, ``P/..`` the answer
@@ -175,24 +157,11 @@ class AttrCache:
             if path == b"/":
                 self.clear()
                 return
-            self._drop(path)
+            self.entries.drop_below(path)
             if handles:  # a handle's key may name another file now
                 prefix = path + b"/"
                 for handle in [h for h, k in handles.items() if k == path or k.startswith(prefix)]:
                     del handles[handle]
-            below = self._below.get(_parent(path))
-            if below is not None:
-                below.discard(path)
-
-    def _drop(self, key: bytes) -> None:
-        stack = [key]
-        entries, below = self.entries, self._below
-        while stack:
-            key = stack.pop()
-            entries.pop(key, None)
-            children = below.pop(key, None)
-            if children:
-                stack.extend(children)
 
     def _shrink(self) -> None:
         """Drop the oldest eighth of the paths."""
@@ -202,5 +171,4 @@ class AttrCache:
 
     def clear(self) -> None:
         self.entries.clear()
-        self._below.clear()
         self.handles.clear()
