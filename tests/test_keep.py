@@ -7,11 +7,14 @@ started there stopped at the end of each test.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import resource
 import signal
 import socket
 import struct
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -894,3 +897,124 @@ async def test_a_directory_named_with_a_trailing_slash_is_checked_as_python_does
             assert got.returncode == 125 and b"nobody else can enter" in got.stderr, got
     finally:
         link.unlink()
+
+
+# --- the compiled client against a fake session (no FUSE: what it sends and does) --------
+
+
+class FakeSession:
+    """A socket where the compiled client finds a kept session (a quick record of
+    OPTIONS and PROGRAM, written as the Python client writes it), served by a thread
+    that takes the request, then answers ``status`` (None: closes without one) once
+    ``release`` is set."""
+
+    OPTIONS = ["--view", "--keep", "5"]
+    PROGRAM = "/bin/true"
+
+    def __init__(self, where: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        import threading
+
+        where.mkdir(mode=0o700)
+        self.dir = where
+        self.python = where / "python"  # what the client hands over to: it says so
+        self.python.write_text(f'#!/bin/sh\necho "$@" > {where}/handed; exit 42\n')
+        self.python.chmod(0o700)
+        place = keeping.Place(where / "s.sock", where / "s.lock", where / "s.log")
+        monkeypatch.setattr(sys, "executable", str(self.python))
+        inputs = keeping.quick_inputs(self.OPTIONS, self.PROGRAM)
+        seen = keeping.witness(self.PROGRAM, None)
+        assert seen is not None
+        keeping.remember(place, inputs, seen)
+        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.listener.bind(str(place.socket))
+        self.listener.listen()
+        self.status: int | None = 0
+        self.release = threading.Event()
+        self.request: keeping.Request | None = None
+        self.signals: list[int] = []
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        conn, _ = self.listener.accept()
+        with conn:
+            data, ancillary, _, _ = conn.recvmsg(1 << 16, socket.CMSG_SPACE(12))
+            fds = list(struct.unpack("3i", ancillary[0][2])) if ancillary else []
+            while True:
+                missing, request = keeping.take_request(data, fds)
+                if request is not None:
+                    break
+                data += conn.recv(missing)
+            for fd in fds:
+                os.close(fd)
+            self.request = request
+            conn.settimeout(0.05)
+            while not self.release.is_set():
+                with contextlib.suppress(TimeoutError):
+                    got = conn.recv(4)
+                    if got:
+                        self.signals.append(struct.unpack("!i", got)[0])
+            if self.status is not None:
+                conn.sendall(keeping.status_frame(self.status))
+
+    def client(self) -> subprocess.Popen[bytes]:
+        env = {"PATH": os.environ["PATH"], "FSYS_KEEP_DIR": str(self.dir), "LC_ALL": "C.UTF-8",
+               "FSYS_MASTER_PYTHON": str(self.python), "K": "v"}  # fmt: skip
+        return subprocess.Popen([str(COMPILED), "run", *self.OPTIONS, "--", self.PROGRAM, "x"],
+                                cwd=self.dir, env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE)  # fmt: skip
+
+    def handed(self) -> str | None:
+        path = self.dir / "handed"
+        return path.read_text() if path.exists() else None
+
+
+@pytest.fixture
+def fake(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeSession]:
+    session = FakeSession(tmp_path / "k", monkeypatch)
+    yield session
+    session.release.set()
+    session.listener.close()
+
+
+def test_the_compiled_client_sends_what_the_python_client_sends(fake: FakeSession) -> None:
+    fake.status = 7
+    proc = fake.client()
+    until = time.monotonic() + 10
+    while fake.request is None and time.monotonic() < until:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGTERM)  # passed on, not fatal to the client
+    proc.send_signal(signal.SIGWINCH)
+    while len(fake.signals) < 2 and time.monotonic() < until:
+        time.sleep(0.01)
+    fake.release.set()
+    out, err = proc.communicate(timeout=30)
+    assert (proc.returncode, out, err, fake.handed()) == (7, b"", b"", None)
+    assert fake.signals == [signal.SIGTERM, signal.SIGWINCH]
+    umask = os.umask(0)
+    os.umask(umask)
+    assert fake.request == keeping.Request(
+        fake.PROGRAM, [fake.PROGRAM, "x"],
+        {"PATH": os.environ["PATH"], "FSYS_KEEP_DIR": str(fake.dir), "LC_ALL": "C.UTF-8",
+         "FSYS_MASTER_PYTHON": str(fake.python), "K": "v"},
+        str(fake.dir), umask, resource.getrlimit(resource.RLIMIT_NOFILE),
+    )  # fmt: skip
+
+
+def test_a_session_that_is_ending_hands_the_command_to_python(fake: FakeSession) -> None:
+    fake.status = keeping.RETRY
+    fake.release.set()
+    proc = fake.client()
+    _, err = proc.communicate(timeout=30)
+    assert (proc.returncode, err) == (42, b"")  # the fake Python's
+    assert fake.handed() == f"-P -m fsys.master run {' '.join(fake.OPTIONS)} -- /bin/true x\n"
+
+
+def test_a_session_that_ends_before_its_program_fails_the_command(fake: FakeSession) -> None:
+    fake.status = None
+    fake.release.set()
+    proc = fake.client()
+    _, err = proc.communicate(timeout=30)
+    assert (proc.returncode, fake.handed()) == (125, None)
+    assert err == (b"fsys-master: the kept session ended before the program did (its log: "
+                   + str(fake.dir / "s.log").encode() + b")\n")  # fmt: skip
