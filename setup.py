@@ -45,4 +45,13 @@ class BuildScripts(build_scripts):  # type: ignore[misc,valid-type]
         os.replace(partial, target)
 
 
-setup(scripts=[os.path.join("client", "fsys-master")], cmdclass={"build_scripts": BuildScripts})
+class CompiledDistribution(Distribution):  # type: ignore[misc]
+    """Not pure Python: the wheel holds a compiled program, so it is tagged for this
+    platform and Python, never installed elsewhere as "any"."""
+
+    def has_ext_modules(self) -> bool:
+        return True
+
+
+setup(scripts=[os.path.join("client", "fsys-master")], cmdclass={"build_scripts": BuildScripts},
+      distclass=CompiledDistribution)  # fmt: skip

@@ -14,7 +14,8 @@
  * ruled out, so a command never runs twice.
  *
  * FSYS_MASTER_PYTHON names the Python to hand over to, by its absolute path
- * (default: the one this was built for).
+ * (default: the python3 of the virtual environment this program is in, else the
+ * one it was built with).
  */
 
 #define _GNU_SOURCE
@@ -54,10 +55,32 @@ static const int relayed[] = {SIGINT, SIGQUIT, SIGTERM, SIGHUP, SIGWINCH,
                               SIGUSR1, SIGUSR2, SIGCONT};
 #define NRELAYED (sizeof relayed / sizeof relayed[0])
 
+/* The Python that fsys is installed in: FSYS_MASTER_PYTHON; else, when this program
+ * is in a virtual environment's bin/ (pyvenv.cfg above it), that environment's
+ * python3 (a wheel built elsewhere was installed there); else the one this was built
+ * with. */
 static const char *python(void)
 {
+    static char found[PATH_MAX];
     const char *given = getenv("FSYS_MASTER_PYTHON");
-    return given && *given ? given : FSYS_PYTHON;
+    if (given && *given)
+        return given;
+    if (!found[0]) {
+        char exe[PATH_MAX], cfg[PATH_MAX];
+        ssize_t n = readlink("/proc/self/exe", exe, sizeof exe - 1);
+        exe[n > 0 ? n : 0] = '\0';
+        char *bin = strrchr(exe, '/');
+        if (bin)
+            *bin = '\0'; /* exe is now its directory */
+        char *top = strrchr(exe, '/');
+        int venv = bin && top && snprintf(cfg, sizeof cfg, "%.*s/pyvenv.cfg",
+                                          (int)(top - exe), exe) < (int)sizeof cfg &&
+                   access(cfg, R_OK) == 0;
+        if (!venv || snprintf(found, sizeof found, "%s/python3", exe) >= (int)sizeof found ||
+            access(found, X_OK) != 0)
+            snprintf(found, sizeof found, "%s", FSYS_PYTHON);
+    }
+    return found;
 }
 
 /* fsys.master in Python, with our arguments: it decides everything we do not. */

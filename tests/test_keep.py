@@ -723,6 +723,27 @@ def test_the_compiled_client_hands_other_commands_to_python() -> None:
     assert _compiled("--version").stdout.startswith(b"fsys-master ")
 
 
+def test_the_compiled_client_hands_over_to_the_python_beside_it(tmp_path: Path) -> None:
+    # A wheel built in one environment and installed in another: that environment's
+    # python3, not the one it was built with. Outside an environment (a python3 that
+    # is perhaps another's beside it), the one it was built with.
+    env = {k: v for k, v in os.environ.items() if k != "FSYS_MASTER_PYTHON"}
+    for where, venv in (("venv", True), ("bin", False)):
+        bin_dir = tmp_path / where / "bin"
+        bin_dir.mkdir(parents=True)
+        client = bin_dir / "fsys-master"
+        client.write_bytes(COMPILED.read_bytes())
+        client.chmod(0o755)
+        (bin_dir / "python3").write_text('#!/bin/sh\necho "$0 $*"\n')
+        (bin_dir / "python3").chmod(0o755)
+        if venv:
+            (tmp_path / where / "pyvenv.cfg").write_text("home = /usr/bin\n")
+        got = subprocess.run([str(client), "--version"], env=env, capture_output=True,
+                             timeout=60, check=False)  # fmt: skip
+        want = f"{bin_dir}/python3 -P -m fsys.master --version\n" if venv else "fsys-master "
+        assert got.returncode == 0 and got.stdout.decode().startswith(want), got
+
+
 def test_a_python_that_is_not_there_is_reported() -> None:
     got = _compiled("--version", env={"FSYS_MASTER_PYTHON": "/nonexistent/python"})
     assert (got.returncode, got.stdout) == (125, b"")
