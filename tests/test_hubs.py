@@ -96,6 +96,25 @@ async def test_a_blocking_open_does_not_stall_other_calls(link: SlaveLink, tmp_p
     assert fifo_reply[0].result > 0
 
 
+async def test_two_posted_calls_blocked_at_once_leave_the_slave_serving(
+    link: SlaveLink, tmp_path: Path
+) -> None:
+    # CALLs that want no reply are request 0: two of them blocked in threads at once
+    # (FIFOs, here opens) shared one key, and the second one's end killed the slave.
+    for name in ("one", "two"):
+        os.mkfifo(tmp_path / name)
+        link.post(0, Open(dir=0, flags=os.O_RDONLY, mode=0, resolve=0, path=f"/{name}".encode()))
+    await trio.sleep(0.2)  # both wait for a writer, each in a thread
+    for name in ("one", "two"):
+        writer = await trio.to_thread.run_sync(os.open, tmp_path / name, os.O_WRONLY)
+        os.close(writer)
+        await trio.sleep(0.1)
+    (tmp_path / "f").write_text("x")
+    with trio.fail_after(5):
+        reply = await link.perform(0, Stat(dir=0, flags=0, mask=0x7FF, path=b"/f"))
+    assert reply.result == 0
+
+
 async def test_a_closed_pairings_waiting_call_is_answered_and_undone(
     link: SlaveLink, tmp_path: Path
 ) -> None:

@@ -286,7 +286,8 @@ class SlaveSession:
         # CANCEL of this call writes to the pipe: a wait that takes nothing ends (EINTR).
         cancel_r, cancel_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
         key = (call.pairing, call.request)
-        self._cancels[key] = functools.partial(_poke, cancel_w)
+        # (CALLs that want no reply are all request 0: another may hold the key.)
+        poke = self._cancels[key] = functools.partial(_poke, cancel_w)
 
         def work() -> Reply:
             self.executor.cancelled_by(cancel_r)
@@ -317,7 +318,8 @@ class SlaveSession:
         finally:
             self._threads -= 1
             context.waiting.discard(scope)
-            del self._cancels[key]
+            if self._cancels.get(key) is poke:
+                del self._cancels[key]
             if reply is None:
                 _poke(cancel_w)  # abandoned: a wait that takes nothing ends now
             os.close(cancel_w)
