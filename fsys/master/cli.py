@@ -34,6 +34,8 @@ from fsys.master.policy import Policy, PolicyError, Side, normalize
 if TYPE_CHECKING:
     from subprocess import Popen
 
+    from fsys.master.keeping import Place, Request
+
 
 class _RuleAction(argparse.Action):
     """--local/--remote append to one ordered list: the first matching rule wins."""
@@ -454,15 +456,14 @@ def cmd_run(args: argparse.Namespace, *, nofile: tuple[int, int] | None = None) 
             print(f"fsys-master: {exc}", file=sys.stderr)
             return exc.status
         path = None  # perhaps the slave has it: see below
-    if args.keep is not None:
-        args.witness = _witness(args, path)  # before the policy reads them
+    seen = _witness(args, path) if args.keep is not None else None  # before the policy
     try:
         policy = _build_policy(args, path)
     except PolicyError as exc:
         print(f"fsys-master: {exc}", file=sys.stderr)
         return 2
     if args.keep is not None:
-        return _run_kept(args, argv, env, path, policy, nofile)
+        return _run_kept(args, argv, env, path, policy, nofile, seen)
     try:
         fuse_fd = _open_fuse(args) if args.view else -1
     except LaunchError as exc:
@@ -621,9 +622,11 @@ def _run_kept(
     path: str | None,
     policy: Policy,
     nofile: tuple[int, int] | None,
+    seen: tuple[str, str, str] | None,
 ) -> int:
     """``fsys-master run --view --keep SECONDS``: the program in the kept session for
-    these options (fsys.master.keeping), started first if none runs."""
+    these options (fsys.master.keeping), started first if none runs. ``seen``: what
+    its quick record will check (_witness), or None for no record."""
     from fsys.master import keeping
 
     if not args.view:
@@ -646,7 +649,8 @@ def _run_kept(
     try:
         place = keeping.Place.of(keeping.key({"slave": slave, "rules": rules,
                                               "cache": not args.no_cache}))  # fmt: skip
-        _remember(args, place, request)
+        if seen is not None:
+            _remember(args.tokens, args.program, place, request, seen)
         return keeping.run(place, request, lambda place, ready: _serve_kept(args, policy, place,
                                                                               ready))  # fmt: skip
     except keeping.KeepError as exc:
@@ -666,21 +670,19 @@ def _witness(args: argparse.Namespace, program: str | None) -> tuple[str, str, s
     return keeping.witness(program, config)
 
 
-def _remember(args: argparse.Namespace, place: object, request: object) -> None:
+def _remember(tokens: list[str], program: list[str], place: Place, request: Request,
+              seen: tuple[str, str, str]) -> None:  # fmt: skip
     """The quick record of this command for the compiled client (keeping.remember),
-    when what decides its session is all in the words it sees: the options before the
-    first ``--``, the program found as execvp would find it, and a --config file given
-    by its absolute path (the rules' prefixes are absolute, or refused)."""
+    when what decides its session is all in the words it sees (``tokens``, the words
+    after fsys-master): the options before the first ``--``, the program found as
+    execvp would find it, and a --config file given by its absolute path (the rules'
+    prefixes are absolute, or refused)."""
     from fsys.master import keeping
 
-    assert isinstance(place, keeping.Place)
-    assert isinstance(request, keeping.Request)
-    tokens: list[str] = args.tokens
-    seen: tuple[str, str, str] | None = getattr(args, "witness", None)
-    if seen is None or tokens[:1] != ["run"] or "--" not in tokens:
+    if "--" not in tokens:
         return
     dash = tokens.index("--")
-    if args.program != tokens[dash:] or request.argv != tokens[dash + 1 :]:
+    if program != tokens[dash:] or request.argv != tokens[dash + 1 :]:
         return  # the options hold a `--` of their own, or the program was not found
     keeping.remember(place, keeping.quick_inputs(tokens[1:dash], request.path), seen)
 
@@ -785,7 +787,7 @@ def cmd_syscalls(args: argparse.Namespace) -> int:
 def run() -> NoReturn:
     """fsys-master's entry (``python -m fsys.master``, the script): main(), then an
     exit at once. The interpreter's own end frees trio and every module one by one,
-    ~50 ms of a session of ~0.2 s, and nothing of ours needs it: every file,
+    ~45 ms of a session of ~0.25 s, and nothing of ours needs it: every file,
     directory and process is closed, removed or reaped before main returns."""
     status = main()
     try:
