@@ -56,6 +56,9 @@ FEATURE_NET: Final = 4
 other socket operations); without it its sockets stay the master's."""
 FEATURE_OPEN_READ: Final = 8
 """In the slave's HELLO: it answers OPEN_READ (an open that brings the file's start)."""
+FEATURE_CREATE: Final = 16
+"""In the slave's HELLO: it answers CREATE (an open that creates, with the new file's
+attributes)."""
 OPEN_READ_REFUSES: Final = os.O_ACCMODE | os.O_CREAT | os.O_TRUNC | os.O_APPEND | O_PATH
 """The open flags an OPEN_READ refuses (EINVAL), with O_TMPFILE: it only reads."""
 
@@ -148,6 +151,7 @@ class Op(enum.IntEnum):
     RECVFROM = 50
     POLL = 51
     OPEN_READ = 52
+    CREATE = 53
 
 
 class Blob(enum.Enum):
@@ -294,6 +298,23 @@ class OpenRead(Record):
     flags: int
     resolve: int
     size: int
+    path: bytes
+
+
+@_wire(Op.CREATE, _P)
+class Create(Record):
+    """OPEN with O_CREAT in ``flags`` (else EINVAL), then the STAT of ``path`` as
+    STAT with AT_SYMLINK_NOFOLLOW and ``mask``, watched where it can be -> a new
+    handle; blob: the struct statx, or none if the open waited in a thread (a FIFO
+    that was there): STAT it. Its flags: the STAT's REPLY_*, and REPLY_NO_XATTRS
+    where the file has no extended attribute. What changed before the open is
+    invalidated before the reply; what changed after it, after the reply."""
+
+    dir: int
+    flags: int
+    mode: int
+    resolve: int
+    mask: int
     path: bytes
 
 
@@ -744,7 +765,7 @@ Operation = (
     | Fsync | Utimens | Statfs | Fcntl | Lock | Flock | Ioctl | Fallocate | CopyRange
     | Sendfile | Getxattr | Setxattr | Listxattr | Removexattr | Chdir | HandlePath | Syncfs
     | Listdir | Lend | Tty | Socket | Bind | Connect | Listen | Accept | Sockname
-    | Getsockopt | Setsockopt | Shutdown | Sendto | Recvfrom | Poll | OpenRead
+    | Getsockopt | Setsockopt | Shutdown | Sendto | Recvfrom | Poll | OpenRead | Create
 )  # fmt: skip
 """One operation the slave performs, with its arguments by name."""
 

@@ -33,11 +33,14 @@ from fsys.master.routing import CONTINUE
 from fsys.protocol import (
     FEATURE_OPEN_READ,
     FEATURE_WATCH,
+    NEED_DATA,
     REPLY_NO_XATTRS,
     REPLY_NOT_LINK,
     REPLY_WATCHED,
+    Call,
     Chmod,
     Connection,
+    Create,
     Hello,
     Invalidate,
     Lseek,
@@ -49,8 +52,8 @@ from fsys.protocol import (
     Stat,
     watch_key,
 )
-from fsys.slave.executor import Executor
-from fsys.slave.fshub import serve_transport
+from fsys.slave.executor import Executor, MustBlock
+from fsys.slave.fshub import before_reply, perform, serve_transport
 from fsys.slave.watches import MAX_DIRS, Watches, batches
 from tests.conftest import SYSTEM_PYTHON, Session, served_link
 from tests.fakes import FakeProcess, Rig
@@ -316,6 +319,80 @@ def test_a_confined_slave_never_answers_about_a_file_outside(tmp_path: Path) -> 
         assert b"/d/up" not in ex.watches.dirs
     finally:
         ex.close()
+
+
+def _create(path: bytes, flags: int = os.O_WRONLY | os.O_CREAT | os.O_EXCL) -> Create:
+    return Create(dir=0, flags=flags, mode=0o600, resolve=0, mask=BASIC, path=path)
+
+
+def test_a_create_brings_the_new_files_watched_answer(executor: Executor, tmp_path: Path) -> None:
+    (tmp_path / "d").mkdir()
+    assert _stat(executor, b"/d/x")[0] == -errno.ENOENT  # /d is watched now
+    handle, raw, flags = executor.create(_create(b"/d/x"))
+    assert handle > 0 and (tmp_path / "d/x").exists()
+    assert flags == REPLY_WATCHED | REPLY_NOT_LINK | REPLY_NO_XATTRS
+    assert stat.S_ISREG(linux.statx_mode(raw)) and linux.statx_size(raw) == 0
+    assert linux.statx_mode(raw) & 0o7777 == os.stat(tmp_path / "d/x").st_mode & 0o7777
+    # The create's own change is kept for the INVALIDATE before its reply; a change
+    # after the STAT is not (it goes after the reply, when inotify reports it).
+    (tmp_path / "d/later").write_text("another process")
+    assert executor.take_early() == [b"/d/.", b"/d/x"]
+    assert executor.take_early() is None
+    assert executor.watches.changes() == [b"/d/.", b"/d/later"]
+
+
+def test_a_create_says_no_xattrs_only_where_there_are_none(
+    executor: Executor, tmp_path: Path
+) -> None:
+    (tmp_path / "y").write_text("there")
+    os.setxattr(tmp_path / "y", "user.tag", b"1")
+    _, _, flags = executor.create(_create(b"/y", os.O_WRONLY | os.O_CREAT))
+    assert flags == REPLY_WATCHED | REPLY_NOT_LINK
+    # Not watched (a path not in key form): no claim about xattrs either.
+    _, _, flags = executor.create(_create(b"//z"))
+    assert flags == 0
+
+
+def test_a_create_without_o_creat_or_of_something_there_fails(
+    executor: Executor, tmp_path: Path
+) -> None:
+    (tmp_path / "f").write_text("x")
+    for op, code in ((_create(b"/g", os.O_WRONLY), errno.EINVAL), (_create(b"/f"), errno.EEXIST),
+                     (_create(b"/none/f"), errno.ENOENT)):  # fmt: skip
+        reply = perform(executor, Call(0, 1, op))
+        assert reply.result == -code and reply.flags == 0
+    assert not (tmp_path / "g").exists()
+
+
+def test_a_created_fifo_that_was_there_waits_in_a_thread_and_brings_no_answer(
+    executor: Executor, tmp_path: Path
+) -> None:
+    os.mkfifo(tmp_path / "p")
+    with pytest.raises(MustBlock):
+        perform(executor, Call(0, 1, _create(b"/p", os.O_RDWR | os.O_CREAT)))
+    reply = perform(executor, Call(0, 1, _create(b"/p", os.O_RDWR | os.O_CREAT)), blocking=True)
+    assert reply.result > 0 and reply.blob == b"" and reply.flags == 0
+
+
+def test_the_invalidate_before_a_create_s_reply_is_of_what_came_before_its_stat(
+    executor: Executor, tmp_path: Path
+) -> None:
+    (tmp_path / "d").mkdir()
+    master, slave = Connection(Role.MASTER), Connection(Role.SLAVE)
+    slave.receive_data(master.send(Hello(features=FEATURE_WATCH)))
+    master.receive_data(slave.send(Hello(features=0)))
+    assert slave.next_event() and master.next_event()
+    _stat(executor, b"/d/x")
+    reply = perform(executor, Call(0, 1, _create(b"/d/x")))
+    (tmp_path / "d/later").write_text("another process")
+    master.receive_data(before_reply(executor, slave, _create(b"/d/x")))
+    assert master.next_event() == Invalidate((b"/d/.", b"/d/x"))
+    assert master.next_event() is NEED_DATA
+    assert reply.result > 0 and reply.flags & REPLY_WATCHED
+    # The next reply's INVALIDATE has the rest.
+    chmod = Chmod(dir=0, mode=0, flags=0, path=b"/d/x")  # (not performed)
+    master.receive_data(before_reply(executor, slave, chmod))
+    assert master.next_event() == Invalidate((b"/d/.", b"/d/later"))
 
 
 # --- fshub: INVALIDATE before the reply ----------------------------------------------------

@@ -19,6 +19,7 @@ from fsys.protocol import (
     Call,
     Chmod,
     Chown,
+    Create,
     Link,
     Mkdir,
     Mknod,
@@ -125,6 +126,10 @@ def test_read_only_opens_as_a_read_only_mount(box: Path) -> None:
             perform(ex, Call(0, 1, Read(handle=handle, size=7, offset=0, rwf=0))).blob == b"content"
         )
         assert opened(ex, b"/missing", O_RDONLY | O_CREAT) == -errno.EROFS
+        create = Create(dir=0, flags=O_RDONLY | O_CREAT, mode=0o600, resolve=0, mask=0xFFF,
+                        path=b"/missing")  # fmt: skip
+        assert run(ex, create) == -errno.EROFS
+        assert run(ex, Create._make((*create[:-1], b"/f"))) > 0  # (there: opened to read)
         assert opened(ex, b"/f", O_RDONLY | O_CREAT | O_EXCL) == -errno.EEXIST
         assert opened(ex, b"/nodir/x", O_WRONLY | O_CREAT) == -errno.ENOENT
         assert opened(ex, b"/d", O_RDONLY | O_CREAT) == -errno.EISDIR
@@ -156,6 +161,9 @@ def test_no_setuid_takes_the_bits_out_of_every_mode(box: Path) -> None:
     ex = Executor(str(box), confinement=Confinement(no_setuid=True))
     try:
         assert opened(ex, b"/made", O_WRONLY | O_CREAT, 0o6755) > 0
+        created = Create(dir=0, flags=O_WRONLY | O_CREAT, mode=0o4755, resolve=0, mask=0xFFF,
+                         path=b"/created")  # fmt: skip
+        assert run(ex, created) > 0
         assert run(ex, Mkdir(dir=0, mode=0o2775, path=b"/dir")) == 0
         assert run(ex, Mknod(dir=0, mode=stat.S_IFREG | 0o4755, dev=0, path=b"/node")) == 0
         assert run(ex, Chmod(dir=0, mode=0o4755, flags=0, path=b"/f")) == 0
@@ -166,6 +174,7 @@ def test_no_setuid_takes_the_bits_out_of_every_mode(box: Path) -> None:
     finally:
         ex.close()
     assert stat.S_IMODE((box / "made").stat().st_mode) == 0o755
+    assert stat.S_IMODE((box / "created").stat().st_mode) == 0o755
     # A directory keeps its setgid bit (new files take its group: no privilege);
     # mkdir's own mode never carries it (Linux ignores it there, natively too).
     assert stat.S_IMODE((box / "dir").stat().st_mode) == 0o2775

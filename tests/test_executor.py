@@ -22,6 +22,7 @@ from fsys.protocol import (
     Chdir,
     Chmod,
     Close,
+    CopyRange,
     Getdents,
     Getxattr,
     HandlePath,
@@ -428,3 +429,24 @@ def test_a_stream_read_ends_without_reading_when_the_session_does(
         assert os.read(tty_fd, 100) == b"typed after\n"
     finally:
         os.close(tty_fd)
+
+
+def test_a_copy_of_little_between_regular_files_is_not_threaded(ex: Executor, box: Path) -> None:
+    (box / "big").write_bytes(bytes(2 << 20))
+    os.mkfifo(box / "fifo")
+    src, big = open_(ex, b"/dir/file"), open_(ex, b"/big")
+    dst = open_(ex, b"/out", os.O_WRONLY | os.O_CREAT, 0o600)
+    fifo = open_(ex, b"/fifo", os.O_RDWR | os.O_NONBLOCK)
+
+    def copy(s: int, off_in: int, d: int = dst) -> CopyRange:
+        return CopyRange(src=s, off_in=off_in, dst=d, off_out=-1, length=1 << 30, flags=0)
+
+    assert not ex.may_block(copy(src, -1))  # cp's copy of a small file
+    assert ex.may_block(copy(big, -1))  # 2 MiB from its position, 0
+    assert not ex.may_block(copy(big, (2 << 20) - 10))  # its last 10 bytes
+    os.lseek(ex.fd(big), (2 << 20) - (1 << 20), os.SEEK_SET)
+    assert not ex.may_block(copy(big, -1))  # 1 MiB left from its position
+    assert ex.may_block(copy(fifo, -1)) and ex.may_block(copy(src, -1, fifo))
+    assert ex.may_block(copy(99, -1))  # no such handle: the thread says EBADF
+    assert run(ex, copy(src, -1)) == (6, b"")
+    assert (box / "out").read_bytes() == b"inside"

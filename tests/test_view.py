@@ -33,7 +33,19 @@ from fsys.master.fuse import Opcode
 from fsys.master.link import SlaveLink
 from fsys.master.policy import Policy, Rule, Side
 from fsys.master.view import WATCHED, LayoutError, Points, View, layout
-from fsys.protocol import FEATURE_OPEN_READ, FEATURE_WATCH, Open, OpenRead, Operation, Read, Reply
+from fsys.protocol import (
+    FEATURE_CREATE,
+    FEATURE_OPEN_READ,
+    FEATURE_WATCH,
+    Create,
+    Getxattr,
+    Open,
+    OpenRead,
+    Operation,
+    Read,
+    Reply,
+    Stat,
+)
 from fsys.slave.confinement import Confinement
 from fsys.slave.fshub import serve_transport
 from tests.conftest import PYTHON, Result, Session
@@ -1110,24 +1122,70 @@ async def test_what_comes_with_opens_is_bounded(box: Path, monkeypatch: pytest.M
         assert len(reads) == 1
 
 
+def _spy(v: View) -> list[Operation]:
+    """The operations the view sends the slave from now on."""
+    sent: list[Operation] = []
+    submit = v.link.submit
+
+    def spy(pairing: int, op: Operation, resume: Callable[[Reply | LinkClosed], None],
+            *args: Any, **kwargs: Any) -> int:  # fmt: skip
+        sent.append(op)
+        return submit(pairing, op, resume, *args, **kwargs)
+
+    v.link.submit = spy  # type: ignore[method-assign,assignment]
+    return sent
+
+
+def _without(v: View, feature: int) -> None:
+    """As if the slave's HELLO had not had ``feature`` (an older slave)."""
+    hello = v.link.conn.peer_hello
+    assert hello is not None
+    v.link.conn.peer_hello = hello._replace(features=hello.features & ~feature)
+
+
 async def test_a_slave_without_open_read_is_sent_opens(box: Path) -> None:
     async with viewed(box) as (kernel, v):
-        hello = v.link.conn.peer_hello
-        assert hello is not None
-        v.link.conn.peer_hello = hello._replace(features=hello.features & ~FEATURE_OPEN_READ)
-        sent: list[Operation] = []
-        submit = v.link.submit
-
-        def spy(pairing: int, op: Operation, resume: Callable[[Reply | LinkClosed], None],
-                *args: Any, **kwargs: Any) -> int:  # fmt: skip
-            sent.append(op)
-            return submit(pairing, op, resume, *args, **kwargs)
-
-        v.link.submit = spy  # type: ignore[method-assign,assignment]
+        _without(v, FEATURE_OPEN_READ)
+        sent = _spy(v)
         f = await kernel.node(b"/f")
         fh = await kernel.open(f)
         assert (await kernel.read(f, fh, 5)).body == b"hello"
         assert [type(op) for op in sent if isinstance(op, (Open, OpenRead, Read))] == [Open, Read]
+
+
+_CAPABILITY = fuse.GETXATTR_IN.pack(0, 0) + b"security.capability\0"
+
+
+async def test_a_create_brings_the_new_files_attributes_and_xattrs(box: Path) -> None:
+    async with viewed(box) as (kernel, v):
+        assert (await kernel.lookup(ROOT, b"new")).entry()[0] == 0  # none: watched
+        sent = _spy(v)
+        made = await kernel.ask(Opcode.CREATE, ROOT, fuse.CREATE_IN.pack(
+            os.O_WRONLY | os.O_CREAT, 0o100640, 0, 0) + b"new\0")  # fmt: skip
+        nodeid, _, _, attr = made.entry()
+        assert stat.S_IMODE(attr[9]) == 0o640 and attr[0] == os.stat(box / "new").st_ino
+        assert [type(op) for op in sent] == [Create]
+        # What the kernel asks before the first write (file_remove_privs), and a stat:
+        # answered by the view, watched.
+        assert (await kernel.ask(Opcode.GETXATTR, nodeid, _CAPABILITY)).error == errno.ENODATA
+        assert (await kernel.getattr(nodeid)).error == 0
+        assert [type(op) for op in sent] == [Create]
+        # Another process gives it an xattr: the view asks again.
+        os.setxattr(box / "new", "security.capability", b"\1\0\0\2" + bytes(16))
+        with trio.fail_after(5):
+            while (await kernel.ask(Opcode.GETXATTR, nodeid, _CAPABILITY)).error == errno.ENODATA:
+                await trio.sleep(0.01)
+        assert Getxattr in {type(op) for op in sent}
+
+
+async def test_a_slave_without_create_is_sent_an_open_and_a_stat(box: Path) -> None:
+    async with viewed(box) as (kernel, v):
+        _without(v, FEATURE_CREATE)
+        sent = _spy(v)
+        made = await kernel.ask(Opcode.CREATE, ROOT, fuse.CREATE_IN.pack(
+            os.O_WRONLY | os.O_CREAT, 0o100600, 0, 0) + b"old\0")  # fmt: skip
+        assert stat.S_IMODE(made.entry()[3][9]) == 0o600 and (box / "old").exists()
+        assert [type(op) for op in sent] == [Open, Stat]
 
 
 def test_entry_sizes_match_readdirplus_budget() -> None:

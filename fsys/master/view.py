@@ -57,6 +57,7 @@ from fsys.master.link import SlaveLink, poll_spinning
 from fsys.master.policy import Policy, Side
 from fsys.pathdict import PathDict
 from fsys.protocol import (
+    FEATURE_CREATE,
     FEATURE_OPEN_READ,
     OPEN_READ_REFUSES,
     REPLY_NO_XATTRS,
@@ -67,6 +68,7 @@ from fsys.protocol import (
     Chown,
     Close,
     CopyRange,
+    Create,
     Fallocate,
     Fsync,
     Ftruncate,
@@ -453,6 +455,8 @@ class View:
         self.expire = False
         #: opcode -> how many (FSYS_VIEW_STATS only: not a cost of every request).
         self.requests: dict[int, int] | None = {} if os.environ.get("FSYS_VIEW_STATS") else None
+        #: The slave's operations the view waited for, by name (FSYS_VIEW_STATS only).
+        self.asked: dict[str, int] = {}
         self._behind = WriteBehind(link, self._request)
         #: Handles whose writes must reach the slave before they return (O_SYNC...).
         self._sync_handles: set[int] = set()
@@ -681,6 +685,9 @@ class View:
             if isinstance(ask, _Join):
                 self._prefetching[ask.path].append(resume)
             else:
+                if self.requests is not None:
+                    name = type(ask.op).__name__
+                    self.asked[name] = self.asked.get(name, 0) + 1
                 self.link.submit(PAIRING, ask.op, resume)
 
     def close(self) -> None:
@@ -709,12 +716,18 @@ class View:
             if hit is not None:
                 return hit[0], hit[1], True
         reply = await _Ask(Stat(dir=0, flags=linux.AT_SYMLINK_NOFOLLOW, mask=MASK, path=path))
+        return reply.result, reply.blob, self._answered(path, reply.result, reply)
+
+    def _answered(self, path: bytes, result: int, reply: Reply) -> bool:
+        """Keep the slave's answer about ``path`` (a STAT's, or what came with a
+        CREATE) if it is watched; whether it is."""
+        key = watch_key(path)
         watched = bool(reply.flags & REPLY_WATCHED) and key is not None
         if watched:
             assert key is not None
-            self.cache.store(key, False, MASK, reply.result, reply.blob, reply.flags)
+            self.cache.store(key, False, MASK, result, reply.blob, reply.flags)
             self._watching(key, reply.flags)
-        return reply.result, reply.blob, watched
+        return watched
 
     def _attrs(self, attrs: Attrs) -> None:
         self.cache.prime(attrs)
@@ -1207,11 +1220,22 @@ class View:
         flags, mode, _umask, _ = fuse.CREATE_IN.unpack_from(body)
         (name,) = fuse.names(body[fuse.CREATE_IN.size :], 1)
         path = self._new_name(parent, name)
-        reply = await self.call(Open(dir=0, flags=(flags | linux.O_CREAT) & ~linux.O_NOCTTY,
-                                     mode=mode & 0o7777, resolve=0, path=path))  # fmt: skip
+        flags = (flags | linux.O_CREAT) & ~linux.O_NOCTTY
+        peer = self.link.peer
+        with_attrs = peer is not None and bool(peer.features & FEATURE_CREATE)
+        if with_attrs:
+            # The new file's attributes come with it: no STAT after.
+            reply = await self.call(Create(dir=0, flags=flags, mode=mode & 0o7777, resolve=0,
+                                           mask=MASK, path=path))  # fmt: skip
+        else:
+            reply = await self.call(Open(dir=0, flags=flags, mode=mode & 0o7777, resolve=0,
+                                         path=path))  # fmt: skip
         handle = reply.result
         if flags & _SYNC_FLAGS:
             self._sync_handles.add(handle)
+        if with_attrs and reply.blob:
+            watched = self._answered(path, 0, reply)
+            return self._entry_of(path, reply.blob, watched) + fuse.OPEN_OUT.pack(handle, 0, 0)
         try:
             entry = await self._entry_after(path)
         except Refused:

@@ -182,6 +182,9 @@ async def _view_session(plan: ViewPlan) -> int:
         print("fsys-master: view requests: " + ", ".join(
             f"{Opcode(op).name if op in Opcode._value2member_map_ else op} {n}"
             for op, n in counts), file=sys.stderr)  # fmt: skip
+        asked = sorted(view.asked.items(), key=lambda kv: -kv[1])
+        print("fsys-master: view waited for: " + ", ".join(f"{name} {n}" for name, n in asked)
+              + f"; notices {view.notifier.sent}", file=sys.stderr)  # fmt: skip
     os.close(fuse_fd)
     transport.close()
     if view.failure is not None:

@@ -85,6 +85,9 @@ class Confinement:
             if op.flags & os.O_CREAT or op.flags & linux.O_TMPFILE == linux.O_TMPFILE:
                 mode = self.mode_bits(op.mode, directory=False)
                 return op._make((op.dir, op.flags, mode, op.resolve, op.path))
+        elif kind is wire.Create:
+            mode = self.mode_bits(op.mode, directory=False)
+            return op._make((op.dir, op.flags, mode, op.resolve, op.mask, op.path))
         elif kind is wire.Mkdir:
             return op._make((op.dir, self.mode_bits(op.mode, directory=True), op.path))
         elif kind is wire.Mknod:

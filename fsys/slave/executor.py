@@ -99,6 +99,8 @@ _ON_STREAMS: frozenset[type] = frozenset(
     {wire.Read, wire.Write, wire.Getdents, wire.Ioctl, wire.Fcntl, wire.Tty}
 )
 #: Operations that may wait on the disk whatever the file.
+#: A COPY_RANGE of at most this much of a regular file is not threaded (``may_block``).
+INLINE_COPY = 1 << 20
 _SLOW: frozenset[type] = frozenset(
     {wire.Fsync, wire.Syncfs, wire.CopyRange, wire.Sendfile, wire.Fallocate}
 )
@@ -115,6 +117,13 @@ class Watched(OSError):
 def _opening(o: wire.OpenRead) -> wire.Open:
     """The OPEN an OPEN_READ begins with."""
     return wire.Open(dir=o.dir, flags=o.flags, mode=0, resolve=o.resolve, path=o.path)
+
+
+def _creating(o: wire.Create) -> wire.Open:
+    """The OPEN a CREATE begins with."""
+    if not o.flags & linux.O_CREAT:
+        raise OSError(errno.EINVAL, "CREATE creates (O_CREAT)")
+    return wire.Open(dir=o.dir, flags=o.flags, mode=o.mode, resolve=o.resolve, path=o.path)
 
 
 class MustBlock(FsysError):
@@ -254,6 +263,8 @@ class Executor(SocketOps):
         self._ended_r, self._ended_w = os.pipe2(O_CLOEXEC)
         #: Per worker thread: the CANCEL pipe of the call it runs (``cancelled_by``).
         self._thread = threading.local()
+        #: The paths CREATE found changed before its STAT (``take_early``).
+        self.early: list[bytes] | None = None
         #: Called with a socket's fd before it is closed (fshub: its waits end first).
         self.on_socket_close: Callable[[int], None] = lambda fd: None
         self._dispatch: dict[type, Callable[[Any], Result]] = {
@@ -306,7 +317,24 @@ class Executor(SocketOps):
         if kind is wire.Flock:
             assert isinstance(op, wire.Flock)
             return not op.operation & (LOCK_NB | LOCK_UN)
+        if kind is wire.CopyRange:
+            assert isinstance(op, wire.CopyRange)
+            return not self._copies_little(op)
         return kind in _SLOW
+
+    def _copies_little(self, op: wire.CopyRange) -> bool:
+        """Whether a COPY_RANGE copies at most INLINE_COPY bytes, from a regular file
+        to another (as quick as a READ, which is not threaded: cp's copy of a small
+        file, the most common; a thread would cost more than the copy)."""
+        try:
+            src, dst = self.fd(op.src), self.fd(op.dst)
+            st = os.fstat(src)
+            if not stat.S_ISREG(st.st_mode) or not stat.S_ISREG(os.fstat(dst).st_mode):
+                return False
+            start = op.off_in if op.off_in >= 0 else os.lseek(src, 0, os.SEEK_CUR)
+        except OSError:
+            return False  # (the thread reports it)
+        return st.st_size - start <= INLINE_COPY
 
     def execute_blocking(self, op: Operation) -> Result:
         """Perform ``op`` in a worker thread: an open may wait for a FIFO's peer."""
@@ -314,6 +342,8 @@ class Executor(SocketOps):
             return self.op_open(op, blocking=True)
         if isinstance(op, wire.OpenRead):  # not a regular file (it would not block)
             return self.op_open(_opening(op), blocking=True)
+        if isinstance(op, wire.Create):  # a FIFO that was there: STAT it (no blob)
+            return self.op_open(_creating(op), blocking=True)[0], b""
         # The handles this call uses stay open until it is done, even if a CLOSE for
         # one of them arrives meanwhile (its fd number must not be reused under us).
         if isinstance(op, wire.CopyRange):
@@ -477,6 +507,37 @@ class Executor(SocketOps):
         except OSError:
             data = b""  # (a READ reports it)
         return handle_id, kind + data
+
+    def create(self, o: wire.Create) -> tuple[int, bytes, int]:
+        """CREATE: (handle, struct statx, REPLY_* flags). What changed until the open
+        is kept for the INVALIDATE before the reply (``take_early``); what changes
+        after it stays queued, to be invalidated after the reply: the STAT that
+        follows the open sees the first, maybe not the second."""
+        if self._checks:
+            o = self.confinement.check(o)
+        handle_id, _ = self.op_open(_creating(o))
+        self.early = self.watches.changes() if self.watches.enabled else []
+        try:
+            result, raw, flags = self.stat(
+                wire.Stat(dir=o.dir, flags=AT_SYMLINK_NOFOLLOW, mask=o.mask, path=o.path)
+            )
+            if result < 0:
+                raise OSError(-result, os.strerror(-result))
+            if flags & REPLY_WATCHED and not os.listxattr(self.fd(handle_id)):
+                flags |= REPLY_NO_XATTRS
+        except OSError:
+            self.op_close_handle(handle_id)
+            raise
+        return handle_id, raw, flags
+
+    def op_create(self, o: wire.Create) -> Result:
+        handle_id, raw, _ = self.create(o)
+        return handle_id, raw
+
+    def take_early(self) -> list[bytes] | None:
+        """What CREATE found changed before its STAT (None: no CREATE since)."""
+        early, self.early = self.early, None
+        return early
 
     def _open(self, o: wire.Open, *, blocking: bool = False) -> Result:
         dir_id, flags, mode, resolve, path = o

@@ -33,6 +33,7 @@ from fsys.errors import LinkClosed, LocalProtocolError, RemoteProtocolError
 from fsys.iostream import FdTransport
 from fsys.protocol import (
     CLOSED,
+    FEATURE_CREATE,
     FEATURE_NET,
     FEATURE_OPEN_READ,
     FEATURE_STDIO,
@@ -44,6 +45,7 @@ from fsys.protocol import (
     Close,
     ClosePairing,
     Connection,
+    Create,
     Getdents,
     Goodbye,
     Hello,
@@ -114,6 +116,9 @@ def perform(executor: Executor, call: Call, *, blocking: bool = False) -> Reply:
         if type(call.op) is Listdir:
             result, blob, flags = executor.listdir(call.op)
             return Reply(call.pairing, call.request, result, blob, flags)
+        if type(call.op) is Create and not blocking:
+            result, blob, flags = executor.create(call.op)
+            return Reply(call.pairing, call.request, result, blob, flags)
         if blocking:
             result, blob = executor.execute_blocking(call.op)
         else:
@@ -147,7 +152,9 @@ def before_reply(executor: Executor, conn: Connection, op: Operation | None) -> 
             for at in range(0, len(attrs), ATTRS_BATCH):
                 out += conn.send(Attrs(PRIMED_MASK, tuple(attrs[at : at + ATTRS_BATCH])))
         return bytes(out)
-    for paths in batches(executor.watches.changes()):
+    early = executor.take_early() if type(op) is Create else None
+    changed = early if early is not None else executor.watches.changes()
+    for paths in batches(changed):
         out += conn.send(Invalidate(paths))
     return bytes(out)
 
@@ -387,7 +394,7 @@ class SlaveSession:
 
     def _undo(self, call: Call, reply: Reply) -> None:
         """An abandoned call succeeded after all: release what it made (a handle)."""
-        if isinstance(call.op, (Open, OpenRead)) and reply.result > 0:
+        if isinstance(call.op, (Open, OpenRead, Create)) and reply.result > 0:
             self.executor.op_close_handle(reply.result)
 
     async def serve(self) -> None:
@@ -398,7 +405,7 @@ class SlaveSession:
                 nursery.start_soon(self.transport.serve_writer)
                 nursery.start_soon(self._waits.serve)
                 nursery.start_soon(serve_control, self, self.label)
-                features = FEATURE_NET | FEATURE_OPEN_READ
+                features = FEATURE_NET | FEATURE_OPEN_READ | FEATURE_CREATE
                 features |= FEATURE_STDIO if self.executor.lent else 0
                 self.transport.write(self.conn.send(Hello(features=features, info=info)))
                 await self._read_loop(nursery)
