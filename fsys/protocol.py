@@ -305,10 +305,11 @@ class OpenRead(Record):
 class Create(Record):
     """OPEN with O_CREAT in ``flags`` (else EINVAL), then the STAT of ``path`` as
     STAT with AT_SYMLINK_NOFOLLOW and ``mask``, watched where it can be -> a new
-    handle; blob: the struct statx, or none if the open waited in a thread (a FIFO
-    that was there): STAT it. Its flags: the STAT's REPLY_*, and REPLY_NO_XATTRS
-    where the file has no extended attribute. What changed before the open is
-    invalidated before the reply; what changed after it, after the reply."""
+    handle; blob: the struct statx, then what changed until the open (the paths an
+    INVALIDATE would carry, as its body holds them: the master applies them before
+    the answer); none if the open waited in a thread (a FIFO that was there): STAT
+    it. Its flags: the STAT's REPLY_*, and REPLY_NO_XATTRS where the file has no
+    extended attribute. What changed after the open is invalidated after the reply."""
 
     dir: int
     flags: int
@@ -1107,7 +1108,7 @@ def encode(event: Event) -> bytes:
     if isinstance(event, Reply):
         return _reply_head(event) + event.blob
     if isinstance(event, Invalidate):
-        body = b"".join([_U32.pack(len(p)) + p for p in event.paths])
+        body = encode_paths(event.paths)
         if len(body) > MAX_BODY or any(len(p) >= MAX_PATH for p in event.paths):
             raise LocalProtocolError("INVALIDATE too long")
         return HEADER.pack(len(body), Kind.INVALIDATE, 0, 0, 0, 0) + body
@@ -1197,6 +1198,16 @@ def _decode_call(op_value: int, pairing: int, request: int, body: memoryview) ->
     if pos != end:
         raise RemoteProtocolError(f"{name}: {end - pos} trailing bytes")
     return Call(pairing, request, spec.record._make((*ints, *blobs)))
+
+
+def encode_paths(paths: Iterable[bytes]) -> bytes:
+    """Paths as an INVALIDATE's body holds them (CREATE's reply holds them too)."""
+    return b"".join([_U32.pack(len(p)) + p for p in paths])
+
+
+def decode_paths(body: memoryview | bytes) -> tuple[bytes, ...]:
+    """``encode_paths``'s paths; RemoteProtocolError unless each is absolute."""
+    return _decode_invalidate(memoryview(body)).paths
 
 
 def _decode_invalidate(body: memoryview) -> Invalidate:

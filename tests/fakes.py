@@ -28,7 +28,7 @@ from fsys.master.cache import AttrCache
 from fsys.master.calls import HANDLERS
 from fsys.master.device import Notification
 from fsys.master.fmhub import Hub
-from fsys.master.link import check_reply, reply_bound, reply_shape
+from fsys.master.link import check_created, check_reply, reply_bound, reply_shape
 from fsys.master.memory import TargetMemory
 from fsys.master.net import SOCKET_HANDLERS, Network
 from fsys.master.pages import links_in_use
@@ -43,6 +43,7 @@ from fsys.protocol import (
     Attrs,
     Call,
     Connection,
+    Create,
     Event,
     Hello,
     Invalidate,
@@ -436,6 +437,8 @@ class WireLink:
             assert isinstance(echoed, Reply)
             try:
                 check_reply(echoed, reply_bound(call.op), reply_shape(call.op))  # as SlaveLink
+                if isinstance(call.op, Create):
+                    check_created(echoed)
             except RemoteProtocolError as exc:
                 self.failure = f"protocol error from the slave: {exc}"
                 self.broken = True  # the session ends: every call from now on fails

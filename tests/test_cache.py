@@ -17,6 +17,7 @@ import pytest
 import trio
 
 from fsys import linux
+from fsys import protocol as wire
 from fsys.iostream import FdTransport
 from fsys.linux import (
     AT_FDCWD,
@@ -33,7 +34,6 @@ from fsys.master.routing import CONTINUE
 from fsys.protocol import (
     FEATURE_OPEN_READ,
     FEATURE_WATCH,
-    NEED_DATA,
     REPLY_NO_XATTRS,
     REPLY_NOT_LINK,
     REPLY_WATCHED,
@@ -50,6 +50,7 @@ from fsys.protocol import (
     Reply,
     Role,
     Stat,
+    decode_paths,
     watch_key,
 )
 from fsys.slave.executor import Executor, MustBlock
@@ -328,17 +329,30 @@ def _create(path: bytes, flags: int = os.O_WRONLY | os.O_CREAT | os.O_EXCL) -> C
 def test_a_create_brings_the_new_files_watched_answer(executor: Executor, tmp_path: Path) -> None:
     (tmp_path / "d").mkdir()
     assert _stat(executor, b"/d/x")[0] == -errno.ENOENT  # /d is watched now
-    handle, raw, flags = executor.create(_create(b"/d/x"))
+    handle, blob, flags = executor.create(_create(b"/d/x"))
     assert handle > 0 and (tmp_path / "d/x").exists()
     assert flags == REPLY_WATCHED | REPLY_NOT_LINK | REPLY_NO_XATTRS
+    raw = blob[: linux.STATX_SIZE]
     assert stat.S_ISREG(linux.statx_mode(raw)) and linux.statx_size(raw) == 0
     assert linux.statx_mode(raw) & 0o7777 == os.stat(tmp_path / "d/x").st_mode & 0o7777
-    # The create's own change is kept for the INVALIDATE before its reply; a change
-    # after the STAT is not (it goes after the reply, when inotify reports it).
+    # What changed until the open comes with the answer (the create's own change); a
+    # change after the STAT does not (it goes after the reply, when inotify says so).
     (tmp_path / "d/later").write_text("another process")
-    assert executor.take_early() == [b"/d/.", b"/d/x"]
+    assert decode_paths(blob[linux.STATX_SIZE :]) == (b"/d/.", b"/d/x")
     assert executor.take_early() is None
     assert executor.watches.changes() == [b"/d/.", b"/d/later"]
+
+
+def test_a_create_that_follows_many_changes_invalidates_them_before_its_reply(
+    executor: Executor, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "d").mkdir()
+    _stat(executor, b"/d/x")
+    (tmp_path / "d/other").write_text("another process")
+    monkeypatch.setattr(wire, "MAX_SMALL", 20)  # more than a reply should hold
+    handle, blob, _ = executor.create(_create(b"/d/x"))
+    assert handle > 0 and len(blob) == linux.STATX_SIZE
+    assert executor.take_early() == [b"/d/.", b"/d/other", b"/d/x"]
 
 
 def test_a_create_says_no_xattrs_only_where_there_are_none(
@@ -374,7 +388,7 @@ def test_a_created_fifo_that_was_there_waits_in_a_thread_and_brings_no_answer(
     assert reply.result > 0 and reply.blob == b"" and reply.flags == 0
 
 
-def test_the_invalidate_before_a_create_s_reply_is_of_what_came_before_its_stat(
+def test_a_create_s_reply_has_what_came_before_its_stat_and_the_next_the_rest(
     executor: Executor, tmp_path: Path
 ) -> None:
     (tmp_path / "d").mkdir()
@@ -385,9 +399,8 @@ def test_the_invalidate_before_a_create_s_reply_is_of_what_came_before_its_stat(
     _stat(executor, b"/d/x")
     reply = perform(executor, Call(0, 1, _create(b"/d/x")))
     (tmp_path / "d/later").write_text("another process")
-    master.receive_data(before_reply(executor, slave, _create(b"/d/x")))
-    assert master.next_event() == Invalidate((b"/d/.", b"/d/x"))
-    assert master.next_event() is NEED_DATA
+    assert before_reply(executor, slave, _create(b"/d/x")) == b""  # (the reply has them)
+    assert decode_paths(reply.blob[linux.STATX_SIZE :]) == (b"/d/.", b"/d/x")
     assert reply.result > 0 and reply.flags & REPLY_WATCHED
     # The next reply's INVALIDATE has the rest.
     chmod = Chmod(dir=0, mode=0, flags=0, path=b"/d/x")  # (not performed)

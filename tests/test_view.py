@@ -37,6 +37,8 @@ from fsys.protocol import (
     FEATURE_CREATE,
     FEATURE_OPEN_READ,
     FEATURE_WATCH,
+    REPLY_NOT_LINK,
+    REPLY_WATCHED,
     Create,
     Getxattr,
     Open,
@@ -1176,6 +1178,59 @@ async def test_a_create_brings_the_new_files_attributes_and_xattrs(box: Path) ->
             while (await kernel.ask(Opcode.GETXATTR, nodeid, _CAPABILITY)).error == errno.ENODATA:
                 await trio.sleep(0.01)
         assert Getxattr in {type(op) for op in sent}
+
+
+async def _created_in_d(kernel: Kernel, v: View, name: bytes) -> tuple[int, int]:
+    """Create d/NAME, d's listing known first; d's node and the new one."""
+    d = await kernel.node(b"/d")
+    assert {n for n, _, _ in await kernel.listing(d)} == {b".", b"..", b"a", b"b"}
+    assert b"/d" in v.listings
+    made = await kernel.ask(Opcode.CREATE, d, fuse.CREATE_IN.pack(
+        os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o100600, 0, 0) + name + b"\0")  # fmt: skip
+    return d, made.entry()[0]
+
+
+async def test_a_create_alone_in_its_directory_adds_to_its_listing(box: Path) -> None:
+    async with viewed(box) as (kernel, v):
+        await kernel.notices_until(0, timeout=0)
+        before = len(kernel.notices)
+        d, node = await _created_in_d(kernel, v, b"new")
+        assert [n for _, _, n in v.listings[b"/d"]][-1] == b"new"
+        sent = _spy(v)
+        # Another name's absence, the new name, a listing: from what the view knows.
+        assert (await kernel.lookup(d, b"none")).entry()[0] == 0
+        assert (await kernel.lookup(d, b"new")).entry()[0] == node
+        names = await kernel.listing(d)
+        assert {n for n, _, _ in names} == {b".", b"..", b"a", b"b", b"new"}
+        assert sent == []
+        # The kernel was told nothing of our own create: it knows it.
+        await kernel.notices_until(before + 1, timeout=0.2)
+        assert node not in inval_inodes(kernel.notices[before:])
+        assert (d, b"new") not in inval_entries(kernel.notices[before:])
+        # The directory's times changed: its attributes are asked again.
+        assert (await kernel.getattr(d)).attr()[1][6] >= 0
+        assert [type(op) for op in sent] == [Stat]
+
+
+async def test_a_create_after_another_change_in_its_directory_drops_its_listing(
+    box: Path,
+) -> None:
+    async with viewed(box) as (kernel, v):
+        await _created_in_d(kernel, v, b"new")
+        hit = v.cache.lookup(b"/d/new", False, view.MASK)
+        assert hit is not None
+        raw, flags = hit[1], REPLY_WATCHED | REPLY_NOT_LINK
+        # As if d/other had come from another process just before the create: what
+        # came with it is invalidated, listing and all.
+        for changed in ((b"/d/.", b"/d/new2", b"/d/other"), (b"/d/.", b"/d/new2", b"/d"),
+                        (b"/d/.", b"/d/new2", b"/"), (b"/d/new2",)):  # fmt: skip
+            v._keep_listing(b"/d", [(1, 8, b"a")])
+            v._created(b"/d/new2", raw, changed, flags)
+            assert b"/d" not in v.listings or changed == (b"/d/new2",), changed
+        # Elsewhere: the listing stays, and gains the name.
+        v._keep_listing(b"/d", [(1, 8, b"a")])
+        v._created(b"/d/new3", raw, (b"/d/.", b"/d/new3", b"/f"), flags)
+        assert [n for _, _, n in v.listings[b"/d"]] == [b"a", b"new3"]
 
 
 async def test_a_slave_without_create_is_sent_an_open_and_a_stat(box: Path) -> None:

@@ -34,6 +34,7 @@ from fsys.protocol import (
     Census,
     Connection,
     CopyRange,
+    Create,
     Event,
     Getdents,
     Getxattr,
@@ -55,6 +56,7 @@ from fsys.protocol import (
     Statfs,
     Tty,
     Write,
+    decode_paths,
 )
 
 #: The largest value of an extended attribute and of a list of their names (Linux's
@@ -125,6 +127,16 @@ def check_reply(reply: Reply, bound: int | None, shape: int | None = None) -> No
         )
     if shape is not None and reply.result >= 0 and len(reply.blob) != shape:
         raise RemoteProtocolError(f"a REPLY of {len(reply.blob)} bytes for a {shape}-byte struct")
+
+
+def check_created(reply: Reply) -> None:
+    """RemoteProtocolError unless a successful CREATE's blob is empty, or a struct
+    statx then paths as an INVALIDATE holds them."""
+    if reply.result < 0 or not reply.blob:
+        return
+    if len(reply.blob) < STATX_SIZE:
+        raise RemoteProtocolError(f"a CREATE's REPLY of {len(reply.blob)} bytes: no struct statx")
+    decode_paths(memoryview(reply.blob)[STATX_SIZE:])
 
 
 class SlaveLink:
@@ -240,6 +252,8 @@ class SlaveLink:
             raise RemoteProtocolError(f"a REPLY to request {reply.request}, which is not pending")
         op = self._sent[reply.request][1]
         check_reply(reply, reply_bound(op), reply_shape(op))
+        if isinstance(op, Create):
+            check_created(reply)
 
     def _fail(self, reason: str) -> None:
         if self.failure is None and not self._done.is_set() and not self._closing:

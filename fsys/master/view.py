@@ -96,6 +96,7 @@ from fsys.protocol import (
     Unlink,
     Utimens,
     Write,
+    decode_paths,
     watch_key,
 )
 
@@ -455,8 +456,11 @@ class View:
         self.expire = False
         #: opcode -> how many (FSYS_VIEW_STATS only: not a cost of every request).
         self.requests: dict[int, int] | None = {} if os.environ.get("FSYS_VIEW_STATS") else None
-        #: The slave's operations the view waited for, by name (FSYS_VIEW_STATS only).
+        #: The slave's operations the view waited for, by name; the seconds from each
+        #: request to its answer, by opcode (FSYS_VIEW_STATS only).
         self.asked: dict[str, int] = {}
+        self.spent: dict[int, float] = {}
+        self._began: dict[int, tuple[int, float]] = {}
         self._behind = WriteBehind(link, self._request)
         #: Handles whose writes must reach the slave before they return (O_SYNC...).
         self._sync_handles: set[int] = set()
@@ -541,6 +545,7 @@ class View:
             length, opcode, unique, nodeid, *_ = fuse.IN_HEADER.unpack_from(buf)
             if self.requests is not None:
                 self.requests[opcode] = self.requests.get(opcode, 0) + 1
+                self._began[unique] = (opcode, time.perf_counter())
             body = bytes(view[fuse.IN_HEADER.size : min(length, n)])
             if opcode in fuse.NO_REPLY:
                 self._forget(opcode, nodeid, body)
@@ -637,6 +642,11 @@ class View:
         return True
 
     def _write(self, data: bytes) -> None:
+        if self.requests is not None:
+            began = self._began.pop(fuse.OUT_HEADER.unpack_from(data)[2], None)
+            if began is not None:
+                spent = self.spent.get(began[0], 0.0)
+                self.spent[began[0]] = spent + time.perf_counter() - began[1]
         try:
             os.write(self.fd, data)
         except OSError:
@@ -716,18 +726,52 @@ class View:
             if hit is not None:
                 return hit[0], hit[1], True
         reply = await _Ask(Stat(dir=0, flags=linux.AT_SYMLINK_NOFOLLOW, mask=MASK, path=path))
-        return reply.result, reply.blob, self._answered(path, reply.result, reply)
+        return reply.result, reply.blob, self._answered(path, reply.result, reply.blob, reply.flags)
 
-    def _answered(self, path: bytes, result: int, reply: Reply) -> bool:
+    def _answered(self, path: bytes, result: int, raw: bytes, flags: int) -> bool:
         """Keep the slave's answer about ``path`` (a STAT's, or what came with a
         CREATE) if it is watched; whether it is."""
         key = watch_key(path)
-        watched = bool(reply.flags & REPLY_WATCHED) and key is not None
+        watched = bool(flags & REPLY_WATCHED) and key is not None
         if watched:
             assert key is not None
-            self.cache.store(key, False, MASK, result, reply.blob, reply.flags)
-            self._watching(key, reply.flags)
+            self.cache.store(key, False, MASK, result, raw, flags)
+            self._watching(key, flags)
         return watched
+
+    def _created(self, path: bytes, raw: bytes, changed: tuple[bytes, ...], flags: int) -> bool:
+        """A create of ours at ``path`` (``raw``: its struct statx), and what changed
+        on the slave until it (``changed``): invalidated, as an INVALIDATE would be,
+        but for the create itself when nothing else changed in or above its
+        directory: then its listing gains the name, rather than being dropped, and
+        the kernel is told nothing (it knows its own create). Keeps the new file's
+        answer if it is watched; whether it is."""
+        cut = path.rfind(b"/")
+        parent, name = path[:cut] or b"/", path[cut + 1 :]
+        dot = path[:cut] + b"/."
+        rest = tuple(p for p in changed if p not in (dot, path))
+        alone = (
+            flags & REPLY_WATCHED
+            and dot in changed
+            and path in changed
+            and path not in self.by_path
+            and self._listed(parent, name) is not True
+            and not any(_related(p, parent) for p in rest)
+        )
+        if not alone:
+            if changed:
+                self.invalidate(changed)
+            return self._answered(path, 0, raw, flags)
+        if rest:
+            self.invalidate(rest)
+        self.cache.invalidate((dot,))  # the directory's times
+        self.xattrs_absent.drop_below(path)
+        listing = self.listings.get(parent)
+        if listing is not None:  # (a new list: a listing being read keeps its own)
+            mode = linux.statx_mode(raw)
+            entry = (fuse.attr_fields(raw)[0], stat.S_IFMT(mode) >> 12, name)
+            self._keep_listing(parent, [*listing, entry])
+        return self._answered(path, 0, raw, flags)
 
     def _attrs(self, attrs: Attrs) -> None:
         self.cache.prime(attrs)
@@ -1234,8 +1278,11 @@ class View:
         if flags & _SYNC_FLAGS:
             self._sync_handles.add(handle)
         if with_attrs and reply.blob:
-            watched = self._answered(path, 0, reply)
-            return self._entry_of(path, reply.blob, watched) + fuse.OPEN_OUT.pack(handle, 0, 0)
+            raw = reply.blob[: linux.STATX_SIZE]
+            watched = self._created(
+                path, raw, decode_paths(reply.blob[linux.STATX_SIZE :]), reply.flags
+            )
+            return self._entry_of(path, raw, watched) + fuse.OPEN_OUT.pack(handle, 0, 0)
         try:
             entry = await self._entry_after(path)
         except Refused:
@@ -1618,6 +1665,13 @@ class View:
 
 
 # --- the layout: what the launcher mounts ---------------------------------------------------
+
+
+def _related(path: bytes, directory: bytes) -> bool:
+    """Whether ``path`` is ``directory``, above it, or in it."""
+    if b"/" in (path, directory) or path == directory:
+        return True
+    return directory.startswith(path + b"/") or path.startswith(directory + b"/")
 
 
 class LayoutError(Exception):

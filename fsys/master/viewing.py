@@ -179,8 +179,9 @@ async def _view_session(plan: ViewPlan) -> int:
     view.close()
     if view.requests is not None:
         counts = sorted(view.requests.items(), key=lambda kv: -kv[1])
-        print("fsys-master: view requests: " + ", ".join(
+        print("fsys-master: view requests (how many, ms until answered): " + ", ".join(
             f"{Opcode(op).name if op in Opcode._value2member_map_ else op} {n}"
+            f" {view.spent.get(op, 0.0) * 1e3:.0f}"
             for op, n in counts), file=sys.stderr)  # fmt: skip
         asked = sorted(view.asked.items(), key=lambda kv: -kv[1])
         print("fsys-master: view waited for: " + ", ".join(f"{name} {n}" for name, n in asked)

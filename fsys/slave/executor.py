@@ -509,10 +509,11 @@ class Executor(SocketOps):
         return handle_id, kind + data
 
     def create(self, o: wire.Create) -> tuple[int, bytes, int]:
-        """CREATE: (handle, struct statx, REPLY_* flags). What changed until the open
-        is kept for the INVALIDATE before the reply (``take_early``); what changes
-        after it stays queued, to be invalidated after the reply: the STAT that
-        follows the open sees the first, maybe not the second."""
+        """CREATE: (handle, struct statx and what changed until the open, REPLY_*
+        flags). What changes after the open stays queued, to be invalidated after the
+        reply: the STAT that follows the open sees the first, maybe not the second.
+        (If the STAT fails, or many paths changed, they go in INVALIDATEs before the
+        reply: ``take_early``.)"""
         if self._checks:
             o = self.confinement.check(o)
         handle_id, _ = self.op_open(_creating(o))
@@ -528,14 +529,18 @@ class Executor(SocketOps):
         except OSError:
             self.op_close_handle(handle_id)
             raise
-        return handle_id, raw, flags
+        changed = wire.encode_paths(self.early)
+        if len(changed) > wire.MAX_SMALL:
+            return handle_id, raw, flags  # (many: in INVALIDATEs before the reply)
+        self.early = None
+        return handle_id, raw + changed, flags
 
     def op_create(self, o: wire.Create) -> Result:
         handle_id, raw, _ = self.create(o)
         return handle_id, raw
 
     def take_early(self) -> list[bytes] | None:
-        """What CREATE found changed before its STAT (None: no CREATE since)."""
+        """What a CREATE found changed before it and did not reply with (None: none)."""
         early, self.early = self.early, None
         return early
 

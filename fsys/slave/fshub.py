@@ -152,8 +152,9 @@ def before_reply(executor: Executor, conn: Connection, op: Operation | None) -> 
             for at in range(0, len(attrs), ATTRS_BATCH):
                 out += conn.send(Attrs(PRIMED_MASK, tuple(attrs[at : at + ATTRS_BATCH])))
         return bytes(out)
-    early = executor.take_early() if type(op) is Create else None
-    changed = early if early is not None else executor.watches.changes()
+    # (A CREATE's reply holds what changed until its open; what changed after its
+    # STAT goes after the reply.)
+    changed = executor.take_early() or [] if type(op) is Create else executor.watches.changes()
     for paths in batches(changed):
         out += conn.send(Invalidate(paths))
     return bytes(out)
