@@ -34,9 +34,11 @@ from fsys.master.routing import CONTINUE
 from fsys.protocol import (
     FEATURE_OPEN_READ,
     FEATURE_WATCH,
+    NEED_DATA,
     REPLY_NO_XATTRS,
     REPLY_NOT_LINK,
     REPLY_WATCHED,
+    Attrs,
     Call,
     Chmod,
     Connection,
@@ -50,6 +52,7 @@ from fsys.protocol import (
     Reply,
     Role,
     Stat,
+    Write,
     decode_paths,
     watch_key,
 )
@@ -392,10 +395,7 @@ def test_a_create_s_reply_has_what_came_before_its_stat_and_the_next_the_rest(
     executor: Executor, tmp_path: Path
 ) -> None:
     (tmp_path / "d").mkdir()
-    master, slave = Connection(Role.MASTER), Connection(Role.SLAVE)
-    slave.receive_data(master.send(Hello(features=FEATURE_WATCH)))
-    master.receive_data(slave.send(Hello(features=0)))
-    assert slave.next_event() and master.next_event()
+    master, slave = _slave_conn()
     _stat(executor, b"/d/x")
     reply = perform(executor, Call(0, 1, _create(b"/d/x")))
     (tmp_path / "d/later").write_text("another process")
@@ -406,6 +406,46 @@ def test_a_create_s_reply_has_what_came_before_its_stat_and_the_next_the_rest(
     chmod = Chmod(dir=0, mode=0, flags=0, path=b"/d/x")  # (not performed)
     master.receive_data(before_reply(executor, slave, chmod))
     assert master.next_event() == Invalidate((b"/d/.", b"/d/later"))
+
+
+def _slave_conn() -> tuple[Connection, Connection]:
+    master, slave = Connection(Role.MASTER), Connection(Role.SLAVE)
+    slave.receive_data(master.send(Hello(features=FEATURE_WATCH)))
+    master.receive_data(slave.send(Hello(features=0)))
+    assert slave.next_event() and master.next_event()
+    return master, slave
+
+
+def test_a_write_s_invalidate_is_followed_by_the_files_new_answer(
+    executor: Executor, tmp_path: Path
+) -> None:
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d/f").write_text("12")
+    (tmp_path / "u").mkdir()
+    (tmp_path / "u/g").write_text("12")
+    master, slave = _slave_conn()
+    _stat(executor, b"/d/f")  # /d is watched; /u is not
+    handles = {}
+    for path, flags in ((b"/d/f", os.O_WRONLY), (b"/u/g", os.O_RDWR), (b"/d/f", os.O_RDONLY)):
+        opening = Open(dir=0, flags=flags, mode=0, resolve=0, path=path)
+        handles[path, flags] = perform(executor, Call(0, 1, opening)).result
+    write = Write(handle=handles[b"/d/f", os.O_WRONLY], offset=2, rwf=0, data=b"345")
+    assert perform(executor, Call(0, 1, write)).result == 3
+    master.receive_data(before_reply(executor, slave, write))
+    assert master.next_event() == Invalidate((b"/d/f/..",))
+    attrs = master.next_event()
+    assert isinstance(attrs, Attrs) and [a.path for a in attrs.entries] == [b"/d/f"]
+    assert attrs.entries[0].flags & REPLY_WATCHED
+    assert linux.statx_size(attrs.entries[0].statx) == 5
+    # Unwatched, or not opened to write: its answer does not follow.
+    for key in ((b"/u/g", os.O_RDWR), (b"/d/f", os.O_RDONLY)):
+        write = Write(handle=handles[key], offset=0, rwf=0, data=b"x")
+        perform(executor, Call(0, 1, write))
+        frames = before_reply(executor, slave, write)  # (an INVALIDATE, if watched)
+        if frames:
+            master.receive_data(frames)
+            while (event := master.next_event()) is not NEED_DATA:
+                assert not isinstance(event, Attrs), key
 
 
 # --- fshub: INVALIDATE before the reply ----------------------------------------------------

@@ -47,6 +47,7 @@ from fsys.protocol import (
     Read,
     Reply,
     Stat,
+    Write,
 )
 from fsys.slave.confinement import Confinement
 from fsys.slave.fshub import serve_transport
@@ -1231,6 +1232,34 @@ async def test_a_create_after_another_change_in_its_directory_drops_its_listing(
         v._keep_listing(b"/d", [(1, 8, b"a")])
         v._created(b"/d/new3", raw, (b"/d/.", b"/d/new3", b"/f"), flags)
         assert [n for _, _, n in v.listings[b"/d"]] == [b"a", b"new3"]
+
+
+async def test_a_stat_after_writes_needs_no_slave(box: Path) -> None:
+    async with viewed(box) as (kernel, v):
+        f = await kernel.node(b"/d/a")
+        fh = await kernel.open(f, os.O_WRONLY)
+        sent = _spy(v)
+        await kernel.ask(Opcode.WRITE, f, write_body(fh, 1, b"bcd"))
+        got = await kernel.ask(Opcode.GETATTR, f, fuse.GETATTR_IN.pack(fuse.GETATTR_FH, 0, fh))
+        assert got.attr()[1][1] == 4  # the size after the write
+        assert [type(op) for op in sent] == [Write]  # its answer came after it
+
+
+async def test_an_open_file_s_attributes_are_its_own_when_its_name_is_another_s(
+    box: Path,
+) -> None:
+    async with viewed(box) as (kernel, v):
+        f = await kernel.node(b"/f")
+        fh = await kernel.open(f)
+        ino = os.stat(box / "f").st_ino
+        (box / "g").write_bytes(b"another file")
+        os.rename(box / "g", box / "f")
+        with trio.fail_after(5):
+            while v.cache.lookup(b"/f", False, view.MASK) is not None:
+                await trio.sleep(0.01)
+        assert (await kernel.getattr(f)).attr()[1][0] != ino  # by name: the new file
+        by_handle = fuse.GETATTR_IN.pack(fuse.GETATTR_FH, 0, fh)
+        assert (await kernel.ask(Opcode.GETATTR, f, by_handle)).attr()[1][0] == ino
 
 
 async def test_a_slave_without_create_is_sent_an_open_and_a_stat(box: Path) -> None:

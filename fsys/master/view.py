@@ -985,7 +985,10 @@ class View:
         hit = self.cache.lookup(key, False, MASK) if key is not None else None
         if hit is None or hit[0] < 0:
             return None
-        return fuse.attr_out(WATCHED, fuse.attr_fields(hit[1]))
+        attr = fuse.attr_fields(hit[1])
+        if attr[0] != node.ino and fuse.GETATTR_IN.unpack_from(body)[0] & fuse.GETATTR_FH:
+            return None  # its name is another file's now: the open file's, by its handle
+        return fuse.attr_out(WATCHED, attr)
 
     async def getattr(self, unique: int, node: Node, body: memoryview) -> bytes:
         flags, _, fh = fuse.GETATTR_IN.unpack_from(body)

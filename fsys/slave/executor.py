@@ -137,7 +137,8 @@ class Handle:
     busy: int = 0
     closing: bool = False
     #: A directory opened by its ``watch_key`` path: its entries' answers are sent
-    #: along with what GETDENTS reads of it (Attrs).
+    #: along with what GETDENTS reads of it (Attrs); a regular file opened so to
+    #: write: its answer is sent after each WRITE (``written``).
     key: bytes | None = None
     lock: threading.Lock = field(default_factory=threading.Lock)
     #: A socket of the session's own (SOCKET, ACCEPT): non-blocking, and its calls
@@ -577,7 +578,14 @@ class Executor(SocketOps):
             os.close(fd)
             raise
         handle = self.handles[handle_id]
-        if handle.kind == stat.S_IFDIR and not dir_id and self.watches.enabled:
+        if (
+            not dir_id
+            and self.watches.enabled
+            and (
+                handle.kind == stat.S_IFDIR
+                or (handle.kind == stat.S_IFREG and flags & _WRITE_FLAGS)
+            )
+        ):
             handle.key = path if path == b"/" or watch_key(path) == path else None
         return handle_id, bytes([handle.kind >> 12])
 
@@ -778,6 +786,27 @@ class Executor(SocketOps):
             if not result and _no_xattrs(parent, name):
                 flags |= REPLY_NO_XATTRS
             attrs.append(wire.Attr(base + b"/" + name, result, flags, raw))
+
+    def written(self, op: Operation) -> list[wire.Attr]:
+        """The watched answer about the file a WRITE or COPY_RANGE wrote, if it was
+        opened by its ``watch_key`` path and its directory is watched: sent after the
+        INVALIDATE of what changed, so the master's next stat of it needs no slave
+        (a program that writes a file and reads it back: the kernel asks its size).
+        Taken now, after that INVALIDATE's changes: a later change is invalidated
+        later."""
+        handle = self.handles.get(op.handle if type(op) is wire.Write else op.dst)  # type: ignore[union-attr]
+        key = handle.key if handle is not None and handle.kind == stat.S_IFREG else None
+        if key is None:
+            return []
+        cut = key.rfind(b"/")
+        known = self.watches.dirs.get(key[:cut] or b"/")
+        if known is None:
+            return []
+        answer = _watched_stat(known[1], key[cut + 1 :], AT_SYMLINK_NOFOLLOW, PRIMED_MASK)
+        if answer is None or not answer[2] & REPLY_WATCHED:
+            return []
+        result, raw, flags = answer
+        return [wire.Attr(key, result, flags, raw)]
 
     def take_attrs(self) -> list[wire.Attr]:
         attrs, self.attrs = self.attrs, []

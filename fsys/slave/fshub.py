@@ -45,6 +45,7 @@ from fsys.protocol import (
     Close,
     ClosePairing,
     Connection,
+    CopyRange,
     Create,
     Getdents,
     Goodbye,
@@ -157,6 +158,10 @@ def before_reply(executor: Executor, conn: Connection, op: Operation | None) -> 
     changed = executor.take_early() or [] if type(op) is Create else executor.watches.changes()
     for paths in batches(changed):
         out += conn.send(Invalidate(paths))
+    if type(op) is Write or type(op) is CopyRange:
+        written = executor.written(op)
+        if written:
+            out += conn.send(Attrs(PRIMED_MASK, tuple(written)))
     return bytes(out)
 
 
