@@ -56,6 +56,7 @@ from fsys.protocol import (
     decode_paths,
     watch_key,
 )
+from fsys.slave import executor as executor_module
 from fsys.slave.executor import Executor, MustBlock
 from fsys.slave.fshub import before_reply, perform, serve_transport
 from fsys.slave.watches import MAX_DIRS, Watches, batches
@@ -342,6 +343,7 @@ def test_a_create_brings_the_new_files_watched_answer(executor: Executor, tmp_pa
     # change after the STAT does not (it goes after the reply, when inotify says so).
     (tmp_path / "d/later").write_text("another process")
     assert decode_paths(blob[linux.STATX_SIZE :]) == (b"/d/.", b"/d/x")
+    assert executor.take_early() == []  # (all in the reply: nothing to find before it)
     assert executor.take_early() is None
     assert executor.watches.changes() == [b"/d/.", b"/d/later"]
 
@@ -356,6 +358,32 @@ def test_a_create_that_follows_many_changes_invalidates_them_before_its_reply(
     handle, blob, _ = executor.create(_create(b"/d/x"))
     assert handle > 0 and len(blob) == linux.STATX_SIZE
     assert executor.take_early() == [b"/d/.", b"/d/other", b"/d/x"]
+
+
+def test_a_create_where_xattrs_cannot_be_listed_claims_nothing_about_them(
+    executor: Executor, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def refused(*args: object, **kwargs: object) -> list[str]:
+        raise OSError(errno.EOPNOTSUPP, "no xattrs on this file system")
+
+    monkeypatch.setattr(os, "listxattr", refused)
+    handle, _, flags = executor.create(_create(b"/x"))
+    assert handle > 0 and flags == REPLY_WATCHED | REPLY_NOT_LINK
+
+
+def test_a_create_that_waited_in_a_thread_is_invalidated_before_its_reply(
+    executor: Executor, tmp_path: Path
+) -> None:
+    (tmp_path / "d").mkdir()
+    os.mkfifo(tmp_path / "d/p")
+    master, slave = _slave_conn()
+    _stat(executor, b"/d/p")
+    (tmp_path / "d/other").write_text("another process")  # (unseen until a look)
+    create = _create(b"/d/p", os.O_RDWR | os.O_CREAT)
+    reply = perform(executor, Call(0, 1, create), blocking=True)
+    assert reply.result > 0 and reply.blob == b""
+    master.receive_data(before_reply(executor, slave, create))
+    assert master.next_event() == Invalidate((b"/d/.", b"/d/other"))
 
 
 def test_a_create_says_no_xattrs_only_where_there_are_none(
@@ -446,6 +474,37 @@ def test_a_write_s_invalidate_is_followed_by_the_files_new_answer(
             master.receive_data(frames)
             while (event := master.next_event()) is not NEED_DATA:
                 assert not isinstance(event, Attrs), key
+
+
+def test_a_write_whose_file_cannot_be_stated_brings_only_its_invalidate(
+    executor: Executor, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "f").write_text("12")
+    master, slave = _slave_conn()
+    _stat(executor, b"/f")
+    opening = Open(dir=0, flags=os.O_WRONLY, mode=0, resolve=0, path=b"/f")
+    write = Write(handle=perform(executor, Call(0, 1, opening)).result, offset=0, rwf=0,
+                  data=b"x")  # fmt: skip
+    perform(executor, Call(0, 1, write))
+
+    def failing(*args: object) -> None:
+        raise OSError(errno.EIO, "the disk")
+
+    monkeypatch.setattr(executor_module, "_watched_stat", failing)
+    master.receive_data(before_reply(executor, slave, write))  # (no exception: the slave goes on)
+    assert master.next_event() == Invalidate((b"/f/..",))
+    assert master.next_event() is NEED_DATA
+
+
+def test_an_o_tmpfile_handle_brings_no_answer_after_its_writes(
+    executor: Executor, tmp_path: Path
+) -> None:
+    _stat(executor, b"/f")
+    opening = Open(dir=0, flags=os.O_RDWR | linux.O_TMPFILE, mode=0o600, resolve=0, path=b"/")
+    handle = perform(executor, Call(0, 1, opening)).result
+    assert handle > 0 and executor.handles[handle].key is None
+    write = Write(handle=handle, offset=0, rwf=0, data=b"x")
+    assert executor.written(write) == []
 
 
 # --- fshub: INVALIDATE before the reply ----------------------------------------------------

@@ -164,6 +164,8 @@ def test_no_setuid_takes_the_bits_out_of_every_mode(box: Path) -> None:
         created = Create(dir=0, flags=O_WRONLY | O_CREAT, mode=0o4755, resolve=0, mask=0xFFF,
                          path=b"/created")  # fmt: skip
         assert run(ex, created) > 0
+        waited = Create._make((*created[:-1], b"/waited"))  # (in a thread: checked there too)
+        assert ex.execute_blocking(waited)[0] > 0
         assert run(ex, Mkdir(dir=0, mode=0o2775, path=b"/dir")) == 0
         assert run(ex, Mknod(dir=0, mode=stat.S_IFREG | 0o4755, dev=0, path=b"/node")) == 0
         assert run(ex, Chmod(dir=0, mode=0o4755, flags=0, path=b"/f")) == 0
@@ -175,6 +177,7 @@ def test_no_setuid_takes_the_bits_out_of_every_mode(box: Path) -> None:
         ex.close()
     assert stat.S_IMODE((box / "made").stat().st_mode) == 0o755
     assert stat.S_IMODE((box / "created").stat().st_mode) == 0o755
+    assert stat.S_IMODE((box / "waited").stat().st_mode) == 0o755
     # A directory keeps its setgid bit (new files take its group: no privilege);
     # mkdir's own mode never carries it (Linux ignores it there, natively too).
     assert stat.S_IMODE((box / "dir").stat().st_mode) == 0o2775

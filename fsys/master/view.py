@@ -545,7 +545,8 @@ class View:
             length, opcode, unique, nodeid, *_ = fuse.IN_HEADER.unpack_from(buf)
             if self.requests is not None:
                 self.requests[opcode] = self.requests.get(opcode, 0) + 1
-                self._began[unique] = (opcode, time.perf_counter())
+                if opcode not in fuse.NO_REPLY:
+                    self._began[unique] = (opcode, time.perf_counter())
             body = bytes(view[fuse.IN_HEADER.size : min(length, n)])
             if opcode in fuse.NO_REPLY:
                 self._forget(opcode, nodeid, body)
@@ -770,7 +771,7 @@ class View:
         if listing is not None:  # (a new list: a listing being read keeps its own)
             mode = linux.statx_mode(raw)
             entry = (fuse.attr_fields(raw)[0], stat.S_IFMT(mode) >> 12, name)
-            self._keep_listing(parent, [*listing, entry])
+            self.listings[parent] = [*listing, entry]
         return self._answered(path, 0, raw, flags)
 
     def _attrs(self, attrs: Attrs) -> None:
@@ -1280,15 +1281,14 @@ class View:
         handle = reply.result
         if flags & _SYNC_FLAGS:
             self._sync_handles.add(handle)
-        if with_attrs and reply.blob:
-            raw = reply.blob[: linux.STATX_SIZE]
-            watched = self._created(
-                path, raw, decode_paths(reply.blob[linux.STATX_SIZE :]), reply.flags
-            )
-            return self._entry_of(path, raw, watched) + fuse.OPEN_OUT.pack(handle, 0, 0)
         try:
-            entry = await self._entry_after(path)
-        except Refused:
+            if with_attrs and reply.blob:
+                raw = reply.blob[: linux.STATX_SIZE]
+                changed = decode_paths(reply.blob[linux.STATX_SIZE :])
+                entry = self._entry_of(path, raw, self._created(path, raw, changed, reply.flags))
+            else:
+                entry = await self._entry_after(path)
+        except (Refused, ValueError, IndexError, struct.error):
             self.link.post(PAIRING, Close(handle=handle))
             raise
         return entry + fuse.OPEN_OUT.pack(handle, 0, 0)

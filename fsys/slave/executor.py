@@ -206,6 +206,15 @@ def _no_xattrs(parent: int, name: bytes) -> bool:
         return False
 
 
+def _no_xattrs_of(fd: int) -> bool:
+    """Whether the file open as ``fd`` has no extended attribute (False if it cannot
+    say: a file system without them refuses the question)."""
+    try:
+        return not os.listxattr(fd)
+    except OSError:
+        return False
+
+
 def _proc_fd(fd: int) -> bytes:
     return b"/proc/self/fd/%d" % fd
 
@@ -335,10 +344,12 @@ class Executor(SocketOps):
             start = op.off_in if op.off_in >= 0 else os.lseek(src, 0, os.SEEK_CUR)
         except OSError:
             return False  # (the thread reports it)
-        return st.st_size - start <= INLINE_COPY
+        return min(op.length, st.st_size - start) <= INLINE_COPY
 
     def execute_blocking(self, op: Operation) -> Result:
         """Perform ``op`` in a worker thread: an open may wait for a FIFO's peer."""
+        if self._checks:
+            op = self.confinement.check(op)
         if isinstance(op, wire.Open):
             return self.op_open(op, blocking=True)
         if isinstance(op, wire.OpenRead):  # not a regular file (it would not block)
@@ -525,7 +536,7 @@ class Executor(SocketOps):
             )
             if result < 0:
                 raise OSError(-result, os.strerror(-result))
-            if flags & REPLY_WATCHED and not os.listxattr(self.fd(handle_id)):
+            if flags & REPLY_WATCHED and _no_xattrs_of(self.fd(handle_id)):
                 flags |= REPLY_NO_XATTRS
         except OSError:
             self.op_close_handle(handle_id)
@@ -533,7 +544,7 @@ class Executor(SocketOps):
         changed = wire.encode_paths(self.early)
         if len(changed) > wire.MAX_SMALL:
             return handle_id, raw, flags  # (many: in INVALIDATEs before the reply)
-        self.early = None
+        self.early = []  # (in the reply: nothing more before it)
         return handle_id, raw + changed, flags
 
     def op_create(self, o: wire.Create) -> Result:
@@ -541,7 +552,9 @@ class Executor(SocketOps):
         return handle_id, raw
 
     def take_early(self) -> list[bytes] | None:
-        """What a CREATE found changed before it and did not reply with (None: none)."""
+        """What the last CREATE found changed before it and did not reply with; None
+        if it looked at nothing (its open failed, or waited in a thread): what changed
+        is found now."""
         early, self.early = self.early, None
         return early
 
@@ -583,7 +596,11 @@ class Executor(SocketOps):
             and self.watches.enabled
             and (
                 handle.kind == stat.S_IFDIR
-                or (handle.kind == stat.S_IFREG and flags & _WRITE_FLAGS)
+                or (
+                    handle.kind == stat.S_IFREG
+                    and flags & _WRITE_FLAGS
+                    and flags & linux.O_TMPFILE != linux.O_TMPFILE  # (its path: a directory)
+                )
             )
         ):
             handle.key = path if path == b"/" or watch_key(path) == path else None
@@ -802,7 +819,10 @@ class Executor(SocketOps):
         known = self.watches.dirs.get(key[:cut] or b"/")
         if known is None:
             return []
-        answer = _watched_stat(known[1], key[cut + 1 :], AT_SYMLINK_NOFOLLOW, PRIMED_MASK)
+        try:
+            answer = _watched_stat(known[1], key[cut + 1 :], AT_SYMLINK_NOFOLLOW, PRIMED_MASK)
+        except OSError:
+            return []  # (EIO, ESTALE: no answer to give; the INVALIDATE stands)
         if answer is None or not answer[2] & REPLY_WATCHED:
             return []
         result, raw, flags = answer

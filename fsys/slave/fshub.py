@@ -155,7 +155,8 @@ def before_reply(executor: Executor, conn: Connection, op: Operation | None) -> 
         return bytes(out)
     # (A CREATE's reply holds what changed until its open; what changed after its
     # STAT goes after the reply.)
-    changed = executor.take_early() or [] if type(op) is Create else executor.watches.changes()
+    early = executor.take_early() if type(op) is Create else None
+    changed = early if early is not None else executor.watches.changes()
     for paths in batches(changed):
         out += conn.send(Invalidate(paths))
     if type(op) is Write or type(op) is CopyRange:
