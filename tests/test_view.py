@@ -245,6 +245,12 @@ async def notice_of(kernel: Kernel, holds: Callable[[list[tuple[int, bytes]]], b
     return kernel.notices
 
 
+@pytest.fixture(autouse=True)
+def _quick(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The slave runs in this process: the view must not hold the thread waiting for it.
+    monkeypatch.setattr(view, "HOT_QUIET_MS", 0)
+
+
 @pytest.fixture
 def box(tmp_path: Path) -> Path:
     root = tmp_path / "box"

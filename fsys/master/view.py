@@ -108,10 +108,7 @@ MAX_WRITE = 1 << 20
 #: The largest request: a WRITE of MAX_WRITE bytes and its headers.
 BUFFER = MAX_WRITE + 4096
 READDIR_CHUNK = 64 << 10
-#: How long the hot loop waits, after its spins, before it gives trio the thread: no
-#: longer. While it waits, nothing else of the master runs: a kept session's next
-#: program, its status, signals (2 ms: a kept `true` took 17 ms against 14 at 0).
-HOT_QUIET_MS = 0
+HOT_QUIET_MS = 2
 HOT_SLICE = 0.010
 #: How long the view spins for a reply while a request waits for the slave (µs).
 SPIN_US = 300
