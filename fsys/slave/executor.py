@@ -98,9 +98,9 @@ _WRITE_OPEN = _WRITE_FLAGS | linux.O_CREAT
 _ON_STREAMS: frozenset[type] = frozenset(
     {wire.Read, wire.Write, wire.Getdents, wire.Ioctl, wire.Fcntl, wire.Tty}
 )
-#: Operations that may wait on the disk whatever the file.
 #: A COPY_RANGE of at most this much of a regular file is not threaded (``may_block``).
 INLINE_COPY = 1 << 20
+#: Operations that may wait on the disk whatever the file.
 _SLOW: frozenset[type] = frozenset(
     {wire.Fsync, wire.Syncfs, wire.CopyRange, wire.Sendfile, wire.Fallocate}
 )
@@ -198,19 +198,14 @@ def _watched_stat(
     return 0, raw, REPLY_WATCHED | REPLY_NOT_LINK
 
 
-def _no_xattrs(parent: int, name: bytes) -> bool:
-    """Whether ``name`` in the directory ``parent`` has no extended attribute."""
+def _no_xattrs(parent: int, name: bytes | None = None) -> bool:
+    """Whether ``name`` in the directory ``parent`` (None: the file open as ``parent``)
+    has no extended attribute; False if it cannot say (a file system without them
+    refuses the question)."""
     try:
+        if name is None:
+            return not os.listxattr(parent)
         return not os.listxattr(b"/proc/self/fd/%d/%s" % (parent, name), follow_symlinks=False)
-    except OSError:
-        return False
-
-
-def _no_xattrs_of(fd: int) -> bool:
-    """Whether the file open as ``fd`` has no extended attribute (False if it cannot
-    say: a file system without them refuses the question)."""
-    try:
-        return not os.listxattr(fd)
     except OSError:
         return False
 
@@ -536,7 +531,7 @@ class Executor(SocketOps):
             )
             if result < 0:
                 raise OSError(-result, os.strerror(-result))
-            if flags & REPLY_WATCHED and _no_xattrs_of(self.fd(handle_id)):
+            if flags & REPLY_WATCHED and _no_xattrs(self.fd(handle_id)):
                 flags |= REPLY_NO_XATTRS
         except OSError:
             self.op_close_handle(handle_id)
